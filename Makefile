@@ -1,0 +1,21 @@
+# `make demo`: set up and run the main job on the embedded digits data set.
+# `make test`: set up and run the test suite (what CI runs).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/p3bkit: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/p3bkit
+
+demo: setup
+	$(BIN)/p3bkit demo -o runs/demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+.PHONY: setup demo test

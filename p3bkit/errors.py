@@ -1,0 +1,30 @@
+"""Typed errors. The CLI turns every `P3BError` into one line and exit code 1."""
+from __future__ import annotations
+
+
+class P3BError(Exception):
+    """Base class of every error p3bkit raises on purpose."""
+
+
+class ArchError(P3BError):
+    """A model or architecture file p3bkit cannot handle."""
+
+
+class SurgeryError(P3BError):
+    """Masks that cannot be turned into a dense model, or a failed exactness check."""
+
+
+class ExportError(P3BError):
+    """An export that could not be written."""
+
+
+class ToleranceError(ExportError):
+    """A runtime's outputs differ from PyTorch's by more than the tolerance."""
+
+
+class BackendUnavailable(P3BError):
+    """A backend (onnxruntime, openvino, tensorrt, CUDA) is not usable here."""
+
+
+class DataError(P3BError):
+    """Missing or malformed data."""

@@ -1,0 +1,174 @@
+"""Pruned models as plain data: `arch.json` + `model.safetensors` (DESIGN.md §1).
+
+Loading follows timm's `build_model_with_cfg` for pruned variants: create the stock model with
+`pretrained=False` → apply the architecture file → `load_state_dict(strict=True)`. Nothing is
+unpickled and nothing touches the network.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from p3bkit.errors import ArchError
+from p3bkit.models.adapter import ViTSpec, inspect_vit
+from p3bkit.models.pruned import PrunedBlock, build_attn_branch, build_mlp_branch
+
+SCHEMA_VERSION = 1
+ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
+BRANCH_KEYS = {"attn": ("in", "head_dim", "out"), "mlp": ("in", "hidden", "out")}
+
+
+@dataclass
+class ModelSource:
+    """How to build the stock model: a timm name and keyword overrides (plain JSON values)."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrunedArch:
+    """Kept indices per layer. A branch is None when emptied (identity residual), else a dict with
+    `in`/`head_dim`|`hidden`/`out` index lists and `read` ('gather'|'dense'), `write`
+    ('scatter'|'dense'): 'dense' folds the channel selection into zero weight rows/columns."""
+
+    source: ModelSource
+    layers: list[dict[str, dict | None]]
+    structure: str = "full"
+    round_to: int = 1
+    schema: int = SCHEMA_VERSION
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = ARCH_FILE) -> PrunedArch:
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ArchError(f"{where}: unsupported schema version {found!r} (this p3bkit reads {SCHEMA_VERSION})")
+        try:
+            src = ModelSource(**data["source"])
+            arch = cls(source=src, layers=data["layers"], structure=data["structure"],
+                       round_to=int(data["round_to"]), schema=data["schema"], versions=data.get("versions", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArchError(f"{where}: malformed architecture file ({exc})") from exc
+        arch.validate(where)
+        return arch
+
+    def validate(self, where: str = ARCH_FILE) -> None:
+        for i, layer in enumerate(self.layers):
+            for kind, keys in BRANCH_KEYS.items():
+                branch = layer.get(kind, "missing") if isinstance(layer, dict) else "missing"
+                if branch is None:
+                    continue
+                if not isinstance(branch, dict) or any(not isinstance(branch.get(k), list) for k in keys):
+                    raise ArchError(f"{where}: layer {i} {kind} must be null or have index lists {keys}")
+
+
+def apply_arch(model: nn.Module, arch: PrunedArch, spec: ViTSpec | None = None) -> nn.Module:
+    """Replace the blocks of a timm ViT by the pruned blocks `arch` describes (in place).
+
+    `spec` skips the structure check, for a model whose blocks already carry gates (surgery).
+    """
+    spec = spec or inspect_vit(model)
+    if len(arch.layers) != spec.depth:
+        raise ArchError(f"architecture has {len(arch.layers)} layers but the model has {spec.depth}")
+    for i, layer in enumerate(arch.layers):
+        blk = model.blocks[i]
+        _check_ranges(i, layer, spec)
+        attn = build_attn_branch(blk, blk.attn, layer["attn"], spec.dim) if layer["attn"] else nn.Identity()
+        mlp = build_mlp_branch(blk, blk.mlp, layer["mlp"], spec.dim) if layer["mlp"] else nn.Identity()
+        model.blocks[i] = PrunedBlock(attn, mlp)
+    model.p3b_arch = arch
+    return model
+
+
+def _check_ranges(i: int, layer: dict, spec) -> None:
+    limits = {"in": spec.dim, "out": spec.dim, "head_dim": spec.head_dim, "hidden": spec.mlp_hidden}
+    for kind in ("attn", "mlp"):
+        branch = layer[kind]
+        for key in BRANCH_KEYS[kind] if branch else ():
+            idx = branch[key]
+            if not idx or len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= limits[key]:
+                raise ArchError(f"layer {i} {kind}.{key}: indices must be distinct, in [0, {limits[key]}), non-empty")
+
+
+def create_stock_model(source: ModelSource, pretrained: bool = False) -> nn.Module:
+    """timm.create_model(source.name, pretrained, **source.kwargs), tagged with its source."""
+    import timm
+
+    try:
+        model = timm.create_model(source.name, pretrained=pretrained, **source.kwargs)
+    except RuntimeError as exc:
+        raise ArchError(f"cannot create timm model {source.name!r}: {exc}") from exc
+    model.p3b_source = source
+    return model
+
+
+def save(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write `arch.json` + `model.safetensors` atomically (a temp folder renamed into place)."""
+    from safetensors.torch import save_file
+
+    arch = getattr(model, "p3b_arch", None)
+    if arch is None:
+        raise ArchError("model has no pruned architecture: save the output of apply_surgery or load")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / ARCH_FILE).write_text(json.dumps(arch.to_json(), indent=1))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_arch(folder: str | os.PathLike) -> PrunedArch:
+    path = Path(folder) / ARCH_FILE
+    if not path.is_file():
+        raise ArchError(f"{folder}: not a pruned model folder (no {ARCH_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArchError(f"{path}: not valid JSON ({exc})") from exc
+    return PrunedArch.from_json(data, str(path))
+
+
+def load(folder: str | os.PathLike) -> nn.Module:
+    """Rebuild a pruned model from its folder (no pickles, no network), in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    arch = read_arch(folder)
+    weights = Path(folder) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArchError(f"{folder}: missing {WEIGHTS_FILE}")
+    model = apply_arch(create_stock_model(arch.source), arch)
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as exc:
+        raise ArchError(f"{weights}: unreadable safetensors file ({exc})") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ArchError(f"{weights} does not match {ARCH_FILE}: {' '.join(first[:3])[:400]}") from exc
+    return model.eval()

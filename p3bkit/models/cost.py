@@ -1,0 +1,46 @@
+"""Parameter and FLOP counts of Attention and MLP blocks as functions of their kept widths.
+
+The P3B budget (Appendix A) is measured in block parameters |w_i|; the same formulas give the
+ideal speedup (FLOP ratio) the bench compares against. FLOPs follow the fvcore convention used
+by DeiT and the paper: one multiply-add counts as one FLOP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+BlockKind = Literal["attn", "mlp"]
+
+
+@dataclass(frozen=True)
+class BlockWidths:
+    """Kept widths of one block: input channels, inner width, output channels."""
+
+    kind: BlockKind
+    c_in: int
+    inner: int  # head dims (per head) for attention, hidden units for the MLP
+    c_out: int
+
+    @property
+    def empty(self) -> bool:
+        return min(self.c_in, self.inner, self.c_out) == 0
+
+
+def block_params(w: BlockWidths, num_heads: int, bias_in: bool, bias_out: bool) -> int:
+    """Parameters of the block's Linear layers (an emptied block has none)."""
+    if w.empty:
+        return 0
+    inner = 3 * num_heads * w.inner if w.kind == "attn" else w.inner
+    mid = num_heads * w.inner if w.kind == "attn" else w.inner
+    return w.c_in * inner + (inner if bias_in else 0) + mid * w.c_out + (w.c_out if bias_out else 0)
+
+
+def block_flops(w: BlockWidths, num_heads: int, num_tokens: int) -> int:
+    """Multiply-adds of one block for one image (linear layers + attention matmuls)."""
+    if w.empty:
+        return 0
+    n = num_tokens
+    if w.kind == "attn":
+        hd = num_heads * w.inner
+        return n * w.c_in * 3 * hd + 2 * n * n * hd + n * hd * w.c_out
+    return n * w.c_in * w.inner + n * w.inner * w.c_out

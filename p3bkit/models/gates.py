@@ -1,0 +1,175 @@
+"""Gates: multiplicative masks on every prunable axis of a timm ViT (DESIGN.md §2).
+
+A gate multiplies an activation by its `mask` buffer along the last axis. The six gates of a
+layer are placed so that a hard mask is exactly equivalent to deleting rows/columns of the
+block's Linear layers, which is what makes the surgery exact. Each gate can also accumulate
+the first-order Taylor score (m · ∂L/∂m)² of its elements (Molchanov et al. 2019), used by the
+P3B local importance (paper Eq. 7); masks are buffers and never receive gradients.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.layers.attention import Attention
+
+from p3bkit.models.adapter import ViTSpec, inspect_vit
+from p3bkit.models.cost import BlockWidths
+
+Structure = Literal["full", "inner"]
+STRUCTURE_GATES: dict[str, dict[str, tuple[str, ...]]] = {
+    # full: all six gates; inner: only head dims and MLP hidden units (no residual-channel pruning)
+    "full": {"attn": ("in", "head_dim", "out"), "mlp": ("in", "hidden", "out")},
+    "inner": {"attn": ("head_dim",), "mlp": ("hidden",)},
+}
+
+
+class Gate(nn.Module):
+    """Multiplies the last axis by `mask`; optionally accumulates Taylor scores."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("mask", torch.ones(size))
+        self.register_buffer("score_sum", torch.zeros(size))
+        self.register_buffer("score_count", torch.zeros((), dtype=torch.long))
+        self.track = False
+
+    def kept(self) -> int:
+        return int((self.mask >= 0.5).sum())
+
+    def reset_scores(self) -> None:
+        self.score_sum.zero_()
+        self.score_count.zero_()
+
+    def scores(self) -> torch.Tensor:
+        return self.score_sum / self.score_count.clamp(min=1)
+
+    def _accumulate(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        dl_dm = (grad.float() * x.float()).flatten(0, -2).sum(0)
+        self.score_sum += (self.mask * dl_dm).pow(2)
+        self.score_count += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * self.mask.to(x.dtype)
+        if self.track and y.requires_grad:
+            y.register_hook(partial(self._accumulate, x.detach()))
+        return y
+
+
+def _gate_or_identity(names: tuple[str, ...], name: str, size: int) -> nn.Module:
+    return Gate(size) if name in names else nn.Identity()
+
+
+class GatedAttention(nn.Module):
+    """timm `Attention` with gates on its input, head dims (shared by q, k, v) and output."""
+
+    def __init__(self, attn: Attention, structure: Structure) -> None:
+        super().__init__()
+        names = STRUCTURE_GATES[structure]["attn"]
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.fused_attn = attn.fused_attn
+        dim, dim_out = attn.qkv.in_features, attn.proj.out_features
+        self.qkv, self.attn_drop, self.proj, self.proj_drop = attn.qkv, attn.attn_drop, attn.proj, attn.proj_drop
+        self.gate_in = _gate_or_identity(names, "in", dim)
+        self.gate_head_dim = Gate(self.head_dim)
+        self.gate_out = _gate_or_identity(names, "out", dim_out)
+
+    def gates(self) -> dict[str, Gate]:
+        named = {"in": self.gate_in, "head_dim": self.gate_head_dim, "out": self.gate_out}
+        return {k: g for k, g in named.items() if isinstance(g, Gate)}
+
+    def widths(self) -> BlockWidths:
+        c_in = self.gate_in.kept() if isinstance(self.gate_in, Gate) else self.qkv.in_features
+        c_out = self.gate_out.kept() if isinstance(self.gate_out, Gate) else self.proj.out_features
+        return BlockWidths("attn", c_in, self.gate_head_dim.kept(), c_out)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        if self.widths().empty:  # a block with nothing kept is a no-op: identity residual
+            return x.new_zeros(B, N, self.proj.out_features)
+        x = self.gate_in(x)
+        qkv = self.gate_head_dim(self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn:
+            dropout = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                attn = attn + attn_mask
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.proj(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
+        return self.gate_out(self.proj_drop(x))
+
+
+class GatedMlp(nn.Module):
+    """timm `Mlp` with gates on its input, hidden units (after the activation) and output."""
+
+    def __init__(self, mlp: Mlp, structure: Structure) -> None:
+        super().__init__()
+        names = STRUCTURE_GATES[structure]["mlp"]
+        self.fc1, self.act, self.drop1, self.fc2, self.drop2 = mlp.fc1, mlp.act, mlp.drop1, mlp.fc2, mlp.drop2
+        self.gate_in = _gate_or_identity(names, "in", self.fc1.in_features)
+        self.gate_hidden = Gate(self.fc1.out_features)
+        self.gate_out = _gate_or_identity(names, "out", self.fc2.out_features)
+
+    def gates(self) -> dict[str, Gate]:
+        named = {"in": self.gate_in, "hidden": self.gate_hidden, "out": self.gate_out}
+        return {k: g for k, g in named.items() if isinstance(g, Gate)}
+
+    def widths(self) -> BlockWidths:
+        c_in = self.gate_in.kept() if isinstance(self.gate_in, Gate) else self.fc1.in_features
+        c_out = self.gate_out.kept() if isinstance(self.gate_out, Gate) else self.fc2.out_features
+        return BlockWidths("mlp", c_in, self.gate_hidden.kept(), c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.widths().empty:
+            return x.new_zeros(*x.shape[:-1], self.fc2.out_features)
+        x = self.drop1(self.gate_hidden(self.act(self.fc1(self.gate_in(x)))))
+        return self.gate_out(self.drop2(self.fc2(x)))
+
+
+class GatedViT(nn.Module):
+    """A timm ViT whose Attention and MLP blocks carry gates; `gates` names every one."""
+
+    def __init__(self, model: nn.Module, structure: Structure = "full") -> None:
+        super().__init__()
+        if structure not in STRUCTURE_GATES:
+            raise ValueError(f"structure must be one of {sorted(STRUCTURE_GATES)}, got {structure!r}")
+        self.spec: ViTSpec = inspect_vit(model)
+        self.structure = structure
+        self.source = getattr(model, "p3b_source", None)
+        for blk in model.blocks:
+            blk.attn = GatedAttention(blk.attn, structure)
+            blk.mlp = GatedMlp(blk.mlp, structure)
+        self.model = model
+
+    def branches(self) -> list[tuple[str, GatedAttention | GatedMlp]]:
+        """The 2·depth prunable blocks in forward order, named `blocks.i.attn` / `blocks.i.mlp`."""
+        out: list[tuple[str, GatedAttention | GatedMlp]] = []
+        for i, blk in enumerate(self.model.blocks):
+            out += [(f"blocks.{i}.attn", blk.attn), (f"blocks.{i}.mlp", blk.mlp)]
+        return out
+
+    @property
+    def gates(self) -> dict[str, Gate]:
+        return {f"{b}.{g}": gate for b, br in self.branches() for g, gate in br.gates().items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def add_gates(model: nn.Module, structure: Structure = "full") -> GatedViT:
+    """Insert P3B gates into a timm ViT (in place) and return the gated wrapper.
+
+    With all masks at 1 the gated forward equals the original model's.
+
+    Raises:
+        ArchError: when the model is not a supported timm ViT.
+    """
+    return GatedViT(model, structure)
