@@ -26,13 +26,15 @@ class BlockWidths:
         return min(self.c_in, self.inner, self.c_out) == 0
 
 
-def block_params(w: BlockWidths, num_heads: int, bias_in: bool, bias_out: bool) -> int:
-    """Parameters of the block's Linear layers (an emptied block has none)."""
-    if w.empty:
-        return 0
+def block_params(w: BlockWidths, num_heads: int, bias_in: bool, bias_out: bool):
+    """Parameters of the block's Linear layers (an emptied block has none).
+
+    Works elementwise when the widths are integer tensors (a cost curve over many k at once).
+    """
     inner = 3 * num_heads * w.inner if w.kind == "attn" else w.inner
     mid = num_heads * w.inner if w.kind == "attn" else w.inner
-    return w.c_in * inner + (inner if bias_in else 0) + mid * w.c_out + (w.c_out if bias_out else 0)
+    params = w.c_in * inner + inner * int(bias_in) + mid * w.c_out + w.c_out * int(bias_out)
+    return params * (w.c_in > 0) * (w.inner > 0) * (w.c_out > 0)
 
 
 def block_flops(w: BlockWidths, num_heads: int, num_tokens: int) -> int:

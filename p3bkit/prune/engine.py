@@ -1,0 +1,167 @@
+"""The P3B engine: one training step, mask updates, allocation (paper §3, Appendix A–C).
+
+`P3BPruner` owns the gated model, the BPI, the optimizer and the accumulators between mask
+updates. Every `update_every` steps (after warm-up) it turns the accumulated ΔΨ into block keep
+ratios and the accumulated Taylor scores into new soft masks. Masks are buffers: AdamW never
+sees them (the upstream code let the optimizer drift them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from p3bkit.models.cost import block_params
+from p3bkit.models.gates import GatedAttention, GatedViT
+from p3bkit.prune.bpi import BPI, Criterion, StateRecorder, ce_loss
+from p3bkit.prune.budget import ImportanceEMA, allocate_keep_ratios, block_importance, ramp
+from p3bkit.prune.masks import GATE_FACTORS, kept_cost_curve, normalised_ranks, soft_mask_values, threshold_count
+from p3bkit.prune.schedule import Schedule
+
+Allocation = Literal["p3b", "uniform"]
+
+
+@dataclass
+class P3BConfig:
+    """Pruning hyper-parameters; defaults are the paper's Table 5 (epochs set by the trainer)."""
+
+    keep: float = 0.5
+    update_every: int = 1000
+    alpha: float = 0.5
+    tau: float = 0.1
+    m_ref: float = 0.9
+    smoothing: float = 10.0
+    ema_momentum: float = 0.2
+    lr_model: float = 5e-4
+    lr_bpi: float = 5e-4
+    weight_decay: float = 0.05
+    frozen: bool = False  # Appendix G: model lr 1e-8, so Taylor scores still get gradients
+    allocation: Allocation = "p3b"
+    keep_ratios: list[float] | None = None  # handcrafted per-block κ (ablations)
+    gate_factors: dict[str, float] = field(default_factory=lambda: dict(GATE_FACTORS))
+
+
+class P3BPruner(nn.Module):
+    """Trains a gated ViT while pruning it with P3B."""
+
+    def __init__(self, gated: GatedViT, cfg: P3BConfig, schedule: Schedule, criterion: Criterion = ce_loss) -> None:
+        super().__init__()
+        self.gated, self.cfg, self.schedule, self.criterion = gated, cfg, schedule, criterion
+        self.bpi = BPI.for_model(gated.model)
+        self.branches = [b for _, b in gated.branches()]
+        self.full_sizes = torch.tensor([self._params(b, full=True) for b in self.branches], dtype=torch.float64)
+        n = len(self.branches)
+        self.register_buffer("delta_c", torch.zeros(n))
+        self.register_buffer("delta_p", torch.zeros(n))
+        self.register_buffer("delta_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("kappa", torch.ones(n))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.ema = ImportanceEMA(cfg.ema_momentum)
+        lr_model = 1e-8 if cfg.frozen else cfg.lr_model
+        self.optimizer = torch.optim.AdamW([
+            {"params": [p for p in gated.parameters() if p.requires_grad], "lr": lr_model, "weight_decay": cfg.weight_decay},
+            {"params": list(self.bpi.parameters()), "lr": cfg.lr_bpi, "weight_decay": 0.0},
+        ])
+        for gate in gated.gates.values():
+            gate.track = True
+
+    def _params(self, branch: nn.Module, full: bool = False) -> int:
+        s = self.gated.spec
+        w = branch.widths()
+        if full:
+            w = type(w)(w.kind, s.dim, s.head_dim if w.kind == "attn" else s.mlp_hidden, s.dim)
+        bias = (s.qkv_bias, s.proj_bias) if w.kind == "attn" else (s.fc1_bias, s.fc2_bias)
+        return int(block_params(w, s.num_heads, *bias))
+
+    def kept_sizes(self) -> torch.Tensor:
+        return torch.tensor([self._params(b) for b in self.branches], dtype=torch.float64)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None,
+                   autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+        """Forward, backward (model + BPI), optimizer step; accumulates ΔΨ and Taylor scores."""
+        recorder = StateRecorder(self.gated.model)
+        try:
+            with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = self.gated(x)
+                cls, dist = (out if isinstance(out, tuple) else (out, None))
+                loss = self.criterion(cls, dist, y, teacher)
+                bpi_loss, d_c, d_p = self.bpi(recorder.take(), y, self.criterion, teacher)
+        finally:
+            recorder.remove()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss + bpi_loss).backward()
+        self.optimizer.step()
+        self.delta_c += d_c.float()
+        self.delta_p += d_p.float()
+        self.delta_count += 1
+        self.step += 1
+        correct = (cls.argmax(-1) == y).float().mean()
+        return {"loss": loss.item(), "bpi_loss": bpi_loss.item(), "acc": correct.item()}
+
+    def due(self) -> bool:
+        """A mask update is due after this step (never during warm-up; always on the last step)."""
+        step = int(self.step)
+        phase, _, _ = self.schedule.at(step - 1)
+        last = step == self.schedule.total
+        return phase != "warmup" and (step % self.cfg.update_every == 0 or last)
+
+    def target_keep_ratios(self) -> torch.Tensor:
+        sizes = self.full_sizes
+        if self.cfg.keep_ratios is not None:
+            return torch.tensor(self.cfg.keep_ratios, dtype=torch.float32)
+        if self.cfg.allocation == "uniform":
+            return allocate_keep_ratios(torch.ones(len(sizes)), sizes, self.cfg.keep)
+        count = self.delta_count.clamp(min=1)
+        imp = block_importance(self.delta_c / count, self.delta_p / count, self.kept_sizes(),
+                               self.cfg.alpha, self.cfg.smoothing)
+        return allocate_keep_ratios(self.ema.update(imp.double()), sizes, self.cfg.keep)
+
+    @torch.no_grad()
+    def update_masks(self) -> dict:
+        """Recompute κ and all soft masks from the accumulators, then reset them."""
+        phase, progress, tau = self.schedule.at(int(self.step) - 1)
+        tau = 0.0 if int(self.step) >= self.schedule.total else tau
+        target = self.target_keep_ratios()
+        self.kappa.copy_(ramp(target, progress))
+        for branch, kappa in zip(self.branches, self.kappa.tolist()):
+            self._update_branch(branch, kappa, tau)
+        count = self.delta_count.clamp(min=1)
+        record = {"step": int(self.step), "phase": phase, "tau": tau,
+                  "delta_c": (self.delta_c / count).tolist(), "delta_p": (self.delta_p / count).tolist(),
+                  "kappa_target": target.tolist(), "kappa": self.kappa.tolist(),
+                  "kept_params": self.kept_sizes().tolist(), "full_params": self.full_sizes.tolist()}
+        self.delta_c.zero_(), self.delta_p.zero_(), self.delta_count.zero_()
+        for gate in self.gated.gates.values():
+            gate.reset_scores()
+        return record
+
+    def _update_branch(self, branch: nn.Module, kappa: float, tau: float) -> None:
+        gates = branch.gates()
+        names = list(gates)
+        scores = torch.cat([normalised_ranks(g.scores()) * self.cfg.gate_factors[k] for k, g in gates.items()])
+        gate_id = torch.cat([torch.full((g.size,), i) for i, g in enumerate(gates.values())])
+        order = torch.argsort(scores, descending=True, stable=True)
+        s = self.gated.spec
+        kind = "attn" if isinstance(branch, GatedAttention) else "mlp"
+        full = {"in": s.dim, "out": s.dim, "head_dim": s.head_dim, "hidden": s.mlp_hidden}
+        bias = (s.qkv_bias, s.proj_bias) if kind == "attn" else (s.fc1_bias, s.fc2_bias)
+        cost = kept_cost_curve(gate_id[order], names, kind, s.num_heads, bias, full)
+        n = scores.numel()
+        keep_count = threshold_count(cost, kappa * float(cost[-1]))
+        values = torch.empty(n)
+        values[order.flip(0)] = soft_mask_values(n, n - keep_count, tau, self.cfg.m_ref)
+        for gate, part in zip(gates.values(), values.split([g.size for g in gates.values()])):
+            gate.mask.copy_(part.to(gate.mask.device))
+
+    def block_keep_ratio(self) -> float:
+        """Kept block parameters (mask ≥ 0.5) over all block parameters."""
+        return float(self.kept_sizes().sum() / self.full_sizes.sum())
+
+    def extra_state(self) -> dict:
+        return {"ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,113 @@
+"""Data: the embedded digits set (scikit-learn), ImageFolder trees, CIFAR-100, synthetic images.
+
+`digits` is sklearn's `load_digits` (1,797 real 8×8 handwritten digits): a fixed stratified
+80/20 split (seed 0), upsampled to 16×16, normalised. It ships with scikit-learn, so demos and
+accuracy tests run offline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from p3bkit.errors import DataError
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    img_size: int
+    in_chans: int
+    mixup: object | None = None  # timm Mixup for ImageFolder training
+
+
+class ShiftAugment(Dataset):
+    """Random ±1 pixel translation of a tensor data set (train-time augmentation for digits)."""
+
+    def __init__(self, base: TensorDataset, max_shift: int = 1) -> None:
+        self.base, self.max_shift = base, max_shift
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        dx, dy = torch.randint(-self.max_shift, self.max_shift + 1, (2,)).tolist()
+        return torch.roll(x, shifts=(dy, dx), dims=(1, 2)), y
+
+
+def load_digits_data(img_size: int = 16, augment: bool = True) -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    x = (x - 0.5) / 0.5
+    y = torch.tensor(digits.target, dtype=torch.long)
+    tr, va = train_test_split(range(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
+    train = TensorDataset(x[tr], y[tr])
+    return DataBundle(ShiftAugment(train) if augment else train, TensorDataset(x[va], y[va]), 10, img_size, 1)
+
+
+def load_synthetic_data(num_classes: int, img_size: int, in_chans: int = 3, n: int = 256) -> DataBundle:
+    """Random images with random labels: for throughput and smoke runs only."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, in_chans, img_size, img_size, generator=gen)
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    return DataBundle(TensorDataset(x, y), TensorDataset(x[: n // 4], y[: n // 4]), num_classes, img_size, in_chans)
+
+
+def load_image_folder(root: Path, img_size: int, num_classes: int | None) -> DataBundle:
+    """ImageFolder train/ and val/ with timm's DeiT transforms and Mixup/CutMix (0.8 / 1.0)."""
+    from timm.data import Mixup, create_transform
+    from torchvision.datasets import ImageFolder
+
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: expected an ImageFolder tree with {split}/ inside")
+    t_train = create_transform(img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                               re_prob=0.25, interpolation="bicubic")
+    t_val = create_transform(img_size, is_training=False, interpolation="bicubic")
+    try:
+        train, val = ImageFolder(root / "train", t_train), ImageFolder(root / "val", t_val)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{root}: {exc}") from exc
+    k = len(train.classes)
+    if num_classes is not None and num_classes != k:
+        raise DataError(f"{root}: {k} classes but the model has {num_classes}")
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=k)
+    return DataBundle(train, val, k, img_size, 3, mixup)
+
+
+def load_cifar100(root: Path, img_size: int) -> DataBundle:
+    """CIFAR-100 from its standard `cifar-100-python` folder (no download)."""
+    from timm.data import create_transform
+    from torchvision.datasets import CIFAR100
+
+    try:
+        train = CIFAR100(str(root), train=True, download=False,
+                         transform=create_transform(img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1"))
+        val = CIFAR100(str(root), train=False, download=False, transform=create_transform(img_size))
+    except RuntimeError as exc:
+        raise DataError(f"{root}: no readable cifar-100-python folder ({exc})") from exc
+    return DataBundle(train, val, 100, img_size, 3)
+
+
+def load_data(name: str, img_size: int | None = None, num_classes: int | None = None) -> DataBundle:
+    """'digits' (default, embedded), 'synthetic', or a path (ImageFolder or CIFAR-100 folder)."""
+    if name == "digits":
+        return load_digits_data(img_size or 16)
+    if name == "synthetic":
+        return load_synthetic_data(num_classes or 10, img_size or 224)
+    root = Path(name)
+    if not root.is_dir():
+        raise DataError(f"data {name!r} is neither 'digits', 'synthetic' nor an existing folder")
+    if (root / "cifar-100-python").is_dir():
+        return load_cifar100(root, img_size or 224)
+    return load_image_folder(root, img_size or 224, num_classes)

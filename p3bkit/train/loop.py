@@ -1,0 +1,94 @@
+"""Plain supervised training and evaluation (dense pre-training and the DeiT-style fine-tune)."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from p3bkit.train.data import DataBundle
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0) -> DataLoader:
+    """A loader whose shuffle order depends only on `seed` (so a resumed epoch replays exactly)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+                      drop_last=shuffle and len(ds) >= 2 * batch_size)
+
+
+def logits_of(out: torch.Tensor | tuple) -> torch.Tensor:
+    """Class logits of a model output (distilled models in train mode return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 256, device: str = "cpu") -> float:
+    """Top-1 accuracy in percent."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in make_loader(ds, batch_size, shuffle=False):
+        pred = logits_of(model(x.to(device))).argmax(-1)
+        correct += int((pred.cpu() == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train") -> list[dict]:
+    """AdamW + linear warm-up + cosine decay, label smoothing (Mixup/CutMix when the data has it)."""
+    seed_everything(cfg.seed)
+    model.to(cfg.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(make_loader(data.train, cfg.batch_size, True))
+    total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if data.mixup else cfg.label_smoothing)
+    history = []
+    for epoch in range(cfg.epochs):
+        loader = make_loader(data.train, cfg.batch_size, True, seed=cfg.seed + epoch)
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        running = 0.0
+        for x, y in bar:
+            x, y = x.to(cfg.device), y.to(cfg.device)
+            if data.mixup is not None:
+                x, y = data.mixup(x, y)
+            loss = criterion(logits_of(model(x)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        acc = evaluate(model, data.val, device=cfg.device)
+        history.append({"epoch": epoch + 1, "loss": running / max(len(loader), 1), "val_acc": acc})
+    model.eval()
+    return history
