@@ -170,3 +170,31 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float) -
                "kappa": pruner.kappa.tolist()}
     _write_json(out / "summary.json", summary)
     return summary
+
+
+def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64,
+                 lr: float = 5e-4, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
+                 progress: bool = True) -> dict:
+    """Fine-tune a pruned folder with the DeiT recipe (lr = base·batch/512) and save it to `out`."""
+    import torch.nn as nn
+    from timm.layers import DropPath
+
+    from p3bkit.models import load
+    from p3bkit.models.pruned import PrunedBranch
+    from p3bkit.train.loop import FitConfig, fit
+
+    model = load(pruned)
+    branches = [m for m in model.modules() if isinstance(m, PrunedBranch)]
+    for i, br in enumerate(branches):  # stochastic depth, linearly increasing with depth
+        rate = drop_path * i / max(len(branches) - 1, 1)
+        br.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
+    bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes)
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
+                    progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
+    history = fit(model, bundle, cfg, desc="finetune")
+    for br in branches:
+        br.drop_path = nn.Identity()
+    save(model.cpu(), out)
+    summary = {"source": str(pruned), "history": history, "val_acc": history[-1]["val_acc"] if history else None}
+    _write_json(Path(out) / "finetune.json", summary)
+    return summary

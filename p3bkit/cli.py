@@ -1,0 +1,136 @@
+"""The `p3bkit` command line: parses, calls one library function per command, prints.
+
+One error boundary: a `P3BError` becomes `error: ...` on stderr and exit code 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from p3bkit.errors import P3BError
+
+STRUCTURES = click.Choice(["full", "inner"])
+IO_MODES = click.Choice(["auto", "index", "dense"])
+
+
+def boundary(fn):
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except P3BError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="p3bkit")
+def main() -> None:
+    """Prune timm Vision Transformers with P3B, export them, benchmark them."""
+
+
+@main.command()
+@click.option("--model", default="digits-vit", show_default=True, help="Preset, timm model name or pruned folder.")
+@click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="timm pretrained weights.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights (.safetensors or torch file).")
+@click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
+@click.option("--keep", type=float, help="Block-parameter keep ratio (0, 1].")
+@click.option("--prune", "prune_rate", type=float, help="Block-parameter pruning rate [0, 1) (= 1 − keep).")
+@click.option("--epochs", nargs=3, type=int, default=(1, 4, 4), show_default=True, help="Warm-up, sparsify, sharpen.")
+@click.option("--update-every", type=int, default=10, show_default=True, help="Iterations between mask updates.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Class vs patch importance balance.")
+@click.option("--tau", type=float, default=0.1, show_default=True, help="Soft-mask sharpness during sparsify.")
+@click.option("--m-ref", type=float, default=0.9, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Model lr (constant while pruning).")
+@click.option("--lr-bpi", type=float, default=5e-4, show_default=True)
+@click.option("--allocation", type=click.Choice(["p3b", "uniform"]), default="p3b", show_default=True)
+@click.option("--structure", type=STRUCTURES, default="full", show_default=True,
+              help="full: six gates per layer; inner: head dims + MLP hidden only.")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Round kept widths up to a multiple.")
+@click.option("--io-mode", type=IO_MODES, default="auto", show_default=True)
+@click.option("--frozen/--no-frozen", default=False, show_default=True, help="Frozen ablation (model lr 1e-8).")
+@click.option("--distill-teacher", help="Teacher model for the DeiT hard-distillation loss.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--bf16/--no-bf16", default=False, show_default=True, help="bf16 autocast.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume/--no-resume", default=False, show_default=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@boundary
+def prune(**kw) -> None:
+    """Prune a ViT with P3B and write OUT/pruned (arch.json + model.safetensors)."""
+    from p3bkit.prune.engine import P3BConfig
+    from p3bkit.workflows import PruneJob, run_prune
+
+    if (kw["keep"] is None) == (kw["prune_rate"] is None):
+        raise click.UsageError("give exactly one of --keep or --prune")
+    keep = kw["keep"] if kw["keep"] is not None else 1 - kw["prune_rate"]
+    cfg = P3BConfig(keep=keep, update_every=kw["update_every"], alpha=kw["alpha"], tau=kw["tau"], m_ref=kw["m_ref"],
+                    lr_model=kw["lr"], lr_bpi=kw["lr_bpi"], frozen=kw["frozen"], allocation=kw["allocation"])
+    job = PruneJob(out=kw["out"], model=kw["model"], pretrained=kw["pretrained"], checkpoint=kw["checkpoint"],
+                   data=kw["data"], epochs=tuple(kw["epochs"]), batch_size=kw["batch_size"], structure=kw["structure"],
+                   round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"], device=kw["device"],
+                   bf16=kw["bf16"], distill_teacher=kw["distill_teacher"], teacher_checkpoint=kw["teacher_checkpoint"],
+                   p3b=cfg)
+    s = run_prune(job, resume=kw["resume"])
+    click.echo(f"pruned model: {Path(kw['out']) / 'pruned'}")
+    click.echo(f"block params kept {100 * s['block_keep_nominal']:.1f}% (effective {s['block_params_effective']:,}), "
+               f"val top-1 {s['val_acc_pruned']:.2f}%, surgery max abs diff {s['surgery_max_abs_diff']:.2e}")
+
+
+@main.command()
+@click.argument("pruned", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", default="digits", show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Base lr, scaled by batch/512 (DeiT).")
+@click.option("--drop-path", type=float, default=0.1, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+@boundary
+def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, out) -> None:
+    """Fine-tune a pruned model (DeiT recipe: AdamW, cosine, label smoothing, Mixup/CutMix, drop path)."""
+    from p3bkit.workflows import run_finetune
+
+    s = run_finetune(pruned, out, data=data, epochs=epochs, batch_size=batch_size, lr=lr, drop_path=drop_path,
+                     device=device, seed=seed)
+    click.echo(f"fine-tuned model: {out} (val top-1 {s['val_acc']:.2f}%)")
+
+
+@main.command()
+@click.option("--keep", type=float, default=0.5, show_default=True)
+@click.option("-o", "--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True)
+@boundary
+def demo(keep, out, seed) -> None:
+    """Train a tiny ViT on digits, prune it with P3B, fine-tune, compare (a few minutes on CPU)."""
+    from p3bkit.demo import format_table, run_demo
+
+    click.echo(format_table(run_demo(out, keep=keep, seed=seed)))
+    click.echo(f"everything is under {out}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@boundary
+def info(model, as_json) -> None:
+    """Parameters, FLOPs and per-block widths of a timm model, preset or pruned folder."""
+    from p3bkit.models.factory import create_model
+    from p3bkit.models.report import describe
+
+    d = describe(create_model(model))
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+        return
+    click.echo(f"{model}: {d['params']:,} parameters, {d['flops'] / 1e9:.3f} GFLOPs (multiply-adds, per image)")
+    click.echo(f"{'block':>9} {'c_in':>6} {'inner':>6} {'c_out':>6} {'params':>10}")
+    for r in d["blocks"]:
+        click.echo(f"{r['block']:>9} {r['c_in']:>6} {r['inner']:>6} {r['c_out']:>6} {r['params']:>10,}")

@@ -1,0 +1,59 @@
+"""Parameters, FLOPs and per-block widths of stock, gated and pruned ViTs (`p3bkit info`)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from p3bkit.models.cost import BlockWidths, block_flops, block_params
+from p3bkit.models.gates import GatedViT
+from p3bkit.models.pruned import PrunedBlock
+
+
+def _branch_widths(branch: nn.Module, kind: str) -> BlockWidths:
+    """Widths as computed (a folded read/write counts the full residual width)."""
+    if isinstance(branch, nn.Identity):
+        return BlockWidths(kind, 0, 0, 0)
+    fn = getattr(branch, "fn", branch)
+    if kind == "attn":
+        return BlockWidths(kind, fn.qkv.in_features, fn.head_dim, fn.proj.out_features)
+    return BlockWidths(kind, fn.fc1.in_features, fn.fc1.out_features, fn.fc2.out_features)
+
+
+def block_widths(model: nn.Module) -> list[BlockWidths]:
+    """Widths of the 2·depth blocks in forward order (hard-mask counts for a gated model)."""
+    if isinstance(model, GatedViT):
+        return [b.widths() for _, b in model.branches()]
+    out = []
+    for blk in model.blocks:
+        out += [_branch_widths(blk.attn, "attn"), _branch_widths(blk.mlp, "mlp")]
+    return out
+
+
+def _heads(model: nn.Module) -> int:
+    inner = model.model if isinstance(model, GatedViT) else model
+    for blk in inner.blocks:
+        attn = blk.attn.fn if isinstance(blk, PrunedBlock) and not isinstance(blk.attn, nn.Identity) else blk.attn
+        if hasattr(attn, "num_heads"):
+            return attn.num_heads
+    return 1
+
+
+def describe(model: nn.Module) -> dict:
+    """Parameter and FLOP counts (one multiply-add = one FLOP, per image) and per-block widths."""
+    inner = model.model if isinstance(model, GatedViT) else model
+    pe = inner.patch_embed
+    num_tokens = pe.num_patches + inner.num_prefix_tokens
+    heads = _heads(model)
+    widths = block_widths(model)
+    dim = inner.embed_dim
+    full_attn = BlockWidths("attn", dim, (inner.blocks[0].attn.head_dim if hasattr(inner.blocks[0].attn, "head_dim")
+                                          else dim // heads), dim)
+    blocks_flops = sum(block_flops(w, heads, num_tokens) for w in widths)
+    k = pe.proj.kernel_size
+    embed_flops = pe.num_patches * pe.proj.in_channels * k[0] * k[1] * dim
+    head_flops = sum(m.in_features * m.out_features for m in (getattr(inner, "head", None), getattr(inner, "head_dist", None))
+                     if isinstance(m, nn.Linear))
+    rows = [{"block": f"{i // 2}.{w.kind}", "c_in": w.c_in, "inner": w.inner, "c_out": w.c_out,
+             "params": int(block_params(w, heads, True, True))} for i, w in enumerate(widths)]
+    return {"params": sum(p.numel() for p in inner.parameters()), "flops": int(blocks_flops + embed_flops + head_flops),
+            "block_flops": int(blocks_flops), "num_tokens": num_tokens, "num_heads": heads,
+            "full_head_dim": full_attn.inner, "blocks": rows}
