@@ -44,6 +44,42 @@ class IndexAddWrite(nn.Module):
         return x.index_add(-1, self.index, y)
 
 
+class PadGatherWrite(nn.Module):
+    """Same function as `IndexAddWrite`, as Concat + Gather + Add (no ScatterND).
+
+    y gets one zero channel appended; every residual channel gathers its update from y (or from
+    that zero). TensorRT's ONNX parser and OpenVINO handle this better than ScatterND(add).
+    """
+
+    def __init__(self, index: list[int], dim: int) -> None:
+        super().__init__()
+        src = torch.full((dim,), len(index), dtype=torch.long)
+        src[torch.tensor(index, dtype=torch.long)] = torch.arange(len(index))
+        self.register_buffer("source", src, persistent=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([y, y.new_zeros(*y.shape[:-1], 1)], dim=-1)
+        return x + padded.index_select(-1, self.source)
+
+
+def set_write_op(model: nn.Module, op: str) -> nn.Module:
+    """Swap every residual write between 'scatter' (ScatterND add) and 'gather' (pad + Gather), in place.
+
+    Both compute the same function; backends differ in which one they run faster.
+    """
+    if op not in ("scatter", "gather"):
+        raise ValueError(f"write op must be 'scatter' or 'gather', got {op!r}")
+    for branch in [m for m in model.modules() if isinstance(m, PrunedBranch)]:
+        w = branch.write
+        if isinstance(w, IndexAddWrite) and op == "gather":
+            dim = branch.norm.normalized_shape[0]
+            branch.write = PadGatherWrite(w.index.tolist(), dim).to(w.index.device)
+        elif isinstance(w, PadGatherWrite) and op == "scatter":
+            index = torch.argsort(w.source)[: int((w.source < w.source.max()).sum())]
+            branch.write = IndexAddWrite(index.tolist()).to(w.source.device)
+    return model
+
+
 class PrunedBranch(nn.Module):
     """norm → read → Attention/Mlp → LayerScale → DropPath → write (one residual branch)."""
 

@@ -1,0 +1,63 @@
+"""Load exported artefacts into their runtimes (imported lazily: none is needed to import p3bkit).
+
+Each loader returns a callable numpy-in → {output name: numpy} used by verification and bench.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from p3bkit.errors import BackendUnavailable
+
+
+def import_backend(name: str):
+    """Import onnxruntime / openvino / tensorrt or raise BackendUnavailable with the fix."""
+    import importlib
+
+    extra = {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "tensorrt"}[name]
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{name} is not importable ({exc}); install it with pip install 'p3bkit[{extra}]'") from exc
+
+
+def ort_session(path: str | Path, threads: int | None = None, profile: bool = False):
+    ort = import_backend("onnxruntime")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.enable_profiling = profile
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(path: str | Path, threads: int | None = None):
+    sess = ort_session(path, threads)
+    name = sess.get_inputs()[0].name
+    outputs = [o.name for o in sess.get_outputs()]
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, sess.run(None, {name: x})))
+    return run
+
+
+def ov_compile(xml: str | Path, precision: str = "f32", threads: int | None = None, device: str = "CPU"):
+    """Compile an IR; f32/f16 pin f32 inference (OpenVINO defaults to bf16 on CPUs that have it)."""
+    ov = import_backend("openvino")
+    core = ov.Core()
+    cfg = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = threads
+    return core.compile_model(str(xml), device, cfg)
+
+
+def ov_runner(xml: str | Path, precision: str = "f32", threads: int | None = None):
+    compiled = ov_compile(xml, precision, threads)
+    request = compiled.create_infer_request()
+    names = [o.get_any_name() for o in compiled.outputs]
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        res = request.infer({0: x})
+        return {n: np.array(res[o]) for n, o in zip(names, compiled.outputs)}
+    return run

@@ -1,0 +1,129 @@
+"""TensorRT engines from our ONNX graphs, with the TensorRT Python API (10.x).
+
+Optimization profile over the batch axis (defaults 1 / 1024 / 1024, the paper's GPU protocol),
+fp32 (TF32 off, so parity holds at fp32 tolerances), fp16 or bf16 with LayerNorm and Softmax
+layers pinned to fp32 (fp16 ViT engines lose accuracy otherwise), a timing cache file reused
+across builds. `check_trt_available` runs first so a machine without TensorRT or CUDA fails
+before any work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from p3bkit.errors import BackendUnavailable, ExportError
+
+
+@dataclass(frozen=True)
+class TrtProfile:
+    min_batch: int = 1
+    opt_batch: int = 1024
+    max_batch: int = 1024
+
+    def shapes(self, sample_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ExportError(f"profile needs 1 ≤ min ≤ opt ≤ max batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
+        return tuple((b, *sample_shape) for b in (self.min_batch, self.opt_batch, self.max_batch))
+
+
+def check_trt_available():
+    """Return the tensorrt module, or raise BackendUnavailable saying what is missing."""
+    import torch
+
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailable("TensorRT export needs the `tensorrt` Python package (not importable here) "
+                                 "and a CUDA GPU; run it on a GPU machine with pip install 'p3bkit[tensorrt]'") from exc
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("TensorRT export needs a CUDA GPU, and none is visible here")
+    return trt
+
+
+def precision_plan(precision: str) -> dict:
+    """Builder flags and fp32-pinned layer types for a precision (no TensorRT needed)."""
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ExportError(f"TensorRT precision must be fp32, fp16 or bf16, got {precision!r}")
+    return {"fp32": {"flags": [], "clear": ["TF32"], "pin_fp32": []},
+            "fp16": {"flags": ["FP16", "OBEY_PRECISION_CONSTRAINTS"], "clear": [], "pin_fp32": ["NORMALIZATION", "SOFTMAX"]},
+            "bf16": {"flags": ["BF16", "OBEY_PRECISION_CONSTRAINTS"], "clear": [], "pin_fp32": ["NORMALIZATION", "SOFTMAX"]},
+            }[precision]
+
+
+def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, sample_shape: tuple[int, ...],
+                     profile: TrtProfile = TrtProfile(), precision: str = "fp32",
+                     timing_cache: str | Path | None = None, workspace_gib: float = 8.0) -> Path:
+    """Parse the ONNX file, build and serialise an engine to `engine_path`."""
+    trt = check_trt_available()
+    plan = precision_plan(precision)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    for flag in plan["flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan["clear"]:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
+    pinned = {getattr(trt.LayerType, t) for t in plan["pin_fp32"]}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in pinned:
+            layer.precision = trt.float32
+            layer.set_output_type(0, trt.float32)
+    prof = builder.create_optimization_profile()
+    prof.set_shape(network.get_input(0).name, *profile.shapes(sample_shape))
+    config.add_optimization_profile(prof)
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise ExportError("TensorRT engine build failed (see the TensorRT log above)")
+    Path(engine_path).write_bytes(bytes(engine))
+    if cache_path:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return Path(engine_path)
+
+
+class TrtRunner:
+    """Runs a serialized engine on CUDA tensors (torch owns the device memory)."""
+
+    def __init__(self, engine_path: str | Path) -> None:
+        import torch
+
+        trt = check_trt_available()
+        self.torch = torch
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise ExportError(f"{engine_path}: not a TensorRT engine for this TensorRT/GPU")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.outputs = [n for n in names if n != self.input]
+
+    def run_device(self, x):
+        """x: a contiguous float32 CUDA tensor; returns {name: CUDA tensor}."""
+        torch = self.torch
+        self.context.set_input_shape(self.input, tuple(x.shape))
+        self.context.set_tensor_address(self.input, x.data_ptr())
+        outs = {}
+        for name in self.outputs:
+            outs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), device=x.device, dtype=torch.float32)
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise ExportError("TensorRT execution failed")
+        return outs
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.run_device(self.torch.from_numpy(x).cuda().contiguous())
+        self.torch.cuda.synchronize()
+        return {k: v.cpu().numpy() for k, v in outs.items()}

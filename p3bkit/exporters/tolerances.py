@@ -1,0 +1,33 @@
+"""Parity tolerances per backend and precision (one table; `verify` reads it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Max abs diff (atol + rtol·|ref|), and for reduced precision cosine / top-1 agreement floors."""
+
+    atol: float
+    rtol: float = 0.0
+    min_cosine: float | None = None
+    min_top1: float | None = None
+
+
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("onnx", "fp32"): Tolerance(atol=1e-4),
+    ("onnx", "fp16"): Tolerance(atol=float("inf"), min_cosine=0.999, min_top1=0.99),
+    ("openvino", "f32"): Tolerance(atol=1e-4),
+    ("openvino", "f16"): Tolerance(atol=float("inf"), min_cosine=0.999, min_top1=0.99),
+    ("openvino", "bf16"): Tolerance(atol=float("inf"), min_cosine=0.99, min_top1=0.95),
+    ("trt", "fp32"): Tolerance(atol=1e-4, rtol=1e-4),
+    ("trt", "fp16"): Tolerance(atol=float("inf"), min_cosine=0.999, min_top1=0.99),
+    ("trt", "bf16"): Tolerance(atol=float("inf"), min_cosine=0.99, min_top1=0.95),
+}
+
+
+def tolerance_for(fmt: str, precision: str) -> Tolerance:
+    try:
+        return TOLERANCES[(fmt, precision)]
+    except KeyError:
+        raise KeyError(f"no tolerance for {fmt}/{precision}") from None
