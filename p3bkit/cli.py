@@ -134,3 +134,84 @@ def info(model, as_json) -> None:
     click.echo(f"{'block':>9} {'c_in':>6} {'inner':>6} {'c_out':>6} {'params':>10}")
     for r in d["blocks"]:
         click.echo(f"{r['block']:>9} {r['c_in']:>6} {r['inner']:>6} {r['c_out']:>6} {r['params']:>10,}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "openvino", "trt"]), required=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--precision", help="onnx: fp32|fp16; openvino: f32|f16|bf16; trt: fp32|fp16|bf16.")
+@click.option("--fp16", is_flag=True, help="Shorthand for --precision fp16 (onnx, trt).")
+@click.option("--bf16", is_flag=True, help="Shorthand for --precision bf16 (openvino, trt).")
+@click.option("--static-batch", type=int, help="Fixed batch size instead of a dynamic batch axis.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Parity check against PyTorch.")
+@click.option("--write-op", type=click.Choice(["scatter", "gather"]), help="Residual write op (default per format).")
+@click.option("--min-batch", type=int, default=1, show_default=True, help="TensorRT profile.")
+@click.option("--opt-batch", type=int, default=1024, show_default=True, help="TensorRT profile.")
+@click.option("--max-batch", type=int, default=1024, show_default=True, help="TensorRT profile.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read + updated).")
+@boundary
+def export(model, fmt, out, precision, fp16, bf16, static_batch, verify, write_op, min_batch, opt_batch, max_batch,
+           timing_cache) -> None:
+    """Export MODEL (pruned folder, timm name or preset) and verify it against PyTorch."""
+    from p3bkit.exporters import export_model
+
+    if fp16 and bf16:
+        raise click.UsageError("--fp16 and --bf16 are exclusive")
+    if fp16 or bf16:
+        if precision:
+            raise click.UsageError("give --precision or --fp16/--bf16, not both")
+        precision = "fp16" if fp16 else "bf16"
+        precision = {"openvino": {"fp16": "f16", "bf16": "bf16"}}.get(fmt, {}).get(precision, precision)
+    rec = export_model(model, fmt, out, precision=precision, static_batch=static_batch, verify=verify,
+                       write_op=write_op, trt_profile=(min_batch, opt_batch, max_batch), timing_cache=timing_cache)
+    worst = max((s["max_abs_diff"] for b in rec.parity.values() for s in b.values()), default=float("nan"))
+    click.echo(f"wrote {', '.join(str(Path(out) / f) for f in rec.files)} ({rec.precision}, {rec.seconds:.1f} s); "
+               f"max abs diff vs torch {worst:.2e}" + ("" if verify else " (not verified)"))
+
+
+@main.command()
+@boundary
+def doctor() -> None:
+    """Which backends are installed and usable here, with versions."""
+    from p3bkit.bench.doctor import check_backends
+
+    for row in check_backends():
+        mark = "ok " if row["usable"] else "no "
+        click.echo(f"{mark} {row['backend']:<12} {row['version']:<14} {row['note']}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "openvino", "tensorrt"]),
+              help="Default: from the artefact suffix, else torch.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: batch 1; gpu: batch 1024 (the paper's protocol).")
+@click.option("--batch", type=int, help="Override the preset batch size.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32|fp16|bf16 (torch), f32|bf16 (openvino).")
+@click.option("--runs", type=int, default=1000, show_default=True)
+@click.option("--duration", type=float, help="Stop after this many seconds per model.")
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--threads", type=int, help="Threads to pin (recorded in the JSON).")
+@click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile (torch backend).")
+@click.option("--profile", is_flag=True, help="Time per op type (ORT profiler, OpenVINO counters, torch profiler).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write raw latencies + machine info.")
+@boundary
+def bench(models, backend, device, batch, precision, runs, duration, warmup, threads, compile, profile, json_out) -> None:
+    """Benchmark MODELS interleaved; speedups are relative to the first (the dense baseline)."""
+    from p3bkit.bench import BenchConfig, run_bench
+
+    if runs < 1 or (batch is not None and batch < 1):
+        raise click.UsageError("--runs and --batch must be ≥ 1")
+    cfg = BenchConfig(runs=runs, duration=duration, warmup=warmup, threads=threads)
+    report = run_bench(list(models), backend, device, batch, precision, cfg, profile, json_out, compile)
+    m = report["machine"]
+    click.echo(f"{m['cpu']} ({m['threads']} threads){', ' + m['gpu'] if device == 'gpu' else ''}, {precision}")
+    click.echo(report["table"])
+    for name, ops in report.get("profile", {}).items():
+        top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+        click.echo(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in top))
+
+
+if __name__ == "__main__":
+    main()

@@ -90,7 +90,8 @@ def run_prune(job: PruneJob, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(job.seed)
     model = create_model(job.model, pretrained=job.pretrained, checkpoint=job.checkpoint)
-    data = load_data(job.data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes)
+    data = load_data(job.data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
+                     in_chans=model.patch_embed.proj.in_channels)
     gated = add_gates(model, job.structure).to(job.device)
     if getattr(model, "dist_token", None) is not None:
         model.set_distilled_training(True)
@@ -188,7 +189,8 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
     for i, br in enumerate(branches):  # stochastic depth, linearly increasing with depth
         rate = drop_path * i / max(len(branches) - 1, 1)
         br.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
-    bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes)
+    bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
+                       in_chans=model.patch_embed.proj.in_channels)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
                     progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
     history = fit(model, bundle, cfg, desc="finetune")

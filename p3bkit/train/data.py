@@ -99,12 +99,12 @@ def load_cifar100(root: Path, img_size: int) -> DataBundle:
     return DataBundle(train, val, 100, img_size, 3)
 
 
-def load_data(name: str, img_size: int | None = None, num_classes: int | None = None) -> DataBundle:
+def load_data(name: str, img_size: int | None = None, num_classes: int | None = None, in_chans: int = 3) -> DataBundle:
     """'digits' (default, embedded), 'synthetic', or a path (ImageFolder or CIFAR-100 folder)."""
     if name == "digits":
         return load_digits_data(img_size or 16)
     if name == "synthetic":
-        return load_synthetic_data(num_classes or 10, img_size or 224)
+        return load_synthetic_data(num_classes or 10, img_size or 224, in_chans)
     root = Path(name)
     if not root.is_dir():
         raise DataError(f"data {name!r} is neither 'digits', 'synthetic' nor an existing folder")

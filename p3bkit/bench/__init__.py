@@ -1,0 +1,46 @@
+"""Throughput harness: runners per backend, interleaved timing, comparison tables and plots."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from p3bkit.bench.harness import PRESETS, BenchConfig, BenchResult, benchmark, compare_table, results_json
+from p3bkit.bench.runners import prepare
+
+__all__ = ["BenchConfig", "BenchResult", "PRESETS", "benchmark", "compare_table", "run_bench"]
+
+
+def _flops(ref: str) -> int | None:
+    from p3bkit.models.factory import create_model
+    from p3bkit.models.report import describe
+
+    try:
+        return describe(create_model(ref))["flops"]
+    except Exception:  # an artefact whose source model is not rebuildable here: no FLOP ratio
+        return None
+
+
+def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", batch: int | None = None,
+              precision: str = "fp32", cfg: BenchConfig | None = None, profile: bool = False,
+              json_out: str | None = None, compile: bool = False) -> dict:
+    """Benchmark models interleaved; returns the JSON-able report (also written to `json_out`)."""
+    cfg = cfg or BenchConfig()
+    dev = PRESETS[device] if device in PRESETS else {"batch": 1, "device": device}
+    batch = batch or dev["batch"]
+    workdir = Path(tempfile.mkdtemp(prefix="p3bkit-bench-"))
+    prepared = [prepare(r, backend, batch, dev["device"], precision, cfg.threads, workdir, compile) for r in refs]
+    results = benchmark(prepared, batch, cfg)
+    for p, r in zip(prepared, results):
+        r.flops = _flops(p.source or p.name)
+    report = results_json(results, cfg, {"device": dev["device"], "precision": precision})
+    report["table"] = compare_table(results)
+    if profile:
+        report["profile"] = {p.name: p.profile(min(cfg.runs, 50)) if p.profile else {} for p in prepared}
+    if json_out:
+        tmp = Path(json_out).with_name(f".{Path(json_out).name}.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, json_out)
+    return report

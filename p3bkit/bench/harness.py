@@ -1,0 +1,122 @@
+"""Timing harness: warm-up, interleaved timed runs, statistics, comparison table, machine info.
+
+Models are timed round-robin (A, B, C, A, B, C, …) in one process so that drift in clock speed
+or background load hits every model alike. Throughput is images/s = batch × runs / total time.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from p3bkit.bench.runners import Prepared
+
+PRESETS = {"cpu": {"batch": 1, "device": "cpu"}, "gpu": {"batch": 1024, "device": "cuda"}}
+
+
+@dataclass
+class BenchConfig:
+    runs: int = 1000
+    duration: float | None = None  # seconds per model; stops early when reached
+    warmup: int = 20
+    warmup_seconds: float = 1.0
+    threads: int | None = None
+
+
+@dataclass
+class BenchResult:
+    name: str
+    backend: str
+    batch: int
+    latencies_ms: list[float]
+    stats: dict = field(default_factory=dict)
+    flops: int | None = None
+
+
+def latency_stats(lat_ms: list[float], batch: int) -> dict:
+    a = np.asarray(lat_ms, dtype=np.float64)
+    return {"runs": len(a), "median_ms": float(np.median(a)), "mean_ms": float(a.mean()),
+            "p90_ms": float(np.percentile(a, 90)), "p99_ms": float(np.percentile(a, 99)),
+            "std_ms": float(a.std()), "images_per_s": float(batch * len(a) / (a.sum() / 1e3))}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Pin torch's intra-op threads for the block, then restore."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _warm(p: Prepared, cfg: BenchConfig) -> None:
+    t0, n = time.perf_counter(), 0
+    while n < cfg.warmup or time.perf_counter() - t0 < cfg.warmup_seconds:
+        p.step()
+        p.sync()
+        n += 1
+
+
+def benchmark(models: list[Prepared], batch: int, cfg: BenchConfig) -> list[BenchResult]:
+    """Warm every model, then time them interleaved."""
+    lat: list[list[float]] = [[] for _ in models]
+    spent = [0.0 for _ in models]
+    with torch_threads(cfg.threads):
+        for p in models:
+            _warm(p, cfg)
+        for _ in range(cfg.runs):
+            for i, p in enumerate(models):
+                t0 = time.perf_counter()
+                p.step()
+                p.sync()
+                dt = time.perf_counter() - t0
+                lat[i].append(dt * 1e3)
+                spent[i] += dt
+            if cfg.duration is not None and min(spent) >= cfg.duration:
+                break
+    return [BenchResult(p.name, p.backend, batch, l, latency_stats(l, batch)) for p, l in zip(models, lat)]
+
+
+def compare_table(results: list[BenchResult]) -> str:
+    """Markdown: latency, images/s, speedup vs the first, FLOP ratio (ideal) and measured/ideal."""
+    base = results[0]
+    rows = ["| model | backend | batch | median ms | p90 ms | images/s | speedup | FLOP ratio | measured/ideal |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        speed = base.stats["median_ms"] / r.stats["median_ms"]
+        ideal = base.flops / r.flops if base.flops and r.flops else float("nan")
+        rows.append(f"| {r.name} | {r.backend} | {r.batch} | {r.stats['median_ms']:.3f} | {r.stats['p90_ms']:.3f} | "
+                    f"{r.stats['images_per_s']:.1f} | {speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} |")
+    return "\n".join(rows)
+
+
+def machine_info(threads: int | None = None) -> dict:
+    import importlib.metadata as md
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for pkg in ("torch", "timm", "onnxruntime", "openvino", "tensorrt"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[pkg] = md.version(pkg)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "versions": versions}
+
+
+def results_json(results: list[BenchResult], cfg: BenchConfig, extra: dict | None = None) -> dict:
+    return {"machine": machine_info(cfg.threads), "config": asdict(cfg), **(extra or {}),
+            "results": [asdict(r) for r in results]}

@@ -1,0 +1,35 @@
+"""GPU paths: pruning on CUDA, the batch-1024 bench preset, TensorRT engines (skipped without)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_prune_on_cuda_is_exact_after_surgery(tmp_path):
+    from p3bkit.prune.engine import P3BConfig
+    from p3bkit.workflows import PruneJob, run_prune
+
+    s = run_prune(PruneJob(out=str(tmp_path / "run"), epochs=(0, 1, 1), device="cuda", progress=False,
+                           p3b=P3BConfig(keep=0.5, update_every=5)))
+    assert abs(s["block_keep_nominal"] - 0.5) < 0.02
+    assert s["surgery_max_abs_diff"] <= 1e-5
+
+
+def test_gpu_bench_preset_uses_batch_1024():
+    from p3bkit.bench import BenchConfig, run_bench
+
+    rep = run_bench(["digits-vit"], device="gpu", cfg=BenchConfig(runs=5, warmup=2, warmup_seconds=0))
+    r = rep["results"][0]
+    assert r["batch"] == 1024 and len(r["latencies_ms"]) == 5 and rep["machine"]["gpu"]
+
+
+def test_tensorrt_engine_matches_torch(tmp_path):
+    pytest.importorskip("tensorrt")
+    from p3bkit.exporters import export_model
+
+    rec = export_model("digits-vit", "trt", tmp_path / "trt", trt_profile=(1, 4, 8))
+    assert rec.verified and (tmp_path / "trt" / "model.plan").is_file()
+    fp16 = export_model("digits-vit", "trt", tmp_path / "trt16", precision="fp16", trt_profile=(1, 4, 8))
+    assert fp16.parity["batch4"]["logits"]["top1_agreement"] >= 0.99
