@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import p3bkit
+from p3bkit.models.arch import ModelSource, create_stock_model
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3, "num_classes": 7}
+CONFIGS = {
+    "cls": ModelSource("vit_tiny_patch16_224", dict(TINY)),
+    "avgpool": ModelSource("vit_tiny_patch16_224", {**TINY, "global_pool": "avg", "class_token": False}),
+    "registers_ls": ModelSource("vit_tiny_patch16_224", {**TINY, "reg_tokens": 2, "init_values": 0.1}),
+    "no_qkv_bias": ModelSource("vit_tiny_patch16_224", {**TINY, "qkv_bias": False}),
+    "distilled": ModelSource("deit_tiny_distilled_patch16_224", dict(TINY)),
+}
+
+
+def tiny_model(name: str = "cls", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_stock_model(CONFIGS[name]).eval()
+    with torch.no_grad():  # LayerScale/zero-init heads would hide errors: randomise everything
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def random_masks(gated, prune: float, seed: int = 0, empty: tuple[str, ...] = ()) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, gate in gated.gates.items():
+        gate.mask.copy_((torch.rand(gate.size, generator=gen) >= prune).float())
+        if gate.kept() == 0:
+            gate.mask[0] = 1.0
+    for name in empty:
+        gated.gates[name].mask.zero_()
+
+
+@pytest.fixture
+def sample():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def pruned_folder(tmp_path_factory):
+    """A small P3B-pruned model (real engine, digits), shared by export/bench/CLI tests."""
+    from p3bkit.prune.engine import P3BConfig
+    from p3bkit.workflows import PruneJob, run_prune
+
+    out = tmp_path_factory.mktemp("prune")
+    run_prune(PruneJob(out=str(out), epochs=(0, 1, 1), progress=False, p3b=P3BConfig(keep=0.4, update_every=5)))
+    return out / "pruned"
+
+
+__all__ = ["p3bkit", "tiny_model", "random_masks", "CONFIGS"]
