@@ -56,6 +56,7 @@ def run(args) -> None:
                                "flops": r["flops"], "batch": r["batch"], "latencies_ms": r["latencies_ms"]}
             report["models"].setdefault(key, {})[backend] = rows
             print(f"{key} {backend}\n{rep['table']}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
 

@@ -109,10 +109,11 @@ def apply_surgery(gated: GatedViT, round_to: int = 1, io_mode: IoMode = "auto") 
     `PrunedArch` as `p3b_arch` so that `p3bkit.save` can write it.
     """
     arch = masks_to_arch(gated, round_to, io_mode)
-    model = copy.deepcopy(gated.model)
+    device = next(gated.parameters()).device
+    model = copy.deepcopy(gated.model).cpu()  # index bookkeeping on the CPU, then back to the device
     apply_arch(model, arch, spec=gated.spec)
     model.p3b_source = arch.source
-    return model.eval()
+    return model.to(device).eval()
 
 
 @torch.no_grad()

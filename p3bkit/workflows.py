@@ -161,7 +161,7 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float) -
     masked_acc = evaluate(gated, data.val, device=job.device)
     pruned = apply_surgery(gated, round_to=job.round_to, io_mode=job.io_mode)
     diff = check_surgery(gated, pruned) if job.round_to == 1 else check_surgery(gated, pruned, atol=float("inf"))
-    save(pruned.cpu(), out / "pruned")
+    save(pruned, out / "pruned")  # save() copies tensors to the CPU; the model stays on its device
     full, kept = float(pruner.full_sizes.sum()), float(pruner.kept_sizes().sum())
     eff = sum(p.numel() for n, p in pruned.named_parameters() if ".fn." in n)
     summary = {"job": asdict(job), "val_acc_masked": masked_acc,

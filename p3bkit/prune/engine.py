@@ -114,7 +114,7 @@ class P3BPruner(nn.Module):
         if self.cfg.allocation == "uniform":
             return allocate_keep_ratios(torch.ones(len(sizes)), sizes, self.cfg.keep)
         count = self.delta_count.clamp(min=1)
-        imp = block_importance(self.delta_c / count, self.delta_p / count, self.kept_sizes(),
+        imp = block_importance((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.kept_sizes(),
                                self.cfg.alpha, self.cfg.smoothing)
         return allocate_keep_ratios(self.ema.update(imp.double()), sizes, self.cfg.keep)
 
