@@ -90,9 +90,9 @@ def run_prune(job: PruneJob, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(job.seed)
     model = create_model(job.model, pretrained=job.pretrained, checkpoint=job.checkpoint)
+    gated = add_gates(model, job.structure).to(job.device)  # refuses unsupported models first
     data = load_data(job.data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
                      in_chans=model.patch_embed.proj.in_channels)
-    gated = add_gates(model, job.structure).to(job.device)
     if getattr(model, "dist_token", None) is not None:
         model.set_distilled_training(True)
     teacher = _teacher(job)

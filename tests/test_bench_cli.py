@@ -1,0 +1,64 @@
+"""Bench statistics, presets, interleaving, JSON schema; CLI bad inputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from p3bkit.bench.harness import PRESETS, BenchConfig, benchmark, latency_stats
+from p3bkit.bench.runners import Prepared
+from p3bkit.cli import main
+
+
+def test_latency_stats_hand_values():
+    s = latency_stats([1.0, 2.0, 3.0, 4.0], batch=8)
+    assert s["median_ms"] == 2.5 and s["mean_ms"] == 2.5 and s["runs"] == 4
+    assert s["images_per_s"] == pytest.approx(8 * 4 / 0.010)
+    assert PRESETS["cpu"]["batch"] == 1 and PRESETS["gpu"]["batch"] == 1024
+
+
+def test_models_are_interleaved_and_duration_stops():
+    calls: list[str] = []
+    models = [Prepared(n, "fake", lambda n=n: calls.append(n)) for n in "ab"]
+    res = benchmark(models, 1, BenchConfig(runs=3, warmup=0, warmup_seconds=0))
+    assert calls == list("ababab") and all(len(r.latencies_ms) == 3 for r in res)
+    res = benchmark(models, 1, BenchConfig(runs=10**6, duration=0.01, warmup=0, warmup_seconds=0))
+    assert len(res[0].latencies_ms) < 10**6
+
+
+def test_bench_json_schema(tmp_path, pruned_folder):
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", "digits-vit", str(pruned_folder), "--runs", "5", "--warmup", "1",
+                                    "--threads", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert rep["machine"]["threads"] == 1 and rep["machine"]["cpu"] and "torch" in rep["machine"]["versions"]
+    r0, r1 = rep["results"]
+    assert r0["batch"] == 1 and len(r0["latencies_ms"]) == 5 and r1["flops"] < r0["flops"]
+    assert "speedup" in rep["table"] and "measured/ideal" in res.output
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["bench", "model.pt"], 1, "unknown artefact type"),
+    (["bench", "x.onnx", "--backend", "openvino"], 1, "cannot run"),
+    (["bench", "digits-vit", "--backend", "nope"], 2, "Invalid value"),
+    (["bench", "digits-vit", "--device", "gpu"], 1, "GPU"),
+    (["prune", "-o", "OUT", "--keep", "1.5"], 1, "keep ratio must be in (0, 1]"),
+    (["prune", "-o", "OUT", "--keep", "0.5", "--prune", "0.5"], 2, "exactly one"),
+    (["prune", "-o", "OUT", "--keep", "0.5", "--epochs", "1", "0", "0"], 1, "sparsify+sharpen"),
+    (["prune", "-o", "OUT", "--keep", "0.5", "--model", "resnet18"], 1, "not a timm VisionTransformer"),
+    (["prune", "-o", "OUT", "--keep", "0.5", "--data", "/nonexistent"], 1, "neither"),
+    (["info", "no_such_model"], 1, "unknown model"),
+    (["export", "no_such_model", "--format", "onnx", "-o", "OUT"], 1, "unknown model"),
+])
+def test_bad_inputs_exit_cleanly(args, code, msg, tmp_path, monkeypatch):
+    import torch
+
+    if "gpu" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == code, res.output
+    assert msg in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "OUT" / "pruned").exists()
