@@ -49,7 +49,8 @@ def main() -> None:
 @click.option("--m-ref", type=float, default=0.9, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True, help="Model lr (constant while pruning).")
 @click.option("--lr-bpi", type=float, default=5e-4, show_default=True)
-@click.option("--allocation", type=click.Choice(["p3b", "uniform"]), default="p3b", show_default=True)
+@click.option("--allocation", type=click.Choice(["p3b", "uniform", "global-magnitude"]), default="p3b", show_default=True,
+              help="p3b: BPI block budgets; uniform: equal κ; global-magnitude: one weight-magnitude threshold.")
 @click.option("--structure", type=STRUCTURES, default="full", show_default=True,
               help="full: six gates per layer; inner: head dims + MLP hidden only.")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Round kept widths up to a multiple.")
@@ -215,3 +216,20 @@ def bench(models, backend, device, batch, precision, runs, duration, warmup, thr
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--data", default="digits", show_default=True, help="For plain models: data to train the BPI on.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="For a plain model: local weights.")
+@click.option("--steps", type=int, default=200, show_default=True, help="BPI training steps for plain models.")
+@click.option("--device", default="cpu", show_default=True)
+@boundary
+def analyze(inputs, out, data, checkpoint, steps, device) -> None:
+    """Block Performance plots for prune runs (their logs) or plain models (BPI trained on the frozen model)."""
+    from p3bkit.analyze import measure_model, read_run, write_report
+
+    runs = [read_run(i) if (Path(i) / "log.jsonl").is_file() else
+            measure_model(i, data=data, steps=steps, checkpoint=checkpoint, device=device) for i in inputs]
+    click.echo(f"wrote {write_report(runs, out)}")

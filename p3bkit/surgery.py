@@ -25,17 +25,6 @@ IoMode = Literal["auto", "index", "dense"]
 FOLD_MIN_KEEP = 0.75
 
 
-def _magnitudes(branch: GatedAttention | GatedMlp) -> dict[str, torch.Tensor]:
-    """Weight-magnitude tie-breakers per gate element (L2 norm of the weights it touches)."""
-    if isinstance(branch, GatedAttention):
-        H, d = branch.num_heads, branch.head_dim
-        w_qkv, w_proj = branch.qkv.weight.detach(), branch.proj.weight.detach()
-        per_dim = w_qkv.reshape(3 * H, d, -1).pow(2).sum((0, 2)) + w_proj.reshape(-1, H, d).pow(2).sum((0, 1))
-        return {"in": w_qkv.pow(2).sum(0), "head_dim": per_dim, "out": w_proj.pow(2).sum(1)}
-    w1, w2 = branch.fc1.weight.detach(), branch.fc2.weight.detach()
-    return {"in": w1.pow(2).sum(0), "hidden": w1.pow(2).sum(1) + w2.pow(2).sum(0), "out": w2.pow(2).sum(1)}
-
-
 def kept_indices(mask: torch.Tensor, magnitude: torch.Tensor, round_to: int = 1) -> list[int]:
     """Indices with mask ≥ 0.5, padded up to a multiple of `round_to` with the next best ones."""
     n, k = mask.numel(), int((mask >= 0.5).sum())
@@ -56,7 +45,7 @@ def _io_mode(kept: int, dim: int, io_mode: IoMode, index_name: str) -> str:
 
 def _branch_arch(branch: GatedAttention | GatedMlp, dim: int, round_to: int, io_mode: IoMode) -> dict | None:
     inner = "head_dim" if isinstance(branch, GatedAttention) else "hidden"
-    mags, gates = _magnitudes(branch), branch.gates()
+    mags, gates = branch.magnitudes(), branch.gates()
     out: dict = {}
     for key in ("in", inner, "out"):
         gate = gates.get(key)

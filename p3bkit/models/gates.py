@@ -83,6 +83,16 @@ class GatedAttention(nn.Module):
         named = {"in": self.gate_in, "head_dim": self.gate_head_dim, "out": self.gate_out}
         return {k: g for k, g in named.items() if isinstance(g, Gate)}
 
+    @torch.no_grad()
+    def magnitudes(self, mean: bool = False) -> dict[str, torch.Tensor]:
+        """Squared L2 norm (or mean square) of the weights each gate element touches."""
+        H, d = self.num_heads, self.head_dim
+        q = self.qkv.weight.reshape(3 * H, d, -1).pow(2)
+        p = self.proj.weight.reshape(-1, H, d).pow(2)
+        red = torch.mean if mean else torch.sum
+        head = (red(q, (0, 2)) + red(p, (0, 1))) / (2 if mean else 1)
+        return {"in": red(self.qkv.weight.pow(2), 0), "head_dim": head, "out": red(self.proj.weight.pow(2), 1)}
+
     def widths(self) -> BlockWidths:
         c_in = self.gate_in.kept() if isinstance(self.gate_in, Gate) else self.qkv.in_features
         c_out = self.gate_out.kept() if isinstance(self.gate_out, Gate) else self.proj.out_features
@@ -121,6 +131,14 @@ class GatedMlp(nn.Module):
     def gates(self) -> dict[str, Gate]:
         named = {"in": self.gate_in, "hidden": self.gate_hidden, "out": self.gate_out}
         return {k: g for k, g in named.items() if isinstance(g, Gate)}
+
+    @torch.no_grad()
+    def magnitudes(self, mean: bool = False) -> dict[str, torch.Tensor]:
+        """Squared L2 norm (or mean square) of the weights each gate element touches."""
+        w1, w2 = self.fc1.weight.pow(2), self.fc2.weight.pow(2)
+        red = torch.mean if mean else torch.sum
+        hidden = (red(w1, 1) + red(w2, 0)) / (2 if mean else 1)
+        return {"in": red(w1, 0), "hidden": hidden, "out": red(w2, 1)}
 
     def widths(self) -> BlockWidths:
         c_in = self.gate_in.kept() if isinstance(self.gate_in, Gate) else self.fc1.in_features

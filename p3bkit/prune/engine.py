@@ -20,7 +20,7 @@ from p3bkit.prune.budget import ImportanceEMA, allocate_keep_ratios, block_impor
 from p3bkit.prune.masks import GATE_FACTORS, kept_cost_curve, normalised_ranks, soft_mask_values, threshold_count
 from p3bkit.prune.schedule import Schedule
 
-Allocation = Literal["p3b", "uniform"]
+Allocation = Literal["p3b", "uniform", "global-magnitude"]
 
 
 @dataclass
@@ -113,6 +113,8 @@ class P3BPruner(nn.Module):
             return torch.tensor(self.cfg.keep_ratios, dtype=torch.float32)
         if self.cfg.allocation == "uniform":
             return allocate_keep_ratios(torch.ones(len(sizes)), sizes, self.cfg.keep)
+        if self.cfg.allocation == "global-magnitude":
+            return self._global_magnitude_ratios()
         count = self.delta_count.clamp(min=1)
         imp = block_importance((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.kept_sizes(),
                                self.cfg.alpha, self.cfg.smoothing)
@@ -137,17 +139,49 @@ class P3BPruner(nn.Module):
             gate.reset_scores()
         return record
 
-    def _update_branch(self, branch: nn.Module, kappa: float, tau: float) -> None:
+    def _local_scores(self, branch: nn.Module) -> torch.Tensor:
+        """I_cat: Taylor ranks × gate factors (P3B), or raw mean-square magnitudes (global-magnitude)."""
         gates = branch.gates()
-        names = list(gates)
-        scores = torch.cat([normalised_ranks(g.scores()) * self.cfg.gate_factors[k] for k, g in gates.items()])
+        if self.cfg.allocation == "global-magnitude":
+            mags = branch.magnitudes(mean=True)
+            return torch.cat([mags[k].float().cpu() for k in gates])
+        return torch.cat([normalised_ranks(g.scores()) * self.cfg.gate_factors[k] for k, g in gates.items()])
+
+    def _cost_curve(self, branch: nn.Module, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(descending order of `scores`, block parameters when keeping the top-k, k = 0..n)."""
+        gates = branch.gates()
         gate_id = torch.cat([torch.full((g.size,), i) for i, g in enumerate(gates.values())])
         order = torch.argsort(scores, descending=True, stable=True)
         s = self.gated.spec
         kind = "attn" if isinstance(branch, GatedAttention) else "mlp"
         full = {"in": s.dim, "out": s.dim, "head_dim": s.head_dim, "hidden": s.mlp_hidden}
         bias = (s.qkv_bias, s.proj_bias) if kind == "attn" else (s.fc1_bias, s.fc2_bias)
-        cost = kept_cost_curve(gate_id[order], names, kind, s.num_heads, bias, full)
+        return order, kept_cost_curve(gate_id[order], list(gates), kind, s.num_heads, bias, full)
+
+    def _global_magnitude_ratios(self) -> torch.Tensor:
+        """One threshold θ on mean-square weight magnitude across all blocks, meeting the budget."""
+        curves = []
+        for b in self.branches:
+            scores = self._local_scores(b)
+            order, cost = self._cost_curve(b, scores)
+            curves.append((scores[order], cost))
+        everything = torch.sort(torch.cat([c[0] for c in curves]), descending=True).values
+        budget = self.cfg.keep * float(self.full_sizes.sum())
+
+        def kept_cost(theta: float) -> list[float]:
+            return [float(cost[int((sc >= theta).sum())]) for sc, cost in curves]
+
+        lo, hi = 0, len(everything) - 1  # find the largest index whose threshold stays within budget
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if sum(kept_cost(float(everything[mid]))) <= budget else (lo, mid - 1)
+        costs = torch.tensor(kept_cost(float(everything[lo])), dtype=torch.float64)
+        return (costs / self.full_sizes).float()
+
+    def _update_branch(self, branch: nn.Module, kappa: float, tau: float) -> None:
+        gates = branch.gates()
+        scores = self._local_scores(branch)
+        order, cost = self._cost_curve(branch, scores)
         n = scores.numel()
         keep_count = threshold_count(cost, kappa * float(cost[-1]))
         values = torch.empty(n)
