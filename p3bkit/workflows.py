@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from p3bkit.prune.engine import P3BConfig, P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.surgery import apply_surgery, check_surgery
 from p3bkit.train.data import load_data
+from p3bkit.train.checkpoint import gather_rng, load_checkpoint, save_checkpoint, set_rng_state
+from p3bkit.train.dist import DistContext, all_reduce_sum_, barrier, check_identical, init_distributed
 from p3bkit.train.loop import evaluate, make_loader, seed_everything
 
 CHECKPOINT = "checkpoint.pt"
@@ -53,12 +56,6 @@ class PruneJob:
     p3b: P3BConfig = field(default_factory=P3BConfig)
 
 
-def _atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -76,61 +73,119 @@ def _validate(job: PruneJob) -> None:
         raise P3BError("--device cuda asked for, but no CUDA GPU is available here")
 
 
-def _teacher(job: PruneJob):
+def _teacher(job: PruneJob, device: str):
     if job.distill_teacher is None:
         return None
-    teacher = create_model(job.distill_teacher, checkpoint=job.teacher_checkpoint).to(job.device).eval()
-    return teacher
+    return create_model(job.distill_teacher, checkpoint=job.teacher_checkpoint).to(device).eval()
+
+
+class Interrupted(P3BError):
+    """SIGTERM/SIGINT during a run: a checkpoint was written, `--resume` continues."""
+
+
+def _install_stop_handlers(flag: dict) -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        old[sig] = signal.signal(sig, lambda num, frame: flag.update(signal=signal.Signals(num).name))
+    return old
 
 
 def run_prune(job: PruneJob, resume: bool = False) -> dict:
-    """Prune with P3B, apply surgery, write the pruned folder; return the summary."""
+    """Prune with P3B, apply surgery, write the pruned folder; return the summary.
+
+    Runs unchanged under `torchrun` (DDP: --batch-size is the global batch, split over ranks).
+    """
     _validate(job)
+    ctx = init_distributed(job.device)
+    if job.batch_size % ctx.world:
+        raise P3BError(f"batch size {job.batch_size} must be divisible by the {ctx.world} ranks")
     out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(job.seed)
+    seed_everything(job.seed + ctx.rank)
     model = create_model(job.model, pretrained=job.pretrained, checkpoint=job.checkpoint)
-    gated = add_gates(model, job.structure).to(job.device)  # refuses unsupported models first
+    gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
     data = load_data(job.data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
                      in_chans=model.patch_embed.proj.in_channels)
     if getattr(model, "dist_token", None) is not None:
         model.set_distilled_training(True)
-    teacher = _teacher(job)
-    spe = len(make_loader(data.train, job.batch_size, True))
+    teacher = _teacher(job, ctx.device)
+    local_batch = job.batch_size // ctx.world
+    spe = len(make_loader(data.train, local_batch, True, rank=ctx.rank, world=ctx.world))
+    if spe == 0:
+        raise P3BError(f"the training set has fewer than {job.batch_size} samples: lower --batch-size")
     sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
-    pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss).to(job.device)
-    start, log_path = 0, out / "log.jsonl"
+    pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss).to(ctx.device)
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        pruner.set_forward(DDP(gated, broadcast_buffers=False, find_unused_parameters=True),
+                           DDP(pruner.bpi, find_unused_parameters=True))
+    if ctx.main:  # only now: bad models, data or checkpoints leave no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
+    pos, log_path = (0, 0), out / "log.jsonl"
     if resume and (out / CHECKPOINT).is_file():
-        start = _load_checkpoint(pruner, out / CHECKPOINT)
-    elif log_path.exists():
+        pos = _resume(pruner, out / CHECKPOINT, ctx)
+    elif ctx.main and log_path.exists():
         log_path.unlink()
+    flag: dict = {}
+    old = _install_stop_handlers(flag)
     t0 = time.time()
-    total_epochs = sum(job.epochs)
-    for epoch in range(start, total_epochs):
-        _train_epoch(pruner, job, data, teacher, epoch, log_path)
-        acc = evaluate(gated, data.val, device=job.device)
-        _append(log_path, {"type": "epoch", "epoch": epoch + 1, "val_acc": acc,
-                           "block_keep": pruner.block_keep_ratio()})
-        _atomic_torch_save(_checkpoint(pruner, epoch + 1), out / CHECKPOINT)
-        if job.stop_after_epoch is not None and epoch + 1 >= job.stop_after_epoch and epoch + 1 < total_epochs:
-            return {"stopped_after_epoch": epoch + 1}
-    return _finish(job, pruner, data, out, time.time() - t0)
+    try:
+        for epoch in range(pos[0], sum(job.epochs)):
+            _train_epoch(pruner, job, data, teacher, epoch, pos[1] if epoch == pos[0] else 0, out, ctx, flag)
+            acc = evaluate(gated, data.val, device=ctx.device, ctx=ctx)
+            if ctx.main:
+                _append(log_path, {"type": "epoch", "epoch": epoch + 1, "val_acc": acc,
+                                   "block_keep": pruner.block_keep_ratio()})
+            _save(pruner, out, epoch + 1, 0, ctx)
+            if job.stop_after_epoch is not None and epoch + 1 >= job.stop_after_epoch and epoch + 1 < sum(job.epochs):
+                return {"stopped_after_epoch": epoch + 1}
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return _finish(job, pruner, data, out, time.time() - t0, ctx)
 
 
-def _train_epoch(pruner: P3BPruner, job: PruneJob, data, teacher, epoch: int, log_path: Path) -> None:
+def _train_epoch(pruner: P3BPruner, job: PruneJob, data, teacher, epoch: int, start_batch: int, out: Path,
+                 ctx: DistContext, flag: dict) -> None:
     pruner.gated.train()
-    loader = make_loader(data.train, job.batch_size, True, seed=job.seed + epoch)
-    bar = tqdm(loader, desc=f"prune {epoch + 1}/{sum(job.epochs)}", disable=not job.progress, leave=False)
+    local_batch = job.batch_size // ctx.world
+    loader = make_loader(data.train, local_batch, True, seed=job.seed + epoch, rank=ctx.rank, world=ctx.world,
+                         start_batch=start_batch)
+    bar = tqdm(loader, desc=f"prune {epoch + 1}/{sum(job.epochs)}", disable=not (job.progress and ctx.main), leave=False)
     dtype = torch.bfloat16 if job.bf16 else None
-    for x, y in bar:
-        x, y = x.to(job.device), y.to(job.device)
+    for i, (x, y) in enumerate(bar, start=start_batch):
+        x, y = x.to(ctx.device), y.to(ctx.device)
         t_labels = teacher(x).argmax(-1) if teacher is not None else None
         stats = pruner.train_step(x, y, t_labels, dtype)
         if pruner.due():
+            _sync_accumulators(pruner, ctx)
             record = pruner.update_masks()
-            record.update(type="mask_update", epoch=epoch + 1, **stats, block_keep=pruner.block_keep_ratio())
-            _append(log_path, record)
+            check_identical(torch.cat([g.mask for g in pruner.gated.gates.values()]), ctx, "the masks")
+            if ctx.main:
+                record.update(type="mask_update", epoch=epoch + 1, **stats, block_keep=pruner.block_keep_ratio())
+                _append(out / "log.jsonl", record)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", keep=f"{pruner.block_keep_ratio():.3f}")
+        if _stop_requested(flag, ctx):
+            _save(pruner, out, epoch, i + 1, ctx)
+            raise Interrupted(f"stopped by {flag.get('signal', 'a signal on another rank')} at epoch {epoch + 1}, "
+                              f"batch {i + 1}; checkpoint written to {out / CHECKPOINT}, continue with --resume")
+
+
+def _stop_requested(flag: dict, ctx: DistContext) -> bool:
+    stop = torch.tensor([1.0 if flag else 0.0])
+    all_reduce_sum_([stop], ctx)
+    return bool(stop.item() > 0)
+
+
+def _sync_accumulators(pruner: P3BPruner, ctx: DistContext) -> None:
+    """Sum ΔΨ and Taylor-score accumulators over ranks so every rank computes the same masks."""
+    tensors = [pruner.delta_c, pruner.delta_p, pruner.delta_count]
+    for g in pruner.gated.gates.values():
+        tensors += [g.score_sum, g.score_count]
+    all_reduce_sum_(tensors, ctx)
 
 
 def _append(path: Path, record: dict) -> None:
@@ -138,38 +193,43 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _checkpoint(pruner: P3BPruner, epoch: int) -> dict:
-    return {"epoch": epoch, "pruner": pruner.state_dict(), "extra": pruner.extra_state(),
-            "rng_torch": torch.get_rng_state(), "rng_python": list(random.getstate()[1]),
-            "rng_python_version": random.getstate()[0], "rng_python_gauss": random.getstate()[2]}
+def _save(pruner: P3BPruner, out: Path, epoch: int, batch: int, ctx: DistContext) -> None:
+    rng = gather_rng(ctx)
+    if ctx.main:
+        save_checkpoint(out / CHECKPOINT, {"epoch": epoch, "batch": batch, "pruner": pruner.state_dict(),
+                                           "extra": pruner.extra_state(), "rng": rng, "world": ctx.world})
+    barrier(ctx)
 
 
-def _load_checkpoint(pruner: P3BPruner, path: Path) -> int:
+def _resume(pruner: P3BPruner, path: Path, ctx: DistContext) -> tuple[int, int]:
+    ck = load_checkpoint(path)
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
         pruner.load_state_dict(ck["pruner"])
         pruner.load_extra_state(ck["extra"])
-    except (RuntimeError, KeyError, EOFError, ValueError) as exc:
-        raise P3BError(f"{path} cannot be resumed from ({exc}); delete it to start over") from exc
-    torch.set_rng_state(ck["rng_torch"])
-    random.setstate((ck["rng_python_version"], tuple(ck["rng_python"]), ck["rng_python_gauss"]))
-    return int(ck["epoch"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise P3BError(f"{path} does not fit this run ({str(exc)[:200]}); delete it to start over") from exc
+    if ck.get("world", 1) != ctx.world:
+        raise P3BError(f"{path} was written by {ck.get('world', 1)} ranks; resume with the same number")
+    set_rng_state(ck["rng"][ctx.rank])
+    return int(ck["epoch"]), int(ck["batch"])
 
 
-def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float) -> dict:
+def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, ctx: DistContext) -> dict:
     gated = pruner.gated.eval()
-    masked_acc = evaluate(gated, data.val, device=job.device)
+    masked_acc = evaluate(gated, data.val, device=ctx.device, ctx=ctx)
     pruned = apply_surgery(gated, round_to=job.round_to, io_mode=job.io_mode)
     diff = check_surgery(gated, pruned) if job.round_to == 1 else check_surgery(gated, pruned, atol=float("inf"))
-    save(pruned, out / "pruned")  # save() copies tensors to the CPU; the model stays on its device
+    pruned_acc = evaluate(pruned, data.val, device=ctx.device, ctx=ctx)
     full, kept = float(pruner.full_sizes.sum()), float(pruner.kept_sizes().sum())
     eff = sum(p.numel() for n, p in pruned.named_parameters() if ".fn." in n)
-    summary = {"job": asdict(job), "val_acc_masked": masked_acc,
-               "val_acc_pruned": evaluate(pruned, data.val, device=job.device),
+    summary = {"job": asdict(job), "val_acc_masked": masked_acc, "val_acc_pruned": pruned_acc, "world": ctx.world,
                "block_params_full": full, "block_params_kept": kept, "block_keep_nominal": kept / full,
                "block_params_effective": eff, "surgery_max_abs_diff": diff, "seconds": seconds,
                "kappa": pruner.kappa.tolist()}
-    _write_json(out / "summary.json", summary)
+    if ctx.main:
+        save(pruned, out / "pruned")  # save() copies tensors to the CPU; the model stays on its device
+        _write_json(out / "summary.json", summary)
+    barrier(ctx)
     return summary
 
 

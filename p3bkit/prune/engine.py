@@ -66,6 +66,11 @@ class P3BPruner(nn.Module):
         ])
         for gate in gated.gates.values():
             gate.track = True
+        self._fwd = {"model": gated, "bpi": self.bpi}  # DDP wrappers under torchrun (not submodules)
+
+    def set_forward(self, model: nn.Module, bpi: nn.Module) -> None:
+        """Run the model and BPI forward through these (e.g. DistributedDataParallel) wrappers."""
+        self._fwd = {"model": model, "bpi": bpi}
 
     def _params(self, branch: nn.Module, full: bool = False) -> int:
         s = self.gated.spec
@@ -84,10 +89,10 @@ class P3BPruner(nn.Module):
         recorder = StateRecorder(self.gated.model)
         try:
             with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = self.gated(x)
+                out = self._fwd["model"](x)
                 cls, dist = (out if isinstance(out, tuple) else (out, None))
                 loss = self.criterion(cls, dist, y, teacher)
-                bpi_loss, d_c, d_p = self.bpi(recorder.take(), y, self.criterion, teacher)
+                bpi_loss, d_c, d_p = self._fwd["bpi"](recorder.take(), y, self.criterion, teacher)
         finally:
             recorder.remove()
         self.optimizer.zero_grad(set_to_none=True)

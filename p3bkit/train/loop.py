@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from p3bkit.train.data import DataBundle
+from p3bkit.train.dist import DistContext, EpochSampler, all_reduce_sum_
 
 
 def seed_everything(seed: int) -> None:
@@ -18,11 +19,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0) -> DataLoader:
-    """A loader whose shuffle order depends only on `seed` (so a resumed epoch replays exactly)."""
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0,
+                rank: int = 0, world: int = 1, start_batch: int = 0) -> DataLoader:
+    """A loader whose order depends only on `seed` (so a resumed epoch replays exactly).
+
+    Training loaders (shuffle) drop the last partial batch; `rank`/`world` shard it for DDP.
+    """
+    sampler = EpochSampler(len(ds), batch_size, seed, rank, world, start_batch, shuffle)
+    # an own generator: creating the iterator must not draw from the global RNG (resume exactness)
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
-                      drop_last=shuffle and len(ds) >= 2 * batch_size)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=gen)
 
 
 def logits_of(out: torch.Tensor | tuple) -> torch.Tensor:
@@ -31,17 +37,19 @@ def logits_of(out: torch.Tensor | tuple) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 256, device: str = "cpu") -> float:
-    """Top-1 accuracy in percent."""
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 256, device: str = "cpu",
+             ctx: DistContext | None = None) -> float:
+    """Top-1 accuracy in percent (each rank scores its shard; counts are summed over ranks)."""
+    ctx = ctx or DistContext(device=device)
     was_training = model.training
     model.eval()
-    correct = total = 0
-    for x, y in make_loader(ds, batch_size, shuffle=False):
+    counts = torch.zeros(2, dtype=torch.float64)
+    for x, y in make_loader(ds, batch_size, shuffle=False, rank=ctx.rank, world=ctx.world):
         pred = logits_of(model(x.to(device))).argmax(-1)
-        correct += int((pred.cpu() == y).sum())
-        total += len(y)
+        counts += torch.tensor([float((pred.cpu() == y).sum()), float(len(y))], dtype=torch.float64)
+    all_reduce_sum_([counts], ctx)
     model.train(was_training)
-    return 100.0 * correct / max(total, 1)
+    return float(100.0 * counts[0] / counts[1].clamp(min=1))
 
 
 @dataclass

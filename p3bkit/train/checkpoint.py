@@ -1,0 +1,49 @@
+"""Atomic, resumable checkpoints (temp file + rename: a crash mid-write never leaves a bad file).
+
+A checkpoint holds the pruner state (model, gates, BPI, accumulators), the optimizer, the
+position (completed epochs + batches into the current one) and every rank's RNG states, so a
+resumed run continues exactly where the checkpoint was taken.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from p3bkit.errors import P3BError
+from p3bkit.train.dist import DistContext
+
+
+def rng_state() -> dict:
+    version, state, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": list(state), "python_version": version, "python_gauss": gauss}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
+
+
+def gather_rng(ctx: DistContext) -> list[dict]:
+    if not ctx.active:
+        return [rng_state()]
+    states: list = [None] * ctx.world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, tampered or foreign files raise many types
+        raise P3BError(f"{path} cannot be resumed from ({type(exc).__name__}: {str(exc)[:200]}); "
+                       "delete it to start over") from exc

@@ -1,0 +1,88 @@
+"""torchrun / DistributedDataParallel support and deterministic, resumable sampling.
+
+Under `torchrun` (WORLD_SIZE > 1) the process group is created with nccl on GPU and gloo on CPU.
+`EpochSampler` gives every epoch one seeded permutation; rank r takes every world-th index, so
+the union of the ranks' k-th batches equals the k-th batch of a single process whose batch is
+the global batch. It can start mid-epoch (resume after an interruption) without touching the
+skipped samples, so augmentation RNG streams continue exactly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from p3bkit.errors import P3BError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    world: int = 1
+    rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str) -> DistContext:
+    """Join the torchrun process group when launched by torchrun; a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(1, 0, device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise P3BError("--device cuda under torchrun, but no CUDA GPU is visible")
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return DistContext(world, rank, device)
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], ctx: DistContext) -> None:
+    """Sum each tensor over all ranks, in place (no-op in a single process)."""
+    if ctx.active:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def check_identical(t: torch.Tensor, ctx: DistContext, what: str) -> None:
+    """Raise if `t` differs between ranks (masks must be identical everywhere)."""
+    if not ctx.active:
+        return
+    ref = t.detach().clone()
+    dist.broadcast(ref, src=0)
+    if not torch.equal(ref, t):
+        raise P3BError(f"{what} differs between rank 0 and rank {ctx.rank}")
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded permutation, sharded by rank, truncated to whole batches, optionally started mid-epoch."""
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1, start_batch: int = 0,
+                 shuffle: bool = True) -> None:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        mine = perm[rank::world]
+        whole = (len(mine) // batch) * batch if shuffle else len(mine)
+        self.indices = mine[:whole][start_batch * batch:].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
