@@ -244,6 +244,7 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
     from p3bkit.models.pruned import PrunedBranch
     from p3bkit.train.loop import FitConfig, fit
 
+    ctx = init_distributed(device)
     model = load(pruned)
     branches = [m for m in model.modules() if isinstance(m, PrunedBranch)]
     for i, br in enumerate(branches):  # stochastic depth, linearly increasing with depth
@@ -253,10 +254,13 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
                        in_chans=model.patch_embed.proj.in_channels)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
                     progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
-    history = fit(model, bundle, cfg, desc="finetune")
+    history = fit(model, bundle, cfg, desc="finetune", ctx=ctx)
     for br in branches:
         br.drop_path = nn.Identity()
-    save(model.cpu(), out)
-    summary = {"source": str(pruned), "history": history, "val_acc": history[-1]["val_acc"] if history else None}
-    _write_json(Path(out) / "finetune.json", summary)
+    summary = {"source": str(pruned), "history": history, "val_acc": history[-1]["val_acc"] if history else None,
+               "world": ctx.world}
+    if ctx.main:
+        save(model, out)
+        _write_json(Path(out) / "finetune.json", summary)
+    barrier(ctx)
     return summary

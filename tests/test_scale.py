@@ -132,3 +132,18 @@ def test_bad_input_matrix(args, code, msg, tampered):
     assert msg in res.output and "Traceback" not in res.output
     assert sum(line.lower().startswith("error") for line in res.output.splitlines()) == 1  # one error line
     assert sorted(p.name for p in tampered.iterdir()) == before  # nothing written, nothing removed
+
+
+def test_torchrun_finetune_two_ranks(pruned_folder, tmp_path):
+    out = tmp_path / "ft"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "p3bkit.cli", "finetune", str(pruned_folder), "--epochs", "1", "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["world"] == 2 and len(record["history"]) == 1
+    import p3bkit
+
+    assert sum(p.numel() for p in p3bkit.load(out).parameters()) == sum(
+        p.numel() for p in p3bkit.load(pruned_folder).parameters())

@@ -65,12 +65,24 @@ class FitConfig:
     progress: bool = True
 
 
-def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train") -> list[dict]:
-    """AdamW + linear warm-up + cosine decay, label smoothing (Mixup/CutMix when the data has it)."""
-    seed_everything(cfg.seed)
-    model.to(cfg.device).train()
+def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
+        ctx: DistContext | None = None) -> list[dict]:
+    """AdamW + linear warm-up + cosine decay, label smoothing (Mixup/CutMix when the data has it).
+
+    Under torchrun (`ctx.active`) the model is wrapped in DistributedDataParallel and
+    `cfg.batch_size` is the global batch, split over the ranks.
+    """
+    ctx = ctx or DistContext(device=cfg.device)
+    seed_everything(cfg.seed + ctx.rank)
+    model.to(ctx.device).train()
+    net = model
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(make_loader(data.train, cfg.batch_size, True))
+    local = cfg.batch_size // ctx.world
+    steps_per_epoch = len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world))
     total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:
@@ -82,21 +94,21 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train")
     criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if data.mixup else cfg.label_smoothing)
     history = []
     for epoch in range(cfg.epochs):
-        loader = make_loader(data.train, cfg.batch_size, True, seed=cfg.seed + epoch)
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        loader = make_loader(data.train, local, True, seed=cfg.seed + epoch, rank=ctx.rank, world=ctx.world)
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and ctx.main), leave=False)
         running = 0.0
         for x, y in bar:
-            x, y = x.to(cfg.device), y.to(cfg.device)
+            x, y = x.to(ctx.device), y.to(ctx.device)
             if data.mixup is not None:
                 x, y = data.mixup(x, y)
-            loss = criterion(logits_of(model(x)), y)
+            loss = criterion(logits_of(net(x)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             running += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        acc = evaluate(model, data.val, device=cfg.device)
+        acc = evaluate(model, data.val, device=ctx.device, ctx=ctx)
         history.append({"epoch": epoch + 1, "loss": running / max(len(loader), 1), "val_acc": acc})
     model.eval()
     return history
