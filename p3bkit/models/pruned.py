@@ -8,6 +8,7 @@ residual channels (`IndexAddWrite`, or a plain residual add when folded). DESIGN
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -119,25 +120,49 @@ def _writer(out_idx: list[int], dim: int, mode: str) -> nn.Module:
     return IndexAddWrite(out_idx) if mode == "scatter" and len(out_idx) < dim else ResidualAdd()
 
 
-def _io_indices(idx: list[int], dim: int, mode: str, dense_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows/cols to copy, and where they go: folded ('dense') layers keep all `dim` channels."""
-    kept = torch.tensor(idx, dtype=torch.long)
-    if mode == dense_mode or len(idx) == dim:
-        return kept, kept  # full width: copy kept rows into their own positions, zeros elsewhere
-    return kept, torch.arange(len(idx))
+@dataclass(frozen=True)
+class _IoPlan:
+    """Where a branch's kept input/output channels come from and go to in its new Linear layers."""
+
+    src_in: torch.Tensor
+    dst_in: torch.Tensor
+    src_out: torch.Tensor
+    dst_out: torch.Tensor
+    c_in: int
+    c_out: int
+
+
+def _io_plan(arch: dict, dim: int) -> _IoPlan:
+    """Folded ('dense') or complete reads/writes keep all `dim` channels (zeros where not kept);
+    indexed ones keep only the kept channels, in order."""
+    def side(idx: list[int], mode: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        kept = torch.tensor(idx, dtype=torch.long)
+        if mode == "dense" or len(idx) == dim:
+            return kept, kept, dim
+        return kept, torch.arange(len(idx)), len(idx)
+
+    src_in, dst_in, c_in = side(arch["in"], arch["read"])
+    src_out, dst_out, c_out = side(arch["out"], arch["write"])
+    return _IoPlan(src_in, dst_in, src_out, dst_out, c_in, c_out)
+
+
+def _copy_output_layer(new: nn.Linear, old: nn.Linear, io: _IoPlan, cols: torch.Tensor) -> None:
+    """Kept rows (residual channels written) × kept columns (inner units) of an output Linear."""
+    new.weight.zero_()
+    new.weight[io.dst_out] = old.weight[io.src_out][:, cols]
+    if old.bias is not None:
+        new.bias.zero_()
+        new.bias[io.dst_out] = old.bias[io.src_out]
 
 
 def build_attn_branch(blk: nn.Module, attn: Attention, arch: dict, dim: int) -> nn.Module:
     """A PrunedBranch for `blk`'s attention with kept indices `arch` (see `PrunedArch`)."""
     H, d = attn.num_heads, attn.head_dim
-    src_in, dst_in = _io_indices(arch["in"], dim, arch["read"], "dense")
-    src_out, dst_out = _io_indices(arch["out"], dim, arch["write"], "dense")
-    c_in = dim if arch["read"] == "dense" or len(arch["in"]) == dim else len(arch["in"])
-    c_out = dim if arch["write"] == "dense" or len(arch["out"]) == dim else len(arch["out"])
+    io = _io_plan(arch, dim)
     hd = torch.tensor(arch["head_dim"], dtype=torch.long)
     dp = len(hd)
     rows = (torch.arange(3 * H).unsqueeze(1) * d + hd.unsqueeze(0)).reshape(-1)  # (q|k|v, head, dim)
-    new = Attention(c_in, num_heads=H, attn_head_dim=dp, dim_out=c_out,
+    new = Attention(io.c_in, num_heads=H, attn_head_dim=dp, dim_out=io.c_out,
                     qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None)
     new.attn_drop, new.proj_drop = copy.deepcopy(attn.attn_drop), copy.deepcopy(attn.proj_drop)
     # keep the original 1/sqrt(d_h) attention scale: SDPA uses 1/sqrt(d'), so scale q by sqrt(d'/d_h)
@@ -145,46 +170,30 @@ def build_attn_branch(blk: nn.Module, attn: Attention, arch: dict, dim: int) -> 
     q_scale[: H * dp] = (dp / d) ** 0.5
     with torch.no_grad():
         new.qkv.weight.zero_()
-        new.qkv.weight[:, dst_in] = attn.qkv.weight[rows][:, src_in] * q_scale[:, None]
+        new.qkv.weight[:, io.dst_in] = attn.qkv.weight[rows][:, io.src_in] * q_scale[:, None]
         if attn.qkv.bias is not None:
             new.qkv.bias.copy_(attn.qkv.bias[rows] * q_scale)
         proj_cols = (torch.arange(H).unsqueeze(1) * d + hd.unsqueeze(0)).reshape(-1)
-        new.proj.weight.zero_()
-        new.proj.weight[dst_out] = attn.proj.weight[src_out][:, proj_cols]
-        if attn.proj.bias is not None:
-            new.proj.bias.zero_()
-            new.proj.bias[dst_out] = attn.proj.bias[src_out]
-    ls = _sliced_layerscale(blk.ls1, _full_or(src_out, dst_out, c_out, dim))
+        _copy_output_layer(new.proj, attn.proj, io, proj_cols)
+    ls = _sliced_layerscale(blk.ls1, torch.arange(dim) if io.c_out == dim else io.src_out)
     return PrunedBranch(blk.norm1, _reader(arch["in"], dim, arch["read"]), new, ls, blk.drop_path1,
                         _writer(arch["out"], dim, arch["write"]))
 
 
 def build_mlp_branch(blk: nn.Module, mlp: Mlp, arch: dict, dim: int) -> nn.Module:
     """A PrunedBranch for `blk`'s MLP with kept indices `arch` (see `PrunedArch`)."""
-    src_in, dst_in = _io_indices(arch["in"], dim, arch["read"], "dense")
-    src_out, dst_out = _io_indices(arch["out"], dim, arch["write"], "dense")
-    c_in = dim if arch["read"] == "dense" or len(arch["in"]) == dim else len(arch["in"])
-    c_out = dim if arch["write"] == "dense" or len(arch["out"]) == dim else len(arch["out"])
+    io = _io_plan(arch, dim)
     hid = torch.tensor(arch["hidden"], dtype=torch.long)
     act = mlp.act
-    new = Mlp(c_in, hidden_features=len(hid), out_features=c_out, act_layer=lambda: copy.deepcopy(act),
+    new = Mlp(io.c_in, hidden_features=len(hid), out_features=io.c_out, act_layer=lambda: copy.deepcopy(act),
               bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None))
     new.drop1, new.drop2 = copy.deepcopy(mlp.drop1), copy.deepcopy(mlp.drop2)
     with torch.no_grad():
         new.fc1.weight.zero_()
-        new.fc1.weight[:, dst_in] = mlp.fc1.weight[hid][:, src_in]
+        new.fc1.weight[:, io.dst_in] = mlp.fc1.weight[hid][:, io.src_in]
         if mlp.fc1.bias is not None:
             new.fc1.bias.copy_(mlp.fc1.bias[hid])
-        new.fc2.weight.zero_()
-        new.fc2.weight[dst_out] = mlp.fc2.weight[src_out][:, hid]
-        if mlp.fc2.bias is not None:
-            new.fc2.bias.zero_()
-            new.fc2.bias[dst_out] = mlp.fc2.bias[src_out]
-    ls = _sliced_layerscale(blk.ls2, _full_or(src_out, dst_out, c_out, dim))
+        _copy_output_layer(new.fc2, mlp.fc2, io, hid)
+    ls = _sliced_layerscale(blk.ls2, torch.arange(dim) if io.c_out == dim else io.src_out)
     return PrunedBranch(blk.norm2, _reader(arch["in"], dim, arch["read"]), new, ls, blk.drop_path2,
                         _writer(arch["out"], dim, arch["write"]))
-
-
-def _full_or(src: torch.Tensor, dst: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """LayerScale channels to keep: all of them for a full-width output, else the kept ones."""
-    return torch.arange(dim) if width == dim else src
