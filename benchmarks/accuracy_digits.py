@@ -34,15 +34,20 @@ METHODS = {
     "uniform": {"structure": "full", "allocation": "uniform"},
     "global-magnitude": {"structure": "full", "allocation": "global-magnitude"},
     "frozen": {"structure": "full", "allocation": "p3b", "frozen": True},
+    # investigation variants (not in the default list): BPI convergence and budget smoothing
+    "p3b-warmup3": {"structure": "full", "allocation": "p3b", "warmup": 3},
+    "p3b-noema": {"structure": "full", "allocation": "p3b", "ema_momentum": 1.0},
 }
+DEFAULT_METHODS = ["p3b", "p3b-inner", "uniform", "global-magnitude", "frozen"]
 
 
 def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> dict:
     m = METHODS[method]
     cfg = P3BConfig(keep=1 - rate / 100, update_every=args.update_every, allocation=m["allocation"],
-                    frozen=m.get("frozen", False))
+                    frozen=m.get("frozen", False), ema_momentum=m.get("ema_momentum", 0.2))
+    epochs = (m.get("warmup", args.epochs[0]), *args.epochs[1:])
     job = PruneJob(out=str(work / f"{method}_{rate}_{seed}"), model="digits-vit", checkpoint=str(ckpt),
-                   epochs=tuple(args.epochs), structure=m["structure"], seed=seed, progress=False, p3b=cfg)
+                   epochs=epochs, structure=m["structure"], seed=seed, progress=False, p3b=cfg)
     s = run_prune(job)
     pruned = load(Path(job.out) / "pruned")
     data = load_data("digits")
@@ -57,7 +62,7 @@ def summarize(rows: list[dict], dense: list[float]) -> str:
     lines = [f"Dense digits-vit: {statistics.mean(dense):.2f} ± {statistics.pstdev(dense):.2f} % top-1 "
              f"({len(dense)} seeds)\n", "| method | pruned | top-1 after prune (%) | top-1 after fine-tune (%) | params | FLOPs |",
              "|---|---|---|---|---|---|"]
-    for method in METHODS:
+    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         for rate in sorted({r["rate"] for r in rows}):
             sel = [r for r in rows if r["method"] == method and r["rate"] == rate]
             if not sel:
@@ -76,7 +81,7 @@ def plot(rows: list[dict], dense: list[float], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, title in ((axes[0], "acc_pruned", "after pruning"), (axes[1], "acc_finetuned", "after fine-tune")):
-        for method in METHODS:
+        for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
             rates = sorted({r["rate"] for r in rows if r["method"] == method})
             means = [statistics.mean(r[key] for r in rows if r["method"] == method and r["rate"] == q) for q in rates]
             stds = [statistics.pstdev(r[key] for r in rows if r["method"] == method and r["rate"] == q) for q in rates]
@@ -94,12 +99,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--rates", nargs="+", type=int, default=[50, 75, 90])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    ap.add_argument("--name", default="accuracy_digits", help="result file stem in benchmarks/results")
     ap.add_argument("--epochs", nargs=3, type=int, default=(1, 4, 4))
     ap.add_argument("--update-every", type=int, default=5)
     ap.add_argument("--finetune", type=int, default=8)
     ap.add_argument("--work", default="/tmp/p3bkit-accuracy")
+    ap.add_argument("--report", action="store_true", help="only rewrite the .md/.png from the .json")
     args = ap.parse_args()
+    if args.report:
+        meta = json.loads((RESULTS / f"{args.name}.json").read_text())
+        write_outputs(meta, args.name)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0, rows, dense = time.time(), [], []
@@ -117,13 +128,20 @@ def main() -> None:
                 print(f"seed {seed} {method} {rate}%: {r['acc_pruned']:.2f} → {r['acc_finetuned']:.2f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"command": "python benchmarks/accuracy_digits.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                          vars(args).items() if k != "work"),
+    flags = [f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+             for k, v in vars(args).items() if k not in ("work", "report")]
+    meta = {"command": "python benchmarks/accuracy_digits.py " + " ".join(flags),
             "seconds": time.time() - t0, "dense": dense, "rows": rows, "settings": vars(args)}
-    (RESULTS / "accuracy_digits.json").write_text(json.dumps(meta, indent=1))
-    (RESULTS / "accuracy_digits.md").write_text("# Accuracy on digits\n\n" + summarize(rows, dense))
-    plot(rows, dense, RESULTS / "accuracy_digits.png")
-    print(summarize(rows, dense))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(meta, indent=1))
+    write_outputs(meta, args.name)
+
+
+def write_outputs(meta: dict, name: str) -> None:
+    text = summarize(meta["rows"], meta["dense"])
+    (RESULTS / f"{name}.md").write_text(f"# Accuracy on digits\n\n`{meta['command']}` "
+                                        f"({meta['seconds'] / 60:.0f} min, 2 CPU cores)\n\n" + text)
+    plot(meta["rows"], meta["dense"], RESULTS / f"{name}.png")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main() -> None:
 @click.option("--lr-bpi", type=float, default=5e-4, show_default=True)
 @click.option("--allocation", type=click.Choice(["p3b", "uniform", "global-magnitude"]), default="p3b", show_default=True,
               help="p3b: BPI block budgets; uniform: equal κ; global-magnitude: one weight-magnitude threshold.")
-@click.option("--structure", type=STRUCTURES, default="full", show_default=True,
+@click.option("--structure", type=STRUCTURES, default="inner", show_default=True,
               help="full: six gates per layer; inner: head dims + MLP hidden only.")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Round kept widths up to a multiple.")
 @click.option("--io-mode", type=IO_MODES, default="auto", show_default=True)

@@ -47,7 +47,8 @@ def pruned_folder(tmp_path_factory):
     from p3bkit.workflows import PruneJob, run_prune
 
     out = tmp_path_factory.mktemp("prune")
-    run_prune(PruneJob(out=str(out), epochs=(0, 1, 1), progress=False, p3b=P3BConfig(keep=0.4, update_every=5)))
+    run_prune(PruneJob(out=str(out), epochs=(0, 1, 1), structure="full", progress=False,
+                       p3b=P3BConfig(keep=0.4, update_every=5)))
     return out / "pruned"
 
 

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from p3bkit.cli import main
 
-PRUNE = ["prune", "--model", "digits-vit", "--keep", "0.5", "--epochs", "1", "1", "1", "--update-every", "5",
-         "--batch-size", "64"]
+PRUNE = ["prune", "--model", "digits-vit", "--structure", "full", "--keep", "0.5", "--epochs", "1", "1", "1",
+         "--update-every", "5", "--batch-size", "64"]
 
 
 def _layers(run: Path) -> list:
