@@ -21,8 +21,11 @@ def test_latency_stats_hand_values():
 def test_models_are_interleaved_and_duration_stops():
     calls: list[str] = []
     models = [Prepared(n, "fake", lambda n=n: calls.append(n)) for n in "ab"]
-    res = benchmark(models, 1, BenchConfig(runs=3, warmup=0, warmup_seconds=0))
+    res = benchmark(models, 1, BenchConfig(runs=3, warmup=0, warmup_seconds=0, block=1, block_warmup=0))
     assert calls == list("ababab") and all(len(r.latencies_ms) == 3 for r in res)
+    calls.clear()
+    res = benchmark(models, 1, BenchConfig(runs=4, warmup=0, warmup_seconds=0, block=2, block_warmup=1))
+    assert calls == list("aaabbbaaabbb") and all(len(r.latencies_ms) == 4 for r in res)
     res = benchmark(models, 1, BenchConfig(runs=10**6, duration=0.01, warmup=0, warmup_seconds=0))
     assert len(res[0].latencies_ms) < 10**6
 
