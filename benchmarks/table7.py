@@ -89,6 +89,7 @@ def report_md(results_dir: Path) -> None:
                                  f"{speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} | {f'{paper:.2f}×' if paper else '1.00×'} |")
                     if label != "dense":
                         bars.append((f"{key} {label}\n{backend} {dev}", speed, paper))
+    lines += _gpu_log_section(results_dir / "gpu_h200_log.txt", bars)
     (results_dir / "table7.md").write_text("# Table 7 reproduction\n" + "\n".join(lines) + "\n")
     if bars:
         fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(bars)), 4.5))
@@ -100,6 +101,34 @@ def report_md(results_dir: Path) -> None:
         ax.legend()
         fig.tight_layout()
         fig.savefig(results_dir / "table7.png", dpi=130)
+
+
+def _gpu_log_section(log: Path, bars: list) -> list[str]:
+    """Rows that `--device cuda` printed on a GPU machine whose JSON did not come back (its log did)."""
+    if not log.is_file():
+        return []
+    rows, key = [], None
+    for line in log.read_text().splitlines():
+        if line.endswith(" torch") and line.split()[0] in DENSE:
+            key = line.split()[0]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if key and len(cells) == 9 and cells[1] == "torch" and cells[2] == "1024":
+            rows.append((key, Path(cells[0]).name, cells))
+    if not rows:
+        return []
+    out = [f"\n### {log.name}: NVIDIA H200, torch eager, fp32, batch 1024, median of 30 runs "
+           "(printed by `table7.py --device cuda` in `gpu_check.sh`; the run ended before DeiT-B)\n",
+           "| model | variant | backend | median ms | images/s | speedup | FLOP ratio | measured/ideal | paper |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for key, name, c in rows:
+        label = "dense" if name == DENSE[key] else name[len(key) + 1:]
+        prune = int(label.split("_")[-1]) if label != "dense" else 0
+        paper = PAPER[key]["gpu"].get(prune)
+        out.append(f"| {key} | {label} | torch | {float(c[3]):.2f} | {float(c[5]):.1f} | {c[6]} | {c[7]} | {c[8]} | "
+                   f"{f'{paper:.2f}×' if paper else '1.00×'} |")
+        if label != "dense":
+            bars.append((f"{key} {label}\ntorch gpu", float(c[6].rstrip("×")), paper))
+    return out
 
 
 def main() -> None:
