@@ -100,7 +100,7 @@ def test_trt_graph_preparation(pruned_folder, tmp_path):
     from p3bkit.exporters.tensorrt import TrtProfile, precision_plan
     from p3bkit.exporters.trt_ops import check_trt_ops
 
-    scatter = export_model(str(pruned_folder), "onnx", tmp_path / "s", write_op="scatter")
+    export_model(str(pruned_folder), "onnx", tmp_path / "s", write_op="scatter")
     with pytest.raises(ExportError, match=r"ScatterND\(reduction\)"):
         check_trt_ops(str(tmp_path / "s" / "model.onnx"))
     gather = export_model(str(pruned_folder), "onnx", tmp_path / "g", write_op="gather")

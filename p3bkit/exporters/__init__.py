@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from p3bkit.errors import ExportError
 
 Format = Literal["onnx", "openvino", "trt"]
