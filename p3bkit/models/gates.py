@@ -61,6 +61,11 @@ class Gate(nn.Module):
         return y
 
 
+def _alive(gates: dict[str, Gate], dtype: torch.dtype) -> torch.Tensor:
+    """1 when every gate keeps at least one element, else 0, as a tensor (no host sync on GPU)."""
+    return torch.stack([(g.mask >= 0.5).any() for g in gates.values()]).all().to(dtype)
+
+
 def _gate_or_identity(names: tuple[str, ...], name: str, size: int) -> nn.Module:
     return Gate(size) if name in names else nn.Identity()
 
@@ -100,8 +105,7 @@ class GatedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
-        if self.widths().empty:  # a block with nothing kept is a no-op: identity residual
-            return x.new_zeros(B, N, self.proj.out_features)
+        alive = _alive(self.gates(), x.dtype)  # a block with nothing kept on an axis is a no-op
         x = self.gate_in(x)
         qkv = self.gate_head_dim(self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -114,7 +118,7 @@ class GatedAttention(nn.Module):
                 attn = attn + attn_mask
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = self.proj(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
-        return self.gate_out(self.proj_drop(x))
+        return self.gate_out(self.proj_drop(x)) * alive
 
 
 class GatedMlp(nn.Module):
@@ -146,10 +150,9 @@ class GatedMlp(nn.Module):
         return BlockWidths("mlp", c_in, self.gate_hidden.kept(), c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.widths().empty:
-            return x.new_zeros(*x.shape[:-1], self.fc2.out_features)
+        alive = _alive(self.gates(), x.dtype)  # an emptied block adds nothing to the residual
         x = self.drop1(self.gate_hidden(self.act(self.fc1(self.gate_in(x)))))
-        return self.gate_out(self.drop2(self.fc2(x)))
+        return self.gate_out(self.drop2(self.fc2(x))) * alive
 
 
 class GatedViT(nn.Module):
