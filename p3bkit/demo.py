@@ -5,20 +5,20 @@ fine-tune the dense pruned model → compare accuracy, parameters, FLOPs and CPU
 """
 from __future__ import annotations
 
-
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from p3bkit.fileio import write_json_atomic
 from p3bkit.models import load, save
 from p3bkit.models.factory import create_model
 from p3bkit.models.report import describe
 from p3bkit.prune.engine import P3BConfig
 from p3bkit.train.data import load_data
 from p3bkit.train.loop import FitConfig, evaluate, fit
-from p3bkit.workflows import PruneJob, _write_json, run_prune
+from p3bkit.workflows import PruneJob, run_prune
 
 
 @torch.inference_mode()
@@ -62,7 +62,7 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     rows["pruned"]["val_acc_before_finetune"] = prune_summary["val_acc_pruned"]
     summary = {"keep": keep, "block_keep_nominal": prune_summary["block_keep_nominal"], "results": rows,
                "seconds": time.time() - t0, "threads": torch.get_num_threads()}
-    _write_json(out_dir / "summary.json", summary)
+    write_json_atomic(out_dir / "summary.json", summary)
     (out_dir / "table.md").write_text(format_table(summary))
     return summary
 

@@ -7,7 +7,6 @@ continues from it to the same result), `log.jsonl` (every mask update and epoch)
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -18,15 +17,27 @@ import torch
 from tqdm.auto import tqdm
 
 from p3bkit.errors import P3BError
+from p3bkit.fileio import write_json_atomic
 from p3bkit.models import add_gates, save
 from p3bkit.models.factory import create_model
 from p3bkit.prune.bpi import ce_loss, hard_distillation_loss
 from p3bkit.prune.engine import P3BConfig, P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.surgery import apply_surgery, check_surgery
+from p3bkit.train.checkpoint import (
+    gather_rng,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from p3bkit.train.data import load_data
-from p3bkit.train.checkpoint import gather_rng, load_checkpoint, save_checkpoint, set_rng_state
-from p3bkit.train.dist import DistContext, all_reduce_sum_, barrier, check_identical, init_distributed
+from p3bkit.train.dist import (
+    DistContext,
+    all_reduce_sum_,
+    barrier,
+    check_identical,
+    init_distributed,
+)
 from p3bkit.train.loop import evaluate, make_loader, seed_everything
 
 CHECKPOINT = "checkpoint.pt"
@@ -54,12 +65,6 @@ class PruneJob:
     progress: bool = True
     stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
     p3b: P3BConfig = field(default_factory=P3BConfig)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _validate(job: PruneJob) -> None:
@@ -228,7 +233,7 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
                "kappa": pruner.kappa.tolist()}
     if ctx.main:
         save(pruned, out / "pruned")  # save() copies tensors to the CPU; the model stays on its device
-        _write_json(out / "summary.json", summary)
+        write_json_atomic(out / "summary.json", summary)
     barrier(ctx)
     return summary
 
@@ -261,6 +266,6 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
                "world": ctx.world}
     if ctx.main:
         save(model, out)
-        _write_json(Path(out) / "finetune.json", summary)
+        write_json_atomic(Path(out) / "finetune.json", summary)
     barrier(ctx)
     return summary

@@ -1,13 +1,12 @@
 """Throughput harness: runners per backend, interleaved timing, comparison tables and plots."""
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from pathlib import Path
 
 from p3bkit.bench.harness import PRESETS, BenchConfig, BenchResult, benchmark, compare_table, results_json
 from p3bkit.bench.runners import prepare
+from p3bkit.fileio import write_json_atomic
 
 __all__ = ["BenchConfig", "BenchResult", "PRESETS", "benchmark", "compare_table", "run_bench"]
 
@@ -39,8 +38,5 @@ def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", 
     if profile:
         report["profile"] = {p.name: p.profile(min(cfg.runs, 50)) if p.profile else {} for p in prepared}
     if json_out:
-        tmp = Path(json_out).with_name(f".{Path(json_out).name}.tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, json_out)
+        write_json_atomic(json_out, report)
     return report

@@ -6,7 +6,6 @@ never overwrites a previous good artefact.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from p3bkit.errors import ExportError
+from p3bkit.fileio import write_json_atomic
 
 Format = Literal["onnx", "openvino", "trt"]
 DEFAULT_PRECISION = {"onnx": "fp32", "openvino": "f32", "trt": "fp32"}
@@ -60,12 +60,6 @@ def _versions(fmt: str) -> dict[str, str]:
     return out
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: str | None = None,
                  static_batch: int | None = None, verify: bool = True, write_op: str | None = None,
                  trt_profile: tuple[int, int, int] = (1, 1024, 1024), timing_cache: str | None = None) -> ExportRecord:
@@ -97,7 +91,7 @@ def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: st
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in files:
             os.replace(tmp / f, out_dir / f)
-        _write_json(out_dir / f"{ARTEFACT[fmt]}.json", asdict(record))
+        write_json_atomic(out_dir / f"{ARTEFACT[fmt]}.json", asdict(record))
         return record
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
