@@ -1,13 +1,17 @@
-"""Accuracy study on the embedded digits set: P3B vs baselines at 50 / 75 / 90% block pruning.
+"""Accuracy study on the embedded digits set: P3B vs baselines at 50 / 75 / 90% pruning.
 
-Per seed: train a dense tiny ViT (digits-vit: 6 layers, width 64, 16×16 input, 4×4 patches),
-then for every method prune it with the same engine, epochs, data and seed, and fine-tune the
-pruned model with the same short recipe. Methods: `p3b` (BPI budgets, six-gate structure),
-`p3b-inner` (P3B on head dims + MLP hidden only), `uniform` (equal κ), `global-magnitude` (one
-weight-magnitude threshold), `frozen` (P3B with model lr 1e-8, Appendix G).
+Rates are fractions of *all* parameters (the paper's budget, `--budget total`). Per seed: train a
+dense tiny ViT (digits-vit: 6 layers, width 64, 16×16 input, 4×4 patches), then for every method
+prune it with the same engine, epochs, data and seed (the `quick` recipe: base lr 4e-3 → 5e-4 at
+batch 64), and fine-tune the pruned model with the same short recipe. Methods: `p3b` (the
+paper's six gates), `p3b-inner` (P3B on head dims + MLP hidden only), `uniform` (equal κ),
+`global-magnitude` (one weight-magnitude threshold), `frozen` (P3B with model lr 1e-8, App. G).
 
-    python benchmarks/accuracy_digits.py            # ~25 min on 2 CPU cores
-Writes benchmarks/results/accuracy_digits.{json,md,png}.
+    python benchmarks/accuracy_digits.py --seeds 0 1 2 3 4          # ~50 min on 2 CPU cores
+    # or in parallel, one process per (seed, rate), then merge:
+    python benchmarks/accuracy_digits.py --seeds 0 --rates 50 --threads 1 --part parts/0_50.json
+    python benchmarks/accuracy_digits.py --merge parts/*.json
+Writes benchmarks/results/accuracy_digits.{json,md,png}, with a paired comparison per seed.
 """
 from __future__ import annotations
 
@@ -17,12 +21,14 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from p3bkit.models import load
 from p3bkit.models.factory import create_model
 from p3bkit.models.report import describe
 from p3bkit.prune.engine import P3BConfig
+from p3bkit.prune.recipes import RECIPES
 from p3bkit.train.data import load_data
 from p3bkit.train.loop import FitConfig, evaluate, fit
 from p3bkit.workflows import PruneJob, run_prune
@@ -39,12 +45,14 @@ METHODS = {
     "p3b-noema": {"structure": "full", "allocation": "p3b", "ema_momentum": 1.0},
 }
 DEFAULT_METHODS = ["p3b", "p3b-inner", "uniform", "global-magnitude", "frozen"]
+QUICK = RECIPES["quick"]
 
 
 def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> dict:
     m = METHODS[method]
-    cfg = P3BConfig(keep=1 - rate / 100, update_every=args.update_every, allocation=m["allocation"],
-                    frozen=m.get("frozen", False), ema_momentum=m.get("ema_momentum", 0.2))
+    cfg = P3BConfig(keep=1 - rate / 100, budget="total", update_every=args.update_every, allocation=m["allocation"],
+                    frozen=m.get("frozen", False), ema_momentum=m.get("ema_momentum", 0.2), lr_model=QUICK.lr,
+                    lr_bpi=QUICK.lr_bpi)
     epochs = (m.get("warmup", args.epochs[0]), *args.epochs[1:])
     job = PruneJob(out=str(work / f"{method}_{rate}_{seed}"), model="digits-vit", checkpoint=str(ckpt),
                    epochs=epochs, structure=m["structure"], seed=seed, progress=False, p3b=cfg)
@@ -55,7 +63,8 @@ def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> 
     d = describe(pruned)
     return {"method": method, "rate": rate, "seed": seed, "acc_pruned": s["val_acc_pruned"],
             "acc_finetuned": evaluate(pruned, data.val), "params": d["params"], "flops": d["flops"],
-            "block_keep": s["block_keep_nominal"], "kappa": s["kappa"]}
+            "total_keep": s["total_keep"], "block_keep": s["block_keep_nominal"], "kappa": s["kappa"],
+            "disabled_blocks": s["disabled_blocks"]}
 
 
 def summarize(rows: list[dict], dense: list[float]) -> str:
@@ -70,6 +79,23 @@ def summarize(rows: list[dict], dense: list[float]) -> str:
             f = lambda k: f"{statistics.mean(r[k] for r in sel):.2f} ± {statistics.pstdev(r[k] for r in sel):.2f}"  # noqa: E731
             lines.append(f"| {method} | {rate}% | {f('acc_pruned')} | {f('acc_finetuned')} | "
                          f"{statistics.mean(r['params'] for r in sel):,.0f} | {statistics.mean(r['flops'] for r in sel) / 1e6:.2f} M |")
+    return "\n".join(lines) + "\n\n" + paired(rows)
+
+
+def paired(rows: list[dict]) -> str:
+    """Per-seed differences (same dense model, data and seed) of each P3B structure against the baselines."""
+    acc = {(r["method"], r["rate"], r["seed"]): r["acc_finetuned"] for r in rows}
+    lines = ["Paired per seed, top-1 after fine-tune (points; wins = seeds where the first is higher):\n",
+             "| comparison | pruned | mean diff | per seed | wins |", "|---|---|---|---|---|"]
+    for a in ("p3b", "p3b-inner"):
+        for b in ("uniform", "global-magnitude", "p3b" if a == "p3b-inner" else None):
+            for rate in sorted({r["rate"] for r in rows}):
+                seeds = sorted(s for (m, q, s) in acc if m == a and q == rate and (b, rate, s) in acc)
+                if not b or not seeds:
+                    continue
+                d = [acc[(a, rate, s)] - acc[(b, rate, s)] for s in seeds]
+                lines.append(f"| {a} − {b} | {rate}% | {statistics.mean(d):+.2f} | "
+                             f"{' '.join(f'{x:+.1f}' for x in d)} | {sum(x > 0 for x in d)}/{len(d)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,7 +114,7 @@ def plot(rows: list[dict], dense: list[float], path: Path) -> None:
             ax.errorbar(rates, means, yerr=stds, marker="o", capsize=3, label=method)
         ax.axhline(statistics.mean(dense), color="k", ls="--", lw=1, label="dense")
         ax.set_title(f"digits top-1 {title}")
-        ax.set_xlabel("block parameters pruned (%)")
+        ax.set_xlabel("parameters pruned, of all (%)")
     axes[0].set_ylabel("top-1 (%)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -97,49 +123,68 @@ def plot(rows: list[dict], dense: list[float], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--rates", nargs="+", type=int, default=[50, 75, 90])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     ap.add_argument("--name", default="accuracy_digits", help="result file stem in benchmarks/results")
     ap.add_argument("--epochs", nargs=3, type=int, default=(1, 4, 4))
     ap.add_argument("--update-every", type=int, default=5)
     ap.add_argument("--finetune", type=int, default=8)
+    ap.add_argument("--threads", type=int, help="torch threads (one per process when running parts in parallel)")
     ap.add_argument("--work", default="/tmp/p3bkit-accuracy")
+    ap.add_argument("--part", help="write rows to this JSON after every run instead of the results folder")
+    ap.add_argument("--merge", nargs="+", help="merge --part files and write the results")
+    ap.add_argument("--machine", default="this 2-core CPU", help="recorded with the results")
     ap.add_argument("--report", action="store_true", help="only rewrite the .md/.png from the .json")
     args = ap.parse_args()
     if args.report:
-        meta = json.loads((RESULTS / f"{args.name}.json").read_text())
-        write_outputs(meta, args.name)
+        write_outputs(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)
         return
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        dense = {s: d for p in parts for s, d in p["dense"].items()}
+        meta = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "dense": [dense[s] for s in sorted(dense)],
+                "seconds": max(p["seconds"] for p in parts), "parts": len(parts), "machine": args.machine}
+        write_outputs(meta, args.name, write_json=True)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    t0, rows, dense = time.time(), [], []
+    flags = [f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+             for k, v in vars(args).items() if k in ("seeds", "rates", "methods", "epochs", "update_every", "finetune")]
+    meta = {"command": "python benchmarks/accuracy_digits.py " + " ".join(flags), "seconds": 0.0, "dense": {},
+            "rows": [], "settings": vars(args), "machine": args.machine}
+    t0 = time.time()
     for seed in args.seeds:
         model = create_model("digits-vit")
         data = load_data("digits")
         fit(model, data, FitConfig(epochs=30, lr=2e-3, seed=seed, progress=False))
-        dense.append(evaluate(model, data.val))
-        ckpt = work / f"dense_{seed}.safetensors"
+        meta["dense"][str(seed)] = evaluate(model, data.val)
+        ckpt = work / f"dense_{seed}_{'_'.join(map(str, args.rates))}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
         for method in args.methods:
             for rate in args.rates:
-                rows.append(run_one(work, ckpt, method, rate, seed, args))
-                r = rows[-1]
+                meta["rows"].append(run_one(work, ckpt, method, rate, seed, args))
+                r = meta["rows"][-1]
+                meta["seconds"] = time.time() - t0
                 print(f"seed {seed} {method} {rate}%: {r['acc_pruned']:.2f} → {r['acc_finetuned']:.2f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
+                if args.part:
+                    Path(args.part).write_text(json.dumps(meta, indent=1))
+    if not args.part:
+        meta["dense"] = [meta["dense"][s] for s in sorted(meta["dense"])]
+        write_outputs(meta, args.name, write_json=True)
+
+
+def write_outputs(meta: dict, name: str, write_json: bool = False) -> None:
     RESULTS.mkdir(exist_ok=True)
-    flags = [f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-             for k, v in vars(args).items() if k not in ("work", "report")]
-    meta = {"command": "python benchmarks/accuracy_digits.py " + " ".join(flags),
-            "seconds": time.time() - t0, "dense": dense, "rows": rows, "settings": vars(args)}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(meta, indent=1))
-    write_outputs(meta, args.name)
-
-
-def write_outputs(meta: dict, name: str) -> None:
+    if write_json:
+        (RESULTS / f"{name}.json").write_text(json.dumps(meta, indent=1))
     text = summarize(meta["rows"], meta["dense"])
-    (RESULTS / f"{name}.md").write_text(f"# Accuracy on digits\n\n`{meta['command']}` "
-                                        f"({meta['seconds'] / 60:.0f} min, 2 CPU cores)\n\n" + text)
+    how = meta.get("machine", "2 CPU cores")
+    (RESULTS / f"{name}.md").write_text(f"# Accuracy on digits\n\n`{meta['command']}` ({meta['seconds'] / 60:.0f} min, "
+                                        f"{how}; rates are fractions of all parameters, fp32)\n\n" + text)
     plot(meta["rows"], meta["dense"], RESULTS / f"{name}.png")
     print(text)
 

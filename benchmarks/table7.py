@@ -1,7 +1,9 @@
-"""Reproduce the paper's Table 7 (appendix E): DeiT-S/B at 0%, 75%, 90% block pruning.
+"""Reproduce the paper's Table 7 (appendix E): DeiT-S/B with 0%, 75%, 90% of all parameters pruned.
 
 Random weights (throughput depends only on the architecture); per-block widths from real P3B
-runs (`p3b_allocations.py`). CPU: batch 1 on every available backend; GPU: batch 1024 (torch).
+runs at the paper's budget (`p3b_allocations.py`: fractions of all parameters). CPU: batch 1 on
+every available backend; GPU: batch 1024 (torch). Each row shows its parameter count next to the
+paper's (DeiT-S 22.1 → 5.4 → 2.2 M, DeiT-B 86.6 → 21.5 → 8.7 M).
 
     python benchmarks/table7.py --device cpu --runs 100            # this machine, CPU rows
     python benchmarks/table7.py --device cuda --runs 50 --backends torch
@@ -23,11 +25,16 @@ PAPER = {  # Table 7: speedup over dense (CPU i9-12900K batch 1; GPU RTX 3090 ba
     "deit_b": {"cpu": {75: 3.05, 90: 6.03}, "gpu": {75: 2.16, 90: 3.12}},
     "deit_s": {"cpu": {75: 2.52, 90: 4.36}, "gpu": {75: 1.48, 90: 1.88}},
 }
+PAPER_PARAMS_M = {"deit_s": {0: 22.1, 75: 5.4, 90: 2.2}, "deit_b": {0: 86.6, 75: 21.5, 90: 8.7}}
 DENSE = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
 
 
-def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -> dict[str, str]:
+def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """Bench references (timm name or pruned folder) and parameter counts per row label."""
+    from p3bkit.models.arch import ModelSource
+
     refs = {"dense": DENSE[key]}
+    params = {"dense": sum(p.numel() for p in create_stock_model(ModelSource(DENSE[key], {})).parameters())}
     for structure in structures:
         for prune in (75, 90):
             f = alloc_dir / f"{key}_{structure}_{prune}.json"
@@ -36,16 +43,18 @@ def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -
             arch = PrunedArch.from_json(json.loads(f.read_text()), str(f))
             model = apply_arch(create_stock_model(arch.source), arch)
             refs[f"{structure}_{prune}"] = str(save(model, work / f"{key}_{structure}_{prune}"))
-    return refs
+            params[f"{structure}_{prune}"] = sum(p.numel() for p in model.parameters())
+    return refs, params
 
 
 def run(args) -> None:
     machine = args.machine or platform.node()
     out = HERE / "results" / f"table7_{machine}_{args.device}.json"
-    report = {"device": args.device, "machine_label": machine, "runs": args.runs, "models": {}}
+    report = {"device": args.device, "machine_label": machine, "runs": args.runs, "models": {},
+              "budget": "fractions of all parameters (the paper's)", "precision": "fp32"}
     work = Path(tempfile.mkdtemp(prefix="table7-"))
     for key in args.models:
-        refs = build_models(Path(args.allocations), work, key, args.structures)
+        refs, params = build_models(Path(args.allocations), work, key, args.structures)
         for backend in args.backends:
             rep = run_bench(list(refs.values()), backend, "gpu" if args.device == "cuda" else "cpu",
                             cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads))
@@ -53,7 +62,8 @@ def run(args) -> None:
             rows = {}
             for label, r in zip(refs, rep["results"]):
                 rows[label] = {"median_ms": r["stats"]["median_ms"], "images_per_s": r["stats"]["images_per_s"],
-                               "flops": r["flops"], "batch": r["batch"], "latencies_ms": r["latencies_ms"]}
+                               "flops": r["flops"], "batch": r["batch"], "params": params[label],
+                               "latencies_ms": r["latencies_ms"]}
             report["models"].setdefault(key, {})[backend] = rows
             print(f"{key} {backend}\n{rep['table']}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,8 +85,9 @@ def report_md(results_dir: Path) -> None:
         m = rep["machine"]
         where = m["gpu"] if dev == "gpu" else f"{m['cpu']}, {m['threads']} threads"
         lines += [f"\n### {f.stem}: {where}, fp32, batch {'1024' if dev == 'gpu' else '1'}, median of {rep['runs']} runs\n",
-                  "| model | variant | backend | median ms | images/s | speedup | FLOP ratio | measured/ideal | paper |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | variant | backend | params (M) | paper params (M) | median ms | images/s | speedup | "
+                  "FLOP ratio | measured/ideal | paper speedup |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, per_backend in rep["models"].items():
             for backend, rows in per_backend.items():
                 base = rows["dense"]
@@ -85,11 +96,11 @@ def report_md(results_dir: Path) -> None:
                     ideal = base["flops"] / r["flops"]
                     prune = int(label.split("_")[-1]) if label != "dense" else 0
                     paper = PAPER[key][dev].get(prune)
-                    lines.append(f"| {key} | {label} | {backend} | {r['median_ms']:.2f} | {r['images_per_s']:.1f} | "
+                    lines.append(f"| {key} | {label} | {backend} | {r['params'] / 1e6:.2f} | "
+                                 f"{PAPER_PARAMS_M[key][prune]:.1f} | {r['median_ms']:.2f} | {r['images_per_s']:.1f} | "
                                  f"{speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} | {f'{paper:.2f}×' if paper else '1.00×'} |")
                     if label != "dense":
                         bars.append((f"{key} {label}\n{backend} {dev}", speed, paper))
-    lines += _gpu_log_section(results_dir / "gpu_h200_log.txt", bars)
     (results_dir / "table7.md").write_text("# Table 7 reproduction\n" + "\n".join(lines) + "\n")
     if bars:
         fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(bars)), 4.5))
@@ -101,34 +112,6 @@ def report_md(results_dir: Path) -> None:
         ax.legend()
         fig.tight_layout()
         fig.savefig(results_dir / "table7.png", dpi=130)
-
-
-def _gpu_log_section(log: Path, bars: list) -> list[str]:
-    """Rows that `--device cuda` printed on a GPU machine whose JSON did not come back (its log did)."""
-    if not log.is_file():
-        return []
-    rows, key = [], None
-    for line in log.read_text().splitlines():
-        if line.endswith(" torch") and line.split()[0] in DENSE:
-            key = line.split()[0]
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if key and len(cells) == 9 and cells[1] == "torch" and cells[2] == "1024":
-            rows.append((key, Path(cells[0]).name, cells))
-    if not rows:
-        return []
-    out = [f"\n### {log.name}: NVIDIA H200, torch eager, fp32, batch 1024, median of 30 runs "
-           "(printed by `table7.py --device cuda` in `gpu_check.sh`; the run ended before DeiT-B)\n",
-           "| model | variant | backend | median ms | images/s | speedup | FLOP ratio | measured/ideal | paper |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for key, name, c in rows:
-        label = "dense" if name == DENSE[key] else name[len(key) + 1:]
-        prune = int(label.split("_")[-1]) if label != "dense" else 0
-        paper = PAPER[key]["gpu"].get(prune)
-        out.append(f"| {key} | {label} | torch | {float(c[3]):.2f} | {float(c[5]):.1f} | {c[6]} | {c[7]} | {c[8]} | "
-                   f"{f'{paper:.2f}×' if paper else '1.00×'} |")
-        if label != "dense":
-            bars.append((f"{key} {label}\ntorch gpu", float(c[6].rstrip("×")), paper))
-    return out
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from p3bkit.errors import P3BError
+from p3bkit.prune.recipes import RECIPES
 
 STRUCTURES = click.Choice(["full", "inner"])
 IO_MODES = click.Choice(["auto", "index", "dense"])
@@ -39,20 +40,29 @@ def main() -> None:
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="timm pretrained weights.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights (.safetensors or torch file).")
 @click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
-@click.option("--keep", type=float, help="Block-parameter keep ratio (0, 1].")
-@click.option("--prune", "prune_rate", type=float, help="Block-parameter pruning rate [0, 1) (= 1 − keep).")
-@click.option("--epochs", nargs=3, type=int, default=(1, 4, 4), show_default=True, help="Warm-up, sparsify, sharpen.")
-@click.option("--update-every", type=int, default=10, show_default=True, help="Iterations between mask updates.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--keep", type=float, help="Keep ratio (0, 1] of all parameters (--budget total) or of block parameters.")
+@click.option("--prune", "prune_rate", type=float, help="Pruning rate [0, 1) (= 1 − keep), same scope as --keep.")
+@click.option("--budget", type=click.Choice(["total", "blocks"]), default="total", show_default=True,
+              help="total: fraction of all parameters (the paper's); blocks: of Attention/MLP Linear parameters only.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default="quick", show_default=True,
+              help="paper: Table 5 (3/22/25 epochs, update every 1000 it, lr 5e-4, batch 512); quick: 1/4/4 epochs, "
+                   "update every 10 it, base lr 4e-3, batch 64 (small data). Flags below override it.")
+@click.option("--epochs", nargs=3, type=int, help="Warm-up, sparsify, sharpen epochs [recipe].")
+@click.option("--update-every", type=int, help="Iterations between mask updates [recipe].")
+@click.option("--batch-size", type=int, help="Global batch size [recipe].")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Class vs patch importance balance.")
-@click.option("--tau", type=float, default=0.1, show_default=True, help="Soft-mask sharpness during sparsify.")
+@click.option("--tau", type=float, help="Soft-mask sharpness during sparsify [recipe].")
 @click.option("--m-ref", type=float, default=0.9, show_default=True)
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Model lr (constant while pruning).")
-@click.option("--lr-bpi", type=float, default=5e-4, show_default=True)
+@click.option("--lr", type=float, help="Base model lr at batch 512, scaled by batch/512, constant [recipe].")
+@click.option("--lr-bpi", type=float, help="Base BPI lr at batch 512, scaled by batch/512 [recipe].")
 @click.option("--allocation", type=click.Choice(["p3b", "uniform", "global-magnitude"]), default="p3b", show_default=True,
               help="p3b: BPI block budgets; uniform: equal κ; global-magnitude: one weight-magnitude threshold.")
 @click.option("--structure", type=STRUCTURES, default="inner", show_default=True,
-              help="full: six gates per layer; inner: head dims + MLP hidden only.")
+              help="full: the paper's six gates per layer (P3B); inner: head dims + MLP hidden only (P3B-inner).")
+@click.option("--bpi-class-head", type=click.Choice(["linear", "norm-linear"]), default="linear", show_default=True,
+              help="linear: the paper's class head; norm-linear: LayerNorm + Linear.")
+@click.option("--empty-blocks", type=click.Choice(["disable", "regrow"]), default="disable", show_default=True,
+              help="A block emptied at a mask update stays empty (disable) or may be given parameters again.")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Round kept widths up to a multiple.")
 @click.option("--io-mode", type=IO_MODES, default="auto", show_default=True)
 @click.option("--frozen/--no-frozen", default=False, show_default=True, help="Frozen ablation (model lr 1e-8).")
@@ -67,22 +77,32 @@ def main() -> None:
 def prune(**kw) -> None:
     """Prune a ViT with P3B and write OUT/pruned (arch.json + model.safetensors)."""
     from p3bkit.prune.engine import P3BConfig
+    from p3bkit.prune.recipes import resolve_recipe
     from p3bkit.workflows import PruneJob, run_prune
 
     if (kw["keep"] is None) == (kw["prune_rate"] is None):
         raise click.UsageError("give exactly one of --keep or --prune")
     keep = kw["keep"] if kw["keep"] is not None else 1 - kw["prune_rate"]
-    cfg = P3BConfig(keep=keep, update_every=kw["update_every"], alpha=kw["alpha"], tau=kw["tau"], m_ref=kw["m_ref"],
-                    lr_model=kw["lr"], lr_bpi=kw["lr_bpi"], frozen=kw["frozen"], allocation=kw["allocation"])
-    job = PruneJob(out=kw["out"], model=kw["model"], pretrained=kw["pretrained"], checkpoint=kw["checkpoint"],
-                   data=kw["data"], epochs=tuple(kw["epochs"]), batch_size=kw["batch_size"], structure=kw["structure"],
-                   round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"], device=kw["device"],
-                   bf16=kw["bf16"], distill_teacher=kw["distill_teacher"], teacher_checkpoint=kw["teacher_checkpoint"],
-                   p3b=cfg)
+    r = resolve_recipe(kw["recipe"], epochs=kw["epochs"], update_every=kw["update_every"],
+                       batch_size=kw["batch_size"], lr=kw["lr"], lr_bpi=kw["lr_bpi"], tau=kw["tau"])
+    if r["batch_size"] < 1:
+        raise click.UsageError("--batch-size must be ≥ 1")
+    cfg = P3BConfig(keep=keep, budget=kw["budget"], update_every=r["update_every"], alpha=kw["alpha"], tau=r["tau"],
+                    m_ref=kw["m_ref"], lr_model=r["lr"], lr_bpi=r["lr_bpi"], frozen=kw["frozen"],
+                    allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"])
+    job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], pretrained=kw["pretrained"],
+                   checkpoint=kw["checkpoint"], data=kw["data"], epochs=r["epochs"], batch_size=r["batch_size"],
+                   structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
+                   device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
+                   teacher_checkpoint=kw["teacher_checkpoint"], p3b=cfg)
+    click.echo(f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
+               f"{r['update_every']} it, batch {r['batch_size']}, model lr {r['lr'] * r['batch_size'] / 512:.2e}, "
+               f"budget {kw['budget']} keep {keep:.3f}")
     s = run_prune(job, resume=kw["resume"])
     click.echo(f"pruned model: {Path(kw['out']) / 'pruned'}")
-    click.echo(f"block params kept {100 * s['block_keep_nominal']:.1f}% (effective {s['block_params_effective']:,}), "
-               f"val top-1 {s['val_acc_pruned']:.2f}%, surgery max abs diff {s['surgery_max_abs_diff']:.2e}")
+    click.echo(f"kept {100 * s['total_keep']:.1f}% of all parameters ({s['params_kept']:,} of {s['params_dense']:,}) "
+               f"and {100 * s['block_keep_nominal']:.1f}% of block parameters; val top-1 {s['val_acc_pruned']:.2f}%, "
+               f"surgery max abs diff {s['surgery_max_abs_diff']:.2e}")
 
 
 @main.command()

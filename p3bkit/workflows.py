@@ -48,7 +48,9 @@ class PruneJob:
     """Everything a `p3bkit prune` run needs (plain data, stored in summary.json)."""
 
     out: str
+    recipe: str = "quick"  # recorded; the CLI fills unset settings from it (prune/recipes.py)
     model: str = "digits-vit"
+    model_kwargs: dict = field(default_factory=dict)  # timm constructor arguments (img_size, num_classes, …)
     pretrained: bool = False
     checkpoint: str | None = None
     data: str = "digits"
@@ -108,7 +110,7 @@ def run_prune(job: PruneJob, resume: bool = False) -> dict:
         raise P3BError(f"batch size {job.batch_size} must be divisible by the {ctx.world} ranks")
     out = Path(job.out)
     seed_everything(job.seed + ctx.rank)
-    model = create_model(job.model, pretrained=job.pretrained, checkpoint=job.checkpoint)
+    model = create_model(job.model, pretrained=job.pretrained, checkpoint=job.checkpoint, **job.model_kwargs)
     gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
     data = load_data(job.data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
                      in_chans=model.patch_embed.proj.in_channels)
@@ -119,8 +121,11 @@ def run_prune(job: PruneJob, resume: bool = False) -> dict:
     spe = len(make_loader(data.train, local_batch, True, rank=ctx.rank, world=ctx.world))
     if spe == 0:
         raise P3BError(f"the training set has fewer than {job.batch_size} samples: lower --batch-size")
+    if data.mixup is not None and local_batch % 2:
+        raise P3BError(f"Mixup/CutMix pair up images: the per-rank batch ({local_batch}) must be even")
     sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
-    pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss).to(ctx.device)
+    pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
+                       lr_scale=job.batch_size / 512).to(ctx.device)
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -139,11 +144,11 @@ def run_prune(job: PruneJob, resume: bool = False) -> dict:
     t0 = time.time()
     try:
         for epoch in range(pos[0], sum(job.epochs)):
-            _train_epoch(pruner, job, data, teacher, epoch, pos[1] if epoch == pos[0] else 0, out, ctx, flag)
+            soft = _train_epoch(pruner, job, data, teacher, epoch, pos[1] if epoch == pos[0] else 0, out, ctx, flag)
             acc = evaluate(gated, data.val, device=ctx.device, ctx=ctx)
             if ctx.main:
-                _append(log_path, {"type": "epoch", "epoch": epoch + 1, "val_acc": acc,
-                                   "block_keep": pruner.block_keep_ratio()})
+                _append(log_path, {"type": "epoch", "epoch": epoch + 1, "val_acc": acc, "soft_target_steps": soft,
+                                   "block_keep": pruner.block_keep_ratio(), "total_keep": pruner.total_keep_ratio()})
             _save(pruner, out, epoch + 1, 0, ctx)
             if job.stop_after_epoch is not None and epoch + 1 >= job.stop_after_epoch and epoch + 1 < sum(job.epochs):
                 return {"stopped_after_epoch": epoch + 1}
@@ -154,17 +159,22 @@ def run_prune(job: PruneJob, resume: bool = False) -> dict:
 
 
 def _train_epoch(pruner: P3BPruner, job: PruneJob, data, teacher, epoch: int, start_batch: int, out: Path,
-                 ctx: DistContext, flag: dict) -> None:
+                 ctx: DistContext, flag: dict) -> int:
+    """One epoch of P3B; returns how many steps trained on soft (Mixup/CutMix) targets."""
     pruner.gated.train()
     local_batch = job.batch_size // ctx.world
     loader = make_loader(data.train, local_batch, True, seed=job.seed + epoch, rank=ctx.rank, world=ctx.world,
                          start_batch=start_batch)
     bar = tqdm(loader, desc=f"prune {epoch + 1}/{sum(job.epochs)}", disable=not (job.progress and ctx.main), leave=False)
     dtype = torch.bfloat16 if job.bf16 else None
+    soft = 0
     for i, (x, y) in enumerate(bar, start=start_batch):
         x, y = x.to(ctx.device), y.to(ctx.device)
+        if data.mixup is not None:  # the DeiT recipe in every training step (paper, Appendix C)
+            x, y = data.mixup(x, y)
         t_labels = teacher(x).argmax(-1) if teacher is not None else None
         stats = pruner.train_step(x, y, t_labels, dtype)
+        soft += int(stats.pop("soft_targets"))
         if pruner.due():
             _sync_accumulators(pruner, ctx)
             record = pruner.update_masks()
@@ -177,6 +187,7 @@ def _train_epoch(pruner: P3BPruner, job: PruneJob, data, teacher, epoch: int, st
             _save(pruner, out, epoch, i + 1, ctx)
             raise Interrupted(f"stopped by {flag.get('signal', 'a signal on another rank')} at epoch {epoch + 1}, "
                               f"batch {i + 1}; checkpoint written to {out / CHECKPOINT}, continue with --resume")
+    return soft
 
 
 def _stop_requested(flag: dict, ctx: DistContext) -> bool:
@@ -189,7 +200,7 @@ def _sync_accumulators(pruner: P3BPruner, ctx: DistContext) -> None:
     """Sum ΔΨ and Taylor-score accumulators over ranks so every rank computes the same masks."""
     tensors = [pruner.delta_c, pruner.delta_p, pruner.delta_count]
     for g in pruner.gated.gates.values():
-        tensors += [g.score_sum, g.score_count]
+        tensors += [g.score_sum, g.grad_sum, g.score_count]
     all_reduce_sum_(tensors, ctx)
 
 
@@ -227,10 +238,20 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
     pruned_acc = evaluate(pruned, data.val, device=ctx.device, ctx=ctx)
     full, kept = float(pruner.full_sizes.sum()), float(pruner.kept_sizes().sum())
     eff = sum(p.numel() for n, p in pruned.named_parameters() if ".fn." in n)
+    params = sum(p.numel() for p in pruned.parameters())
+    nominal = pruner.total_keep_ratio()
     summary = {"job": asdict(job), "val_acc_masked": masked_acc, "val_acc_pruned": pruned_acc, "world": ctx.world,
+               "budget": job.p3b.budget, "keep_target": job.p3b.keep, "block_keep_target": pruner.block_keep,
+               "params_dense": pruner.total_params, "params_kept": round(nominal * pruner.total_params),
+               "total_keep": nominal, "prune_rate_total": 1 - nominal,
+               # tensors in the saved model: a read/write folded into full-width weights (io-mode) or
+               # widths rounded up (round-to) store more than the kept parameters
+               "params_stored": params, "total_keep_stored": params / pruner.total_params,
                "block_params_full": full, "block_params_kept": kept, "block_keep_nominal": kept / full,
-               "block_params_effective": eff, "surgery_max_abs_diff": diff, "seconds": seconds,
-               "kappa": pruner.kappa.tolist()}
+               "prune_rate_blocks": 1 - kept / full, "block_params_effective": eff,
+               "lr_model": pruner.optimizer.param_groups[0]["lr"], "lr_bpi": pruner.optimizer.param_groups[-1]["lr"],
+               "surgery_max_abs_diff": diff, "seconds": seconds, "kappa": pruner.kappa.tolist(),
+               "disabled_blocks": [i for i, d in enumerate(pruner.disabled.tolist()) if d]}
     if ctx.main:
         save(pruned, out / "pruned")  # save() copies tensors to the CPU; the model stays on its device
         write_json_atomic(out / "summary.json", summary)

@@ -36,6 +36,7 @@ class Gate(nn.Module):
         self.size = size
         self.register_buffer("mask", torch.ones(size))
         self.register_buffer("score_sum", torch.zeros(size))
+        self.register_buffer("grad_sum", torch.zeros(size))
         self.register_buffer("score_count", torch.zeros((), dtype=torch.long))
         self.track = False
 
@@ -44,14 +45,26 @@ class Gate(nn.Module):
 
     def reset_scores(self) -> None:
         self.score_sum.zero_()
+        self.grad_sum.zero_()
         self.score_count.zero_()
 
     def scores(self) -> torch.Tensor:
+        """Mean Taylor score (m·∂L/∂m)² since the last reset."""
         return self.score_sum / self.score_count.clamp(min=1)
+
+    def tiebreak(self) -> torch.Tensor:
+        """Mean (∂L/∂m)²: orders elements whose mask (and so Taylor score) is exactly 0.
+
+        A hard-pruned element has score 0 however useful it would be; its mask gradient still
+        says how much the loss would change if it came back, so reactivation never falls back to
+        index order.
+        """
+        return self.grad_sum / self.score_count.clamp(min=1)
 
     def _accumulate(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         dl_dm = (grad.float() * x.float()).flatten(0, -2).sum(0)
         self.score_sum += (self.mask * dl_dm).pow(2)
+        self.grad_sum += dl_dm.pow(2)
         self.score_count += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +75,14 @@ class Gate(nn.Module):
 
 
 def _alive(gates: dict[str, Gate], dtype: torch.dtype) -> torch.Tensor:
-    """1 when every gate keeps at least one element, else 0, as a tensor (no host sync on GPU)."""
-    return torch.stack([(g.mask >= 0.5).any() for g in gates.values()]).all().to(dtype)
+    """1 when every gate has a non-zero mask value, else 0, as a tensor (no host sync on GPU).
+
+    A soft mask whose values are all below 0.5 still passes its tail through: the block keeps
+    computing, so its ΔΨ and Taylor scores stay measurable and it can be reactivated. Only a gate
+    that is exactly 0 everywhere empties the block (which also silences the output bias). For hard
+    masks this equals "keeps at least one element", so surgery stays exact.
+    """
+    return torch.stack([(g.mask > 0).any() for g in gates.values()]).all().to(dtype)
 
 
 def _gate_or_identity(names: tuple[str, ...], name: str, size: int) -> nn.Module:

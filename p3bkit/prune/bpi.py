@@ -1,24 +1,26 @@
 """Block Performance Indicator (Appendix A): per block a class head and a patch head.
 
-Each prunable block i gets Ψᶜᵢ (LayerNorm + Linear on the class token, like the ViT head; on
-the mean token for models without one; a second Linear on the distillation token for DeiT
-distilled models) and Ψᵖᵢ (one ResNet basic block on the patch grid + global average pool +
+Each prunable block i gets Ψᶜᵢ (a Linear layer on the class token, as in the paper and the
+authors' code; on the mean token for models without one; a second one on the distillation token
+for DeiT distilled models; `class_head="norm-linear"` puts a LayerNorm in front, like the ViT's
+own head) and Ψᵖᵢ (one ResNet basic block on the patch grid + global average pool +
 Linear). Both see the block's input x_{i−1} and output x_i, detached, so the BPI never trains
 the backbone. ΔΨᵢ = L(Ψᵢ(x_{i−1})) − L(Ψᵢ(x_i)).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock
 
+ClassHead = Literal["linear", "norm-linear"]
 Criterion = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def ce_loss(cls: torch.Tensor, dist: torch.Tensor | None, y: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
-    """Cross entropy on the class logits (the default BPI / model loss)."""
+    """Cross entropy on the class logits (the default BPI / model loss); `y` may be soft (Mixup)."""
     return nn.functional.cross_entropy(cls, y)
 
 
@@ -41,13 +43,21 @@ class PatchHead(nn.Module):
         return self.fc(self.block(grid).mean((2, 3)))
 
 
+def _class_head(kind: ClassHead, dim: int, num_classes: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(dim, num_classes)
+    if kind == "norm-linear":
+        return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+    raise ValueError(f"BPI class head must be 'linear' or 'norm-linear', got {kind!r}")
+
+
 class BlockIndicator(nn.Module):
     """Ψᶜ and Ψᵖ for one block."""
 
-    def __init__(self, dim: int, num_classes: int, distilled: bool) -> None:
+    def __init__(self, dim: int, num_classes: int, distilled: bool, class_head: ClassHead = "linear") -> None:
         super().__init__()
-        self.cls = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
-        self.dist = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes)) if distilled else None
+        self.cls = _class_head(class_head, dim, num_classes)
+        self.dist = _class_head(class_head, dim, num_classes) if distilled else None
         self.patch = PatchHead(dim, num_classes)
 
 
@@ -55,17 +65,17 @@ class BPI(nn.Module):
     """The indicators of all 2·depth blocks and the ΔΨ they measure."""
 
     def __init__(self, dim: int, depth: int, num_classes: int, grid: tuple[int, int],
-                 num_prefix_tokens: int, has_class_token: bool, distilled: bool) -> None:
+                 num_prefix_tokens: int, has_class_token: bool, distilled: bool, class_head: ClassHead = "linear") -> None:
         super().__init__()
         self.grid, self.prefix = grid, num_prefix_tokens
         self.has_class_token, self.distilled = has_class_token, distilled
-        self.heads = nn.ModuleList(BlockIndicator(dim, num_classes, distilled) for _ in range(2 * depth))
+        self.heads = nn.ModuleList(BlockIndicator(dim, num_classes, distilled, class_head) for _ in range(2 * depth))
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> BPI:
+    def for_model(cls, model: nn.Module, class_head: ClassHead = "linear") -> BPI:
         return cls(model.embed_dim, len(model.blocks), model.num_classes, tuple(model.patch_embed.grid_size),
                    model.num_prefix_tokens, getattr(model, "cls_token", None) is not None,
-                   getattr(model, "dist_token", None) is not None)
+                   getattr(model, "dist_token", None) is not None, class_head)
 
     def _logits(self, head: BlockIndicator, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         patches = x[:, self.prefix:]

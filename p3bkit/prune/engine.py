@@ -15,12 +15,14 @@ import torch.nn as nn
 
 from p3bkit.models.cost import block_params
 from p3bkit.models.gates import GatedAttention, GatedViT
-from p3bkit.prune.bpi import BPI, Criterion, StateRecorder, ce_loss
-from p3bkit.prune.budget import ImportanceEMA, allocate_keep_ratios, block_importance, ramp
+from p3bkit.prune.bpi import BPI, ClassHead, Criterion, StateRecorder, ce_loss
+from p3bkit.prune.budget import ImportanceEMA, allocate_keep_ratios, block_importance, block_keep_ratio, ramp
 from p3bkit.prune.masks import GATE_FACTORS, kept_cost_curve, normalised_ranks, soft_mask_values, threshold_count
 from p3bkit.prune.schedule import Schedule
 
 Allocation = Literal["p3b", "uniform", "global-magnitude"]
+BudgetScope = Literal["total", "blocks"]
+EmptyBlocks = Literal["disable", "regrow"]
 
 
 @dataclass
@@ -28,6 +30,7 @@ class P3BConfig:
     """Pruning hyper-parameters; defaults are the paper's Table 5 (epochs set by the trainer)."""
 
     keep: float = 0.5
+    budget: BudgetScope = "total"  # keep is a fraction of all parameters (the paper's), or of block parameters
     update_every: int = 1000
     alpha: float = 0.5
     tau: float = 0.1
@@ -38,6 +41,8 @@ class P3BConfig:
     lr_bpi: float = 5e-4
     weight_decay: float = 0.05
     frozen: bool = False  # Appendix G: model lr 1e-8, so Taylor scores still get gradients
+    empty_blocks: EmptyBlocks = "disable"  # an emptied block stays empty, or may regrow (budget.py)
+    bpi_class_head: ClassHead = "linear"  # the paper's Linear, or LayerNorm + Linear
     allocation: Allocation = "p3b"
     keep_ratios: list[float] | None = None  # handcrafted per-block κ (ablations)
     gate_factors: dict[str, float] = field(default_factory=lambda: dict(GATE_FACTORS))
@@ -46,37 +51,52 @@ class P3BConfig:
 class P3BPruner(nn.Module):
     """Trains a gated ViT while pruning it with P3B."""
 
-    def __init__(self, gated: GatedViT, cfg: P3BConfig, schedule: Schedule, criterion: Criterion = ce_loss) -> None:
+    def __init__(self, gated: GatedViT, cfg: P3BConfig, schedule: Schedule, criterion: Criterion = ce_loss,
+                 lr_scale: float = 1.0) -> None:
+        """`lr_scale` multiplies both learning rates (the DeiT rule: batch size / 512)."""
         super().__init__()
         self.gated, self.cfg, self.schedule, self.criterion = gated, cfg, schedule, criterion
-        self.bpi = BPI.for_model(gated.model)
+        self.bpi = BPI.for_model(gated.model, cfg.bpi_class_head)
         self.branches = [b for _, b in gated.branches()]
         self.full_sizes = torch.tensor([self._params(b, full=True) for b in self.branches], dtype=torch.float64)
+        self.unit_costs = torch.tensor([self._params(b, unit=True) for b in self.branches], dtype=torch.float64)
+        self.total_params = sum(p.numel() for p in gated.model.parameters())
+        self.other_params = self.total_params - float(self.full_sizes.sum())
+        self.block_keep = block_keep_ratio(cfg.keep, float(self.full_sizes.sum()), self.other_params, cfg.budget)
         n = len(self.branches)
         self.register_buffer("delta_c", torch.zeros(n))
         self.register_buffer("delta_p", torch.zeros(n))
         self.register_buffer("delta_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("kappa", torch.ones(n))
+        self.register_buffer("disabled", torch.zeros(n, dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.ema = ImportanceEMA(cfg.ema_momentum)
-        lr_model = 1e-8 if cfg.frozen else cfg.lr_model
-        self.optimizer = torch.optim.AdamW([
-            {"params": [p for p in gated.parameters() if p.requires_grad], "lr": lr_model, "weight_decay": cfg.weight_decay},
-            {"params": list(self.bpi.parameters()), "lr": cfg.lr_bpi, "weight_decay": 0.0},
-        ])
+        self.optimizer = torch.optim.AdamW(self._param_groups(lr_scale))
         for gate in gated.gates.values():
             gate.track = True
         self._fwd = {"model": gated, "bpi": self.bpi}  # DDP wrappers under torchrun (not submodules)
+
+    def _param_groups(self, lr_scale: float) -> list[dict]:
+        """Model (decay on weights only, timm's rule) and BPI groups; the frozen ablation uses lr 1e-8."""
+        from timm.optim import param_groups_weight_decay
+
+        model = self.gated.model
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        lr_model = 1e-8 if self.cfg.frozen else self.cfg.lr_model * lr_scale
+        groups = [dict(g, lr=lr_model) for g in param_groups_weight_decay(model, self.cfg.weight_decay, no_weight_decay_list=skip)]
+        return groups + [{"params": list(self.bpi.parameters()), "lr": self.cfg.lr_bpi * lr_scale, "weight_decay": 0.0}]
 
     def set_forward(self, model: nn.Module, bpi: nn.Module) -> None:
         """Run the model and BPI forward through these (e.g. DistributedDataParallel) wrappers."""
         self._fwd = {"model": model, "bpi": bpi}
 
-    def _params(self, branch: nn.Module, full: bool = False) -> int:
+    def _params(self, branch: nn.Module, full: bool = False, unit: bool = False) -> int:
+        """Kept block parameters; `full`: unpruned; `unit`: one head dim / hidden unit at full width."""
         s = self.gated.spec
         w = branch.widths()
-        if full:
-            w = type(w)(w.kind, s.dim, s.head_dim if w.kind == "attn" else s.mlp_hidden, s.dim)
+        if full or unit:
+            inner = 1 if unit else (s.head_dim if w.kind == "attn" else s.mlp_hidden)
+            w = type(w)(w.kind, s.dim, inner, s.dim)
         bias = (s.qkv_bias, s.proj_bias) if w.kind == "attn" else (s.fc1_bias, s.fc2_bias)
         return int(block_params(w, s.num_heads, *bias))
 
@@ -85,7 +105,12 @@ class P3BPruner(nn.Module):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None,
                    autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """Forward, backward (model + BPI), optimizer step; accumulates ΔΨ and Taylor scores."""
+        """Forward, backward (model + BPI), optimizer step; accumulates ΔΨ and Taylor scores.
+
+        `y` is class indices or, with Mixup/CutMix, soft targets (B, K); the losses take both.
+        Accumulation restarts when warm-up ends, so the first mask update averages pruning-time
+        steps only (the BPI heads are still untrained during warm-up).
+        """
         recorder = StateRecorder(self.gated.model)
         try:
             with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -102,8 +127,17 @@ class P3BPruner(nn.Module):
         self.delta_p += d_p.float()
         self.delta_count += 1
         self.step += 1
-        correct = (cls.argmax(-1) == y).float().mean()
-        return {"loss": loss.item(), "bpi_loss": bpi_loss.item(), "acc": correct.item()}
+        if int(self.step) == self.schedule.warmup_steps:
+            self.reset_accumulators()
+        labels = y.argmax(-1) if y.dim() == 2 else y
+        correct = (cls.argmax(-1) == labels).float().mean()
+        return {"loss": loss.item(), "bpi_loss": bpi_loss.item(), "acc": correct.item(), "soft_targets": y.dim() == 2}
+
+    def reset_accumulators(self) -> None:
+        """Forget ΔΨ and Taylor scores accumulated so far."""
+        self.delta_c.zero_(), self.delta_p.zero_(), self.delta_count.zero_()
+        for gate in self.gated.gates.values():
+            gate.reset_scores()
 
     def due(self) -> bool:
         """A mask update is due after this step (never during warm-up; always on the last step)."""
@@ -113,36 +147,53 @@ class P3BPruner(nn.Module):
         return phase != "warmup" and (step % self.cfg.update_every == 0 or last)
 
     def target_keep_ratios(self) -> torch.Tensor:
-        sizes = self.full_sizes
+        sizes, disabled = self.full_sizes, self.disabled.cpu()
         if self.cfg.keep_ratios is not None:
             return torch.tensor(self.cfg.keep_ratios, dtype=torch.float32)
         if self.cfg.allocation == "uniform":
-            return allocate_keep_ratios(torch.ones(len(sizes)), sizes, self.cfg.keep)
+            return allocate_keep_ratios(torch.ones(len(sizes)), sizes, self.block_keep, disabled)
         if self.cfg.allocation == "global-magnitude":
             return self._global_magnitude_ratios()
         count = self.delta_count.clamp(min=1)
         imp = block_importance((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.kept_sizes(),
-                               self.cfg.alpha, self.cfg.smoothing)
-        return allocate_keep_ratios(self.ema.update(imp.double()), sizes, self.cfg.keep)
+                               self.cfg.alpha, self.cfg.smoothing, self.unit_costs, ~disabled)
+        return allocate_keep_ratios(self.ema.update(imp.double()), sizes, self.block_keep, disabled)
 
     @torch.no_grad()
     def update_masks(self) -> dict:
         """Recompute κ and all soft masks from the accumulators, then reset them."""
         phase, progress, tau = self.schedule.at(int(self.step) - 1)
         tau = 0.0 if int(self.step) >= self.schedule.total else tau
+        if self.cfg.keep_ratios is None:
+            self._disable_empty_blocks()
         target = self.target_keep_ratios()
-        self.kappa.copy_(ramp(target, progress))
+        disabled = self.disabled.cpu() if self.cfg.keep_ratios is None else None
+        self.kappa.copy_(ramp(target, progress, disabled))
+        carry = 0.0  # rounding to whole units is carried to the next block, so the sum meets the budget
         for branch, kappa in zip(self.branches, self.kappa.tolist()):
-            self._update_branch(branch, kappa, tau)
+            carry = self._update_branch(branch, kappa, tau, carry if kappa > 0 else 0.0)
         count = self.delta_count.clamp(min=1)
         record = {"step": int(self.step), "phase": phase, "tau": tau,
                   "delta_c": (self.delta_c / count).tolist(), "delta_p": (self.delta_p / count).tolist(),
-                  "kappa_target": target.tolist(), "kappa": self.kappa.tolist(),
+                  "kappa_target": target.tolist(), "kappa": self.kappa.tolist(), "disabled": self.disabled.tolist(),
                   "kept_params": self.kept_sizes().tolist(), "full_params": self.full_sizes.tolist()}
-        self.delta_c.zero_(), self.delta_p.zero_(), self.delta_count.zero_()
-        for gate in self.gated.gates.values():
-            gate.reset_scores()
+        self.reset_accumulators()
         return record
+
+    def _disable_empty_blocks(self) -> None:
+        """Take emptied blocks out of the allocation for good (budget.py says why).
+
+        A dead block (some gate exactly 0 everywhere) has measured nothing since the last update:
+        no ΔΨ, no Taylor scores, no gradients; regrowing it would pick units by index order, so it
+        is disabled under either policy. With `empty_blocks="disable"` a block whose masks keep no
+        element (all < 0.5) is disabled too, although its soft tail still passes a little signal.
+        """
+        for i, branch in enumerate(self.branches):
+            gates = branch.gates().values()
+            dead = any(not bool((g.mask > 0).any()) for g in gates)
+            empty = branch.widths().empty
+            if dead or (empty and self.cfg.empty_blocks == "disable"):
+                self.disabled[i] = True
 
     def _local_scores(self, branch: nn.Module) -> torch.Tensor:
         """I_cat: Taylor ranks × gate factors (P3B), or raw mean-square magnitudes (global-magnitude)."""
@@ -150,7 +201,8 @@ class P3BPruner(nn.Module):
         if self.cfg.allocation == "global-magnitude":
             mags = branch.magnitudes(mean=True)
             return torch.cat([mags[k].float().cpu() for k in gates])
-        return torch.cat([normalised_ranks(g.scores()) * self.cfg.gate_factors[k] for k, g in gates.items()])
+        return torch.cat([normalised_ranks(g.scores(), g.tiebreak()) * self.cfg.gate_factors[k]
+                          for k, g in gates.items()])
 
     def _cost_curve(self, branch: nn.Module, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(descending order of `scores`, block parameters when keeping the top-k, k = 0..n)."""
@@ -171,7 +223,7 @@ class P3BPruner(nn.Module):
             order, cost = self._cost_curve(b, scores)
             curves.append((scores[order], cost))
         everything = torch.sort(torch.cat([c[0] for c in curves]), descending=True).values
-        budget = self.cfg.keep * float(self.full_sizes.sum())
+        budget = self.block_keep * float(self.full_sizes.sum())
 
         def kept_cost(theta: float) -> list[float]:
             return [float(cost[int((sc >= theta).sum())]) for sc, cost in curves]
@@ -183,20 +235,27 @@ class P3BPruner(nn.Module):
         costs = torch.tensor(kept_cost(float(everything[lo])), dtype=torch.float64)
         return (costs / self.full_sizes).float()
 
-    def _update_branch(self, branch: nn.Module, kappa: float, tau: float) -> None:
+    def _update_branch(self, branch: nn.Module, kappa: float, tau: float, carry: float = 0.0) -> float:
+        """New soft masks for κ·|W| (+ `carry`) kept parameters; returns the shortfall to carry on."""
         gates = branch.gates()
         scores = self._local_scores(branch)
         order, cost = self._cost_curve(branch, scores)
         n = scores.numel()
-        keep_count = threshold_count(cost, kappa * float(cost[-1]))
+        target = kappa * float(cost[-1]) + carry
+        keep_count = threshold_count(cost, target)
         values = torch.empty(n)
         values[order.flip(0)] = soft_mask_values(n, n - keep_count, tau, self.cfg.m_ref)
         for gate, part in zip(gates.values(), values.split([g.size for g in gates.values()])):
             gate.mask.copy_(part.to(gate.mask.device))
+        return target - float(cost[keep_count])
 
     def block_keep_ratio(self) -> float:
         """Kept block parameters (mask ≥ 0.5) over all block parameters."""
         return float(self.kept_sizes().sum() / self.full_sizes.sum())
+
+    def total_keep_ratio(self) -> float:
+        """Kept parameters of the whole model (unprunable ones included) over all its parameters."""
+        return float((self.kept_sizes().sum() + self.other_params) / self.total_params)
 
     def extra_state(self) -> dict:
         return {"ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -18,11 +18,20 @@ from p3bkit.models.cost import BlockWidths, block_params
 GATE_FACTORS: dict[str, float] = {"in": 1.0, "head_dim": 1.0, "out": 1.5, "hidden": 0.75}
 
 
-def normalised_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """(rank+1)/n with rank 0 for the smallest score (stable for ties)."""
+def normalised_ranks(scores: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """(rank+1)/n with rank 0 for the smallest score; equal scores are ordered by `tiebreak`.
+
+    Sorting by the tie-break first and then (stably) by the score gives the lexicographic order,
+    so elements whose Taylor score is exactly 0 (hard-pruned) are ranked by their mask gradient
+    instead of by index.
+    """
     n = scores.numel()
+    idx = torch.arange(n)
+    if tiebreak is not None:
+        idx = torch.argsort(tiebreak.float().cpu(), stable=True)
+    order = idx[torch.argsort(scores.float().cpu()[idx], stable=True)]
     ranks = torch.empty(n, dtype=torch.float32)
-    ranks[torch.argsort(scores.float().cpu(), stable=True)] = torch.arange(n, dtype=torch.float32)
+    ranks[order] = torch.arange(n, dtype=torch.float32)
     return (ranks + 1) / n
 
 

@@ -10,6 +10,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -19,12 +20,17 @@ from p3bkit.train.dist import DistContext
 
 def rng_state() -> dict:
     version, state, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": list(state), "python_version": version, "python_gauss": gauss}
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # timm's Mixup draws from numpy
+    return {"torch": torch.get_rng_state(), "python": list(state), "python_version": version, "python_gauss": gauss,
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
 
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
+    if "numpy" in s:
+        keys, pos, has_gauss, cached = s["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def gather_rng(ctx: DistContext) -> list[dict]:

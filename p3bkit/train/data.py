@@ -41,18 +41,19 @@ class ShiftAugment(Dataset):
         return torch.roll(x, shifts=(dy, dx), dims=(1, 2)), y
 
 
-def load_digits_data(img_size: int = 16, augment: bool = True) -> DataBundle:
+def load_digits_data(img_size: int = 16, augment: bool = True, in_chans: int = 1) -> DataBundle:
+    """The digits split at `img_size`; the gray channel is repeated for `in_chans` = 3 models."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    x = (x - 0.5) / 0.5
+    x = ((x - 0.5) / 0.5).repeat(1, in_chans, 1, 1)
     y = torch.tensor(digits.target, dtype=torch.long)
     tr, va = train_test_split(range(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
     train = TensorDataset(x[tr], y[tr])
-    return DataBundle(ShiftAugment(train) if augment else train, TensorDataset(x[va], y[va]), 10, img_size, 1)
+    return DataBundle(ShiftAugment(train) if augment else train, TensorDataset(x[va], y[va]), 10, img_size, in_chans)
 
 
 def load_synthetic_data(num_classes: int, img_size: int, in_chans: int = 3, n: int = 256) -> DataBundle:
@@ -99,12 +100,15 @@ def load_cifar100(root: Path, img_size: int) -> DataBundle:
     return DataBundle(train, val, 100, img_size, 3)
 
 
-def load_data(name: str, img_size: int | None = None, num_classes: int | None = None, in_chans: int = 3) -> DataBundle:
+def load_data(name: str, img_size: int | None = None, num_classes: int | None = None,
+              in_chans: int | None = None) -> DataBundle:
     """'digits' (default, embedded), 'synthetic', or a path (ImageFolder or CIFAR-100 folder)."""
     if name == "digits":
-        return load_digits_data(img_size or 16)
+        if in_chans not in (None, 1, 3):
+            raise DataError(f"digits are gray images: the model must take 1 or 3 channels, not {in_chans}")
+        return load_digits_data(img_size or 16, in_chans=in_chans or 1)
     if name == "synthetic":
-        return load_synthetic_data(num_classes or 10, img_size or 224, in_chans)
+        return load_synthetic_data(num_classes or 10, img_size or 224, in_chans or 3)
     root = Path(name)
     if not root.is_dir():
         raise DataError(f"data {name!r} is neither 'digits', 'synthetic' nor an existing folder")

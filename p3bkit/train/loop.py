@@ -5,6 +5,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
@@ -16,6 +17,7 @@ from p3bkit.train.dist import DistContext, EpochSampler, all_reduce_sum_
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed % 2**32)  # timm's Mixup/CutMix draw from numpy
     torch.manual_seed(seed)
 
 
@@ -80,7 +82,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip), lr=cfg.lr)
     local = cfg.batch_size // ctx.world
     steps_per_epoch = len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world))
     total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
