@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("-o", "--out", default="benchmarks/results/allocations")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--structures", nargs="+", default=["full", "inner"])
+    ap.add_argument("--structures", nargs="+", default=["inner", "full"])
     ap.add_argument("--epochs", nargs=3, type=int, default=(1, 5, 4))
     ap.add_argument("--update-every", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -42,8 +42,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for key in args.models:
-        for structure in args.structures:
-            for prune in args.rates:
+        for prune in args.rates:
+            for structure in args.structures:
                 t0 = time.time()
                 run_dir = Path("/tmp/p3b-alloc") / f"{key}_{structure}_{prune}"
                 shutil.rmtree(run_dir, ignore_errors=True)
