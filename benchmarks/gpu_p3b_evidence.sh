@@ -23,7 +23,7 @@ ALLOC_EPOCHS=${ALLOC_EPOCHS:-1 5 4}
 done
 timeout $T_ALLOC $PY benchmarks/p3b_allocations.py --device cuda --bf16 --epochs $ALLOC_EPOCHS \
   --update-every ${ALLOC_UPDATE:-5} -o $R/alloc > $R/alloc_log.txt 2>&1
-timeout $T_GPU $PY benchmarks/table7.py --device cuda --backends torch --runs 10 --warmup 3 \
+timeout $T_GPU $PY benchmarks/table7.py --device cuda --backends torch --runs ${GPU_RUNS:-10} --warmup 3 \
   --allocations $R/alloc --machine gpu > $R/table7_gpu_log.txt 2>&1
 cp benchmarks/results/table7_gpu_cuda.json $R/ 2>/dev/null
 wait
