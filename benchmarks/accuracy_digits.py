@@ -43,6 +43,10 @@ METHODS = {
     # investigation variants (not in the default list): BPI convergence and budget smoothing
     "p3b-warmup3": {"structure": "full", "allocation": "p3b", "warmup": 3},
     "p3b-noema": {"structure": "full", "allocation": "p3b", "ema_momentum": 1.0},
+    "p3b-inner-warmup3": {"structure": "inner", "allocation": "p3b", "warmup": 3},
+    "p3b-inner-every20": {"structure": "inner", "allocation": "p3b", "update_every": 20},
+    "p3b-inner-alpha1": {"structure": "inner", "allocation": "p3b", "alpha": 1.0},
+    "p3b-inner-norm-head": {"structure": "inner", "allocation": "p3b", "bpi_class_head": "norm-linear"},
 }
 DEFAULT_METHODS = ["p3b", "p3b-inner", "uniform", "global-magnitude", "frozen"]
 QUICK = RECIPES["quick"]
@@ -50,8 +54,9 @@ QUICK = RECIPES["quick"]
 
 def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> dict:
     m = METHODS[method]
-    cfg = P3BConfig(keep=1 - rate / 100, budget="total", update_every=args.update_every, allocation=m["allocation"],
-                    frozen=m.get("frozen", False), ema_momentum=m.get("ema_momentum", 0.2), lr_model=QUICK.lr,
+    cfg = P3BConfig(keep=1 - rate / 100, budget="total", update_every=m.get("update_every", args.update_every),
+                    allocation=m["allocation"], frozen=m.get("frozen", False), ema_momentum=m.get("ema_momentum", 0.2),
+                    alpha=m.get("alpha", 0.5), bpi_class_head=m.get("bpi_class_head", "linear"), lr_model=QUICK.lr,
                     lr_bpi=QUICK.lr_bpi)
     epochs = (m.get("warmup", args.epochs[0]), *args.epochs[1:])
     job = PruneJob(out=str(work / f"{method}_{rate}_{seed}"), model="digits-vit", checkpoint=str(ckpt),

@@ -27,6 +27,15 @@ PAPER = {  # Table 7: speedup over dense (CPU i9-12900K batch 1; GPU RTX 3090 ba
 }
 PAPER_PARAMS_M = {"deit_s": {0: 22.1, 75: 5.4, 90: 2.2}, "deit_b": {0: 86.6, 75: 21.5, 90: 8.7}}
 DENSE = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
+NAMES = {"full": "P3B", "inner": "P3B-inner"}  # the paper's six gates; head dims + MLP hidden only
+
+
+def variant_name(label: str) -> str:
+    """Row label `inner_90` → `P3B-inner 90%`."""
+    if label == "dense":
+        return "dense"
+    structure, prune = label.rsplit("_", 1)
+    return f"{NAMES.get(structure, structure)} {prune}%"
 
 
 def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -> tuple[dict[str, str], dict[str, int]]:
@@ -84,7 +93,8 @@ def report_md(results_dir: Path) -> None:
         dev = "gpu" if rep["device"] == "cuda" else "cpu"
         m = rep["machine"]
         where = m["gpu"] if dev == "gpu" else f"{m['cpu']}, {m['threads']} threads"
-        lines += [f"\n### {f.stem}: {where}, fp32, batch {'1024' if dev == 'gpu' else '1'}, median of {rep['runs']} runs\n",
+        lines += [f"\n### {f.stem}: {where}, fp32, batch {'1024' if dev == 'gpu' else '1'}, median of {rep['runs']} runs, "
+                  f"budget: {rep.get('budget', 'fractions of block parameters (before the paper budget)')}\n",
                   "| model | variant | backend | params (M) | paper params (M) | median ms | images/s | speedup | "
                   "FLOP ratio | measured/ideal | paper speedup |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -96,11 +106,11 @@ def report_md(results_dir: Path) -> None:
                     ideal = base["flops"] / r["flops"]
                     prune = int(label.split("_")[-1]) if label != "dense" else 0
                     paper = PAPER[key][dev].get(prune)
-                    lines.append(f"| {key} | {label} | {backend} | {r['params'] / 1e6:.2f} | "
+                    lines.append(f"| {key} | {variant_name(label)} | {backend} | {r['params'] / 1e6:.2f} | "
                                  f"{PAPER_PARAMS_M[key][prune]:.1f} | {r['median_ms']:.2f} | {r['images_per_s']:.1f} | "
                                  f"{speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} | {f'{paper:.2f}×' if paper else '1.00×'} |")
                     if label != "dense":
-                        bars.append((f"{key} {label}\n{backend} {dev}", speed, paper))
+                        bars.append((f"{key} {variant_name(label)}\n{backend} {dev}", speed, paper))
     (results_dir / "table7.md").write_text("# Table 7 reproduction\n" + "\n".join(lines) + "\n")
     if bars:
         fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(bars)), 4.5))

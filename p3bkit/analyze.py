@@ -34,6 +34,10 @@ def read_run(run: str | Path) -> dict:
     arch = Path(run) / "pruned" / "arch.json"
     if arch.is_file():
         out["layers"] = json.loads(arch.read_text())["layers"]
+    summary = Path(run) / "summary.json"
+    if summary.is_file():  # both rates: of all parameters (the paper's) and of block parameters
+        s = json.loads(summary.read_text())
+        out["rates"] = {k: s[k] for k in ("budget", "prune_rate_total", "prune_rate_blocks") if k in s}
     return out
 
 
@@ -149,8 +153,12 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
     for name, data in images.items():
         parts.append(f"<h2>{name.replace('_', ' ')}</h2><img src='data:image/png;base64,{data}'>")
     for run in runs:
-        parts.append(f"<h2>{html.escape(run['label'])}</h2><table border=1><tr><th>block</th><th>ΔΨᶜ</th>"
-                     "<th>ΔΨᵖ</th><th>κ</th></tr>")
+        parts.append(f"<h2>{html.escape(run['label'])}</h2>")
+        r = run.get("rates", {})
+        if "prune_rate_total" in r:
+            parts.append(f"<p>pruned {100 * r['prune_rate_total']:.1f}% of all parameters, "
+                         f"{100 * r['prune_rate_blocks']:.1f}% of block parameters (budget: {r.get('budget', '?')})</p>")
+        parts.append("<table border=1><tr><th>block</th><th>ΔΨᶜ</th><th>ΔΨᵖ</th><th>κ</th></tr>")
         for i, (c, p) in enumerate(zip(run["delta_c"], run["delta_p"])):
             kappa = f"{run['kappa'][i]:.6g}" if "kappa" in run else "–"
             parts.append(f"<tr><td>{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}</td><td>{c:.6g}</td><td>{p:.6g}</td>"

@@ -71,8 +71,11 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--bf16/--no-bf16", default=False, show_default=True, help="bf16 autocast.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume/--no-resume", default=False, show_default=True, help="Continue from OUT/checkpoint.pt.")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--resume/--no-resume", default=False, show_default=True,
+              help="Continue from OUT/checkpoint.pt (the settings must match the interrupted run's).")
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (replaces an earlier run's files, keeps others).")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep OUT/checkpoint.pt after a successful run.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder (new or empty).")
 @boundary
 def prune(**kw) -> None:
     """Prune a ViT with P3B and write OUT/pruned (arch.json + model.safetensors)."""
@@ -94,11 +97,11 @@ def prune(**kw) -> None:
                    checkpoint=kw["checkpoint"], data=kw["data"], epochs=r["epochs"], batch_size=r["batch_size"],
                    structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
                    device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
-                   teacher_checkpoint=kw["teacher_checkpoint"], p3b=cfg)
+                   teacher_checkpoint=kw["teacher_checkpoint"], keep_checkpoint=kw["keep_checkpoint"], p3b=cfg)
     click.echo(f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
                f"{r['update_every']} it, batch {r['batch_size']}, model lr {r['lr'] * r['batch_size'] / 512:.2e}, "
                f"budget {kw['budget']} keep {keep:.3f}")
-    s = run_prune(job, resume=kw["resume"])
+    s = run_prune(job, resume=kw["resume"], force=kw["force"])
     click.echo(f"pruned model: {Path(kw['out']) / 'pruned'}")
     click.echo(f"kept {100 * s['total_keep']:.1f}% of all parameters ({s['params_kept']:,} of {s['params_dense']:,}) "
                f"and {100 * s['block_keep_nominal']:.1f}% of block parameters; val top-1 {s['val_acc_pruned']:.2f}%, "
@@ -114,27 +117,29 @@ def prune(**kw) -> None:
 @click.option("--drop-path", type=float, default=0.1, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (keeps files it did not write).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty).")
 @boundary
-def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, out) -> None:
+def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, force, out) -> None:
     """Fine-tune a pruned model (DeiT recipe: AdamW, cosine, label smoothing, Mixup/CutMix, drop path)."""
     from p3bkit.workflows import run_finetune
 
     s = run_finetune(pruned, out, data=data, epochs=epochs, batch_size=batch_size, lr=lr, drop_path=drop_path,
-                     device=device, seed=seed)
+                     device=device, seed=seed, force=force)
     click.echo(f"fine-tuned model: {out} (val top-1 {s['val_acc']:.2f}%)")
 
 
 @main.command()
-@click.option("--keep", type=float, default=0.5, show_default=True)
+@click.option("--keep", type=float, default=0.5, show_default=True, help="Keep ratio of all parameters, (0, 1).")
 @click.option("-o", "--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT that is not an earlier demo's.")
 @boundary
-def demo(keep, out, seed) -> None:
+def demo(keep, out, seed, force) -> None:
     """Train a tiny ViT on digits, prune it with P3B, fine-tune, compare (a few minutes on CPU)."""
     from p3bkit.demo import format_table, run_demo
 
-    click.echo(format_table(run_demo(out, keep=keep, seed=seed)))
+    click.echo(format_table(run_demo(out, keep=keep, seed=seed, force=force)))
     click.echo(f"everything is under {out}")
 
 
@@ -144,14 +149,23 @@ def demo(keep, out, seed) -> None:
 @boundary
 def info(model, as_json) -> None:
     """Parameters, FLOPs and per-block widths of a timm model, preset or pruned folder."""
+    from p3bkit.models.arch import ARCH_FILE, create_stock_model, read_arch
     from p3bkit.models.factory import create_model
-    from p3bkit.models.report import describe
+    from p3bkit.models.report import describe, pruning_rates
 
-    d = describe(create_model(model))
+    net = create_model(model)
+    d = describe(net)
+    if (Path(model) / ARCH_FILE).is_file():  # a pruned folder: rates against its dense source
+        d["rates"] = pruning_rates(net, create_stock_model(read_arch(model).source))
     if as_json:
         click.echo(json.dumps(d, indent=1))
         return
     click.echo(f"{model}: {d['params']:,} parameters, {d['flops'] / 1e9:.3f} GFLOPs (multiply-adds, per image)")
+    if "rates" in d:
+        r = d["rates"]
+        click.echo(f"pruned {100 * r['prune_rate_total']:.1f}% of all parameters ({r['dense_params']:,} → "
+                   f"{r['params']:,}) and {100 * r['prune_rate_blocks']:.1f}% of block parameters "
+                   f"({r['dense_block_params']:,} → {r['block_params']:,})")
     click.echo(f"{'block':>9} {'c_in':>6} {'inner':>6} {'c_out':>6} {'params':>10}")
     for r in d["blocks"]:
         click.echo(f"{r['block']:>9} {r['c_in']:>6} {r['inner']:>6} {r['c_out']:>6} {r['params']:>10,}")

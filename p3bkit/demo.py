@@ -1,7 +1,8 @@
 """`p3bkit demo`: the whole pipeline on the embedded digits set in a few minutes on 2 CPU cores.
 
-Train a dense tiny ViT → prune it with P3B to the requested block-parameter keep ratio →
-fine-tune the dense pruned model → compare accuracy, parameters, FLOPs and CPU latency.
+Train a dense tiny ViT → prune it with P3B to the requested keep ratio of all parameters (the
+paper's budget; the `quick` recipe's learning rates) → fine-tune the dense pruned model → compare
+accuracy, parameters, FLOPs and CPU latency.
 """
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from p3bkit.fileio import write_json_atomic
+from p3bkit.errors import P3BError
+from p3bkit.fileio import check_output_folder, write_json_atomic
 from p3bkit.models import load, save
 from p3bkit.models.factory import create_model
 from p3bkit.models.report import describe
 from p3bkit.prune.engine import P3BConfig
+from p3bkit.prune.recipes import RECIPES
 from p3bkit.train.data import load_data
 from p3bkit.train.loop import FitConfig, evaluate, fit
 from p3bkit.workflows import PruneJob, run_prune
+
+DEMO_FILES = ("dense.safetensors", "prune", "pruned", "summary.json", "table.md")  # what a demo writes
 
 
 @torch.inference_mode()
@@ -37,8 +42,12 @@ def cpu_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], runs: int = 2
 
 
 def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: tuple[int, int, int] = (1, 6, 6),
-             finetune_epochs: int = 20, seed: int = 0, progress: bool = True) -> dict:
+             finetune_epochs: int = 20, seed: int = 0, progress: bool = True, force: bool = False) -> dict:
+    """Run the demo into `out` (new, empty, or an earlier demo's folder; `force` for anything else)."""
+    if not 0 < keep < 1:
+        raise P3BError(f"keep ratio must be in (0, 1), got {keep}")
     out_dir = Path(out)
+    check_output_folder(out_dir, "demo", force=force, allowed=DEMO_FILES)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = load_data("digits")
@@ -47,8 +56,9 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     ckpt = out_dir / "dense.safetensors"
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, ckpt)
     job = PruneJob(out=str(out_dir / "prune"), model="digits-vit", checkpoint=str(ckpt), epochs=prune_epochs,
-                   seed=seed, progress=progress, p3b=P3BConfig(keep=keep, update_every=5, lr_model=5e-4, lr_bpi=5e-4))
-    prune_summary = run_prune(job)
+                   seed=seed, progress=progress,
+                   p3b=P3BConfig(keep=keep, update_every=5, lr_model=RECIPES["quick"].lr, lr_bpi=RECIPES["quick"].lr_bpi))
+    prune_summary = run_prune(job, force=True)  # out/prune is the demo's own run folder
     pruned = load(out_dir / "prune" / "pruned")
     fit(pruned, data, FitConfig(epochs=finetune_epochs, lr=5e-4, warmup_epochs=0, seed=seed, progress=progress),
         desc="finetune")
@@ -60,7 +70,8 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
         rows[name] = {"val_acc": evaluate(model, data.val), "params": d["params"], "flops": d["flops"],
                       "cpu_ms_batch1": cpu_latency_ms(model, shape)}
     rows["pruned"]["val_acc_before_finetune"] = prune_summary["val_acc_pruned"]
-    summary = {"keep": keep, "block_keep_nominal": prune_summary["block_keep_nominal"], "results": rows,
+    summary = {"keep": keep, "budget": prune_summary["budget"], "total_keep": prune_summary["total_keep"],
+               "block_keep_nominal": prune_summary["block_keep_nominal"], "results": rows,
                "seconds": time.time() - t0, "threads": torch.get_num_threads()}
     write_json_atomic(out_dir / "summary.json", summary)
     (out_dir / "table.md").write_text(format_table(summary))
@@ -72,7 +83,8 @@ def format_table(summary: dict) -> str:
     lines = ["| model | top-1 (%) | params | FLOPs | CPU latency, batch 1 (ms) |", "|---|---|---|---|---|"]
     for name, r in (("dense", d), ("P3B pruned + fine-tuned", p)):
         lines.append(f"| {name} | {r['val_acc']:.2f} | {r['params']:,} | {r['flops'] / 1e6:.2f} M | {r['cpu_ms_batch1']:.3f} |")
-    lines.append(f"\nBlock parameters kept: {100 * summary['block_keep_nominal']:.1f}% (target {100 * summary['keep']:.0f}%); "
+    lines.append(f"\nKept {100 * summary['total_keep']:.1f}% of all parameters (target {100 * summary['keep']:.0f}%, the "
+                 f"paper's budget) and {100 * summary['block_keep_nominal']:.1f}% of block parameters; "
                  f"pruned before fine-tune: {p['val_acc_before_finetune']:.2f}%; speedup {d['cpu_ms_batch1'] / p['cpu_ms_batch1']:.2f}×; "
                  f"FLOP ratio {d['flops'] / p['flops']:.2f}×; total {summary['seconds']:.0f} s on {summary['threads']} threads.")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,9 @@ continues from it to the same result), `log.jsonl` (every mask update and epoch)
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,8 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from p3bkit.errors import P3BError
-from p3bkit.fileio import write_json_atomic
+from p3bkit.fileio import check_output_folder, write_json_atomic
 from p3bkit.models import add_gates, save
+from p3bkit.models.arch import ARCH_FILE, WEIGHTS_FILE
 from p3bkit.models.factory import create_model
 from p3bkit.prune.bpi import ce_loss, hard_distillation_loss
 from p3bkit.prune.engine import P3BConfig, P3BPruner
@@ -41,6 +44,12 @@ from p3bkit.train.dist import (
 from p3bkit.train.loop import evaluate, make_loader, seed_everything
 
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT, f".{CHECKPOINT}.tmp", "log.jsonl", "summary.json", "pruned")  # what a prune run writes
+RESUME_FREE = ("out", "progress", "stop_after_epoch", "device", "keep_checkpoint")  # may change on --resume
+
+
+def _notify(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass
@@ -65,6 +74,7 @@ class PruneJob:
     distill_teacher: str | None = None
     teacher_checkpoint: str | None = None
     progress: bool = True
+    keep_checkpoint: bool = False  # a finished run removes checkpoint.pt unless asked to keep it
     stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
     p3b: P3BConfig = field(default_factory=P3BConfig)
 
@@ -99,16 +109,48 @@ def _install_stop_handlers(flag: dict) -> dict:
     return old
 
 
-def run_prune(job: PruneJob, resume: bool = False) -> dict:
+def _check_run_folder(job: PruneJob, out: Path, resume: bool, force: bool) -> bool:
+    """Refuse run folders that would mix runs or lose files; True when a checkpoint will be resumed."""
+    inputs = (job.model,) if Path(job.model).is_dir() else ()
+    if resume and (out / CHECKPOINT).is_file():
+        check_output_folder(out, "prune", inputs, force=True)  # its own run folder: writable, not the input
+        return True
+    if resume and (out / "summary.json").is_file():
+        raise P3BError(f"{out} holds a finished run (summary.json) and no checkpoint: nothing to resume")
+    if resume:
+        _notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
+    check_output_folder(out, "prune", inputs, force=force)
+    return False
+
+
+def _settings(job: PruneJob) -> dict:
+    """The settings a checkpoint must be resumed with, flat and JSON-normalised (tuples → lists)."""
+    d = asdict(job)
+    flat = {k: v for k, v in d.items() if k not in RESUME_FREE and k != "p3b"}
+    flat.update({f"p3b.{k}": v for k, v in d["p3b"].items()})
+    return json.loads(json.dumps(flat))
+
+
+def _clear_own_files(out: Path) -> None:
+    """--force into an earlier run folder: drop that run's files so two runs never mix (nothing else)."""
+    for f in (out / CHECKPOINT, out / "log.jsonl", out / "summary.json", out / "pruned" / ARCH_FILE,
+              out / "pruned" / WEIGHTS_FILE):
+        f.unlink(missing_ok=True)
+
+
+def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
     """Prune with P3B, apply surgery, write the pruned folder; return the summary.
 
-    Runs unchanged under `torchrun` (DDP: --batch-size is the global batch, split over ranks).
+    The run folder must be new or empty (`force`: write into it anyway, replacing an earlier
+    run's own files and keeping everything else); `resume` continues from its checkpoint when the
+    settings match. Runs unchanged under `torchrun` (DDP: --batch-size is the global batch).
     """
     _validate(job)
+    out = Path(job.out)
+    resuming = _check_run_folder(job, out, resume, force)
     ctx = init_distributed(job.device)
     if job.batch_size % ctx.world:
         raise P3BError(f"batch size {job.batch_size} must be divisible by the {ctx.world} ranks")
-    out = Path(job.out)
     seed_everything(job.seed + ctx.rank)
     model = create_model(job.model, pretrained=job.pretrained, checkpoint=job.checkpoint, **job.model_kwargs)
     gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
@@ -133,12 +175,14 @@ def run_prune(job: PruneJob, resume: bool = False) -> dict:
                            DDP(pruner.bpi, find_unused_parameters=True))
     if ctx.main:  # only now: bad models, data or checkpoints leave no folder behind
         out.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            _clear_own_files(out)
     barrier(ctx)
     pos, log_path = (0, 0), out / "log.jsonl"
-    if resume and (out / CHECKPOINT).is_file():
-        pos = _resume(pruner, out / CHECKPOINT, ctx)
-    elif ctx.main and log_path.exists():
-        log_path.unlink()
+    if resuming:
+        pos = _resume(pruner, out / CHECKPOINT, ctx, _settings(job))
+        if ctx.main:
+            _trim_log(log_path, int(pruner.step), pos[0])
     flag: dict = {}
     old = _install_stop_handlers(flag)
     t0 = time.time()
@@ -149,7 +193,7 @@ def run_prune(job: PruneJob, resume: bool = False) -> dict:
             if ctx.main:
                 _append(log_path, {"type": "epoch", "epoch": epoch + 1, "val_acc": acc, "soft_target_steps": soft,
                                    "block_keep": pruner.block_keep_ratio(), "total_keep": pruner.total_keep_ratio()})
-            _save(pruner, out, epoch + 1, 0, ctx)
+            _save(pruner, out, epoch + 1, 0, ctx, _settings(job))
             if job.stop_after_epoch is not None and epoch + 1 >= job.stop_after_epoch and epoch + 1 < sum(job.epochs):
                 return {"stopped_after_epoch": epoch + 1}
     finally:
@@ -184,7 +228,7 @@ def _train_epoch(pruner: P3BPruner, job: PruneJob, data, teacher, epoch: int, st
                 _append(out / "log.jsonl", record)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", keep=f"{pruner.block_keep_ratio():.3f}")
         if _stop_requested(flag, ctx):
-            _save(pruner, out, epoch, i + 1, ctx)
+            _save(pruner, out, epoch, i + 1, ctx, _settings(job))
             raise Interrupted(f"stopped by {flag.get('signal', 'a signal on another rank')} at epoch {epoch + 1}, "
                               f"batch {i + 1}; checkpoint written to {out / CHECKPOINT}, continue with --resume")
     return soft
@@ -209,16 +253,37 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _save(pruner: P3BPruner, out: Path, epoch: int, batch: int, ctx: DistContext) -> None:
+def _save(pruner: P3BPruner, out: Path, epoch: int, batch: int, ctx: DistContext, settings: dict) -> None:
     rng = gather_rng(ctx)
     if ctx.main:
         save_checkpoint(out / CHECKPOINT, {"epoch": epoch, "batch": batch, "pruner": pruner.state_dict(),
-                                           "extra": pruner.extra_state(), "rng": rng, "world": ctx.world})
+                                           "extra": pruner.extra_state(), "rng": rng, "world": ctx.world,
+                                           "settings": json.dumps(settings, sort_keys=True)})
     barrier(ctx)
 
 
-def _resume(pruner: P3BPruner, path: Path, ctx: DistContext) -> tuple[int, int]:
+def _trim_log(path: Path, step: int, epochs_done: int) -> None:
+    """Drop log records written after the checkpoint (a killed run logs steps it will replay)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if (rec.get("type") == "mask_update" and rec["step"] <= step) or \
+                (rec.get("type") == "epoch" and rec["epoch"] <= epochs_done):
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _resume(pruner: P3BPruner, path: Path, ctx: DistContext, settings: dict) -> tuple[int, int]:
     ck = load_checkpoint(path)
+    saved = json.loads(ck["settings"]) if "settings" in ck else None
+    if saved is not None and saved != settings:
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise P3BError(f"{path} was written with other settings ({', '.join(diff)} differ); resume with the same "
+                       "settings, or start over with --force or a new folder")
     try:
         pruner.load_state_dict(ck["pruner"])
         pruner.load_extra_state(ck["extra"])
@@ -255,14 +320,19 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
     if ctx.main:
         save(pruned, out / "pruned")  # save() copies tensors to the CPU; the model stays on its device
         write_json_atomic(out / "summary.json", summary)
+        if not job.keep_checkpoint:  # the run is complete: the checkpoint (often 10–30× the model) goes
+            (out / CHECKPOINT).unlink(missing_ok=True)
     barrier(ctx)
     return summary
 
 
 def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64,
                  lr: float = 5e-4, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
-                 progress: bool = True) -> dict:
-    """Fine-tune a pruned folder with the DeiT recipe (lr = base·batch/512) and save it to `out`."""
+                 progress: bool = True, force: bool = False) -> dict:
+    """Fine-tune a pruned folder with the DeiT recipe (lr = base·batch/512) and save it to `out`.
+
+    `out` must be new or empty (`force`: write into it, keeping other files), never the input.
+    """
     import torch.nn as nn
     from timm.layers import DropPath
 
@@ -270,6 +340,9 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
     from p3bkit.models.pruned import PrunedBranch
     from p3bkit.train.loop import FitConfig, fit
 
+    if epochs < 1 or batch_size < 1:
+        raise P3BError(f"fine-tuning needs epochs ≥ 1 and batch size ≥ 1 (got {epochs} and {batch_size})")
+    check_output_folder(out, "finetune", (pruned,), force=force)
     ctx = init_distributed(device)
     model = load(pruned)
     branches = [m for m in model.modules() if isinstance(m, PrunedBranch)]

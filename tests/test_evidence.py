@@ -18,7 +18,7 @@ def runs(tmp_path_factory):
     out = {}
     for alloc in ("uniform", "global-magnitude"):
         job = PruneJob(out=str(root / alloc), epochs=(0, 1, 1), progress=False,
-                       p3b=P3BConfig(keep=0.4, update_every=5, allocation=alloc))
+                       p3b=P3BConfig(keep=0.4, budget="blocks", update_every=5, allocation=alloc))
         out[alloc] = (root / alloc, run_prune(job))
     return out
 

@@ -145,6 +145,13 @@ def test_cli_paper_recipe_total_budget(tmp_path):
     assert s["budget"] == "total" and s["total_keep"] == pytest.approx(0.3, abs=0.003)
     assert s["prune_rate_blocks"] > s["prune_rate_total"]  # the unprunable parameters count against the budget
     assert s["lr_model"] == pytest.approx(5e-4 * 64 / 512)
+    info = CliRunner().invoke(main, ["info", str(out / "pruned")])
+    assert info.exit_code == 0, info.output
+    assert f"pruned {100 * s['prune_rate_total']:.1f}% of all parameters" in info.output
+    assert f"{100 * s['prune_rate_blocks']:.1f}% of block parameters" in info.output
+    rep = CliRunner().invoke(main, ["analyze", str(out), "-o", str(tmp_path / "report")])
+    assert rep.exit_code == 0, rep.output
+    assert "of all parameters" in (tmp_path / "report" / "index.html").read_text()
 
 
 def _image_folder(root, n_per_class=6, classes=3):

@@ -54,6 +54,10 @@ def test_sigkill_mid_epoch_then_resume_matches(reference, tmp_path):
     res = CliRunner().invoke(main, [*PRUNE, "-o", str(out), "--resume"])
     assert res.exit_code == 0, res.output
     assert _layers(out) == _layers(reference)
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (reference / "log.jsonl").read_text().splitlines()]
+    keys = [(r["type"], r.get("step"), r.get("epoch")) for r in log]
+    assert keys == [(r["type"], r.get("step"), r.get("epoch")) for r in ref]  # replayed steps logged once
 
 
 def test_sigterm_writes_checkpoint_and_resume_matches(reference, tmp_path):

@@ -114,30 +114,38 @@ def create_stock_model(source: ModelSource, pretrained: bool = False) -> nn.Modu
 
 
 def save(model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write `arch.json` + `model.safetensors` atomically (a temp folder renamed into place)."""
+    """Write `arch.json` + `model.safetensors` into `folder`, each file atomically.
+
+    Both files are written to a temp folder beside the target first. A new folder is renamed into
+    place whole; into an existing folder the two files are moved one by one (weights first), and
+    nothing else in it is touched. Files get the usual permissions (rw-r--r-- under umask 022).
+    """
     from safetensors.torch import save_file
+
+    from p3bkit.fileio import set_usual_permissions
 
     arch = getattr(model, "p3b_arch", None)
     if arch is None:
         raise ArchError("model has no pruned architecture: save the output of apply_surgery or load")
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ArchError(f"cannot save a model to {folder}: it exists and is not a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / ARCH_FILE).write_text(json.dumps(arch.to_json(), indent=1))
+        for f in (WEIGHTS_FILE, ARCH_FILE):
+            set_usual_permissions(tmp / f)
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
+            for f in (WEIGHTS_FILE, ARCH_FILE):
+                os.replace(tmp / f, folder / f)
         else:
+            set_usual_permissions(tmp)
             tmp.rename(folder)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

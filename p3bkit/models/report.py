@@ -57,3 +57,15 @@ def describe(model: nn.Module) -> dict:
     return {"params": sum(p.numel() for p in inner.parameters()), "flops": int(blocks_flops + embed_flops + head_flops),
             "block_flops": int(blocks_flops), "num_tokens": num_tokens, "num_heads": heads,
             "full_head_dim": full_attn.inner, "blocks": rows}
+
+
+def pruning_rates(pruned: nn.Module, dense: nn.Module) -> dict:
+    """Both rates a pruned model can be described by: of all parameters and of block parameters.
+
+    The paper's 75% / 90% are fractions of all parameters; `--budget blocks` counts only the
+    Attention/MLP Linear parameters. Both are given wherever p3bkit shows a rate.
+    """
+    p, d = describe(pruned), describe(dense)
+    blocks_p, blocks_d = sum(r["params"] for r in p["blocks"]), sum(r["params"] for r in d["blocks"])
+    return {"params": p["params"], "dense_params": d["params"], "prune_rate_total": 1 - p["params"] / d["params"],
+            "block_params": blocks_p, "dense_block_params": blocks_d, "prune_rate_blocks": 1 - blocks_p / blocks_d}
