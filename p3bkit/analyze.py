@@ -49,6 +49,9 @@ def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_
     from p3bkit.train.data import load_data
     from p3bkit.train.loop import make_loader, seed_everything
 
+    from p3bkit.train.dist import require_device
+
+    require_device(device)
     seed_everything(seed)
     model = create_model(model_ref, checkpoint=checkpoint).to(device).eval().requires_grad_(False)
     bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,

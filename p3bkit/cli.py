@@ -5,6 +5,7 @@ One error boundary: a `P3BError` becomes `error: ...` on stderr and exit code 1.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from functools import wraps
 from pathlib import Path
@@ -16,6 +17,25 @@ from p3bkit.prune.recipes import RECIPES
 
 STRUCTURES = click.Choice(["full", "inner"])
 IO_MODES = click.Choice(["auto", "index", "dense"])
+
+
+class Device(click.ParamType):
+    """cpu, cuda, cuda:N or gpu (= cuda): one spelling for every command."""
+
+    name = "cpu|cuda[:N]|gpu"
+
+    def convert(self, value, param, ctx):
+        v = str(value).lower()
+        if v == "gpu":
+            v = "cuda"
+        if v == "cpu" or v == "cuda" or re.fullmatch(r"cuda:\d+", v):
+            return v
+        self.fail(f"{value!r} is not a device: use cpu, cuda, cuda:N or gpu", param, ctx)
+
+
+DEVICE = Device()
+POSITIVE = click.IntRange(min=1)
+RATE = click.FloatRange(0.0, 1.0)
 
 
 def boundary(fn):
@@ -40,21 +60,23 @@ def main() -> None:
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="timm pretrained weights.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights (.safetensors or torch file).")
 @click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
-@click.option("--keep", type=float, help="Keep ratio (0, 1] of all parameters (--budget total) or of block parameters.")
-@click.option("--prune", "prune_rate", type=float, help="Pruning rate [0, 1) (= 1 − keep), same scope as --keep.")
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True),
+              help="Keep ratio (0, 1] of all parameters (--budget total) or of block parameters.")
+@click.option("--prune", "prune_rate", type=click.FloatRange(0, 1, max_open=True),
+              help="Pruning rate [0, 1) (= 1 − keep), same scope as --keep.")
 @click.option("--budget", type=click.Choice(["total", "blocks"]), default="total", show_default=True,
               help="total: fraction of all parameters (the paper's); blocks: of Attention/MLP Linear parameters only.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default="quick", show_default=True,
               help="paper: Table 5 (3/22/25 epochs, update every 1000 it, lr 5e-4, batch 512); quick: 1/4/4 epochs, "
                    "update every 10 it, base lr 4e-3, batch 64 (small data). Flags below override it.")
-@click.option("--epochs", nargs=3, type=int, help="Warm-up, sparsify, sharpen epochs [recipe].")
-@click.option("--update-every", type=int, help="Iterations between mask updates [recipe].")
-@click.option("--batch-size", type=int, help="Global batch size [recipe].")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="Class vs patch importance balance.")
-@click.option("--tau", type=float, help="Soft-mask sharpness during sparsify [recipe].")
-@click.option("--m-ref", type=float, default=0.9, show_default=True)
-@click.option("--lr", type=float, help="Base model lr at batch 512, scaled by batch/512, constant [recipe].")
-@click.option("--lr-bpi", type=float, help="Base BPI lr at batch 512, scaled by batch/512 [recipe].")
+@click.option("--epochs", nargs=3, type=click.IntRange(min=0), help="Warm-up, sparsify, sharpen epochs [recipe].")
+@click.option("--update-every", type=POSITIVE, help="Iterations between mask updates [recipe].")
+@click.option("--batch-size", type=POSITIVE, help="Global batch size [recipe].")
+@click.option("--alpha", type=RATE, default=0.5, show_default=True, help="Class vs patch importance balance.")
+@click.option("--tau", type=click.FloatRange(min=0), help="Soft-mask sharpness during sparsify [recipe].")
+@click.option("--m-ref", type=click.FloatRange(0.5, 1, min_open=True, max_open=True), default=0.9, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Base model lr at batch 512, scaled by batch/512, constant [recipe].")
+@click.option("--lr-bpi", type=click.FloatRange(min=0, min_open=True), help="Base BPI lr at batch 512, scaled by batch/512 [recipe].")
 @click.option("--allocation", type=click.Choice(["p3b", "uniform", "global-magnitude"]), default="p3b", show_default=True,
               help="p3b: BPI block budgets; uniform: equal κ; global-magnitude: one weight-magnitude threshold.")
 @click.option("--structure", type=STRUCTURES, default="inner", show_default=True,
@@ -63,18 +85,19 @@ def main() -> None:
               help="linear: the paper's class head; norm-linear: LayerNorm + Linear.")
 @click.option("--empty-blocks", type=click.Choice(["disable", "regrow"]), default="disable", show_default=True,
               help="A block emptied at a mask update stays empty (disable) or may be given parameters again.")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Round kept widths up to a multiple.")
+@click.option("--round-to", type=POSITIVE, default=1, show_default=True, help="Round kept widths up to a multiple.")
 @click.option("--io-mode", type=IO_MODES, default="auto", show_default=True)
 @click.option("--frozen/--no-frozen", default=False, show_default=True, help="Frozen ablation (model lr 1e-8).")
 @click.option("--distill-teacher", help="Teacher model for the DeiT hard-distillation loss.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False))
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--bf16/--no-bf16", default=False, show_default=True, help="bf16 autocast.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume/--no-resume", default=False, show_default=True,
               help="Continue from OUT/checkpoint.pt (the settings must match the interrupted run's).")
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT (replaces an earlier run's files, keeps others).")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep OUT/checkpoint.pt after a successful run.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars and per-epoch lines.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder (new or empty).")
 @boundary
 def prune(**kw) -> None:
@@ -97,7 +120,8 @@ def prune(**kw) -> None:
                    checkpoint=kw["checkpoint"], data=kw["data"], epochs=r["epochs"], batch_size=r["batch_size"],
                    structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
                    device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
-                   teacher_checkpoint=kw["teacher_checkpoint"], keep_checkpoint=kw["keep_checkpoint"], p3b=cfg)
+                   teacher_checkpoint=kw["teacher_checkpoint"], keep_checkpoint=kw["keep_checkpoint"],
+                   progress=kw["progress"], p3b=cfg)
     click.echo(f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
                f"{r['update_every']} it, batch {r['batch_size']}, model lr {r['lr'] * r['batch_size'] / 512:.2e}, "
                f"budget {kw['budget']} keep {keep:.3f}")
@@ -111,26 +135,34 @@ def prune(**kw) -> None:
 @main.command()
 @click.argument("pruned", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", default="digits", show_default=True)
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Base lr, scaled by batch/512 (DeiT).")
-@click.option("--drop-path", type=float, default=0.1, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--epochs", type=POSITIVE, default=10, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help="Base lr, scaled by batch/512 (DeiT).")
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT (keeps files it did not write).")
+@click.option("--resume/--no-resume", default=False, show_default=True,
+              help="Continue from OUT/checkpoint.pt (same settings as the interrupted run).")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep OUT/checkpoint.pt after a successful run.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty).")
 @boundary
-def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, force, out) -> None:
+def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, force, resume, keep_checkpoint, progress,
+             out) -> None:
     """Fine-tune a pruned model (DeiT recipe: AdamW, cosine, label smoothing, Mixup/CutMix, drop path)."""
     from p3bkit.workflows import run_finetune
 
     s = run_finetune(pruned, out, data=data, epochs=epochs, batch_size=batch_size, lr=lr, drop_path=drop_path,
-                     device=device, seed=seed, force=force)
+                     device=device, seed=seed, force=force, resume=resume, keep_checkpoint=keep_checkpoint,
+                     progress=progress)
     click.echo(f"fine-tuned model: {out} (val top-1 {s['val_acc']:.2f}%)")
 
 
 @main.command()
-@click.option("--keep", type=float, default=0.5, show_default=True, help="Keep ratio of all parameters, (0, 1).")
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
+              help="Keep ratio of all parameters, (0, 1).")
 @click.option("-o", "--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT that is not an earlier demo's.")
@@ -178,12 +210,12 @@ def info(model, as_json) -> None:
 @click.option("--precision", help="onnx: fp32|fp16; openvino: f32|f16|bf16; trt: fp32|fp16|bf16.")
 @click.option("--fp16", is_flag=True, help="Shorthand for --precision fp16 (onnx, trt).")
 @click.option("--bf16", is_flag=True, help="Shorthand for --precision bf16 (openvino, trt).")
-@click.option("--static-batch", type=int, help="Fixed batch size instead of a dynamic batch axis.")
+@click.option("--static-batch", type=POSITIVE, help="Fixed batch size instead of a dynamic batch axis.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Parity check against PyTorch.")
 @click.option("--write-op", type=click.Choice(["scatter", "gather"]), help="Residual write op (default per format).")
-@click.option("--min-batch", type=int, default=1, show_default=True, help="TensorRT profile.")
-@click.option("--opt-batch", type=int, default=1024, show_default=True, help="TensorRT profile.")
-@click.option("--max-batch", type=int, default=1024, show_default=True, help="TensorRT profile.")
+@click.option("--min-batch", type=POSITIVE, default=1, show_default=True, help="TensorRT profile.")
+@click.option("--opt-batch", type=POSITIVE, default=1024, show_default=True, help="TensorRT profile.")
+@click.option("--max-batch", type=POSITIVE, default=1024, show_default=True, help="TensorRT profile.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read + updated).")
 @boundary
 def export(model, fmt, out, precision, fp16, bf16, static_batch, verify, write_op, min_batch, opt_batch, max_batch,
@@ -220,14 +252,14 @@ def doctor() -> None:
 @click.argument("models", nargs=-1, required=True)
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "openvino", "tensorrt"]),
               help="Default: from the artefact suffix, else torch.")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="cpu: batch 1; gpu: batch 1024 (the paper's protocol).")
-@click.option("--batch", type=int, help="Override the preset batch size.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="cpu: batch 1; cuda (or gpu): batch 1024 (the paper's protocol).")
+@click.option("--batch", type=POSITIVE, help="Override the preset batch size.")
 @click.option("--precision", default="fp32", show_default=True, help="fp32|fp16|bf16 (torch), f32|bf16 (openvino).")
-@click.option("--runs", type=int, default=1000, show_default=True)
-@click.option("--duration", type=float, help="Stop after this many seconds per model.")
-@click.option("--warmup", type=int, default=20, show_default=True)
-@click.option("--threads", type=int, help="Threads to pin (recorded in the JSON).")
+@click.option("--runs", type=POSITIVE, default=1000, show_default=True)
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds per model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--threads", type=POSITIVE, help="Threads to pin (recorded in the JSON).")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile (torch backend).")
 @click.option("--profile", is_flag=True, help="Time per op type (ORT profiler, OpenVINO counters, torch profiler).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write raw latencies + machine info.")
@@ -236,8 +268,7 @@ def bench(models, backend, device, batch, precision, runs, duration, warmup, thr
     """Benchmark MODELS interleaved; speedups are relative to the first (the dense baseline)."""
     from p3bkit.bench import BenchConfig, run_bench
 
-    if runs < 1 or (batch is not None and batch < 1):
-        raise click.UsageError("--runs and --batch must be ≥ 1")
+    device = "cpu" if device == "cpu" else "gpu"
     cfg = BenchConfig(runs=runs, duration=duration, warmup=warmup, threads=threads)
     report = run_bench(list(models), backend, device, batch, precision, cfg, profile, json_out, compile)
     m = report["machine"]
@@ -257,8 +288,8 @@ if __name__ == "__main__":
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--data", default="digits", show_default=True, help="For plain models: data to train the BPI on.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="For a plain model: local weights.")
-@click.option("--steps", type=int, default=200, show_default=True, help="BPI training steps for plain models.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--steps", type=POSITIVE, default=200, show_default=True, help="BPI training steps for plain models.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @boundary
 def analyze(inputs, out, data, checkpoint, steps, device) -> None:
     """Block Performance plots for prune runs (their logs) or plain models (BPI trained on the frozen model)."""

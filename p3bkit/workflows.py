@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +26,11 @@ from p3bkit.prune.engine import P3BConfig, P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.surgery import apply_surgery, check_surgery
 from p3bkit.train.checkpoint import (
+    Interrupted,
     gather_rng,
+    install_stop_handlers,
+    restore_handlers,
+    stop_requested,
     load_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -40,6 +42,7 @@ from p3bkit.train.dist import (
     barrier,
     check_identical,
     init_distributed,
+    require_device,
 )
 from p3bkit.train.loop import evaluate, make_loader, seed_everything
 
@@ -86,27 +89,13 @@ def _validate(job: PruneJob) -> None:
         raise P3BError(f"epochs (warm-up, sparsify, sharpen) = {job.epochs}: need ≥ 0 each and sparsify+sharpen ≥ 1")
     if job.p3b.update_every < 1:
         raise P3BError("mask update frequency must be ≥ 1")
-    if job.device.startswith("cuda") and not torch.cuda.is_available():
-        raise P3BError("--device cuda asked for, but no CUDA GPU is available here")
+    require_device(job.device)
 
 
 def _teacher(job: PruneJob, device: str):
     if job.distill_teacher is None:
         return None
     return create_model(job.distill_teacher, checkpoint=job.teacher_checkpoint).to(device).eval()
-
-
-class Interrupted(P3BError):
-    """SIGTERM/SIGINT during a run: a checkpoint was written, `--resume` continues."""
-
-
-def _install_stop_handlers(flag: dict) -> dict:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        old[sig] = signal.signal(sig, lambda num, frame: flag.update(signal=signal.Signals(num).name))
-    return old
 
 
 def _check_run_folder(job: PruneJob, out: Path, resume: bool, force: bool) -> bool:
@@ -184,7 +173,7 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
         if ctx.main:
             _trim_log(log_path, int(pruner.step), pos[0])
     flag: dict = {}
-    old = _install_stop_handlers(flag)
+    old = install_stop_handlers(flag)
     t0 = time.time()
     try:
         for epoch in range(pos[0], sum(job.epochs)):
@@ -193,12 +182,14 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
             if ctx.main:
                 _append(log_path, {"type": "epoch", "epoch": epoch + 1, "val_acc": acc, "soft_target_steps": soft,
                                    "block_keep": pruner.block_keep_ratio(), "total_keep": pruner.total_keep_ratio()})
+                if job.progress:
+                    _notify(f"epoch {epoch + 1}/{sum(job.epochs)}: val top-1 {acc:.2f}%, keeping "
+                            f"{100 * pruner.total_keep_ratio():.1f}% of all parameters")
             _save(pruner, out, epoch + 1, 0, ctx, _settings(job))
             if job.stop_after_epoch is not None and epoch + 1 >= job.stop_after_epoch and epoch + 1 < sum(job.epochs):
                 return {"stopped_after_epoch": epoch + 1}
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        restore_handlers(old)
     return _finish(job, pruner, data, out, time.time() - t0, ctx)
 
 
@@ -227,17 +218,11 @@ def _train_epoch(pruner: P3BPruner, job: PruneJob, data, teacher, epoch: int, st
                 record.update(type="mask_update", epoch=epoch + 1, **stats, block_keep=pruner.block_keep_ratio())
                 _append(out / "log.jsonl", record)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", keep=f"{pruner.block_keep_ratio():.3f}")
-        if _stop_requested(flag, ctx):
+        if stop_requested(flag, ctx):
             _save(pruner, out, epoch, i + 1, ctx, _settings(job))
             raise Interrupted(f"stopped by {flag.get('signal', 'a signal on another rank')} at epoch {epoch + 1}, "
                               f"batch {i + 1}; checkpoint written to {out / CHECKPOINT}, continue with --resume")
     return soft
-
-
-def _stop_requested(flag: dict, ctx: DistContext) -> bool:
-    stop = torch.tensor([1.0 if flag else 0.0])
-    all_reduce_sum_([stop], ctx)
-    return bool(stop.item() > 0)
 
 
 def _sync_accumulators(pruner: P3BPruner, ctx: DistContext) -> None:
@@ -328,21 +313,29 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
 
 def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64,
                  lr: float = 5e-4, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
-                 progress: bool = True, force: bool = False) -> dict:
+                 progress: bool = True, force: bool = False, resume: bool = False,
+                 keep_checkpoint: bool = False) -> dict:
     """Fine-tune a pruned folder with the DeiT recipe (lr = base·batch/512) and save it to `out`.
 
     `out` must be new or empty (`force`: write into it, keeping other files), never the input.
+    A checkpoint is written to `out` every epoch and on SIGTERM/SIGINT; `resume` continues from it
+    (same settings only) to the same result; a finished run removes it unless `keep_checkpoint`.
     """
     import torch.nn as nn
     from timm.layers import DropPath
 
     from p3bkit.models import load
     from p3bkit.models.pruned import PrunedBranch
-    from p3bkit.train.loop import FitConfig, fit
+    from p3bkit.train.loop import Checkpointing, FitConfig, fit
 
     if epochs < 1 or batch_size < 1:
         raise P3BError(f"fine-tuning needs epochs ≥ 1 and batch size ≥ 1 (got {epochs} and {batch_size})")
-    check_output_folder(out, "finetune", (pruned,), force=force)
+    require_device(device)
+    ck_path = Path(out) / CHECKPOINT
+    resuming = resume and ck_path.is_file()
+    if resume and not resuming:
+        _notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
+    check_output_folder(out, "finetune", (pruned,), force=force or resuming)
     ctx = init_distributed(device)
     model = load(pruned)
     branches = [m for m in model.modules() if isinstance(m, PrunedBranch)]
@@ -353,7 +346,13 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
                        in_chans=model.patch_embed.proj.in_channels)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
                     progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
-    history = fit(model, bundle, cfg, desc="finetune", ctx=ctx)
+    settings = json.loads(json.dumps({"source": str(Path(pruned).resolve()), "data": data, "epochs": epochs,
+                                      "batch_size": batch_size, "lr": lr, "drop_path": drop_path, "seed": seed,
+                                      "world": ctx.world}))
+    if ctx.main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    history = fit(model, bundle, cfg, desc="finetune", ctx=ctx,
+                  checkpointing=Checkpointing(ck_path, resuming, settings))
     for br in branches:
         br.drop_path = nn.Identity()
     summary = {"source": str(pruned), "history": history, "val_acc": history[-1]["val_acc"] if history else None,
@@ -361,5 +360,7 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
     if ctx.main:
         save(model, out)
         write_json_atomic(Path(out) / "finetune.json", summary)
+        if not keep_checkpoint:
+            ck_path.unlink(missing_ok=True)
     barrier(ctx)
     return summary

@@ -4,7 +4,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,8 +44,6 @@ def run_dir(tmp_path_factory):
     (["prune", "--keep", "0.5", "-o", "{run}"], "is not empty"),
     (["prune", "--model", "{run}/pruned", "--keep", "0.5", "--force", "-o", "{run}/pruned/again"], "over its input"),
     (["prune", "--keep", "0.5", "--resume", "-o", "{run}"], "finished run"),
-    (["finetune", "{run}/pruned", "--epochs", "0", "-o", "{run}/../ft0"], "epochs ≥ 1"),
-    (["demo", "--keep", "1.5", "-o", "{run}/../demo"], "keep ratio must be in (0, 1)"),
 ])
 def test_commands_never_touch_what_they_did_not_write(run_dir, args, msg):
     before = _tree(run_dir.parent)
@@ -118,3 +120,94 @@ def test_resume_refuses_other_settings_and_says_when_it_starts_fresh(tmp_path):
     assert res.exit_code == 0, res.output
     assert "no checkpoint.pt" in res.output and "starting from scratch" in res.output
     assert (tmp_path / "fresh" / "pruned" / "arch.json").is_file()
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_finetune_resumes_exactly_after_a_stop(run_dir, tmp_path, sig):
+    import torch
+
+    args = ["finetune", str(run_dir / "pruned"), "--epochs", "4", "--seed", "3"]
+    ref = subprocess.run([sys.executable, "-m", "p3bkit.cli", *args, "-o", str(tmp_path / "ref")],
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "ft"
+    proc = subprocess.Popen([sys.executable, "-m", "p3bkit.cli", *args, "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 1 and "stopped by SIGTERM" in err and "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+    res = _invoke([*args, "--resume", "-o", out])
+    assert res.exit_code == 0, res.output
+    a, b = _weights(out), _weights(tmp_path / "ref")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert not (out / "checkpoint.pt").exists()
+    hist = json.loads((out / "finetune.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def rgb_folder(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("rgb")
+    for split in ("train", "val"):
+        for c in range(10):  # as many classes as the digits preset, so only the channels differ
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (16, 16), (40 * i, 20 * c, 200)).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["prune", "--keep", "0.5", "--batch-size", "0", "-o", "{tmp}/p"], 2, "'--batch-size': 0 is not in the range"),
+    (["prune", "--keep", "0.5", "--round-to", "0", "-o", "{tmp}/p"], 2, "'--round-to'"),
+    (["prune", "--keep", "0.5", "--tau", "-1", "-o", "{tmp}/p"], 2, "'--tau'"),
+    (["prune", "--keep", "0.5", "--alpha", "7", "-o", "{tmp}/p"], 2, "'--alpha'"),
+    (["prune", "--prune", "1", "-o", "{tmp}/p"], 2, "'--prune'"),
+    (["prune", "--keep", "0.5", "--device", "banana", "-o", "{tmp}/p"], 2, "is not a device"),
+    (["prune", "--keep", "0.5", "--device", "gpu", "-o", "{tmp}/p"], 1, "no CUDA GPU"),
+    (["finetune", "{run}/pruned", "--device", "cuda", "-o", "{tmp}/f"], 1, "no CUDA GPU"),
+    (["prune", "--keep", "0.5", "--data", "{rgb}", "-o", "{tmp}/p"], 1, "3-channel images, but the model takes 1"),
+    (["export", "digits-vit", "--format", "onnx", "--static-batch", "-3", "-o", "{tmp}/e"], 2, "'--static-batch'"),
+    (["bench", "digits-vit", "--duration", "-1"], 2, "'--duration'"),
+    (["demo", "--keep", "0", "-o", "{tmp}/d"], 2, "'--keep'"),
+    (["demo", "--keep", "1.5", "-o", "{tmp}/d"], 2, "'--keep'"),
+    (["finetune", "{run}/pruned", "--epochs", "0", "-o", "{tmp}/f"], 2, "'--epochs'"),
+    (["analyze", "digits-vit", "--steps", "0", "-o", "{tmp}/a"], 2, "'--steps'"),
+    (["info", "resnet18"], 1, "not a timm VisionTransformer"),
+    (["info", "vit_small_patch16_18x2_224"], 1, "only timm's standard Block"),
+    (["export", "vit_pwee_patch16_reg1_gap_256", "--format", "onnx", "-o", "{tmp}/e"], 1, "only timm's standard Block"),
+    (["bench", "resnet18", "--runs", "1"], 1, "not a timm VisionTransformer"),
+    (["info", "{run}"], 1, "did you mean"),
+    (["info", "{tmp}/nope/model"], 1, "no such file or folder"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(run_dir, rgb_folder, tmp_path, args, code, msg):
+    import torch
+
+    if any(a in ("gpu", "cuda") for a in args) and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    res = _invoke([a.format(run=run_dir, tmp=tmp_path, rgb=rgb_folder) for a in args])
+    assert res.exit_code == code, res.output
+    assert msg in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even an empty run folder
+
+
+def test_analyze_works_on_a_pruned_folder(run_dir, tmp_path):
+    res = _invoke(["analyze", run_dir / "pruned", "--steps", "4", "-o", tmp_path / "a"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "a" / "block_performance.json").read_text())
+    assert len(data[0]["delta_c"]) == 12

@@ -11,6 +11,8 @@ from p3bkit.errors import ArchError
 from p3bkit.models.arch import ARCH_FILE, ModelSource, create_stock_model, load
 from p3bkit.models.presets import PRESETS
 
+FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".onnx", ".xml", ".plan", ".engine")
+
 
 def resolve_source(name: str, **kwargs) -> ModelSource:
     """A preset name or a timm model name (checked against timm's registry)."""
@@ -51,11 +53,18 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | None = N
 
     `pretrained=True` uses timm's own loader (hub or local cache); no network is needed otherwise.
     """
+    from p3bkit.models.adapter import inspect_vit
+
     if (Path(name) / ARCH_FILE).is_file():
         return load(name)
     if Path(name).is_dir():
-        raise ArchError(f"{name} is a folder but not a pruned model (no {ARCH_FILE})")
+        hint = f"; did you mean {Path(name) / 'pruned'}?" if (Path(name) / "pruned" / ARCH_FILE).is_file() else ""
+        raise ArchError(f"{name} is a folder but not a pruned model (no {ARCH_FILE}){hint}")
+    looks_like_path = ("/" in name and not name.startswith(("hf-hub:", "timm/"))) or Path(name).suffix in FILE_SUFFIXES
+    if looks_like_path and not Path(name).exists():
+        raise ArchError(f"{name}: no such file or folder (nor a preset or timm model name)")
     model = create_stock_model(resolve_source(name, **kwargs), pretrained=pretrained)
+    inspect_vit(model)  # refuse what p3bkit cannot prune, export or measure, before any work
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model

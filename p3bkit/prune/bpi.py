@@ -111,8 +111,10 @@ class StateRecorder:
         self.states: list[torch.Tensor] = []
         self._handles = []
         for blk in model.blocks:
+            # the stream between the branches enters norm2 (timm Block) or the MLP residual (PrunedBlock)
+            mid = blk.norm2 if hasattr(blk, "norm2") else blk.mlp
             self._handles.append(blk.register_forward_pre_hook(self._pre))
-            self._handles.append(blk.norm2.register_forward_pre_hook(self._pre))
+            self._handles.append(mid.register_forward_pre_hook(self._pre))
         self._handles.append(model.blocks[-1].register_forward_hook(self._post))
 
     def _pre(self, module: nn.Module, args: tuple) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,33 @@ import torch
 import torch.distributed as dist
 
 from p3bkit.errors import P3BError
-from p3bkit.train.dist import DistContext
+from p3bkit.train.dist import DistContext, all_reduce_sum_
+
+
+class Interrupted(P3BError):
+    """SIGTERM/SIGINT during a run: a checkpoint was written, `--resume` continues."""
+
+
+def install_stop_handlers(flag: dict) -> dict:
+    """SIGTERM/SIGINT set `flag["signal"]` instead of killing; returns the old handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        old[sig] = signal.signal(sig, lambda num, frame: flag.update(signal=signal.Signals(num).name))
+    return old
+
+
+def restore_handlers(old: dict) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+def stop_requested(flag: dict, ctx: DistContext) -> bool:
+    """True on every rank once any rank got a stop signal (so all ranks checkpoint the same batch)."""
+    stop = torch.tensor([1.0 if flag else 0.0])
+    all_reduce_sum_([stop], ctx)
+    return bool(stop.item() > 0)
 
 
 def rng_state() -> dict:

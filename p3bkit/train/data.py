@@ -102,7 +102,18 @@ def load_cifar100(root: Path, img_size: int) -> DataBundle:
 
 def load_data(name: str, img_size: int | None = None, num_classes: int | None = None,
               in_chans: int | None = None) -> DataBundle:
-    """'digits' (default, embedded), 'synthetic', or a path (ImageFolder or CIFAR-100 folder)."""
+    """'digits' (default, embedded), 'synthetic', or a path (ImageFolder or CIFAR-100 folder).
+
+    Raises:
+        DataError: when the data cannot be read or does not fit the model's input channels.
+    """
+    bundle = _load(name, img_size, num_classes, in_chans)
+    if in_chans is not None and bundle.in_chans != in_chans:
+        raise DataError(f"{name}: {bundle.in_chans}-channel images, but the model takes {in_chans} channel(s)")
+    return bundle
+
+
+def _load(name: str, img_size: int | None, num_classes: int | None, in_chans: int | None) -> DataBundle:
     if name == "digits":
         if in_chans not in (None, 1, 3):
             raise DataError(f"digits are gray images: the model must take 1 or 3 channels, not {in_chans}")

@@ -33,8 +33,17 @@ class DistContext:
         return self.world > 1
 
 
+def require_device(device: str) -> None:
+    """Refuse a CUDA device on a machine without one (before any work), in one sentence."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise P3BError(f"--device {device} asked for, but no CUDA GPU is available here")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise P3BError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def init_distributed(device: str) -> DistContext:
     """Join the torchrun process group when launched by torchrun; a no-op otherwise."""
+    require_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(1, 0, device)
