@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--part", help="write rows to this JSON after every run instead of the results folder")
     ap.add_argument("--merge", nargs="+", help="merge --part files and write the results")
     ap.add_argument("--machine", default="this 2-core CPU", help="recorded with the results")
+    ap.add_argument("--note", help="a remark recorded with merged results (where each part ran)")
     ap.add_argument("--report", action="store_true", help="only rewrite the .md/.png from the .json")
     args = ap.parse_args()
     if args.report:
@@ -148,8 +150,10 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         dense = {s: d for p in parts for s, d in p["dense"].items()}
+        commands = sorted({re.sub(r"--seeds [\d ]+--rates [\d ]+", "--seeds … --rates … ", p["command"]) for p in parts})
         meta = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "dense": [dense[s] for s in sorted(dense)],
-                "seconds": max(p["seconds"] for p in parts), "parts": len(parts), "machine": args.machine}
+                "seconds": max(p["seconds"] for p in parts), "parts": len(parts), "machine": args.machine,
+                "note": args.note, "command": "; ".join(commands) + f" — merged with --merge ({len(parts)} parts)"}
         write_outputs(meta, args.name, write_json=True)
         return
     if args.threads:
@@ -188,8 +192,10 @@ def write_outputs(meta: dict, name: str, write_json: bool = False) -> None:
         (RESULTS / f"{name}.json").write_text(json.dumps(meta, indent=1))
     text = summarize(meta["rows"], meta["dense"])
     how = meta.get("machine", "2 CPU cores")
-    (RESULTS / f"{name}.md").write_text(f"# Accuracy on digits\n\n`{meta['command']}` ({meta['seconds'] / 60:.0f} min, "
-                                        f"{how}; rates are fractions of all parameters, fp32)\n\n" + text)
+    (RESULTS / f"{name}.md").write_text(f"# Accuracy on digits\n\n`{meta['command']}` (longest part "
+                                        f"{meta['seconds'] / 60:.0f} min, "
+                                        f"{how}; rates are fractions of all parameters, fp32)\n\n"
+                                        + (f"{meta['note']}\n\n" if meta.get("note") else "") + text)
     plot(meta["rows"], meta["dense"], RESULTS / f"{name}.png")
     print(text)
 

@@ -130,6 +130,9 @@ def prune(**kw) -> None:
     click.echo(f"kept {100 * s['total_keep']:.1f}% of all parameters ({s['params_kept']:,} of {s['params_dense']:,}) "
                f"and {100 * s['block_keep_nominal']:.1f}% of block parameters; val top-1 {s['val_acc_pruned']:.2f}%, "
                f"surgery max abs diff {s['surgery_max_abs_diff']:.2e}")
+    if s["params_stored"] != s["params_kept"]:
+        click.echo(f"the saved model stores {s['params_stored']:,} parameters ({100 * s['total_keep_stored']:.1f}%): "
+                   "widths rounded up (--round-to) or channel selections folded into full-width weights (--io-mode)")
 
 
 @main.command()
@@ -166,12 +169,14 @@ def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, forc
 @click.option("-o", "--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT that is not an earlier demo's.")
+@click.option("--resume/--no-resume", default=False, show_default=True, help="Continue an interrupted demo in OUT.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 @boundary
-def demo(keep, out, seed, force) -> None:
+def demo(keep, out, seed, force, resume, progress) -> None:
     """Train a tiny ViT on digits, prune it with P3B, fine-tune, compare (a few minutes on CPU)."""
     from p3bkit.demo import format_table, run_demo
 
-    click.echo(format_table(run_demo(out, keep=keep, seed=seed, force=force)))
+    click.echo(format_table(run_demo(out, keep=keep, seed=seed, force=force, resume=resume, progress=progress)))
     click.echo(f"everything is under {out}")
 
 
@@ -232,9 +237,9 @@ def export(model, fmt, out, precision, fp16, bf16, static_batch, verify, write_o
         precision = {"openvino": {"fp16": "f16", "bf16": "bf16"}}.get(fmt, {}).get(precision, precision)
     rec = export_model(model, fmt, out, precision=precision, static_batch=static_batch, verify=verify,
                        write_op=write_op, trt_profile=(min_batch, opt_batch, max_batch), timing_cache=timing_cache)
-    worst = max((s["max_abs_diff"] for b in rec.parity.values() for s in b.values()), default=float("nan"))
-    click.echo(f"wrote {', '.join(str(Path(out) / f) for f in rec.files)} ({rec.precision}, {rec.seconds:.1f} s); "
-               f"max abs diff vs torch {worst:.2e}" + ("" if verify else " (not verified)"))
+    worst = max((s["max_abs_diff"] for b in rec.parity.values() for s in b.values()), default=None)
+    parity = f"max abs diff vs torch {worst:.2e}" if verify and worst is not None else "not verified against torch"
+    click.echo(f"wrote {', '.join(str(Path(out) / f) for f in rec.files)} ({rec.precision}, {rec.seconds:.1f} s); {parity}")
 
 
 @main.command()

@@ -6,6 +6,7 @@ accuracy, parameters, FLOPs and CPU latency.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -15,15 +16,16 @@ from safetensors.torch import save_file
 from p3bkit.errors import P3BError
 from p3bkit.fileio import check_output_folder, write_json_atomic
 from p3bkit.models import load, save
-from p3bkit.models.factory import create_model
+from p3bkit.models.factory import create_model, load_checkpoint
 from p3bkit.models.report import describe
 from p3bkit.prune.engine import P3BConfig
 from p3bkit.prune.recipes import RECIPES
 from p3bkit.train.data import load_data
-from p3bkit.train.loop import FitConfig, evaluate, fit
+from p3bkit.train.loop import Checkpointing, FitConfig, evaluate, fit
 from p3bkit.workflows import PruneJob, run_prune
 
-DEMO_FILES = ("dense.safetensors", "prune", "pruned", "summary.json", "table.md")  # what a demo writes
+DEMO_FILES = ("dense.safetensors", "dense_checkpoint.pt", "finetune_checkpoint.pt", "prune", "pruned", "summary.json",
+              "table.md")  # what a demo writes
 
 
 @torch.inference_mode()
@@ -42,8 +44,13 @@ def cpu_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], runs: int = 2
 
 
 def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: tuple[int, int, int] = (1, 6, 6),
-             finetune_epochs: int = 20, seed: int = 0, progress: bool = True, force: bool = False) -> dict:
-    """Run the demo into `out` (new, empty, or an earlier demo's folder; `force` for anything else)."""
+             finetune_epochs: int = 20, seed: int = 0, progress: bool = True, force: bool = False,
+             resume: bool = False) -> dict:
+    """Run the demo into `out` (new, empty, or an earlier demo's folder; `force` for anything else).
+
+    Every stage checkpoints (each epoch and on SIGTERM/SIGINT); `resume` skips finished stages and
+    continues the interrupted one exactly.
+    """
     if not 0 < keep < 1:
         raise P3BError(f"keep ratio must be in (0, 1), got {keep}")
     out_dir = Path(out)
@@ -51,18 +58,34 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = load_data("digits")
+    settings = {"keep": keep, "dense_epochs": dense_epochs, "prune_epochs": list(prune_epochs),
+                "finetune_epochs": finetune_epochs, "seed": seed}
     dense = create_model("digits-vit")
-    fit(dense, data, FitConfig(epochs=dense_epochs, lr=2e-3, seed=seed, progress=progress), desc="dense")
     ckpt = out_dir / "dense.safetensors"
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, ckpt)
+    if resume and ckpt.is_file():
+        load_checkpoint(dense, ckpt)
+    else:
+        fit(dense, data, FitConfig(epochs=dense_epochs, lr=2e-3, seed=seed, progress=progress), desc="dense",
+            checkpointing=Checkpointing(out_dir / "dense_checkpoint.pt", resume, settings))
+        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, ckpt)
+        (out_dir / "dense_checkpoint.pt").unlink(missing_ok=True)
     job = PruneJob(out=str(out_dir / "prune"), model="digits-vit", checkpoint=str(ckpt), epochs=prune_epochs,
                    seed=seed, progress=progress,
                    p3b=P3BConfig(keep=keep, update_every=5, lr_model=RECIPES["quick"].lr, lr_bpi=RECIPES["quick"].lr_bpi))
-    prune_summary = run_prune(job, force=True)  # out/prune is the demo's own run folder
+    done = out_dir / "prune" / "summary.json"
+    if resume and done.is_file():
+        prune_summary = json.loads(done.read_text())
+    else:  # out/prune is the demo's own run folder
+        prune_summary = run_prune(job, resume=resume, force=True)
     pruned = load(out_dir / "prune" / "pruned")
     fit(pruned, data, FitConfig(epochs=finetune_epochs, lr=5e-4, warmup_epochs=0, seed=seed, progress=progress),
-        desc="finetune")
+        desc="finetune", checkpointing=Checkpointing(out_dir / "finetune_checkpoint.pt", resume, settings))
     save(pruned, out_dir / "pruned")
+    (out_dir / "finetune_checkpoint.pt").unlink(missing_ok=True)
+    return _compare(out_dir, keep, dense, pruned, prune_summary, data, time.time() - t0)
+
+
+def _compare(out_dir: Path, keep: float, dense, pruned, prune_summary: dict, data, seconds: float) -> dict:
     shape = (data.in_chans, data.img_size, data.img_size)
     rows = {}
     for name, model in (("dense", dense), ("pruned", pruned)):
@@ -72,7 +95,7 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     rows["pruned"]["val_acc_before_finetune"] = prune_summary["val_acc_pruned"]
     summary = {"keep": keep, "budget": prune_summary["budget"], "total_keep": prune_summary["total_keep"],
                "block_keep_nominal": prune_summary["block_keep_nominal"], "results": rows,
-               "seconds": time.time() - t0, "threads": torch.get_num_threads()}
+               "seconds": seconds, "threads": torch.get_num_threads()}
     write_json_atomic(out_dir / "summary.json", summary)
     (out_dir / "table.md").write_text(format_table(summary))
     return summary

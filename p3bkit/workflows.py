@@ -98,6 +98,14 @@ def _teacher(job: PruneJob, device: str):
     return create_model(job.distill_teacher, checkpoint=job.teacher_checkpoint).to(device).eval()
 
 
+def _warn_sparse_updates(sched: Schedule, every: int, ctx: DistContext) -> None:
+    """A schedule with a handful of mask updates per phase jumps straight to its targets."""
+    for phase, steps in (("sparsify", sched.sparsify_steps), ("sharpen", sched.sharpen_steps)):
+        if steps and steps // every < 3 and ctx.main:
+            _notify(f"warning: only {steps // every} mask update(s) during {phase} ({steps} iterations, one update "
+                    f"every {every}); lower --update-every (the paper scales it with the data size)")
+
+
 def _check_run_folder(job: PruneJob, out: Path, resume: bool, force: bool) -> bool:
     """Refuse run folders that would mix runs or lose files; True when a checkpoint will be resumed."""
     inputs = (job.model,) if Path(job.model).is_dir() else ()
@@ -155,6 +163,7 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
     if data.mixup is not None and local_batch % 2:
         raise P3BError(f"Mixup/CutMix pair up images: the per-rank batch ({local_batch}) must be even")
     sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
+    _warn_sparse_updates(sched, job.p3b.update_every, ctx)
     pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
                        lr_scale=job.batch_size / 512).to(ctx.device)
     if ctx.active:

@@ -211,3 +211,39 @@ def test_analyze_works_on_a_pruned_folder(run_dir, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "a" / "block_performance.json").read_text())
     assert len(data[0]["delta_c"]) == 12
+
+
+def test_demo_resumes_after_sigterm(tmp_path):
+    from p3bkit.demo import run_demo
+
+    small = dict(dense_epochs=3, prune_epochs=(0, 1, 1), finetune_epochs=3, progress=False)
+    ref = run_demo(str(tmp_path / "ref"), **small)
+    out = tmp_path / "demo"
+    code = f"from p3bkit.demo import run_demo; run_demo({str(out)!r}, **{small!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "dense_checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM" in err
+    got = run_demo(str(out), resume=True, **small)
+    for name in ("dense", "pruned"):
+        for key in ("val_acc", "params", "flops"):
+            assert got["results"][name][key] == ref["results"][name][key]
+    assert got["results"]["pruned"]["val_acc_before_finetune"] == ref["results"]["pruned"]["val_acc_before_finetune"]
+    assert not list(out.glob("*checkpoint.pt"))
+
+
+def test_honest_prune_and_export_messages(tmp_path):
+    res = _invoke(["prune", "--keep", "0.5", "--epochs", "0", "1", "1", "--update-every", "1000", "--round-to", "8",
+                   "--no-progress", "-o", tmp_path / "p"])
+    assert res.exit_code == 0, res.output
+    assert "warning: only 0 mask update(s) during sparsify" in res.output
+    assert "the saved model stores" in res.output and "--round-to" in res.output
+    res = _invoke(["export", "digits-vit", "--format", "onnx", "--no-verify", "-o", tmp_path / "e"])
+    assert res.exit_code == 0, res.output
+    assert "not verified against torch" in res.output and "nan" not in res.output

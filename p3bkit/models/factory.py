@@ -40,7 +40,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe files
-            raise ArchError(f"checkpoint {path} is unreadable or not a weights-only file: {exc}") from exc
+            raise ArchError(f"checkpoint {path} is unreadable or not a weights-only torch file "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from exc
         state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
     try:
         model.load_state_dict(state, strict=True)
