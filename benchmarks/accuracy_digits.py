@@ -31,7 +31,7 @@ from p3bkit.models.report import describe
 from p3bkit.prune.engine import P3BConfig
 from p3bkit.prune.recipes import RECIPES
 from p3bkit.train.data import load_data
-from p3bkit.train.loop import FitConfig, evaluate, fit
+from p3bkit.train.loop import FitConfig, evaluate, fit, seed_everything
 from p3bkit.workflows import PruneJob, run_prune
 
 RESULTS = Path(__file__).parent / "results"
@@ -166,6 +166,7 @@ def main() -> None:
             "rows": [], "settings": vars(args), "machine": args.machine}
     t0 = time.time()
     for seed in args.seeds:
+        seed_everything(seed)  # the dense initialisation is part of the seed
         model = create_model("digits-vit")
         data = load_data("digits")
         fit(model, data, FitConfig(epochs=30, lr=2e-3, seed=seed, progress=False))

@@ -21,7 +21,7 @@ from p3bkit.models.report import describe
 from p3bkit.prune.engine import P3BConfig
 from p3bkit.prune.recipes import RECIPES
 from p3bkit.train.data import load_data
-from p3bkit.train.loop import Checkpointing, FitConfig, evaluate, fit
+from p3bkit.train.loop import Checkpointing, FitConfig, evaluate, fit, seed_everything
 from p3bkit.workflows import PruneJob, run_prune
 
 DEMO_FILES = ("dense.safetensors", "dense_checkpoint.pt", "finetune_checkpoint.pt", "prune", "pruned", "summary.json",
@@ -60,6 +60,7 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     data = load_data("digits")
     settings = {"keep": keep, "dense_epochs": dense_epochs, "prune_epochs": list(prune_epochs),
                 "finetune_epochs": finetune_epochs, "seed": seed}
+    seed_everything(seed)  # the dense model's initialisation too: the demo reproduces run to run
     dense = create_model("digits-vit")
     ckpt = out_dir / "dense.safetensors"
     if resume and ckpt.is_file():
