@@ -93,11 +93,14 @@ def paired(rows: list[dict]) -> str:
     acc = {(r["method"], r["rate"], r["seed"]): r["acc_finetuned"] for r in rows}
     lines = ["Paired per seed, top-1 after fine-tune (points; wins = seeds where the first is higher):\n",
              "| comparison | pruned | mean diff | per seed | wins |", "|---|---|---|---|---|"]
-    for a in ("p3b", "p3b-inner"):
-        for b in ("uniform", "global-magnitude", "p3b" if a == "p3b-inner" else None):
+    variants = sorted({m for (m, _, _) in acc if m.startswith("p3b-") and m != "p3b-inner"})
+    pairs = {"p3b": ("uniform", "global-magnitude"), "p3b-inner": ("uniform", "global-magnitude", "p3b"),
+             **{v: ("global-magnitude", "p3b-inner") for v in variants}}
+    for a, bs in pairs.items():
+        for b in bs:
             for rate in sorted({r["rate"] for r in rows}):
                 seeds = sorted(s for (m, q, s) in acc if m == a and q == rate and (b, rate, s) in acc)
-                if not b or not seeds:
+                if not seeds:
                     continue
                 d = [acc[(a, rate, s)] - acc[(b, rate, s)] for s in seeds]
                 lines.append(f"| {a} − {b} | {rate}% | {statistics.mean(d):+.2f} | "

@@ -56,7 +56,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", default="digits-vit", show_default=True, help="Preset, timm model name or pruned folder.")
+@click.option("--model", default="digits-vit", show_default=True, help="Preset or timm model name (dense).")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="timm pretrained weights.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights (.safetensors or torch file).")
 @click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
@@ -279,6 +279,11 @@ def bench(models, backend, device, batch, precision, runs, duration, warmup, thr
     m = report["machine"]
     click.echo(f"{m['cpu']} ({m['threads']} threads){', ' + m['gpu'] if device == 'gpu' else ''}, {precision}")
     click.echo(report["table"])
+    for w in report["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    if report.get("profile"):
+        click.echo("per-op times: ms per run, summed over every node of that op type (self time; runtimes run nodes "
+                   "in parallel threads and profiling adds overhead, so they can add up to more than the median)")
     for name, ops in report.get("profile", {}).items():
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
         click.echo(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in top))

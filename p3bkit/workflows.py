@@ -83,6 +83,10 @@ class PruneJob:
 
 
 def _validate(job: PruneJob) -> None:
+    if (Path(job.model) / ARCH_FILE).is_file():
+        raise P3BError(f"{job.model} is already pruned; pruning it again is not supported: prune its dense model "
+                       "(the source named in its arch.json, with --checkpoint for fine-tuned weights) to the smaller "
+                       "budget instead")
     if not 0 < job.p3b.keep <= 1:
         raise P3BError(f"keep ratio must be in (0, 1], got {job.p3b.keep}")
     if any(e < 0 for e in job.epochs) or job.epochs[1] + job.epochs[2] == 0:

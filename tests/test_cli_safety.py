@@ -44,6 +44,7 @@ def run_dir(tmp_path_factory):
     (["prune", "--keep", "0.5", "-o", "{run}"], "is not empty"),
     (["prune", "--model", "{run}/pruned", "--keep", "0.5", "--force", "-o", "{run}/pruned/again"], "over its input"),
     (["prune", "--keep", "0.5", "--resume", "-o", "{run}"], "finished run"),
+    (["finetune", "{run}/pruned", "--epochs", "1", "-o", "{run}/.."], "over its input"),
 ])
 def test_commands_never_touch_what_they_did_not_write(run_dir, args, msg):
     before = _tree(run_dir.parent)
@@ -194,6 +195,8 @@ def rgb_folder(tmp_path_factory):
     (["bench", "resnet18", "--runs", "1"], 1, "not a timm VisionTransformer"),
     (["info", "{run}"], 1, "did you mean"),
     (["info", "{tmp}/nope/model"], 1, "no such file or folder"),
+    (["prune", "--model", "{run}/pruned", "--keep", "0.5", "-o", "{tmp}/p"], 1, "pruning it again is not supported"),
+    (["prune", "--keep", "0.01", "-o", "{tmp}/p"], 1, "leaves nothing for the blocks"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(run_dir, rgb_folder, tmp_path, args, code, msg):
     import torch
@@ -213,10 +216,11 @@ def test_analyze_works_on_a_pruned_folder(run_dir, tmp_path):
     assert len(data[0]["delta_c"]) == 12
 
 
-def test_demo_resumes_after_sigterm(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_demo_resumes_after_a_stop(tmp_path, sig):
     from p3bkit.demo import run_demo
 
-    small = dict(dense_epochs=3, prune_epochs=(0, 1, 1), finetune_epochs=3, progress=False)
+    small = dict(dense_epochs=3, prune_epochs=(0, 1, 1), finetune_epochs=2, progress=False)
     ref = run_demo(str(tmp_path / "ref"), **small)
     out = tmp_path / "demo"
     code = f"from p3bkit.demo import run_demo; run_demo({str(out)!r}, **{small!r})"
@@ -227,9 +231,9 @@ def test_demo_resumes_after_sigterm(tmp_path):
         assert time.time() - t0 < 300
         time.sleep(0.05)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "stopped by SIGTERM" in err
+    assert proc.returncode != 0 and (sig == signal.SIGKILL or "stopped by SIGTERM" in err)
     got = run_demo(str(out), resume=True, **small)
     for name in ("dense", "pruned"):
         for key in ("val_acc", "params", "flops"):
@@ -247,3 +251,16 @@ def test_honest_prune_and_export_messages(tmp_path):
     res = _invoke(["export", "digits-vit", "--format", "onnx", "--no-verify", "-o", tmp_path / "e"])
     assert res.exit_code == 0, res.output
     assert "not verified against torch" in res.output and "nan" not in res.output
+
+
+def test_bench_takes_an_export_folder_and_warns_about_mixed_comparisons(tmp_path):
+    res = _invoke(["export", "digits-vit", "--format", "onnx", "-o", tmp_path / "e"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["bench", "digits-vit", str(tmp_path / "e"), "deit_tiny_patch16_224",
+                                    "--runs", "3", "--warmup", "1", "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert [r["backend"] for r in rep["results"]] == ["torch", "onnxruntime", "torch"]
+    assert any("different backends" in w for w in rep["warnings"])
+    assert any("different architectures (deit_tiny_patch16_224, vit_tiny_patch16_224)" in w for w in rep["warnings"])
+    assert "warning: the models run on different backends" in res.output

@@ -4,7 +4,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from p3bkit.bench.harness import PRESETS, BenchConfig, BenchResult, benchmark, compare_table, results_json
+from p3bkit.bench.harness import (
+    PRESETS,
+    BenchConfig,
+    BenchResult,
+    benchmark,
+    compare_table,
+    results_json,
+    timing_warnings,
+)
 from p3bkit.bench.runners import prepare
 from p3bkit.fileio import write_json_atomic
 
@@ -18,6 +26,20 @@ def _flops(ref: str) -> int | None:
     try:
         return describe(create_model(ref))["flops"]
     except Exception:  # an artefact whose source model is not rebuildable here: no FLOP ratio
+        return None
+
+
+def _architecture(ref: str) -> str | None:
+    """The timm architecture behind a model reference (None for artefacts it cannot tell)."""
+    from p3bkit.errors import P3BError
+    from p3bkit.models.arch import ARCH_FILE, read_arch
+    from p3bkit.models.factory import resolve_source
+
+    try:
+        if (Path(ref) / ARCH_FILE).is_file():
+            return read_arch(ref).source.name
+        return resolve_source(ref).name if not Path(ref).exists() else None
+    except P3BError:
         return None
 
 
@@ -35,6 +57,7 @@ def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", 
         r.flops = _flops(p.source or p.name)
     report = results_json(results, cfg, {"device": dev["device"], "precision": precision})
     report["table"] = compare_table(results)
+    report["warnings"] = timing_warnings(results, [_architecture(p.source or p.name) for p in prepared])
     if profile:
         report["profile"] = {p.name: p.profile(min(cfg.runs, 50)) if p.profile else {} for p in prepared}
     if json_out:

@@ -46,9 +46,29 @@ class BenchResult:
 
 def latency_stats(lat_ms: list[float], batch: int) -> dict:
     a = np.asarray(lat_ms, dtype=np.float64)
-    return {"runs": len(a), "median_ms": float(np.median(a)), "mean_ms": float(a.mean()),
+    median = float(np.median(a))
+    # images/s from the median (the number the table's speedups use); the mean-based rate is kept too
+    return {"runs": len(a), "median_ms": median, "mean_ms": float(a.mean()),
             "p90_ms": float(np.percentile(a, 90)), "p99_ms": float(np.percentile(a, 99)),
-            "std_ms": float(a.std()), "images_per_s": float(batch * len(a) / (a.sum() / 1e3))}
+            "std_ms": float(a.std()), "images_per_s": batch / (median / 1e3),
+            "images_per_s_mean": float(batch * len(a) / (a.sum() / 1e3))}
+
+
+NOISY_P90 = 1.5  # p90 above 1.5× the median: something else was competing for the machine
+
+
+def timing_warnings(results: list[BenchResult], archs: list[str | None]) -> list[str]:
+    """What makes a comparison untrustworthy: noisy timings, mixed backends, different models."""
+    out = [f"timing of {r.name} is noisy (p90 {r.stats['p90_ms']:.3f} ms vs median {r.stats['median_ms']:.3f} ms): "
+           "run the benchmark alone, with more --runs" for r in results
+           if r.stats["p90_ms"] > NOISY_P90 * r.stats["median_ms"]]
+    backends = sorted({r.backend for r in results})
+    if len(backends) > 1:
+        out.append(f"the models run on different backends ({', '.join(backends)}): speedups mix model and runtime")
+    names = sorted({a for a in archs if a})
+    if len(names) > 1:
+        out.append(f"the models are different architectures ({', '.join(names)}): speedups are not pruning speedups")
+    return out
 
 
 @contextlib.contextmanager

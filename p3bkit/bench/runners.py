@@ -153,9 +153,27 @@ def prepare_tensorrt(ref: str, batch: int) -> Prepared:
     return Prepared(ref, "tensorrt", lambda: runner.run_device(x), torch.cuda.synchronize, _source_of(ref))
 
 
+def _artefact_in_folder(ref: str, backend: str | None) -> str:
+    folder = Path(ref)
+    if not folder.is_dir() or (folder / "arch.json").is_file():
+        return ref
+    found = [folder / name for name in ("model.onnx", "model.xml", "model.plan") if (folder / name).is_file()]
+    if backend:
+        found = [f for f in found if ARTEFACT_BACKEND.get(f.suffix) == backend]
+    if len(found) == 1:
+        return str(found[0])
+    if not found:
+        raise P3BError(f"{ref} holds no pruned model (arch.json) and no exported model.onnx/.xml/.plan")
+    raise P3BError(f"{ref} holds several exports ({', '.join(f.name for f in found)}): name one, or pass --backend")
+
+
 def prepare(ref: str, backend: str | None, batch: int, device: str, precision: str, threads: int | None,
             workdir: Path | None = None, compile: bool = False) -> Prepared:
-    """Build the runner for `ref` (backend inferred from an artefact's suffix when not given)."""
+    """Build the runner for `ref` (backend inferred from an artefact's suffix when not given).
+
+    An export folder (no arch.json, one exported artefact inside) stands for its artefact.
+    """
+    ref = _artefact_in_folder(ref, backend)
     suffix = Path(ref).suffix
     inferred = ARTEFACT_BACKEND.get(suffix)
     if backend and inferred and backend != inferred:
