@@ -121,7 +121,7 @@ def tampered(pruned_folder, tmp_path_factory):
     (["finetune", "{root}/missing", "-o", "{root}/ft"], 2, "does not exist"),
     (["prune", "--keep", "0.5", "--checkpoint", "{root}/model.pt", "-o", "{root}/p"], 1, "unreadable"),
     (["prune", "--keep", "0.5", "--device", "cuda", "-o", "{root}/p"], 1, "no CUDA GPU"),
-    (["prune", "--keep", "0", "-o", "{root}/p"], 1, "keep ratio must be in (0, 1]"),
+    (["prune", "--keep", "0", "-o", "{root}/p"], 2, "'--keep'"),
     (["prune", "--keep", "0.5", "--resume", "--checkpoint", "{root}/missing.pt", "-o", "{root}/p"], 1, "does not exist"),
     (["export", "digits-vit", "--format", "tflite", "-o", "{root}/x"], 2, "Invalid value"),
 ])
