@@ -155,7 +155,7 @@ def prune(**kw) -> None:
 def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, force, resume, keep_checkpoint, progress,
              out) -> None:
     """Fine-tune a pruned model (DeiT recipe: AdamW, cosine, label smoothing, Mixup/CutMix, drop path)."""
-    from p3bkit.workflows import run_finetune
+    from p3bkit.finetune import run_finetune
 
     s = run_finetune(pruned, out, data=data, epochs=epochs, batch_size=batch_size, lr=lr, drop_path=drop_path,
                      device=device, seed=seed, force=force, resume=resume, keep_checkpoint=keep_checkpoint,

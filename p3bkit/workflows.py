@@ -1,4 +1,4 @@
-"""End-to-end jobs the CLI runs: prune (P3B → surgery → pruned folder) and fine-tune.
+"""The prune job the CLI runs: P3B → surgery → pruned folder (fine-tuning: `p3bkit.finetune`).
 
 A prune run writes into its output folder: `checkpoint.pt` (atomically, every epoch; `resume`
 continues from it to the same result), `log.jsonl` (every mask update and epoch), `pruned/`
@@ -51,7 +51,7 @@ RUN_FILES = (CHECKPOINT, f".{CHECKPOINT}.tmp", "log.jsonl", "summary.json", "pru
 RESUME_FREE = ("out", "progress", "stop_after_epoch", "device", "keep_checkpoint")  # may change on --resume
 
 
-def _notify(message: str) -> None:
+def notify(message: str) -> None:
     print(message, file=sys.stderr)
 
 
@@ -106,7 +106,7 @@ def _warn_sparse_updates(sched: Schedule, every: int, ctx: DistContext) -> None:
     """A schedule with a handful of mask updates per phase jumps straight to its targets."""
     for phase, steps in (("sparsify", sched.sparsify_steps), ("sharpen", sched.sharpen_steps)):
         if steps and steps // every < 3 and ctx.main:
-            _notify(f"warning: only {steps // every} mask update(s) during {phase} ({steps} iterations, one update "
+            notify(f"warning: only {steps // every} mask update(s) during {phase} ({steps} iterations, one update "
                     f"every {every}); lower --update-every (the paper scales it with the data size)")
 
 
@@ -119,7 +119,7 @@ def _check_run_folder(job: PruneJob, out: Path, resume: bool, force: bool) -> bo
     if resume and (out / "summary.json").is_file():
         raise P3BError(f"{out} holds a finished run (summary.json) and no checkpoint: nothing to resume")
     if resume:
-        _notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
+        notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
     check_output_folder(out, "prune", inputs, force=force)
     return False
 
@@ -196,7 +196,7 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
                 _append(log_path, {"type": "epoch", "epoch": epoch + 1, "val_acc": acc, "soft_target_steps": soft,
                                    "block_keep": pruner.block_keep_ratio(), "total_keep": pruner.total_keep_ratio()})
                 if job.progress:
-                    _notify(f"epoch {epoch + 1}/{sum(job.epochs)}: val top-1 {acc:.2f}%, keeping "
+                    notify(f"epoch {epoch + 1}/{sum(job.epochs)}: val top-1 {acc:.2f}%, keeping "
                             f"{100 * pruner.total_keep_ratio():.1f}% of all parameters")
             _save(pruner, out, epoch + 1, 0, ctx, _settings(job))
             if job.stop_after_epoch is not None and epoch + 1 >= job.stop_after_epoch and epoch + 1 < sum(job.epochs):
@@ -320,60 +320,5 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
         write_json_atomic(out / "summary.json", summary)
         if not job.keep_checkpoint:  # the run is complete: the checkpoint (often 10–30× the model) goes
             (out / CHECKPOINT).unlink(missing_ok=True)
-    barrier(ctx)
-    return summary
-
-
-def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64,
-                 lr: float = 5e-4, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
-                 progress: bool = True, force: bool = False, resume: bool = False,
-                 keep_checkpoint: bool = False) -> dict:
-    """Fine-tune a pruned folder with the DeiT recipe (lr = base·batch/512) and save it to `out`.
-
-    `out` must be new or empty (`force`: write into it, keeping other files), never the input.
-    A checkpoint is written to `out` every epoch and on SIGTERM/SIGINT; `resume` continues from it
-    (same settings only) to the same result; a finished run removes it unless `keep_checkpoint`.
-    """
-    import torch.nn as nn
-    from timm.layers import DropPath
-
-    from p3bkit.models import load
-    from p3bkit.models.pruned import PrunedBranch
-    from p3bkit.train.loop import Checkpointing, FitConfig, fit
-
-    if epochs < 1 or batch_size < 1:
-        raise P3BError(f"fine-tuning needs epochs ≥ 1 and batch size ≥ 1 (got {epochs} and {batch_size})")
-    require_device(device)
-    ck_path = Path(out) / CHECKPOINT
-    resuming = resume and ck_path.is_file()
-    if resume and not resuming:
-        _notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
-    check_output_folder(out, "finetune", (pruned,), force=force or resuming)
-    ctx = init_distributed(device)
-    model = load(pruned)
-    branches = [m for m in model.modules() if isinstance(m, PrunedBranch)]
-    for i, br in enumerate(branches):  # stochastic depth, linearly increasing with depth
-        rate = drop_path * i / max(len(branches) - 1, 1)
-        br.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
-    bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
-                       in_chans=model.patch_embed.proj.in_channels)
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
-                    progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
-    settings = json.loads(json.dumps({"source": str(Path(pruned).resolve()), "data": data, "epochs": epochs,
-                                      "batch_size": batch_size, "lr": lr, "drop_path": drop_path, "seed": seed,
-                                      "world": ctx.world}))
-    if ctx.main:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    history = fit(model, bundle, cfg, desc="finetune", ctx=ctx,
-                  checkpointing=Checkpointing(ck_path, resuming, settings))
-    for br in branches:
-        br.drop_path = nn.Identity()
-    summary = {"source": str(pruned), "history": history, "val_acc": history[-1]["val_acc"] if history else None,
-               "world": ctx.world}
-    if ctx.main:
-        save(model, out)
-        write_json_atomic(Path(out) / "finetune.json", summary)
-        if not keep_checkpoint:
-            ck_path.unlink(missing_ok=True)
     barrier(ctx)
     return summary

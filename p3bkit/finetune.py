@@ -1,0 +1,71 @@
+"""The fine-tune job the CLI runs: a pruned folder → the DeiT recipe → a fine-tuned folder.
+
+Like a prune run, it checkpoints every epoch and on SIGTERM/SIGINT, resumes only with the same
+settings, never writes over its input and refuses a non-empty output folder without `--force`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from p3bkit.errors import P3BError
+from p3bkit.fileio import check_output_folder, write_json_atomic
+from p3bkit.models import save
+from p3bkit.train.data import load_data
+from p3bkit.train.dist import barrier, init_distributed, require_device
+from p3bkit.workflows import CHECKPOINT, notify
+
+
+def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64,
+                 lr: float = 5e-4, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
+                 progress: bool = True, force: bool = False, resume: bool = False,
+                 keep_checkpoint: bool = False) -> dict:
+    """Fine-tune a pruned folder with the DeiT recipe (lr = base·batch/512) and save it to `out`.
+
+    `out` must be new or empty (`force`: write into it, keeping other files), never the input.
+    A checkpoint is written to `out` every epoch and on SIGTERM/SIGINT; `resume` continues from it
+    (same settings only) to the same result; a finished run removes it unless `keep_checkpoint`.
+    """
+    import torch.nn as nn
+    from timm.layers import DropPath
+
+    from p3bkit.models import load
+    from p3bkit.models.pruned import PrunedBranch
+    from p3bkit.train.loop import Checkpointing, FitConfig, fit
+
+    if epochs < 1 or batch_size < 1:
+        raise P3BError(f"fine-tuning needs epochs ≥ 1 and batch size ≥ 1 (got {epochs} and {batch_size})")
+    require_device(device)
+    ck_path = Path(out) / CHECKPOINT
+    resuming = resume and ck_path.is_file()
+    if resume and not resuming:
+        notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
+    check_output_folder(out, "finetune", (pruned,), force=force or resuming)
+    ctx = init_distributed(device)
+    model = load(pruned)
+    branches = [m for m in model.modules() if isinstance(m, PrunedBranch)]
+    for i, br in enumerate(branches):  # stochastic depth, linearly increasing with depth
+        rate = drop_path * i / max(len(branches) - 1, 1)
+        br.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
+    bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
+                       in_chans=model.patch_embed.proj.in_channels)
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
+                    progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
+    settings = json.loads(json.dumps({"source": str(Path(pruned).resolve()), "data": data, "epochs": epochs,
+                                      "batch_size": batch_size, "lr": lr, "drop_path": drop_path, "seed": seed,
+                                      "world": ctx.world}))
+    if ctx.main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    history = fit(model, bundle, cfg, desc="finetune", ctx=ctx,
+                  checkpointing=Checkpointing(ck_path, resuming, settings))
+    for br in branches:
+        br.drop_path = nn.Identity()
+    summary = {"source": str(pruned), "history": history, "val_acc": history[-1]["val_acc"] if history else None,
+               "world": ctx.world}
+    if ctx.main:
+        save(model, out)
+        write_json_atomic(Path(out) / "finetune.json", summary)
+        if not keep_checkpoint:
+            ck_path.unlink(missing_ok=True)
+    barrier(ctx)
+    return summary
