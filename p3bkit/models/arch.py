@@ -79,6 +79,9 @@ def apply_arch(model: nn.Module, arch: PrunedArch, spec: ViTSpec | None = None) 
     `spec` skips the structure check, for a model whose blocks already carry gates (surgery).
     """
     spec = spec or inspect_vit(model)
+    if not arch.layers:  # a dense (unpruned) model saved as a folder: the stock blocks stay
+        model.p3b_arch = arch
+        return model
     if len(arch.layers) != spec.depth:
         raise ArchError(f"architecture has {len(arch.layers)} layers but the model has {spec.depth}")
     for i, layer in enumerate(arch.layers):
@@ -124,9 +127,10 @@ def save(model: nn.Module, folder: str | os.PathLike) -> Path:
 
     from p3bkit.fileio import set_usual_permissions
 
-    arch = getattr(model, "p3b_arch", None)
-    if arch is None:
-        raise ArchError("model has no pruned architecture: save the output of apply_surgery or load")
+    arch = getattr(model, "p3b_arch", None) or _dense_arch(model)
+    if arch.source.name not in _timm_names():
+        raise ArchError(f"cannot save a model p3bkit cannot rebuild: {arch.source.name!r} is not a timm model name "
+                        "(build the model with timm.create_model or p3bkit.create_model)")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ArchError(f"cannot save a model to {folder}: it exists and is not a folder")
@@ -138,6 +142,7 @@ def save(model: nn.Module, folder: str | os.PathLike) -> Path:
         (tmp / ARCH_FILE).write_text(json.dumps(arch.to_json(), indent=1))
         for f in (WEIGHTS_FILE, ARCH_FILE):
             set_usual_permissions(tmp / f)
+        _check_rebuilds(model, tmp)  # what cannot be reloaded is never moved into place
         if folder.exists():
             for f in (WEIGHTS_FILE, ARCH_FILE):
                 os.replace(tmp / f, folder / f)
@@ -147,6 +152,51 @@ def save(model: nn.Module, folder: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _timm_names() -> set[str]:
+    import timm
+
+    return set(timm.list_models())
+
+
+def _dense_arch(model: nn.Module) -> PrunedArch:
+    """The architecture file of an unpruned model (no layers: the stock blocks stay)."""
+    import timm
+    import torch
+
+    from p3bkit import __version__
+    from p3bkit.models.source import infer_source
+
+    inspect_vit(model)
+    source = getattr(model, "p3b_source", None) or infer_source(model)
+    return PrunedArch(source=source, layers=[], structure="dense",
+                      versions={"p3bkit": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]})
+
+
+def _check_rebuilds(model: nn.Module, folder: Path) -> None:
+    """Rebuild the model from what was written and compare outputs on a seeded input."""
+    import torch
+
+    rebuilt = load(folder)
+    pe = rebuilt.patch_embed
+    x = torch.randn(1, pe.proj.in_channels, *pe.img_size, generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want, got = model(x.to(device)).float().cpu(), rebuilt(x).float()
+    finally:
+        model.train(was_training)
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
+        diff = (want - got).abs().max().item() if want.shape == got.shape else f"shape {tuple(got.shape)}"
+        raise ArchError(f"the model rebuilt from {ARCH_FILE} ({arch_name(folder)}) does not reproduce the model "
+                        f"being saved (max abs diff {diff}); nothing was written")
+
+
+def arch_name(folder: Path) -> str:
+    return read_arch(folder).source.name
 
 
 def read_arch(folder: str | os.PathLike) -> PrunedArch:
