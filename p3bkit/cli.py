@@ -5,37 +5,18 @@ One error boundary: a `P3BError` becomes `error: ...` on stderr and exit code 1.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from functools import wraps
 from pathlib import Path
 
 import click
 
+from p3bkit.cli_options import DEVICE, POSITIVE, RATE, model_options, parse_model_kwargs
 from p3bkit.errors import P3BError
 from p3bkit.prune.recipes import RECIPES
 
 STRUCTURES = click.Choice(["full", "inner"])
 IO_MODES = click.Choice(["auto", "index", "dense"])
-
-
-class Device(click.ParamType):
-    """cpu, cuda, cuda:N or gpu (= cuda): one spelling for every command."""
-
-    name = "cpu|cuda[:N]|gpu"
-
-    def convert(self, value, param, ctx):
-        v = str(value).lower()
-        if v == "gpu":
-            v = "cuda"
-        if v == "cpu" or v == "cuda" or re.fullmatch(r"cuda:\d+", v):
-            return v
-        self.fail(f"{value!r} is not a device: use cpu, cuda, cuda:N or gpu", param, ctx)
-
-
-DEVICE = Device()
-POSITIVE = click.IntRange(min=1)
-RATE = click.FloatRange(0.0, 1.0)
 
 
 def boundary(fn):
@@ -56,9 +37,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", default="digits-vit", show_default=True, help="Preset or timm model name (dense).")
-@click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="timm pretrained weights.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights (.safetensors or torch file).")
+@click.option("--model", default="digits-vit", show_default=True,
+              help="Preset, timm model name or a dense model folder (from p3bkit train).")
+@model_options
 @click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
 @click.option("--keep", type=click.FloatRange(0, 1, min_open=True),
               help="Keep ratio (0, 1] of all parameters (--budget total) or of block parameters.")
@@ -116,7 +97,8 @@ def prune(**kw) -> None:
     cfg = P3BConfig(keep=keep, budget=kw["budget"], update_every=r["update_every"], alpha=kw["alpha"], tau=r["tau"],
                     m_ref=kw["m_ref"], lr_model=r["lr"], lr_bpi=r["lr_bpi"], frozen=kw["frozen"],
                     allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"])
-    job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], pretrained=kw["pretrained"],
+    job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], model_kwargs=parse_model_kwargs(kw),
+                   pretrained=kw["pretrained"], pretrained_file=kw["pretrained_file"],
                    checkpoint=kw["checkpoint"], data=kw["data"], epochs=r["epochs"], batch_size=r["batch_size"],
                    structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
                    device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
@@ -161,6 +143,34 @@ def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, forc
                      device=device, seed=seed, force=force, resume=resume, keep_checkpoint=keep_checkpoint,
                      progress=progress)
     click.echo(f"fine-tuned model: {out} (val top-1 {s['val_acc']:.2f}%)")
+
+
+@main.command()
+@click.option("--model", required=True, help="Preset or timm model name.")
+@model_options
+@click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
+@click.option("--epochs", type=POSITIVE, default=10, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help="Base lr, scaled by batch/512 (DeiT).")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (keeps files it did not write).")
+@click.option("--resume/--no-resume", default=False, show_default=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep OUT/checkpoint.pt after a successful run.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty).")
+@boundary
+def train(**kw) -> None:
+    """Train a dense model on your data (e.g. a pretrained DeiT on your classes) before pruning it."""
+    from p3bkit.finetune import run_train
+
+    s = run_train(kw["model"], kw["out"], data=kw["data"], epochs=kw["epochs"], batch_size=kw["batch_size"],
+                  lr=kw["lr"], model_kwargs=parse_model_kwargs(kw), pretrained=kw["pretrained"],
+                  pretrained_file=kw["pretrained_file"], checkpoint=kw["checkpoint"], device=kw["device"],
+                  seed=kw["seed"], progress=kw["progress"], force=kw["force"], resume=kw["resume"],
+                  keep_checkpoint=kw["keep_checkpoint"])
+    click.echo(f"trained model: {kw['out']} (val top-1 {s['val_acc']:.2f}%); prune it with --model {kw['out']}")
 
 
 @main.command()

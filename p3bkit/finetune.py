@@ -1,4 +1,5 @@
-"""The fine-tune job the CLI runs: a pruned folder → the DeiT recipe → a fine-tuned folder.
+"""The training jobs the CLI runs besides pruning: `finetune` (a pruned folder → the DeiT recipe →
+a fine-tuned folder) and `train` (a dense model, e.g. a pretrained DeiT on your classes → a folder).
 
 Like a prune run, it checkpoints every epoch and on SIGTERM/SIGINT, resumes only with the same
 settings, never writes over its input and refuses a non-empty output folder without `--force`.
@@ -65,6 +66,48 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
     if ctx.main:
         save(model, out)
         write_json_atomic(Path(out) / "finetune.json", summary)
+        if not keep_checkpoint:
+            ck_path.unlink(missing_ok=True)
+    barrier(ctx)
+    return summary
+
+
+def run_train(model: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64, lr: float = 5e-4,
+              model_kwargs: dict | None = None, pretrained: bool = False, pretrained_file: str | None = None,
+              checkpoint: str | None = None, device: str = "cpu", seed: int = 0, progress: bool = True,
+              force: bool = False, resume: bool = False, keep_checkpoint: bool = False) -> dict:
+    """Train or fine-tune a dense model (e.g. an ImageNet DeiT on your classes) into a model folder.
+
+    The folder is a dense `arch.json` + `model.safetensors` that `p3bkit prune --model` takes.
+    Same output rules, checkpoints and resume as `run_finetune`.
+    """
+    from p3bkit.train.loop import Checkpointing, FitConfig, fit, seed_everything
+    from p3bkit.workflows import build_model
+
+    require_device(device)
+    ck_path = Path(out) / CHECKPOINT
+    resuming = resume and ck_path.is_file()
+    if resume and not resuming:
+        notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
+    check_output_folder(out, "train", tuple(p for p in (model, data) if Path(p).is_dir()), force=force or resuming)
+    ctx = init_distributed(device)
+    seed_everything(seed)  # the initialisation of whatever is not loaded (e.g. a new classifier)
+    net = build_model(model, pretrained, pretrained_file, checkpoint, model_kwargs or {}, ctx.main)
+    bundle = load_data(data, img_size=net.patch_embed.img_size[0], num_classes=net.num_classes,
+                       in_chans=net.patch_embed.proj.in_channels)
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
+                    progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
+    settings = json.loads(json.dumps({"model": model, "kwargs": model_kwargs or {}, "pretrained": pretrained,
+                                      "pretrained_file": pretrained_file, "checkpoint": checkpoint, "data": data,
+                                      "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                      "world": ctx.world}))
+    if ctx.main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    history = fit(net, bundle, cfg, desc="train", ctx=ctx, checkpointing=Checkpointing(ck_path, resuming, settings))
+    summary = {"model": model, "history": history, "val_acc": history[-1]["val_acc"], "world": ctx.world}
+    if ctx.main:
+        save(net, out)
+        write_json_atomic(Path(out) / "train.json", summary)
         if not keep_checkpoint:
             ck_path.unlink(missing_ok=True)
     barrier(ctx)

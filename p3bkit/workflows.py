@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from p3bkit.errors import P3BError
 from p3bkit.fileio import check_output_folder, write_json_atomic
 from p3bkit.models import add_gates, save
-from p3bkit.models.arch import ARCH_FILE, WEIGHTS_FILE
+from p3bkit.models.arch import ARCH_FILE, WEIGHTS_FILE, read_arch
 from p3bkit.models.factory import create_model
 from p3bkit.prune.bpi import ce_loss, hard_distillation_loss
 from p3bkit.prune.engine import P3BConfig, P3BPruner
@@ -64,6 +64,7 @@ class PruneJob:
     model: str = "digits-vit"
     model_kwargs: dict = field(default_factory=dict)  # timm constructor arguments (img_size, num_classes, …)
     pretrained: bool = False
+    pretrained_file: str | None = None  # local weights through timm's loader (classifier re-initialised if needed)
     checkpoint: str | None = None
     data: str = "digits"
     epochs: tuple[int, int, int] = (1, 4, 4)  # warm-up, sparsify, sharpen
@@ -82,8 +83,21 @@ class PruneJob:
     p3b: P3BConfig = field(default_factory=P3BConfig)
 
 
+def build_model(name: str, pretrained: bool, pretrained_file: str | None, checkpoint: str | None, kwargs: dict,
+                say: bool = True):
+    """create_model, saying when a pretrained classifier was dropped for another class count."""
+    if (Path(name) / ARCH_FILE).is_file() and kwargs:
+        raise P3BError(f"{name} is a saved model: its constructor arguments are fixed ({', '.join(kwargs)} given)")
+    model = create_model(name, pretrained=pretrained, checkpoint=checkpoint, pretrained_file=pretrained_file, **kwargs)
+    rows = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    if say and pretrained_file and rows and rows != model.num_classes:
+        notify(f"note: {pretrained_file} has a {rows}-class classifier; the model's {model.num_classes}-class "
+               "classifier starts from random weights (everything else is loaded)")
+    return model
+
+
 def _validate(job: PruneJob) -> None:
-    if (Path(job.model) / ARCH_FILE).is_file():
+    if (Path(job.model) / ARCH_FILE).is_file() and read_arch(job.model).layers:
         raise P3BError(f"{job.model} is already pruned; pruning it again is not supported: prune its dense model "
                        "(the source named in its arch.json, with --checkpoint for fine-tuned weights) to the smaller "
                        "budget instead")
@@ -153,7 +167,7 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
     if job.batch_size % ctx.world:
         raise P3BError(f"batch size {job.batch_size} must be divisible by the {ctx.world} ranks")
     seed_everything(job.seed + ctx.rank)
-    model = create_model(job.model, pretrained=job.pretrained, checkpoint=job.checkpoint, **job.model_kwargs)
+    model = build_model(job.model, job.pretrained, job.pretrained_file, job.checkpoint, job.model_kwargs, ctx.main)
     gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
     data = load_data(job.data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
                      in_chans=model.patch_embed.proj.in_channels)

@@ -52,4 +52,20 @@ def pruned_folder(tmp_path_factory):
     return out / "pruned"
 
 
-__all__ = ["p3bkit", "tiny_model", "random_masks", "CONFIGS"]
+def digit_image_folder(root, n_per_class=6, classes=3):
+    """An ImageFolder (train/ and val/) of real digit images as 32×32 RGB PNGs."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for split in ("train", "val"):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            imgs = digits.images[digits.target == c][: n_per_class]
+            for i, im in enumerate(imgs):
+                arr = (im * 15).astype("uint8").repeat(4, 0).repeat(4, 1)
+                Image.fromarray(arr).convert("RGB").save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+__all__ = ["p3bkit", "tiny_model", "random_masks", "digit_image_folder", "CONFIGS"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
-from conftest import tiny_model
+from conftest import digit_image_folder, tiny_model
 
 import p3bkit
 from p3bkit.cli import main
@@ -154,25 +154,10 @@ def test_cli_paper_recipe_total_budget(tmp_path):
     assert "of all parameters" in (tmp_path / "report" / "index.html").read_text()
 
 
-def _image_folder(root, n_per_class=6, classes=3):
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for split in ("train", "val"):
-        for c in range(classes):
-            (root / split / f"c{c}").mkdir(parents=True)
-            imgs = digits.images[digits.target == c][: n_per_class]
-            for i, im in enumerate(imgs):
-                arr = (im * 15).astype("uint8").repeat(4, 0).repeat(4, 1)
-                Image.fromarray(arr).convert("RGB").save(root / split / f"c{c}" / f"{i}.png")
-    return root
-
-
 def test_mixup_is_applied_while_pruning_an_image_folder(tmp_path):
     from p3bkit.workflows import PruneJob, run_prune
 
-    data = _image_folder(tmp_path / "data")
+    data = digit_image_folder(tmp_path / "data", classes=3)
     kw = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 3}
     job = PruneJob(out=str(tmp_path / "run"), model="vit_tiny_patch16_224", model_kwargs=kw, data=str(data),
                    epochs=(0, 1, 1), batch_size=4, progress=False, p3b=P3BConfig(keep=0.6, update_every=2))

@@ -58,3 +58,71 @@ def test_what_cannot_be_rebuilt_is_never_written(tmp_path):
     with pytest.raises(ArchError, match="does not reproduce"):
         p3bkit.save(odd, tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
+
+
+KW = json.dumps(SMALL)
+
+
+@pytest.fixture(scope="module")
+def imagenet_like(tmp_path_factory):
+    """A '1000-class pretrained' small ViT weights file and a 10-class ImageFolder of digits."""
+    from conftest import digit_image_folder
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("user")
+    torch.manual_seed(0)
+    src = timm.create_model("vit_tiny_patch16_224", **SMALL)  # 1000 classes, like an ImageNet checkpoint
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, root / "in1k.safetensors")
+    return root, src, digit_image_folder(root / "data", n_per_class=4, classes=10)
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from p3bkit.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_prune_a_pretrained_model_on_your_classes_in_one_command(imagenet_like, tmp_path):
+    root, src, data = imagenet_like
+    res = _cli(["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs", KW, "--num-classes", "10",
+                "--pretrained-file", root / "in1k.safetensors", "--data", data, "--keep", "0.6", "--frozen",
+                "--epochs", "0", "1", "1", "--batch-size", "8", "--update-every", "2", "--no-progress",
+                "-o", tmp_path / "run"])
+    assert res.exit_code == 0, res.output
+    assert "has a 1000-class classifier; the model's 10-class classifier starts from random weights" in res.output
+    pruned = p3bkit.load(tmp_path / "run" / "pruned")
+    assert pruned.num_classes == 10
+    # everything but the classifier came from the file (the frozen ablation barely moves the weights)
+    assert torch.allclose(pruned.patch_embed.proj.weight, src.patch_embed.proj.weight, atol=1e-4)
+    assert torch.allclose(pruned.pos_embed, src.pos_embed, atol=1e-4)
+
+
+def test_train_then_prune_your_own_model(imagenet_like, tmp_path):
+    root, _, data = imagenet_like
+    res = _cli(["train", "--model", "vit_tiny_patch16_224", "--model-kwargs", KW, "--num-classes", "10",
+                "--pretrained-file", root / "in1k.safetensors", "--data", data, "--epochs", "1", "--batch-size", "8",
+                "--no-progress", "-o", tmp_path / "dense"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "dense" / "arch.json").read_text())["structure"] == "dense"
+    res = _cli(["prune", "--model", tmp_path / "dense", "--data", data, "--keep", "0.6", "--epochs", "0", "1", "1",
+                "--batch-size", "8", "--update-every", "2", "--no-progress", "-o", tmp_path / "run"])
+    assert res.exit_code == 0, res.output
+    assert p3bkit.load(tmp_path / "run" / "pruned")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["--model-kwargs", '{"nope": 1}'], 1, "unknown timm VisionTransformer argument(s) nope"),
+    (["--model-kwargs", "{not json"], 2, "not valid JSON"),
+    (["--model-kwargs", "[1, 2]"], 2, "must be a JSON object"),
+    (["--pretrained-file", "{root}/missing.safetensors"], 1, "does not exist"),
+    (["--num-classes", "0"], 2, "'--num-classes'"),
+])
+def test_model_options_refuse_bad_values(imagenet_like, tmp_path, args, code, msg):
+    root, _, _ = imagenet_like
+    res = _cli(["prune", "--model", "vit_tiny_patch16_224", "--keep", "0.5",
+                *[a.replace("{root}", str(root)) for a in args], "-o", tmp_path / "p"])
+    assert res.exit_code == code, res.output
+    assert msg in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "p").exists()

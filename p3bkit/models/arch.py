@@ -104,14 +104,19 @@ def _check_ranges(i: int, layer: dict, spec) -> None:
                 raise ArchError(f"layer {i} {kind}.{key}: indices must be distinct, in [0, {limits[key]}), non-empty")
 
 
-def create_stock_model(source: ModelSource, pretrained: bool = False) -> nn.Module:
-    """timm.create_model(source.name, pretrained, **source.kwargs), tagged with its source."""
+def create_stock_model(source: ModelSource, pretrained: bool = False, overlay: dict | None = None) -> nn.Module:
+    """timm.create_model(source.name, pretrained, **source.kwargs), tagged with its source.
+
+    `overlay` is timm's `pretrained_cfg_overlay` (e.g. a local weights `file`).
+    """
     import timm
 
+    extra = {"pretrained_cfg_overlay": overlay} if overlay else {}
     try:
-        model = timm.create_model(source.name, pretrained=pretrained, **source.kwargs)
-    except RuntimeError as exc:
-        raise ArchError(f"cannot create timm model {source.name!r}: {exc}") from exc
+        model = timm.create_model(source.name, pretrained=pretrained, **source.kwargs, **extra)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ArchError(f"cannot create timm model {source.name!r}: {first}") from exc
     model.p3b_source = source
     return model
 

@@ -14,10 +14,24 @@ from p3bkit.models.presets import PRESETS
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".onnx", ".xml", ".plan", ".engine")
 
 
+def check_model_kwargs(kwargs: dict) -> None:
+    """Refuse constructor arguments timm's VisionTransformer does not take (typos, other families)."""
+    import inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    known = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ArchError(f"unknown timm VisionTransformer argument(s) {', '.join(unknown)} (it takes e.g. img_size, "
+                        "num_classes, drop_path_rate, global_pool, reg_tokens, init_values)")
+
+
 def resolve_source(name: str, **kwargs) -> ModelSource:
     """A preset name or a timm model name (checked against timm's registry)."""
     import timm
 
+    check_model_kwargs(kwargs)
     if name in PRESETS:
         base = PRESETS[name]
         return ModelSource(base.name, {**base.kwargs, **kwargs})
@@ -49,10 +63,38 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         raise ArchError(f"checkpoint {path} does not fit the model: {str(exc).splitlines()[0][:300]}") from exc
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint: str | None = None, **kwargs) -> nn.Module:
-    """Build a model from a pruned folder, a preset or a timm name (+ optional local checkpoint).
+def _classifier_rows(path: Path) -> int | None:
+    """Rows of `head.weight` in a weights file (the class count it was trained for), if present."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
 
-    `pretrained=True` uses timm's own loader (hub or local cache); no network is needed otherwise.
+            with safe_open(str(path), "pt") as f:
+                return f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, unsafe or foreign files raise many types
+        raise ArchError(f"pretrained file {path} is unreadable ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else {}
+    head = state.get("head.weight") if isinstance(state, dict) else None
+    return int(head.shape[0]) if head is not None else None
+
+
+def pretrained_overlay(pretrained_file: str | os.PathLike) -> dict:
+    """timm's `pretrained_cfg_overlay` for a local weights file (its own class count included)."""
+    path = Path(pretrained_file)
+    if not path.is_file():
+        raise ArchError(f"pretrained file {path} does not exist")
+    rows = _classifier_rows(path)
+    return {"file": str(path), **({"num_classes": rows} if rows else {})}
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: str | None = None,
+                 pretrained_file: str | None = None, **kwargs) -> nn.Module:
+    """Build a model from a pruned folder, a preset or a timm name (+ optional local weights).
+
+    `pretrained=True` uses timm's own loader (hub or local cache); `pretrained_file` loads a local
+    file through the same loader (position embeddings resampled; a classifier for another class
+    count is dropped and re-initialised); `checkpoint` loads a state dict strictly.
     """
     from p3bkit.models.adapter import inspect_vit
 
@@ -64,7 +106,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | None = N
     looks_like_path = ("/" in name and not name.startswith(("hf-hub:", "timm/"))) or Path(name).suffix in FILE_SUFFIXES
     if looks_like_path and not Path(name).exists():
         raise ArchError(f"{name}: no such file or folder (nor a preset or timm model name)")
-    model = create_stock_model(resolve_source(name, **kwargs), pretrained=pretrained)
+    overlay = pretrained_overlay(pretrained_file) if pretrained_file else None
+    model = create_stock_model(resolve_source(name, **kwargs), pretrained=pretrained or overlay is not None,
+                               overlay=overlay)
     inspect_vit(model)  # refuse what p3bkit cannot prune, export or measure, before any work
     if checkpoint:
         load_checkpoint(model, checkpoint)
