@@ -17,6 +17,16 @@ from p3bkit.train.dist import barrier, init_distributed, require_device
 from p3bkit.workflows import CHECKPOINT, notify
 
 
+def _start(out: str, command: str, inputs: tuple, force: bool, resume: bool) -> tuple[Path, bool]:
+    """Check the output folder; (checkpoint path, whether a checkpoint will be resumed)."""
+    ck_path = Path(out) / CHECKPOINT
+    resuming = resume and ck_path.is_file()
+    if resume and not resuming:
+        notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
+    check_output_folder(out, command, inputs, force=force or resuming)
+    return ck_path, resuming
+
+
 def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64,
                  lr: float = 5e-4, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
                  progress: bool = True, force: bool = False, resume: bool = False,
@@ -37,11 +47,7 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
     if epochs < 1 or batch_size < 1:
         raise P3BError(f"fine-tuning needs epochs ≥ 1 and batch size ≥ 1 (got {epochs} and {batch_size})")
     require_device(device)
-    ck_path = Path(out) / CHECKPOINT
-    resuming = resume and ck_path.is_file()
-    if resume and not resuming:
-        notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
-    check_output_folder(out, "finetune", (pruned,), force=force or resuming)
+    ck_path, resuming = _start(out, "finetune", (pruned,), force, resume)
     ctx = init_distributed(device)
     model = load(pruned)
     branches = [m for m in model.modules() if isinstance(m, PrunedBranch)]
@@ -63,13 +69,7 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
         br.drop_path = nn.Identity()
     summary = {"source": str(pruned), "history": history, "val_acc": history[-1]["val_acc"] if history else None,
                "world": ctx.world}
-    if ctx.main:
-        save(model, out)
-        write_json_atomic(Path(out) / "finetune.json", summary)
-        if not keep_checkpoint:
-            ck_path.unlink(missing_ok=True)
-    barrier(ctx)
-    return summary
+    return _write(model, out, "finetune.json", summary, keep_checkpoint, ctx)
 
 
 def run_train(model: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64, lr: float = 5e-4,
@@ -85,11 +85,7 @@ def run_train(model: str, out: str, data: str = "digits", epochs: int = 10, batc
     from p3bkit.workflows import build_model
 
     require_device(device)
-    ck_path = Path(out) / CHECKPOINT
-    resuming = resume and ck_path.is_file()
-    if resume and not resuming:
-        notify(f"note: no {CHECKPOINT} in {out}: starting from scratch")
-    check_output_folder(out, "train", tuple(p for p in (model, data) if Path(p).is_dir()), force=force or resuming)
+    ck_path, resuming = _start(out, "train", tuple(p for p in (model, data) if Path(p).is_dir()), force, resume)
     ctx = init_distributed(device)
     seed_everything(seed)  # the initialisation of whatever is not loaded (e.g. a new classifier)
     net = build_model(model, pretrained, pretrained_file, checkpoint, model_kwargs or {}, ctx.main)
@@ -105,10 +101,15 @@ def run_train(model: str, out: str, data: str = "digits", epochs: int = 10, batc
         Path(out).mkdir(parents=True, exist_ok=True)
     history = fit(net, bundle, cfg, desc="train", ctx=ctx, checkpointing=Checkpointing(ck_path, resuming, settings))
     summary = {"model": model, "history": history, "val_acc": history[-1]["val_acc"], "world": ctx.world}
+    return _write(net, out, "train.json", summary, keep_checkpoint, ctx)
+
+
+def _write(model, out: str, record: str, summary: dict, keep_checkpoint: bool, ctx) -> dict:
+    """Save the model folder and its JSON record (rank 0), then drop the checkpoint unless kept."""
     if ctx.main:
-        save(net, out)
-        write_json_atomic(Path(out) / "train.json", summary)
+        save(model, out)
+        write_json_atomic(Path(out) / record, summary)
         if not keep_checkpoint:
-            ck_path.unlink(missing_ok=True)
+            (Path(out) / CHECKPOINT).unlink(missing_ok=True)
     barrier(ctx)
     return summary
