@@ -5,29 +5,15 @@ One error boundary: a `P3BError` becomes `error: ...` on stderr and exit code 1.
 from __future__ import annotations
 
 import json
-import sys
-from functools import wraps
 from pathlib import Path
 
 import click
 
-from p3bkit.cli_options import DEVICE, POSITIVE, RATE, model_options, parse_model_kwargs
-from p3bkit.errors import P3BError
+from p3bkit.cli_options import DEVICE, POSITIVE, RATE, boundary, model_options, parse_model_kwargs
 from p3bkit.prune.recipes import RECIPES
 
 STRUCTURES = click.Choice(["full", "inner"])
 IO_MODES = click.Choice(["auto", "index", "dense"])
-
-
-def boundary(fn):
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except P3BError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-    return wrapper
 
 
 @click.group()
@@ -146,34 +132,6 @@ def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, forc
 
 
 @main.command()
-@click.option("--model", required=True, help="Preset or timm model name.")
-@model_options
-@click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
-@click.option("--epochs", type=POSITIVE, default=10, show_default=True)
-@click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
-              help="Base lr, scaled by batch/512 (DeiT).")
-@click.option("--device", type=DEVICE, default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Write into a non-empty OUT (keeps files it did not write).")
-@click.option("--resume/--no-resume", default=False, show_default=True, help="Continue from OUT/checkpoint.pt.")
-@click.option("--keep-checkpoint", is_flag=True, help="Keep OUT/checkpoint.pt after a successful run.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty).")
-@boundary
-def train(**kw) -> None:
-    """Train a dense model on your data (e.g. a pretrained DeiT on your classes) before pruning it."""
-    from p3bkit.finetune import run_train
-
-    s = run_train(kw["model"], kw["out"], data=kw["data"], epochs=kw["epochs"], batch_size=kw["batch_size"],
-                  lr=kw["lr"], model_kwargs=parse_model_kwargs(kw), pretrained=kw["pretrained"],
-                  pretrained_file=kw["pretrained_file"], checkpoint=kw["checkpoint"], device=kw["device"],
-                  seed=kw["seed"], progress=kw["progress"], force=kw["force"], resume=kw["resume"],
-                  keep_checkpoint=kw["keep_checkpoint"])
-    click.echo(f"trained model: {kw['out']} (val top-1 {s['val_acc']:.2f}%); prune it with --model {kw['out']}")
-
-
-@main.command()
 @click.option("--keep", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
               help="Keep ratio of all parameters, (0, 1).")
 @click.option("-o", "--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
@@ -232,9 +190,10 @@ def info(model, as_json) -> None:
 @click.option("--opt-batch", type=POSITIVE, default=1024, show_default=True, help="TensorRT profile.")
 @click.option("--max-batch", type=POSITIVE, default=1024, show_default=True, help="TensorRT profile.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read + updated).")
+@click.option("--eval-data", help="Also measure top-1 of the artefact on this data's validation split (stored in the record).")
 @boundary
 def export(model, fmt, out, precision, fp16, bf16, static_batch, verify, write_op, min_batch, opt_batch, max_batch,
-           timing_cache) -> None:
+           timing_cache, eval_data) -> None:
     """Export MODEL (pruned folder, timm name or preset) and verify it against PyTorch."""
     from p3bkit.exporters import export_model
 
@@ -250,6 +209,11 @@ def export(model, fmt, out, precision, fp16, bf16, static_batch, verify, write_o
     worst = max((s["max_abs_diff"] for b in rec.parity.values() for s in b.values()), default=None)
     parity = f"max abs diff vs torch {worst:.2e}" if verify and worst is not None else "not verified against torch"
     click.echo(f"wrote {', '.join(str(Path(out) / f) for f in rec.files)} ({rec.precision}, {rec.seconds:.1f} s); {parity}")
+    if eval_data:
+        from p3bkit.evaluate import record_accuracy
+
+        acc = record_accuracy(Path(out) / rec.files[0], eval_data)
+        click.echo(f"top-1 {acc['top1']:.2f}% on {acc['images']} validation images of {eval_data} (in the record)")
 
 
 @main.command()
@@ -299,8 +263,6 @@ def bench(models, backend, device, batch, precision, runs, duration, warmup, thr
         click.echo(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in top))
 
 
-if __name__ == "__main__":
-    main()
 
 
 @main.command()
@@ -318,3 +280,16 @@ def analyze(inputs, out, data, checkpoint, steps, device) -> None:
     runs = [read_run(i) if (Path(i) / "log.jsonl").is_file() else
             measure_model(i, data=data, steps=steps, checkpoint=checkpoint, device=device) for i in inputs]
     click.echo(f"wrote {write_report(runs, out)}")
+
+
+def _register_user_commands() -> None:
+    from p3bkit.cli_user import eval_, train
+
+    main.add_command(train)
+    main.add_command(eval_)
+
+
+_register_user_commands()
+
+if __name__ == "__main__":
+    main()

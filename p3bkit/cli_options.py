@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from functools import wraps
 
 import click
+
+from p3bkit.errors import P3BError
 
 
 class Device(click.ParamType):
@@ -60,3 +64,14 @@ def parse_model_kwargs(kw: dict) -> dict:
         if kw.get(key) is not None:
             extra[key] = kw[key]
     return extra
+
+
+def boundary(fn):
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except P3BError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+    return wrapper

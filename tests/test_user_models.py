@@ -126,3 +126,32 @@ def test_model_options_refuse_bad_values(imagenet_like, tmp_path, args, code, ms
     assert res.exit_code == code, res.output
     assert msg in res.output and "Traceback" not in res.output
     assert not (tmp_path / "p").exists()
+
+
+def test_eval_measures_the_deployed_artefact_through_its_runtime(pruned_folder, tmp_path):
+    res = _cli(["eval", pruned_folder, "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    ref = json.loads(res.output)
+    assert ref["backend"] == "torch" and ref["images"] == 360 and 0 <= ref["top1"] <= ref["top5"] <= 100
+    res = _cli(["export", pruned_folder, "--format", "onnx", "--eval-data", "digits", "-o", tmp_path / "onnx"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "onnx" / "model.onnx.json").read_text())
+    assert record["accuracy"]["top1"] == pytest.approx(ref["top1"]) and record["accuracy"]["backend"] == "onnxruntime"
+    assert _cli(["export", pruned_folder, "--format", "openvino", "-o", tmp_path / "ov"]).exit_code == 0
+    for artefact in (tmp_path / "onnx", tmp_path / "ov" / "model.xml"):
+        res = _cli(["eval", artefact, "--json", "--no-progress"])
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.output)
+        assert got["top1"] == pytest.approx(ref["top1"]) and got["top5"] == pytest.approx(ref["top5"])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["eval", "resnet18"], "not a timm VisionTransformer"),
+    (["eval", "digits-vit", "--backend", "onnxruntime"], "export digits-vit first"),
+    (["eval", "digits-vit", "--data", "{data}"], "3-channel images, but the model takes 1"),
+])
+def test_eval_bad_inputs(imagenet_like, args, msg):
+    _, _, data = imagenet_like
+    res = _cli([a.replace("{data}", str(data)) for a in args])
+    assert res.exit_code == 1, res.output
+    assert msg in res.output and "Traceback" not in res.output

@@ -1,0 +1,110 @@
+"""`p3bkit eval`: top-1 / top-5 of what you deploy, on your validation images, through its runtime.
+
+A model reference is a pruned or dense model folder, a preset or timm name (run in torch), an
+exported artefact (`.onnx` → onnxruntime, `.xml` → OpenVINO, `.plan` → TensorRT) or an export
+folder holding one. The validation split is read at the artefact's own input size and channels.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from p3bkit.errors import BackendUnavailable, P3BError
+
+ARTEFACT_BACKEND = {".onnx": "onnxruntime", ".xml": "openvino", ".plan": "tensorrt", ".engine": "tensorrt"}
+Runner = Callable[[torch.Tensor], np.ndarray]
+
+
+def _resolve(ref: str) -> str:
+    folder = Path(ref)
+    if folder.is_dir() and not (folder / "arch.json").is_file():
+        found = [folder / n for n in ("model.onnx", "model.xml", "model.plan") if (folder / n).is_file()]
+        if len(found) != 1:
+            raise P3BError(f"{ref}: expected a model folder (arch.json) or one exported model.onnx/.xml/.plan, "
+                           f"found {len(found)}")
+        return str(found[0])
+    return ref
+
+
+def _torch_runner(ref: str, device: str) -> tuple[Runner, tuple[int, int, int]]:
+    from p3bkit.models.factory import create_model
+    from p3bkit.train.loop import logits_of
+
+    model = create_model(ref).to(device).eval()
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> np.ndarray:
+        return logits_of(model(x.to(device))).float().cpu().numpy()
+
+    return run, (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+
+
+def _artefact_runner(path: str, backend: str, threads: int | None) -> tuple[Runner, tuple[int, int, int]]:
+    from p3bkit.exporters.runtimes import ort_runner, ov_runner
+
+    if backend == "tensorrt":
+        from p3bkit.exporters.tensorrt import TrtRunner
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("TensorRT engines run on a CUDA GPU; none is visible here")
+        trt = TrtRunner(path)
+        shape = tuple(trt.engine.get_tensor_shape(trt.input))[1:]
+        return (lambda x: np.asarray(next(iter(trt(x.numpy().astype(np.float32)).values())))), shape
+    record = Path(f"{path}.json")
+    if not record.is_file():
+        raise P3BError(f"{path}: no export record ({record.name}) next to it; export with p3bkit export")
+    rec = json.loads(record.read_text())
+    shape = tuple(int(d) for d in rec["input_shape"][1:])
+    half = rec.get("precision") in ("fp16",)
+    run = ort_runner(path, threads) if backend == "onnxruntime" else ov_runner(path, rec.get("precision", "f32"), threads)
+
+    def call(x: torch.Tensor) -> np.ndarray:
+        arr = x.numpy().astype(np.float16 if half else np.float32)
+        return np.asarray(next(iter(run(arr).values())), dtype=np.float32)
+
+    return call, shape
+
+
+def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 64, threads: int | None = None,
+             device: str = "cpu", progress: bool = True) -> dict:
+    """Top-1 (and top-5 with ≥ 5 classes) in percent on the validation split of `data`."""
+    from p3bkit.train.data import load_data
+    from p3bkit.train.loop import make_loader
+
+    ref = _resolve(ref)
+    inferred = ARTEFACT_BACKEND.get(Path(ref).suffix)
+    if backend and inferred and backend != inferred:
+        raise P3BError(f"{ref} is a {Path(ref).suffix} artefact, which {backend} cannot run (use {inferred})")
+    backend = backend or inferred or "torch"
+    if backend != "torch" and not inferred:
+        raise P3BError(f"--backend {backend} runs exported artefacts: export {ref} first (p3bkit export)")
+    run, (c, h, w) = _torch_runner(ref, device) if backend == "torch" else _artefact_runner(ref, backend, threads)
+    num_classes = run(torch.zeros(1, c, h, w)).shape[-1]
+    val = load_data(data, img_size=h, num_classes=num_classes, in_chans=c).val
+    hits = np.zeros(2, dtype=np.int64)
+    total = 0
+    for x, y in tqdm(make_loader(val, batch_size, shuffle=False), desc=f"eval {backend}", disable=not progress,
+                     leave=False):
+        logits = run(x)
+        top = np.argsort(-logits, axis=-1)[:, :5]
+        hits += [(top[:, 0] == y.numpy()).sum(), (top == y.numpy()[:, None]).any(-1).sum()]
+        total += len(y)
+    out = {"model": ref, "backend": backend, "data": data, "images": total, "top1": 100.0 * hits[0] / max(total, 1)}
+    if num_classes >= 5:
+        out["top5"] = 100.0 * hits[1] / max(total, 1)
+    return out
+
+
+def record_accuracy(artefact: str | Path, data: str, progress: bool = True) -> dict:
+    """Measure an exported artefact on `data` and store the result in its export record."""
+    from p3bkit.fileio import write_json_atomic
+
+    result = run_eval(str(artefact), data, progress=progress)
+    record = Path(f"{artefact}.json")
+    write_json_atomic(record, {**json.loads(record.read_text()), "accuracy": result})
+    return result
