@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from p3bkit.cli_options import DEVICE, POSITIVE, RATE, boundary, model_options, parse_model_kwargs
+from p3bkit.cli_options import DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs
 from p3bkit.prune.recipes import RECIPES
 
 STRUCTURES = click.Choice(["full", "inner"])
@@ -27,6 +27,7 @@ def main() -> None:
               help="Preset, timm model name or a dense model folder (from p3bkit train).")
 @model_options
 @click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
+@augment_option
 @click.option("--keep", type=click.FloatRange(0, 1, min_open=True),
               help="Keep ratio (0, 1] of all parameters (--budget total) or of block parameters.")
 @click.option("--prune", "prune_rate", type=click.FloatRange(0, 1, max_open=True),
@@ -85,7 +86,7 @@ def prune(**kw) -> None:
                     allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"])
     job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], model_kwargs=parse_model_kwargs(kw),
                    pretrained=kw["pretrained"], pretrained_file=kw["pretrained_file"],
-                   checkpoint=kw["checkpoint"], data=kw["data"], epochs=r["epochs"], batch_size=r["batch_size"],
+                   checkpoint=kw["checkpoint"], data=kw["data"], augment=kw["augment"], epochs=r["epochs"], batch_size=r["batch_size"],
                    structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
                    device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
                    teacher_checkpoint=kw["teacher_checkpoint"], keep_checkpoint=kw["keep_checkpoint"],
@@ -106,6 +107,7 @@ def prune(**kw) -> None:
 @main.command()
 @click.argument("pruned", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", default="digits", show_default=True)
+@augment_option
 @click.option("--epochs", type=POSITIVE, default=10, show_default=True)
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
@@ -120,14 +122,14 @@ def prune(**kw) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty).")
 @boundary
-def finetune(pruned, data, epochs, batch_size, lr, drop_path, device, seed, force, resume, keep_checkpoint, progress,
-             out) -> None:
+def finetune(pruned, data, augment, epochs, batch_size, lr, drop_path, device, seed, force, resume, keep_checkpoint,
+             progress, out) -> None:
     """Fine-tune a pruned model (DeiT recipe: AdamW, cosine, label smoothing, Mixup/CutMix, drop path)."""
     from p3bkit.finetune import run_finetune
 
     s = run_finetune(pruned, out, data=data, epochs=epochs, batch_size=batch_size, lr=lr, drop_path=drop_path,
                      device=device, seed=seed, force=force, resume=resume, keep_checkpoint=keep_checkpoint,
-                     progress=progress)
+                     progress=progress, augment=augment)
     click.echo(f"fine-tuned model: {out} (val top-1 {s['val_acc']:.2f}%)")
 
 

@@ -5,13 +5,14 @@ import json
 
 import click
 
-from p3bkit.cli_options import DEVICE, POSITIVE, boundary, model_options, parse_model_kwargs
+from p3bkit.cli_options import DEVICE, POSITIVE, augment_option, boundary, model_options, parse_model_kwargs
 
 
 @click.command()
 @click.option("--model", required=True, help="Preset or timm model name.")
 @model_options
 @click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
+@augment_option
 @click.option("--epochs", type=POSITIVE, default=10, show_default=True)
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
@@ -32,7 +33,7 @@ def train(**kw) -> None:
                   lr=kw["lr"], model_kwargs=parse_model_kwargs(kw), pretrained=kw["pretrained"],
                   pretrained_file=kw["pretrained_file"], checkpoint=kw["checkpoint"], device=kw["device"],
                   seed=kw["seed"], progress=kw["progress"], force=kw["force"], resume=kw["resume"],
-                  keep_checkpoint=kw["keep_checkpoint"])
+                  keep_checkpoint=kw["keep_checkpoint"], augment=kw["augment"])
     click.echo(f"trained model: {kw['out']} (val top-1 {s['val_acc']:.2f}%); prune it with --model {kw['out']}")
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from p3bkit.errors import P3BError
 from p3bkit.fileio import check_output_folder, write_json_atomic
 from p3bkit.models import save
-from p3bkit.train.data import load_data
 from p3bkit.train.dist import barrier, init_distributed, require_device
 from p3bkit.workflows import CHECKPOINT, notify
 
@@ -30,7 +29,7 @@ def _start(out: str, command: str, inputs: tuple, force: bool, resume: bool) -> 
 def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64,
                  lr: float = 5e-4, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
                  progress: bool = True, force: bool = False, resume: bool = False,
-                 keep_checkpoint: bool = False) -> dict:
+                 keep_checkpoint: bool = False, augment: str = "auto") -> dict:
     """Fine-tune a pruned folder with the DeiT recipe (lr = base·batch/512) and save it to `out`.
 
     `out` must be new or empty (`force`: write into it, keeping other files), never the input.
@@ -43,6 +42,7 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
     from p3bkit.models import load
     from p3bkit.models.pruned import PrunedBranch
     from p3bkit.train.loop import Checkpointing, FitConfig, fit
+    from p3bkit.workflows import data_for
 
     if epochs < 1 or batch_size < 1:
         raise P3BError(f"fine-tuning needs epochs ≥ 1 and batch size ≥ 1 (got {epochs} and {batch_size})")
@@ -54,12 +54,11 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
     for i, br in enumerate(branches):  # stochastic depth, linearly increasing with depth
         rate = drop_path * i / max(len(branches) - 1, 1)
         br.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
-    bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
-                       in_chans=model.patch_embed.proj.in_channels)
+    bundle = data_for(data, model, augment, pretrained=True, say=ctx.main)  # a pruned model was trained before
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
                     progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
     settings = json.loads(json.dumps({"source": str(Path(pruned).resolve()), "data": data, "epochs": epochs,
-                                      "batch_size": batch_size, "lr": lr, "drop_path": drop_path, "seed": seed,
+                                      "batch_size": batch_size, "lr": lr, "drop_path": drop_path, "seed": seed, "augment": augment,
                                       "world": ctx.world}))
     if ctx.main:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -75,27 +74,26 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
 def run_train(model: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64, lr: float = 5e-4,
               model_kwargs: dict | None = None, pretrained: bool = False, pretrained_file: str | None = None,
               checkpoint: str | None = None, device: str = "cpu", seed: int = 0, progress: bool = True,
-              force: bool = False, resume: bool = False, keep_checkpoint: bool = False) -> dict:
+              force: bool = False, resume: bool = False, keep_checkpoint: bool = False, augment: str = "auto") -> dict:
     """Train or fine-tune a dense model (e.g. an ImageNet DeiT on your classes) into a model folder.
 
     The folder is a dense `arch.json` + `model.safetensors` that `p3bkit prune --model` takes.
     Same output rules, checkpoints and resume as `run_finetune`.
     """
     from p3bkit.train.loop import Checkpointing, FitConfig, fit, seed_everything
-    from p3bkit.workflows import build_model
+    from p3bkit.workflows import build_model, data_for
 
     require_device(device)
     ck_path, resuming = _start(out, "train", tuple(p for p in (model, data) if Path(p).is_dir()), force, resume)
     ctx = init_distributed(device)
     seed_everything(seed)  # the initialisation of whatever is not loaded (e.g. a new classifier)
     net = build_model(model, pretrained, pretrained_file, checkpoint, model_kwargs or {}, ctx.main)
-    bundle = load_data(data, img_size=net.patch_embed.img_size[0], num_classes=net.num_classes,
-                       in_chans=net.patch_embed.proj.in_channels)
+    bundle = data_for(data, net, augment, pretrained or pretrained_file is not None, ctx.main)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
                     progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
     settings = json.loads(json.dumps({"model": model, "kwargs": model_kwargs or {}, "pretrained": pretrained,
                                       "pretrained_file": pretrained_file, "checkpoint": checkpoint, "data": data,
-                                      "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                      "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "augment": augment,
                                       "world": ctx.world}))
     if ctx.main:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,7 @@ def test_mixup_is_applied_while_pruning_an_image_folder(tmp_path):
 
     data = digit_image_folder(tmp_path / "data", classes=3)
     kw = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 3}
-    job = PruneJob(out=str(tmp_path / "run"), model="vit_tiny_patch16_224", model_kwargs=kw, data=str(data),
+    job = PruneJob(out=str(tmp_path / "run"), model="vit_tiny_patch16_224", model_kwargs=kw, data=str(data), augment="deit",
                    epochs=(0, 1, 1), batch_size=4, progress=False, p3b=P3BConfig(keep=0.6, update_every=2))
     s = run_prune(job)
     epochs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()

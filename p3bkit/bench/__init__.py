@@ -1,6 +1,7 @@
 """Throughput harness: runners per backend, interleaved timing, comparison tables and plots."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,6 +44,14 @@ def _architecture(ref: str) -> str | None:
         return None
 
 
+def _artefact_precision(ref: str) -> str | None:
+    """An exported artefact's precision, from its export record."""
+    import json
+
+    record = Path(f"{ref}.json")
+    return json.loads(record.read_text()).get("precision") if record.is_file() else None
+
+
 def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", batch: int | None = None,
               precision: str = "fp32", cfg: BenchConfig | None = None, profile: bool = False,
               json_out: str | None = None, compile: bool = False) -> dict:
@@ -51,15 +60,19 @@ def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", 
     dev = PRESETS[device] if device in PRESETS else {"batch": 1, "device": device}
     batch = batch or dev["batch"]
     workdir = Path(tempfile.mkdtemp(prefix="p3bkit-bench-"))
-    prepared = [prepare(r, backend, batch, dev["device"], precision, cfg.threads, workdir, compile) for r in refs]
-    results = benchmark(prepared, batch, cfg)
-    for p, r in zip(prepared, results):
-        r.flops = _flops(p.source or p.name)
-    report = results_json(results, cfg, {"device": dev["device"], "precision": precision})
-    report["table"] = compare_table(results)
-    report["warnings"] = timing_warnings(results, [_architecture(p.source or p.name) for p in prepared])
-    if profile:
-        report["profile"] = {p.name: p.profile(min(cfg.runs, 50)) if p.profile else {} for p in prepared}
+    try:  # models exported on the fly live in workdir only while they are measured
+        prepared = [prepare(r, backend, batch, dev["device"], precision, cfg.threads, workdir, compile) for r in refs]
+        results = benchmark(prepared, batch, cfg)
+        for p, r in zip(prepared, results):
+            r.flops = _flops(p.source or p.name)
+            r.precision = _artefact_precision(p.name) or precision
+        report = results_json(results, cfg, {"device": dev["device"], "precision": precision})
+        report["table"] = compare_table(results)
+        report["warnings"] = timing_warnings(results, [_architecture(p.source or p.name) for p in prepared])
+        if profile:
+            report["profile"] = {p.name: p.profile(min(cfg.runs, 50)) if p.profile else {} for p in prepared}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     if json_out:
         write_json_atomic(json_out, report)
     return report

@@ -42,6 +42,7 @@ class BenchResult:
     latencies_ms: list[float]
     stats: dict = field(default_factory=dict)
     flops: int | None = None
+    precision: str = ""  # what ran: the requested one, or an artefact's own (fixed at export)
 
 
 def latency_stats(lat_ms: list[float], batch: int) -> dict:

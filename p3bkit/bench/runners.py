@@ -153,6 +153,22 @@ def prepare_tensorrt(ref: str, batch: int) -> Prepared:
     return Prepared(ref, "tensorrt", lambda: runner.run_device(x), torch.cuda.synchronize, _source_of(ref))
 
 
+# what `--precision` each runner can honour (an artefact's own precision is fixed at export)
+RUNNER_PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": ("fp32",), "openvino": ("fp32", "f32", "bf16"),
+                     "tensorrt": ("fp32",)}
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """Refuse a precision the runner would ignore or silently change."""
+    allowed = RUNNER_PRECISIONS.get(backend)
+    if allowed is not None and precision not in allowed:
+        how = {"onnxruntime": "export an fp16 model (p3bkit export --fp16) and bench that artefact",
+               "tensorrt": "build the engine in that precision (p3bkit export --format trt --precision ...)",
+               "openvino": "OpenVINO on CPU infers in f32 or bf16"}.get(backend, "")
+        raise P3BError(f"the {backend} runner cannot run --precision {precision} (it takes {', '.join(allowed)})"
+                       + (f"; {how}" if how else ""))
+
+
 def _artefact_in_folder(ref: str, backend: str | None) -> str:
     folder = Path(ref)
     if not folder.is_dir() or (folder / "arch.json").is_file():
@@ -179,6 +195,7 @@ def prepare(ref: str, backend: str | None, batch: int, device: str, precision: s
     if backend and inferred and backend != inferred:
         raise P3BError(f"{ref} is a {suffix} artefact, which the {backend} backend cannot run (use {inferred})")
     backend = backend or inferred or "torch"
+    check_precision(backend, precision)
     if suffix and suffix not in ARTEFACT_BACKEND and not Path(ref).is_dir():
         raise P3BError(f"{ref}: unknown artefact type {suffix!r} (expected a pruned folder, a model name, "
                        f"or one of {', '.join(ARTEFACT_BACKEND)})")

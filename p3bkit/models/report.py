@@ -37,6 +37,15 @@ def _heads(model: nn.Module) -> int:
     return 1
 
 
+def _kept_params(model: nn.Module, w: BlockWidths, branch: nn.Module, heads: int) -> int:
+    """A branch's Linear parameters: as stored, or (gated model) what its hard masks keep, biases as they exist."""
+    if isinstance(model, GatedViT):
+        s = model.spec
+        bias = (s.qkv_bias, s.proj_bias) if w.kind == "attn" else (s.fc1_bias, s.fc2_bias)
+        return int(block_params(w, heads, *bias))
+    return sum(p.numel() for m in branch.modules() if isinstance(m, nn.Linear) for p in m.parameters())
+
+
 def describe(model: nn.Module) -> dict:
     """Parameter and FLOP counts (one multiply-add = one FLOP, per image) and per-block widths."""
     inner = model.model if isinstance(model, GatedViT) else model
@@ -52,8 +61,9 @@ def describe(model: nn.Module) -> dict:
     embed_flops = pe.num_patches * pe.proj.in_channels * k[0] * k[1] * dim
     head_flops = sum(m.in_features * m.out_features for m in (getattr(inner, "head", None), getattr(inner, "head_dist", None))
                      if isinstance(m, nn.Linear))
+    branches = [b for blk in inner.blocks for b in (blk.attn, blk.mlp)]
     rows = [{"block": f"{i // 2}.{w.kind}", "c_in": w.c_in, "inner": w.inner, "c_out": w.c_out,
-             "params": int(block_params(w, heads, True, True))} for i, w in enumerate(widths)]
+             "params": _kept_params(model, w, br, heads)} for i, (w, br) in enumerate(zip(widths, branches))]
     return {"params": sum(p.numel() for p in inner.parameters()), "flops": int(blocks_flops + embed_flops + head_flops),
             "block_flops": int(blocks_flops), "num_tokens": num_tokens, "num_heads": heads,
             "full_head_dim": full_attn.inner, "blocks": rows}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,36 +65,64 @@ def load_synthetic_data(num_classes: int, img_size: int, in_chans: int = 3, n: i
     return DataBundle(TensorDataset(x, y), TensorDataset(x[: n // 4], y[: n // 4]), num_classes, img_size, in_chans)
 
 
-def load_image_folder(root: Path, img_size: int, num_classes: int | None) -> DataBundle:
-    """ImageFolder train/ and val/ with timm's DeiT transforms and Mixup/CutMix (0.8 / 1.0)."""
+# RandAugment m9 with increasing severity, its magnitude capped at 9: at 10, PosterizeIncreasing asks
+# Pillow ≥ 13 for 0 bits and raises (the magnitude noise, mstd 0.5, reaches 10 within an epoch)
+DEIT_RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
+Augment = Literal["auto", "deit", "light", "none"]
+
+
+def resolve_augment(augment: str, pretrained: bool, img_size: int) -> str:
+    """`auto`: the DeiT recipe to fine-tune a pretrained model on images ≥ 128 px, else light."""
+    if augment not in ("auto", "deit", "light", "none"):
+        raise DataError(f"augment must be auto, deit, light or none, got {augment!r}")
+    if augment != "auto":
+        return augment
+    return "deit" if pretrained and img_size >= 128 else "light"
+
+
+def train_transform(img_size: int, augment: str):
+    """deit: RandomResizedCrop + RandAugment + random erasing (Mixup/CutMix come with the data);
+    light: resize, ±10% shifts, small crops and flips; none: the evaluation transform."""
+    from timm.data import create_transform
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import transforms as T
+
+    if augment == "deit":
+        return create_transform(img_size, is_training=True, auto_augment=DEIT_RAND_AUGMENT, re_prob=0.25,
+                                interpolation="bicubic")
+    if augment == "none":
+        return create_transform(img_size, is_training=False, interpolation="bicubic")
+    return T.Compose([T.Resize((img_size, img_size)), T.RandomAffine(0, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def load_image_folder(root: Path, img_size: int, num_classes: int | None, augment: str = "deit") -> DataBundle:
+    """ImageFolder train/ and val/; with `augment="deit"` also Mixup/CutMix (0.8 / 1.0) + smoothing 0.1."""
     from timm.data import Mixup, create_transform
     from torchvision.datasets import ImageFolder
 
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DataError(f"{root}: expected an ImageFolder tree with {split}/ inside")
-    t_train = create_transform(img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-                               re_prob=0.25, interpolation="bicubic")
     t_val = create_transform(img_size, is_training=False, interpolation="bicubic")
     try:
-        train, val = ImageFolder(root / "train", t_train), ImageFolder(root / "val", t_val)
+        train, val = ImageFolder(root / "train", train_transform(img_size, augment)), ImageFolder(root / "val", t_val)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"{root}: {exc}") from exc
     k = len(train.classes)
     if num_classes is not None and num_classes != k:
-        raise DataError(f"{root}: {k} classes but the model has {num_classes}")
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=k)
+        raise DataError(f"{root}: {k} classes but the model has {num_classes} (set --num-classes {k})")
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=k) if augment == "deit" else None
     return DataBundle(train, val, k, img_size, 3, mixup)
 
 
-def load_cifar100(root: Path, img_size: int) -> DataBundle:
+def load_cifar100(root: Path, img_size: int, augment: str = "deit") -> DataBundle:
     """CIFAR-100 from its standard `cifar-100-python` folder (no download)."""
     from timm.data import create_transform
     from torchvision.datasets import CIFAR100
 
     try:
-        train = CIFAR100(str(root), train=True, download=False,
-                         transform=create_transform(img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1"))
+        train = CIFAR100(str(root), train=True, download=False, transform=train_transform(img_size, augment))
         val = CIFAR100(str(root), train=False, download=False, transform=create_transform(img_size))
     except RuntimeError as exc:
         raise DataError(f"{root}: no readable cifar-100-python folder ({exc})") from exc
@@ -101,19 +130,19 @@ def load_cifar100(root: Path, img_size: int) -> DataBundle:
 
 
 def load_data(name: str, img_size: int | None = None, num_classes: int | None = None,
-              in_chans: int | None = None) -> DataBundle:
+              in_chans: int | None = None, augment: str = "deit") -> DataBundle:
     """'digits' (default, embedded), 'synthetic', or a path (ImageFolder or CIFAR-100 folder).
 
     Raises:
         DataError: when the data cannot be read or does not fit the model's input channels.
     """
-    bundle = _load(name, img_size, num_classes, in_chans)
+    bundle = _load(name, img_size, num_classes, in_chans, augment)
     if in_chans is not None and bundle.in_chans != in_chans:
         raise DataError(f"{name}: {bundle.in_chans}-channel images, but the model takes {in_chans} channel(s)")
     return bundle
 
 
-def _load(name: str, img_size: int | None, num_classes: int | None, in_chans: int | None) -> DataBundle:
+def _load(name: str, img_size: int | None, num_classes: int | None, in_chans: int | None, augment: str) -> DataBundle:
     if name == "digits":
         if in_chans not in (None, 1, 3):
             raise DataError(f"digits are gray images: the model must take 1 or 3 channels, not {in_chans}")
@@ -124,5 +153,5 @@ def _load(name: str, img_size: int | None, num_classes: int | None, in_chans: in
     if not root.is_dir():
         raise DataError(f"data {name!r} is neither 'digits', 'synthetic' nor an existing folder")
     if (root / "cifar-100-python").is_dir():
-        return load_cifar100(root, img_size or 224)
-    return load_image_folder(root, img_size or 224, num_classes)
+        return load_cifar100(root, img_size or 224, augment)
+    return load_image_folder(root, img_size or 224, num_classes, augment)
