@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -24,6 +26,8 @@ def _prune_half(gated) -> None:
     ("vit_tiny_patch16_224", {**SMALL, "num_classes": 5, "global_pool": "avg", "class_token": False}),
     ("vit_tiny_patch16_224", {**SMALL, "num_classes": 3, "reg_tokens": 2, "init_values": 0.1, "qkv_bias": False}),
     ("deit_tiny_distilled_patch16_224", {**SMALL, "num_classes": 4}),
+    ("vit_tiny_patch16_224", {**SMALL, "num_classes": 6, "qkv_bias": False}),
+    ("vit_tiny_patch16_224", {**SMALL, "num_classes": 5, "global_pool": "map", "class_token": False}),
 ])
 def test_readme_snippet_round_trips_a_timm_model(tmp_path, name, kwargs):
     torch.manual_seed(0)
@@ -37,6 +41,10 @@ def test_readme_snippet_round_trips_a_timm_model(tmp_path, name, kwargs):
     assert source["name"] == name and source["kwargs"]["num_classes"] == kwargs["num_classes"]
     loaded = p3bkit.load(tmp_path / "pruned")
     assert torch.equal(loaded(x), pruned(x))
+    torch.save({"x": x, "y": pruned(x)}, tmp_path / "io.pt")  # and in a fresh process, as a user would
+    code = ("import sys, torch, p3bkit; io = torch.load(sys.argv[2]); "
+            "sys.exit(0 if torch.equal(p3bkit.load(sys.argv[1])(io['x']), io['y']) else 3)")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "pruned"), str(tmp_path / "io.pt")]).returncode == 0
 
 
 def test_dense_user_model_is_a_folder_too(tmp_path):
@@ -155,3 +163,37 @@ def test_eval_bad_inputs(imagenet_like, args, msg):
     res = _cli([a.replace("{data}", str(data)) for a in args])
     assert res.exit_code == 1, res.output
     assert msg in res.output and "Traceback" not in res.output
+
+
+def test_attention_pool_model_prunes_with_a_mean_token_class_head(tmp_path):
+    from p3bkit.prune.engine import P3BConfig
+    from p3bkit.workflows import PruneJob, run_prune
+
+    kw = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 48, "depth": 2,
+          "num_heads": 3, "global_pool": "map", "class_token": False}
+    s = run_prune(PruneJob(out=str(tmp_path / "r"), model="vit_tiny_patch16_224", model_kwargs=kw, epochs=(0, 1, 1),
+                           progress=False, p3b=P3BConfig(keep=0.6, update_every=5)))
+    assert s["surgery_max_abs_diff"] <= 1e-5 and s["total_keep"] == pytest.approx(0.6, abs=0.01)
+    pruned = p3bkit.load(tmp_path / "r" / "pruned")
+    assert pruned.attn_pool is not None  # the pooling head is kept whole
+    from p3bkit.prune.bpi import BPI
+
+    assert not BPI.for_model(timm.create_model("vit_tiny_patch16_224", **kw)).has_class_token
+
+
+def test_deit_on_your_classes_pruned_exported_and_evaluated(imagenet_like, tmp_path):
+    _, _, data = imagenet_like
+    res = _cli(["prune", "--model", "deit_tiny_patch16_224", "--num-classes", "10", "--img-size", "32", "--data", data,
+                "--keep", "0.5", "--epochs", "0", "1", "1", "--batch-size", "8", "--update-every", "2",
+                "--no-progress", "-o", tmp_path / "run"])
+    assert res.exit_code == 0, res.output
+    assert "augmentation: light" in res.output
+    tops = []
+    for fmt in ("onnx", "openvino"):
+        res = _cli(["export", tmp_path / "run" / "pruned", "--format", fmt, "-o", tmp_path / fmt])
+        assert res.exit_code == 0, res.output
+    for ref in (tmp_path / "run" / "pruned", tmp_path / "onnx", tmp_path / "openvino"):
+        res = _cli(["eval", ref, "--data", data, "--json", "--no-progress"])
+        assert res.exit_code == 0, res.output
+        tops.append(json.loads(res.output)["top1"])
+    assert max(tops) - min(tops) <= 0.5

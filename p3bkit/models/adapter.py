@@ -1,7 +1,8 @@
 """Accept timm Vision Transformers built from stock `Block`/`Attention`/`Mlp`, refuse the rest.
 
 DESIGN.md §2: P3B prunes inside the Attention and MLP blocks of a ViT; this module checks that a
-model has exactly the structure the gates and the surgery assume, and reads its dimensions.
+model has exactly the structure the gates and the surgery assume, and reads its dimensions. An
+attention-pool head (`global_pool="map"`, SigLIP-style) sits after the blocks and is kept whole.
 """
 from __future__ import annotations
 
@@ -61,8 +62,6 @@ def inspect_vit(model: nn.Module) -> ViTSpec:
     name = _model_name(model)
     if not isinstance(model, VisionTransformer):
         raise ArchError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
-    if getattr(model, "attn_pool", None) is not None:
-        raise ArchError(f"model {name!r} uses attention pooling (global_pool='map'), which is not supported")
     blocks = list(model.blocks)
     if not blocks:
         raise ArchError(f"model {name!r} has no blocks")

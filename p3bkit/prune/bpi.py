@@ -73,8 +73,10 @@ class BPI(nn.Module):
 
     @classmethod
     def for_model(cls, model: nn.Module, class_head: ClassHead = "linear") -> BPI:
+        # an attention-pool model does not classify from its class token: its class head reads the mean token
+        class_token = getattr(model, "cls_token", None) is not None and getattr(model, "global_pool", "") != "map"
         return cls(model.embed_dim, len(model.blocks), model.num_classes, tuple(model.patch_embed.grid_size),
-                   model.num_prefix_tokens, getattr(model, "cls_token", None) is not None,
+                   model.num_prefix_tokens, class_token,
                    getattr(model, "dist_token", None) is not None, class_head)
 
     def _logits(self, head: BlockIndicator, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
