@@ -91,7 +91,7 @@ def test_load_rejects_bad_folders(tmp_path):
 
 @pytest.mark.parametrize("kwargs,reason", [
     ({"qk_norm": True}, "qk_norm"),
-    ({"global_pool": "map"}, "attention pooling"),
+    ({"scale_attn_norm": True}, "scale_norm"),
 ])
 def test_unsupported_models_are_refused(kwargs, reason):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, **kwargs)
