@@ -86,7 +86,8 @@ def prune(**kw) -> None:
                     allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"])
     job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], model_kwargs=parse_model_kwargs(kw),
                    pretrained=kw["pretrained"], pretrained_file=kw["pretrained_file"],
-                   checkpoint=kw["checkpoint"], data=kw["data"], augment=kw["augment"], epochs=r["epochs"], batch_size=r["batch_size"],
+                   checkpoint=kw["checkpoint"], data=kw["data"],
+                   augment="deit" if kw["recipe"] == "paper" and kw["augment"] == "auto" else kw["augment"], epochs=r["epochs"], batch_size=r["batch_size"],
                    structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
                    device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
                    teacher_checkpoint=kw["teacher_checkpoint"], keep_checkpoint=kw["keep_checkpoint"],

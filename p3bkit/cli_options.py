@@ -35,7 +35,8 @@ RATE = click.FloatRange(0.0, 1.0)
 augment_option = click.option(
     "--augment", type=click.Choice(["auto", "deit", "light", "none"]), default="auto", show_default=True,
     help="Training augmentation for ImageFolder/CIFAR data. deit: RandAugment, random erasing, Mixup/CutMix; light: "
-         "shifts, small crops, flips; auto: deit to fine-tune a pretrained model on images ≥ 128 px, else light.")
+         "shifts, small crops, flips; auto: deit to fine-tune a pretrained model on images ≥ 128 px (and always "
+         "under prune --recipe paper), else light.")
 
 
 def model_options(fn):

@@ -197,3 +197,14 @@ def test_deit_on_your_classes_pruned_exported_and_evaluated(imagenet_like, tmp_p
         assert res.exit_code == 0, res.output
         tops.append(json.loads(res.output)["top1"])
     assert max(tops) - min(tops) <= 0.5
+
+
+def test_paper_recipe_prunes_with_the_deit_augmentation(imagenet_like, tmp_path):
+    _, _, data = imagenet_like
+    res = _cli(["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs", KW, "--num-classes", "10", "--data", data,
+                "--recipe", "paper", "--epochs", "0", "1", "0", "--batch-size", "8", "--update-every", "2",
+                "--keep", "0.6", "--no-progress", "-o", tmp_path / "run"])
+    assert res.exit_code == 0, res.output
+    assert "augmentation: deit" in res.output
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["soft_target_steps"] for e in epochs if e["type"] == "epoch"] == [40 // 8]
