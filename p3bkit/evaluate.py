@@ -15,20 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from p3bkit.errors import BackendUnavailable, P3BError
+from p3bkit.exporters.artefacts import ARTEFACT_BACKEND, artefact_in_folder
 
-ARTEFACT_BACKEND = {".onnx": "onnxruntime", ".xml": "openvino", ".plan": "tensorrt", ".engine": "tensorrt"}
 Runner = Callable[[torch.Tensor], np.ndarray]
-
-
-def _resolve(ref: str) -> str:
-    folder = Path(ref)
-    if folder.is_dir() and not (folder / "arch.json").is_file():
-        found = [folder / n for n in ("model.onnx", "model.xml", "model.plan") if (folder / n).is_file()]
-        if len(found) != 1:
-            raise P3BError(f"{ref}: expected a model folder (arch.json) or one exported model.onnx/.xml/.plan, "
-                           f"found {len(found)}")
-        return str(found[0])
-    return ref
 
 
 def _torch_runner(ref: str, device: str) -> tuple[Runner, tuple[int, int, int]]:
@@ -76,7 +65,7 @@ def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 
     from p3bkit.train.data import load_data
     from p3bkit.train.loop import make_loader
 
-    ref = _resolve(ref)
+    ref = artefact_in_folder(ref, backend)
     inferred = ARTEFACT_BACKEND.get(Path(ref).suffix)
     if backend and inferred and backend != inferred:
         raise P3BError(f"{ref} is a {Path(ref).suffix} artefact, which {backend} cannot run (use {inferred})")

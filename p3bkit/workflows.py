@@ -27,6 +27,7 @@ from p3bkit.prune.schedule import Schedule
 from p3bkit.surgery import apply_surgery, check_surgery
 from p3bkit.train.checkpoint import (
     Interrupted,
+    check_resume_settings,
     gather_rng,
     install_stop_handlers,
     restore_handlers,
@@ -304,11 +305,7 @@ def _trim_log(path: Path, step: int, epochs_done: int) -> None:
 
 def _resume(pruner: P3BPruner, path: Path, ctx: DistContext, settings: dict) -> tuple[int, int]:
     ck = load_checkpoint(path)
-    saved = json.loads(ck["settings"]) if "settings" in ck else None
-    if saved is not None and saved != settings:
-        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-        raise P3BError(f"{path} was written with other settings ({', '.join(diff)} differ); resume with the same "
-                       "settings, or start over with --force or a new folder")
+    check_resume_settings(path, json.loads(ck["settings"]) if "settings" in ck else None, settings)
     try:
         pruner.load_state_dict(ck["pruner"])
         pruner.load_extra_state(ck["extra"])

@@ -14,9 +14,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from p3bkit.exporters.artefacts import ARTEFACT_BACKEND, artefact_in_folder
 from p3bkit.errors import BackendUnavailable, P3BError
 
-ARTEFACT_BACKEND = {".onnx": "onnxruntime", ".xml": "openvino", ".plan": "tensorrt", ".engine": "tensorrt"}
 
 
 @dataclass
@@ -169,27 +169,13 @@ def check_precision(backend: str, precision: str) -> None:
                        + (f"; {how}" if how else ""))
 
 
-def _artefact_in_folder(ref: str, backend: str | None) -> str:
-    folder = Path(ref)
-    if not folder.is_dir() or (folder / "arch.json").is_file():
-        return ref
-    found = [folder / name for name in ("model.onnx", "model.xml", "model.plan") if (folder / name).is_file()]
-    if backend:
-        found = [f for f in found if ARTEFACT_BACKEND.get(f.suffix) == backend]
-    if len(found) == 1:
-        return str(found[0])
-    if not found:
-        raise P3BError(f"{ref} holds no pruned model (arch.json) and no exported model.onnx/.xml/.plan")
-    raise P3BError(f"{ref} holds several exports ({', '.join(f.name for f in found)}): name one, or pass --backend")
-
-
 def prepare(ref: str, backend: str | None, batch: int, device: str, precision: str, threads: int | None,
             workdir: Path | None = None, compile: bool = False) -> Prepared:
     """Build the runner for `ref` (backend inferred from an artefact's suffix when not given).
 
     An export folder (no arch.json, one exported artefact inside) stands for its artefact.
     """
-    ref = _artefact_in_folder(ref, backend)
+    ref = artefact_in_folder(ref, backend)
     suffix = Path(ref).suffix
     inferred = ARTEFACT_BACKEND.get(suffix)
     if backend and inferred and backend != inferred:

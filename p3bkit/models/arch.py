@@ -196,12 +196,8 @@ def _check_rebuilds(model: nn.Module, folder: Path) -> None:
         model.train(was_training)
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
         diff = (want - got).abs().max().item() if want.shape == got.shape else f"shape {tuple(got.shape)}"
-        raise ArchError(f"the model rebuilt from {ARCH_FILE} ({arch_name(folder)}) does not reproduce the model "
+        raise ArchError(f"the model rebuilt from {ARCH_FILE} ({read_arch(folder).source.name}) does not reproduce the model "
                         f"being saved (max abs diff {diff}); nothing was written")
-
-
-def arch_name(folder: Path) -> str:
-    return read_arch(folder).source.name
 
 
 def read_arch(folder: str | os.PathLike) -> PrunedArch:

@@ -81,3 +81,12 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as exc:  # truncated, tampered or foreign files raise many types
         raise P3BError(f"{path} cannot be resumed from ({type(exc).__name__}: {str(exc)[:200]}); "
                        "delete it to start over") from exc
+
+
+def check_resume_settings(path: Path, saved: dict | None, settings: dict) -> None:
+    """Refuse to resume a checkpoint written with other settings, naming the ones that differ."""
+    if saved is None or saved == settings:
+        return
+    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    raise P3BError(f"{path} was written with other settings ({', '.join(diff)} differ); resume with the same "
+                   "settings, or start over with --force or a new folder")

@@ -13,9 +13,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from p3bkit.errors import P3BError
 from p3bkit.train.checkpoint import (
     Interrupted,
+    check_resume_settings,
     gather_rng,
     install_stop_handlers,
     load_checkpoint,
@@ -110,11 +110,7 @@ def _restore(ck: Checkpointing, model: nn.Module, opt, sched, ctx: DistContext) 
     if not (ck.resume and ck.path.is_file()):
         return {"epoch": 0, "batch": 0, "running": 0.0, "history": []}
     state = load_checkpoint(ck.path)
-    saved = json.loads(state.get("settings", "{}"))
-    if saved != ck.settings:
-        diff = sorted(k for k in set(saved) | set(ck.settings) if saved.get(k) != ck.settings.get(k))
-        raise P3BError(f"{ck.path} was written with other settings ({', '.join(diff)} differ); resume with the "
-                       "same settings, or start over with --force or a new folder")
+    check_resume_settings(ck.path, json.loads(state.get("settings", "{}")), ck.settings)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
