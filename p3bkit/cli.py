@@ -32,6 +32,12 @@ def main() -> None:
               help="Keep ratio (0, 1] of all parameters (--budget total) or of block parameters.")
 @click.option("--prune", "prune_rate", type=click.FloatRange(0, 1, max_open=True),
               help="Pruning rate [0, 1) (= 1 − keep), same scope as --keep.")
+@click.option("--target-latency-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Latency budget instead of --keep: predicted ms on the --latency-table's runtime.")
+@click.option("--target-speedup", type=click.FloatRange(min=1, min_open=True),
+              help="Latency budget instead of --keep: speedup over the table's measured dense model.")
+@click.option("--latency-table", type=click.Path(exists=True, dir_okay=False),
+              help="Table from p3bkit latency-table (same machine, model and runtime).")
 @click.option("--budget", type=click.Choice(["total", "blocks"]), default="total", show_default=True,
               help="total: fraction of all parameters (the paper's); blocks: of Attention/MLP Linear parameters only.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default="quick", show_default=True,
@@ -74,16 +80,18 @@ def prune(**kw) -> None:
     from p3bkit.prune.recipes import resolve_recipe
     from p3bkit.workflows import PruneJob, run_prune
 
-    if (kw["keep"] is None) == (kw["prune_rate"] is None):
-        raise click.UsageError("give exactly one of --keep or --prune")
-    keep = kw["keep"] if kw["keep"] is not None else 1 - kw["prune_rate"]
+    budgets = [k for k in ("keep", "prune_rate", "target_latency_ms", "target_speedup") if kw[k] is not None]
+    if len(budgets) != 1:
+        raise click.UsageError("give exactly one of --keep, --prune, --target-latency-ms or --target-speedup")
+    keep = kw["keep"] if kw["keep"] is not None else 1 - (kw["prune_rate"] or 0.0)
     r = resolve_recipe(kw["recipe"], epochs=kw["epochs"], update_every=kw["update_every"],
                        batch_size=kw["batch_size"], lr=kw["lr"], lr_bpi=kw["lr_bpi"], tau=kw["tau"])
     if r["batch_size"] < 1:
         raise click.UsageError("--batch-size must be ≥ 1")
     cfg = P3BConfig(keep=keep, budget=kw["budget"], update_every=r["update_every"], alpha=kw["alpha"], tau=r["tau"],
                     m_ref=kw["m_ref"], lr_model=r["lr"], lr_bpi=r["lr_bpi"], frozen=kw["frozen"],
-                    allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"])
+                    allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"],
+                    target_ms=kw["target_latency_ms"])
     job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], model_kwargs=parse_model_kwargs(kw),
                    pretrained=kw["pretrained"], pretrained_file=kw["pretrained_file"],
                    checkpoint=kw["checkpoint"], data=kw["data"],
@@ -91,15 +99,21 @@ def prune(**kw) -> None:
                    structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
                    device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
                    teacher_checkpoint=kw["teacher_checkpoint"], keep_checkpoint=kw["keep_checkpoint"],
-                   progress=kw["progress"], p3b=cfg)
+                   progress=kw["progress"], latency_table=kw["latency_table"], target_speedup=kw["target_speedup"],
+                   p3b=cfg)
     click.echo(f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
                f"{r['update_every']} it, batch {r['batch_size']}, model lr {r['lr'] * r['batch_size'] / 512:.2e}, "
-               f"budget {kw['budget']} keep {keep:.3f}")
+               + (f"budget {kw['budget']} keep {keep:.3f}" if budgets[0] in ("keep", "prune_rate") else
+                  f"latency budget from {kw['latency_table']}"))
     s = run_prune(job, resume=kw["resume"], force=kw["force"])
     click.echo(f"pruned model: {Path(kw['out']) / 'pruned'}")
     click.echo(f"kept {100 * s['total_keep']:.1f}% of all parameters ({s['params_kept']:,} of {s['params_dense']:,}) "
                f"and {100 * s['block_keep_nominal']:.1f}% of block parameters; val top-1 {s['val_acc_pruned']:.2f}%, "
                f"surgery max abs diff {s['surgery_max_abs_diff']:.2e}")
+    if "latency" in s:
+        lat = s["latency"]
+        click.echo(f"predicted {lat['predicted_ms']:.3f} ms on {lat['backend']} (target {lat['target_ms']:.3f} ms; "
+                   f"{lat['predicted_speedup']:.2f}× over the measured dense {lat['dense_ms_measured']:.3f} ms)")
     if s["params_stored"] != s["params_kept"]:
         click.echo(f"the saved model stores {s['params_stored']:,} parameters ({100 * s['total_keep_stored']:.1f}%): "
                    "widths rounded up (--round-to) or channel selections folded into full-width weights (--io-mode)")
@@ -286,8 +300,10 @@ def analyze(inputs, out, data, checkpoint, steps, device) -> None:
 
 
 def _register_user_commands() -> None:
+    from p3bkit.cli_latency import latency_table
     from p3bkit.cli_user import eval_, train
 
+    main.add_command(latency_table)
     main.add_command(train)
     main.add_command(eval_)
 

@@ -81,6 +81,8 @@ class PruneJob:
     teacher_checkpoint: str | None = None
     progress: bool = True
     keep_checkpoint: bool = False  # a finished run removes checkpoint.pt unless asked to keep it
+    latency_table: str | None = None  # latency budget: the table (p3bkit latency-table) and p3b.target_ms …
+    target_speedup: float | None = None  # … or a speedup over the table's measured dense model
     stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
     p3b: P3BConfig = field(default_factory=P3BConfig)
 
@@ -118,11 +120,30 @@ def _validate(job: PruneJob) -> None:
                        "budget instead")
     if not 0 < job.p3b.keep <= 1:
         raise P3BError(f"keep ratio must be in (0, 1], got {job.p3b.keep}")
+    if (job.p3b.target_ms is not None or job.target_speedup is not None) and job.latency_table is None:
+        raise P3BError("a latency target needs --latency-table (make one with p3bkit latency-table MODEL --backend ...)")
     if any(e < 0 for e in job.epochs) or job.epochs[1] + job.epochs[2] == 0:
         raise P3BError(f"epochs (warm-up, sparsify, sharpen) = {job.epochs}: need ≥ 0 each and sparsify+sharpen ≥ 1")
     if job.p3b.update_every < 1:
         raise P3BError("mask update frequency must be ≥ 1")
     require_device(job.device)
+
+
+def _latency_table(job: PruneJob, gated):
+    """The job's latency table, checked against this machine and model; sets p3b.target_ms from a speedup."""
+    if job.latency_table is None:
+        return None
+    from p3bkit.bench.harness import machine_info
+    from p3bkit.models.latency import LatencyTable, model_dims
+
+    table = LatencyTable.load(job.latency_table)
+    table.check_model(model_dims(gated.spec), job.model)
+    table.check_machine(machine_info(table.threads))
+    if job.target_speedup is not None:
+        job.p3b.target_ms = table.dense_ms / job.target_speedup
+    if job.p3b.target_ms is None:
+        raise P3BError("--latency-table needs a target: --target-latency-ms or --target-speedup")
+    return table
 
 
 def _teacher(job: PruneJob, device: str):
@@ -196,8 +217,9 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
         raise P3BError(f"Mixup/CutMix pair up images: the per-rank batch ({local_batch}) must be even")
     sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
     _warn_sparse_updates(sched, job.p3b.update_every, ctx)
+    table = _latency_table(job, gated)
     pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
-                       lr_scale=job.batch_size / 512).to(ctx.device)
+                       lr_scale=job.batch_size / 512, latency_table=table).to(ctx.device)
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -339,6 +361,8 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
                "lr_model": pruner.optimizer.param_groups[0]["lr"], "lr_bpi": pruner.optimizer.param_groups[-1]["lr"],
                "surgery_max_abs_diff": diff, "seconds": seconds, "kappa": pruner.kappa.tolist(),
                "disabled_blocks": [i for i, d in enumerate(pruner.disabled.tolist()) if d]}
+    if pruner.latency is not None:
+        summary["latency"] = pruner.latency.report(pruned.p3b_arch.layers)
     if ctx.main:
         save(pruned, out / "pruned")  # save() copies tensors to the CPU; the model stays on its device
         write_json_atomic(out / "summary.json", summary)

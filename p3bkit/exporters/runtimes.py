@@ -22,9 +22,13 @@ def import_backend(name: str):
         raise BackendUnavailable(f"{name} is not importable ({exc}); install it with pip install 'p3bkit[{extra}]'") from exc
 
 
-def ort_session(path: str | Path, threads: int | None = None, profile: bool = False):
+def ort_session(path: str | Path, threads: int | None = None, profile: bool = False, spin: bool = True):
+    """An onnxruntime CPU session; `spin=False` stops idle worker threads from busy-waiting, so a
+    session that is not running takes no core from another model being timed (issue 12)."""
     ort = import_backend("onnxruntime")
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -42,14 +46,14 @@ def ort_runner(path: str | Path, threads: int | None = None):
     return run
 
 
-def ov_compile(xml: str | Path, precision: str = "f32", threads: int | None = None, device: str = "CPU"):
-    """Compile an IR; f32/f16 pin f32 inference (OpenVINO defaults to bf16 on CPUs that have it)."""
+def ov_compile(xml, precision: str = "f32", threads: int | None = None, device: str = "CPU"):
+    """Compile an IR (path or in-memory model); f32/f16 pin f32 inference (OpenVINO defaults to bf16 on CPUs that have it)."""
     ov = import_backend("openvino")
     core = ov.Core()
     cfg = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = threads
-    return core.compile_model(str(xml), device, cfg)
+    return core.compile_model(xml if isinstance(xml, ov.Model) else str(xml), device, cfg)
 
 
 def ov_runner(xml: str | Path, precision: str = "f32", threads: int | None = None):

@@ -130,3 +130,55 @@ class ImportanceEMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.momentum, self.value = state["momentum"], state["value"]
+
+
+class LatencyBudget:
+    """Block costs in predicted milliseconds, from a latency table (models/latency.py; issue 12).
+
+    The allocation is P3B's, with |Wᵢ| replaced by the branch's predicted time on the table's
+    runtime: importance per millisecond, κᵢ as a fraction of the branch's full-width time, and the
+    budget (target − the branch-free model's time) / Σ full-width branch times. Each branch's cost
+    curve over kept units is non-decreasing, so the width chosen for a cost is the widest one at
+    that cost: widths land at the right edge of the runtime's latency steps.
+    """
+
+    def __init__(self, gated, branches: list, table, target_ms: float) -> None:
+        from p3bkit.models.gates import GatedAttention
+        from p3bkit.models.latency import model_dims
+
+        if table is None:
+            raise P3BError("a latency budget needs a latency table (--latency-table, made by p3bkit latency-table)")
+        if gated.structure != "inner":
+            raise P3BError("latency budgets prune head dims and MLP hidden units: use --structure inner")
+        table.check_model(model_dims(gated.spec))
+        self.table, self.fixed_ms, self.target_ms = table, table.fixed_ms, target_ms
+        self.curves = [torch.from_numpy(table.branch_curve("attn" if isinstance(b, GatedAttention) else "mlp",
+                                                           _only_gate(b).size)) for b in branches]
+        self.full = torch.stack([c[-1] for c in self.curves]).double()
+        self.unit = torch.stack([c[1] for c in self.curves]).double()
+        dense = self.fixed_ms + float(self.full.sum())
+        if target_ms <= self.fixed_ms:
+            raise P3BError(f"a target of {target_ms:.3f} ms is not above the {self.fixed_ms:.3f} ms the model takes on "
+                           f"{table.backend} with every block removed (patch embedding, norms, head)")
+        if target_ms >= dense:
+            raise P3BError(f"a target of {target_ms:.3f} ms is not below the dense model's predicted {dense:.3f} ms "
+                           f"on {table.backend}: nothing to prune")
+        self.dense_ms = dense
+        self.block_keep = (target_ms - self.fixed_ms) / float(self.full.sum())
+
+    def report(self, layers: list[dict]) -> dict:
+        """Target and prediction for a pruned architecture, for summary.json."""
+        t = self.table
+        predicted = t.predict(layers)
+        return {"backend": t.backend, "device": t.device, "batch": t.batch, "threads": t.threads, "cpu": t.machine.get("cpu"),
+                "target_ms": self.target_ms, "predicted_ms": predicted, "dense_ms_measured": t.dense_ms,
+                "predicted_speedup": t.dense_ms / predicted, "target_speedup": t.dense_ms / self.target_ms}
+
+    def kept(self, branches: list) -> torch.Tensor:
+        """Predicted ms of every branch at its current kept width (mask ≥ 0.5)."""
+        return torch.stack([c[_only_gate(b).kept()] for c, b in zip(self.curves, branches)]).double()
+
+
+def _only_gate(branch):
+    (gate,) = branch.gates().values()  # structure "inner": one gate per branch (head dims or hidden units)
+    return gate

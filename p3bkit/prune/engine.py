@@ -16,7 +16,8 @@ import torch.nn as nn
 from p3bkit.models.cost import block_params
 from p3bkit.models.gates import GatedAttention, GatedViT
 from p3bkit.prune.bpi import BPI, ClassHead, Criterion, StateRecorder, ce_loss
-from p3bkit.prune.budget import ImportanceEMA, allocate_keep_ratios, block_importance, block_keep_ratio, ramp
+from p3bkit.models.latency import LatencyTable
+from p3bkit.prune.budget import ImportanceEMA, LatencyBudget, allocate_keep_ratios, block_importance, block_keep_ratio, ramp
 from p3bkit.prune.masks import GATE_FACTORS, kept_cost_curve, normalised_ranks, soft_mask_values, threshold_count
 from p3bkit.prune.schedule import Schedule
 
@@ -45,6 +46,7 @@ class P3BConfig:
     bpi_class_head: ClassHead = "linear"  # the paper's Linear, or LayerNorm + Linear
     allocation: Allocation = "p3b"
     keep_ratios: list[float] | None = None  # handcrafted per-block κ (ablations)
+    target_ms: float | None = None  # latency budget (needs a LatencyTable; `keep` is then unused)
     gate_factors: dict[str, float] = field(default_factory=lambda: dict(GATE_FACTORS))
 
 
@@ -52,8 +54,13 @@ class P3BPruner(nn.Module):
     """Trains a gated ViT while pruning it with P3B."""
 
     def __init__(self, gated: GatedViT, cfg: P3BConfig, schedule: Schedule, criterion: Criterion = ce_loss,
-                 lr_scale: float = 1.0) -> None:
-        """`lr_scale` multiplies both learning rates (the DeiT rule: batch size / 512)."""
+                 lr_scale: float = 1.0, latency_table: LatencyTable | None = None) -> None:
+        """`lr_scale` multiplies both learning rates (the DeiT rule: batch size / 512).
+
+        With `cfg.target_ms` and a `latency_table`, every block's cost is its predicted milliseconds
+        on the table's runtime instead of its parameter count: importance per ms, κ solved so
+        that the predicted model time meets the target, kept widths chosen on the table's curve.
+        """
         super().__init__()
         self.gated, self.cfg, self.schedule, self.criterion = gated, cfg, schedule, criterion
         self.bpi = BPI.for_model(gated.model, cfg.bpi_class_head)
@@ -63,6 +70,11 @@ class P3BPruner(nn.Module):
         self.total_params = sum(p.numel() for p in gated.model.parameters())
         self.other_params = self.total_params - float(self.full_sizes.sum())
         self.block_keep = block_keep_ratio(cfg.keep, float(self.full_sizes.sum()), self.other_params, cfg.budget)
+        self.latency = LatencyBudget(gated, self.branches, latency_table, cfg.target_ms) if cfg.target_ms else None
+        if self.latency is not None:
+            self.block_keep = self.latency.block_keep
+        self.alloc_full = self.latency.full if self.latency else self.full_sizes
+        self.alloc_unit = self.latency.unit if self.latency else self.unit_costs
         n = len(self.branches)
         self.register_buffer("delta_c", torch.zeros(n))
         self.register_buffer("delta_p", torch.zeros(n))
@@ -102,6 +114,10 @@ class P3BPruner(nn.Module):
 
     def kept_sizes(self) -> torch.Tensor:
         return torch.tensor([self._params(b) for b in self.branches], dtype=torch.float64)
+
+    def kept_costs(self) -> torch.Tensor:
+        """What the allocation counts per block now: parameters, or predicted ms under a latency budget."""
+        return self.latency.kept(self.branches) if self.latency else self.kept_sizes()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None,
                    autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
@@ -147,7 +163,7 @@ class P3BPruner(nn.Module):
         return phase != "warmup" and (step % self.cfg.update_every == 0 or last)
 
     def target_keep_ratios(self) -> torch.Tensor:
-        sizes, disabled = self.full_sizes, self.disabled.cpu()
+        sizes, disabled = self.alloc_full, self.disabled.cpu()
         if self.cfg.keep_ratios is not None:
             return torch.tensor(self.cfg.keep_ratios, dtype=torch.float32)
         if self.cfg.allocation == "uniform":
@@ -155,8 +171,8 @@ class P3BPruner(nn.Module):
         if self.cfg.allocation == "global-magnitude":
             return self._global_magnitude_ratios()
         count = self.delta_count.clamp(min=1)
-        imp = block_importance((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.kept_sizes(),
-                               self.cfg.alpha, self.cfg.smoothing, self.unit_costs, ~disabled)
+        imp = block_importance((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.kept_costs(),
+                               self.cfg.alpha, self.cfg.smoothing, self.alloc_unit, ~disabled)
         return allocate_keep_ratios(self.ema.update(imp.double()), sizes, self.block_keep, disabled)
 
     @torch.no_grad()
@@ -177,6 +193,8 @@ class P3BPruner(nn.Module):
                   "delta_c": (self.delta_c / count).tolist(), "delta_p": (self.delta_p / count).tolist(),
                   "kappa_target": target.tolist(), "kappa": self.kappa.tolist(), "disabled": self.disabled.tolist(),
                   "kept_params": self.kept_sizes().tolist(), "full_params": self.full_sizes.tolist()}
+        if self.latency:
+            record["predicted_ms"] = self.latency.fixed_ms + float(self.kept_costs().sum())
         self.reset_accumulators()
         return record
 
@@ -209,6 +227,8 @@ class P3BPruner(nn.Module):
         gates = branch.gates()
         gate_id = torch.cat([torch.full((g.size,), i) for i, g in enumerate(gates.values())])
         order = torch.argsort(scores, descending=True, stable=True)
+        if self.latency:
+            return order, self.latency.curves[self.branches.index(branch)]
         s = self.gated.spec
         kind = "attn" if isinstance(branch, GatedAttention) else "mlp"
         full = {"in": s.dim, "out": s.dim, "head_dim": s.head_dim, "hidden": s.mlp_hidden}
@@ -223,7 +243,7 @@ class P3BPruner(nn.Module):
             order, cost = self._cost_curve(b, scores)
             curves.append((scores[order], cost))
         everything = torch.sort(torch.cat([c[0] for c in curves]), descending=True).values
-        budget = self.block_keep * float(self.full_sizes.sum())
+        budget = self.block_keep * float(self.alloc_full.sum())
 
         def kept_cost(theta: float) -> list[float]:
             return [float(cost[int((sc >= theta).sum())]) for sc, cost in curves]
@@ -233,7 +253,7 @@ class P3BPruner(nn.Module):
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if sum(kept_cost(float(everything[mid]))) <= budget else (lo, mid - 1)
         costs = torch.tensor(kept_cost(float(everything[lo])), dtype=torch.float64)
-        return (costs / self.full_sizes).float()
+        return (costs / self.alloc_full).float()
 
     def _update_branch(self, branch: nn.Module, kappa: float, tau: float, carry: float = 0.0) -> float:
         """New soft masks for κ·|W| (+ `carry`) kept parameters; returns the shortfall to carry on."""
