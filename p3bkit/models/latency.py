@@ -55,22 +55,28 @@ class LatencyTable:
     per_branch_ms: float = 0.0
     schema: int = TABLE_SCHEMA
 
+    def __post_init__(self) -> None:
+        # branch cost never falls with width: a measured dip is timing noise, so each grid row is
+        # replaced by its least-squares non-decreasing fit (pool adjacent violators)
+        self._attn = [isotonic(r) for r in self.attn_ms]
+        self._mlp = isotonic(self.mlp_ms)
+
     def attn(self, heads: int, head_dim: int) -> float:
         """One attention branch with `heads` heads of width `head_dim` (0 when either is 0)."""
         if heads <= 0 or head_dim <= 0:
             return 0.0
-        rows = [float(np.interp(head_dim, self.head_dims, r)) for r in self.attn_ms]
+        rows = [float(np.interp(head_dim, self.head_dims, r)) for r in self._attn]
         if len(self.heads) == 1:
             return rows[0] * heads / self.heads[0] if heads != self.heads[0] else rows[0]
         return float(np.interp(heads, self.heads, rows))
 
     def mlp(self, hidden: int) -> float:
         """One MLP branch with `hidden` units (0 when 0)."""
-        return 0.0 if hidden <= 0 else float(np.interp(hidden, self.hidden, self.mlp_ms))
+        return 0.0 if hidden <= 0 else float(np.interp(hidden, self.hidden, self._mlp))
 
     def branch_curve(self, kind: str, n: int) -> np.ndarray:
         """Cost of a branch keeping k = 0..n units (head dims at the model's head count, or hidden
-        units), made non-decreasing: a width whose cost is no higher than a wider one's is free."""
+        units); non-decreasing, so the widest width at a given cost is the one to keep."""
         raw = [self.branch_ms(kind, k) for k in range(n + 1)]
         return np.maximum.accumulate(np.asarray(raw, dtype=np.float64))
 
@@ -128,7 +134,7 @@ class LatencyTable:
     def save(self, path: str | os.PathLike) -> Path:
         from p3bkit.fileio import write_json_atomic
 
-        return write_json_atomic(path, asdict(self))
+        return write_json_atomic(path, asdict(self))  # the measured values; the fits are rebuilt on load
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyTable":
@@ -147,6 +153,17 @@ class LatencyTable:
                 or len(table.mlp_ms) != len(table.hidden):
             raise P3BError(f"{path}: malformed latency table (grid and values differ in size)")
         return table
+
+
+def isotonic(values: list[float]) -> np.ndarray:
+    """The non-decreasing sequence closest to `values` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, c2), (m1, c1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return np.concatenate([np.full(int(c), m) for m, c in blocks]) if blocks else np.zeros(0)
 
 
 def model_dims(spec) -> dict:

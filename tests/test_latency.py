@@ -1,0 +1,152 @@
+"""Latency tables and latency budgets (issue 12): measured through real runtimes, on the user's path."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import timm
+from click.testing import CliRunner
+
+from p3bkit.bench.latency_table import TableConfig, calibrate, measure_latency_table, validate_table
+from p3bkit.cli import main
+from p3bkit.errors import P3BError
+from p3bkit.models.latency import LatencyTable
+
+QUICK = dict(head_dim_step=4, hidden_step=64, runs=5, calibration=3, progress=False, threads=1)
+
+
+def user_vit():
+    """A model made the way a user makes one: timm.create_model with constructor arguments."""
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                             depth=3, num_heads=4, num_classes=5).eval()
+
+
+@pytest.fixture(scope="module")
+def ort_table():
+    pytest.importorskip("onnxruntime")
+    return measure_latency_table(user_vit(), "user-vit", TableConfig(backend="onnxruntime", **QUICK))
+
+
+def test_table_grid_and_prediction_of_the_dense_model(ort_table):
+    t = ort_table
+    assert t.dims == {"dim": 64, "depth": 3, "num_heads": 4, "head_dim": 16, "mlp_hidden": 256, "num_tokens": 17}
+    assert t.head_dims[0] == 1 and t.head_dims[-1] == 16 and t.hidden[-1] == 256 and t.heads == [4]
+    assert t.machine["versions"]["onnxruntime"] and t.protocol["onnxruntime_spinning"] is False
+    assert all(v >= 0 for v in t.mlp_ms) and all(v >= 0 for v in t.attn_ms[0])
+    assert 0 < t.fixed_ms < t.dense_ms
+    # the calibration includes the dense model, so the table reproduces it closely
+    assert abs(t.predict() - t.dense_ms) / t.dense_ms < 0.25
+    curve = t.branch_curve("mlp", 256)
+    assert curve[0] == 0 and np.all(np.diff(curve) >= 0) and curve[-1] > 0
+
+
+def test_table_predicts_unseen_pruned_models(ort_table):
+    rows = validate_table(user_vit(), ort_table, TableConfig(backend="onnxruntime", **QUICK), count=4)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["measured_ms"] > 0 and r["predicted_ms"] > 0
+        assert abs(r["error"]) < 1.0  # sanity: the right order of magnitude (the benchmark reports the real error)
+
+
+def test_prediction_interpolates_and_counts_emptied_branches():
+    t = LatencyTable(model="m", dims={"dim": 8, "depth": 2, "num_heads": 2, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
+                     backend="torch", device="cpu", batch=1, precision="fp32", threads=1, machine={}, fixed_ms=1.0,
+                     dense_ms=9.0, heads=[1, 2], head_dims=[1, 4], attn_ms=[[0.5, 1.0], [1.0, 2.0]], hidden=[1, 8],
+                     mlp_ms=[0.2, 1.6], scale=1.0, per_branch_ms=0.1)
+    full = list(range(8))
+    layers = [{"attn": {"in": full, "out": full, "head_dim": [0, 1, 2, 3]}, "mlp": None},
+              {"attn": None, "mlp": {"in": full, "out": full, "hidden": list(range(4))}}]
+    assert t.predict(layers) == pytest.approx(1.0 + 2.0 + 0.1 + (0.2 + 3 / 7 * 1.4) + 0.1)
+    assert t.predict() == pytest.approx(1.0 + 2 * (2.0 + 1.6) + 0.4)
+    assert t.attn(1, 4) == 1.0 and t.attn(2, 0) == 0.0
+    partial = [{"attn": {"in": full[:4], "out": full, "head_dim": [0]}, "mlp": None}] * 2
+    with pytest.raises(P3BError, match="structure inner"):
+        t.predict(partial)
+
+
+def test_calibration_fits_scale_and_per_branch_cost():
+    t = LatencyTable(model="m", dims={"dim": 8, "depth": 1, "num_heads": 1, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
+                     backend="torch", device="cpu", batch=1, precision="fp32", threads=1, machine={}, fixed_ms=1.0,
+                     dense_ms=0.0, heads=[1], head_dims=[1, 4], attn_ms=[[1.0, 4.0]], hidden=[1, 8], mlp_ms=[1.0, 8.0])
+    full = list(range(8))
+    models = [None] + [[{"attn": {"in": full, "out": full, "head_dim": list(range(a))} if a else None,
+                         "mlp": {"in": full, "out": full, "hidden": list(range(h))} if h else None}] for a, h in
+                       [(1, 0), (0, 3), (4, 8), (2, 5)]]
+    truth = [1.0 + 1.5 * t.branch_sum(m)[0] + 0.3 * t.branch_sum(m)[1] for m in models]
+    calibrate(t, models, truth)
+    assert t.scale == pytest.approx(1.5) and t.per_branch_ms == pytest.approx(0.3)
+
+
+def test_cli_writes_a_table_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "lut.json"
+    args = ["latency-table", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs",
+            '{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}', "--backend", "torch",
+            "--head-dim-step", "8", "--hidden-step", "64", "--runs", "3", "--calibration", "2", "--check", "2",
+            "--no-progress", "--threads", "1", "-o", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "prediction error on 2 random pruned models" in r.output
+    data = json.loads(out.read_text())
+    assert data["backend"] == "torch" and data["protocol"]["check"]["models"] == 2
+    before = out.read_bytes()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "exists; use --force" in r.output and out.read_bytes() == before
+
+
+def _digits_table(tmp_path, **changes) -> str:
+    """A latency table for the digits-vit preset, measured with torch (fast) on this machine."""
+    from p3bkit.models.factory import create_model
+
+    table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
+                                  TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "threads": None}))
+    data = {**dataclasses.asdict(table), **changes}
+    path = tmp_path / "digits_lut.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_prune_meets_a_latency_target_on_the_tables_curve(tmp_path):
+    lut = _digits_table(tmp_path)
+    table = LatencyTable.load(lut)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["prune", "--model", "digits-vit", "--target-speedup", "2.5", "--latency-table", lut,
+                                  "--epochs", "0", "1", "1", "--no-progress", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())
+    lat = s["latency"]
+    assert lat["target_ms"] == pytest.approx(table.dense_ms / 2.5)
+    # the allocation meets the predicted target to within one branch (on this tiny model a branch's
+    # time is mostly its fixed per-branch cost, so removing whole branches is what saves time)
+    d = table.dims
+    one_branch = max(table.branch_ms("attn", d["head_dim"]), table.branch_ms("mlp", d["mlp_hidden"]))
+    assert abs(lat["predicted_ms"] - lat["target_ms"]) <= one_branch
+    assert "predicted" in r.output and "over the measured dense" in r.output
+    arch = json.loads((out / "pruned" / "arch.json").read_text())
+    assert table.predict(arch["layers"]) == pytest.approx(lat["predicted_ms"])
+
+
+def test_latency_budget_refusals(tmp_path):
+    lut = _digits_table(tmp_path, machine={"cpu": "Some Other CPU", "cores": 64, "gpu": None, "versions": {}})
+    base = ["prune", "--model", "digits-vit", "--epochs", "0", "1", "1", "--no-progress"]
+    r = CliRunner().invoke(main, base + ["--target-speedup", "2", "--latency-table", lut, "-o", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "measured on another machine" in r.output and "Some Other CPU" in r.output
+    assert not (tmp_path / "a" / "pruned").exists()
+    good = _digits_table(tmp_path)
+    r = CliRunner().invoke(main, base + ["--target-speedup", "2", "--latency-table", good, "--structure", "full",
+                                         "-o", str(tmp_path / "b")])
+    assert r.exit_code == 1 and "--structure inner" in r.output
+    r = CliRunner().invoke(main, base + ["--target-latency-ms", "1e-6", "--latency-table", good, "-o", str(tmp_path / "c")])
+    assert r.exit_code == 1 and "every block removed" in r.output
+    r = CliRunner().invoke(main, base + ["--target-speedup", "2", "-o", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "needs --latency-table" in r.output
+    r = CliRunner().invoke(main, base + ["--keep", "0.5", "--target-speedup", "2", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "exactly one of" in r.output
+    r = CliRunner().invoke(main, ["prune", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--target-speedup", "2",
+                                  "--latency-table", good, "--no-progress", "-o", str(tmp_path / "f")])
+    assert r.exit_code == 1 and "does not fit" in r.output
+    (tmp_path / "junk.json").write_text("{}")
+    r = CliRunner().invoke(main, base + ["--target-speedup", "2", "--latency-table", str(tmp_path / "junk.json"),
+                                         "-o", str(tmp_path / "g")])
+    assert r.exit_code == 1 and "not a p3bkit latency table" in r.output
