@@ -258,15 +258,22 @@ def doctor() -> None:
 @click.option("--threads", type=POSITIVE, help="Threads to pin (recorded in the JSON).")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile (torch backend).")
 @click.option("--profile", is_flag=True, help="Time per op type (ORT profiler, OpenVINO counters, torch profiler).")
+@click.option("--dense-baselines", is_flag=True,
+              help="Also time the first model on every CPU runtime here (torch, onnxruntime plain and transformer-"
+                   "optimised, OpenVINO) and show each model's speedup against the fastest.")
+@click.option("--latency-table", type=click.Path(exists=True, dir_okay=False),
+              help="Add this latency table's predicted ms (models on its runtime).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write raw latencies + machine info.")
 @boundary
-def bench(models, backend, device, batch, precision, runs, duration, warmup, threads, compile, profile, json_out) -> None:
+def bench(models, backend, device, batch, precision, runs, duration, warmup, threads, compile, profile,
+          dense_baselines, latency_table, json_out) -> None:
     """Benchmark MODELS interleaved; speedups are relative to the first (the dense baseline)."""
     from p3bkit.bench import BenchConfig, run_bench
 
     device = "cpu" if device == "cpu" else "gpu"
     cfg = BenchConfig(runs=runs, duration=duration, warmup=warmup, threads=threads)
-    report = run_bench(list(models), backend, device, batch, precision, cfg, profile, json_out, compile)
+    report = run_bench(list(models), backend, device, batch, precision, cfg, profile, json_out, compile,
+                       dense_baselines, latency_table)
     m = report["machine"]
     click.echo(f"{m['cpu']} ({m['threads']} threads){', ' + m['gpu'] if device == 'gpu' else ''}, {precision}")
     click.echo(report["table"])

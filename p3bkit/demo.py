@@ -2,7 +2,9 @@
 
 Train a dense tiny ViT → prune it with P3B to the requested keep ratio of all parameters (the
 paper's budget; the `quick` recipe's learning rates) → fine-tune the dense pruned model → compare
-accuracy, parameters, FLOPs and CPU latency.
+accuracy, parameters, FLOPs and CPU latency → export the pruned model (ONNX, OpenVINO where
+installed) and time it against the dense model on every CPU runtime here, interleaved in one
+process (`p3bkit bench --dense-baselines`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from p3bkit.train.loop import Checkpointing, FitConfig, evaluate, fit, seed_ever
 from p3bkit.workflows import PruneJob, run_prune
 
 DEMO_FILES = ("dense.safetensors", "dense_checkpoint.pt", "finetune_checkpoint.pt", "prune", "pruned", "summary.json",
-              "table.md")  # what a demo writes
+              "table.md", "dense", "export", "speed.json")  # what a demo writes
 
 
 @torch.inference_mode()
@@ -45,7 +47,7 @@ def cpu_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], runs: int = 2
 
 def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: tuple[int, int, int] = (1, 6, 6),
              finetune_epochs: int = 20, seed: int = 0, progress: bool = True, force: bool = False,
-             resume: bool = False) -> dict:
+             resume: bool = False, speed_runs: int = 300) -> dict:
     """Run the demo into `out` (new, empty, or an earlier demo's folder; `force` for anything else).
 
     Every stage checkpoints (each epoch and on SIGTERM/SIGINT); `resume` skips finished stages and
@@ -83,10 +85,38 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
         desc="finetune", checkpointing=Checkpointing(out_dir / "finetune_checkpoint.pt", resume, settings))
     save(pruned, out_dir / "pruned")
     (out_dir / "finetune_checkpoint.pt").unlink(missing_ok=True)
-    return _compare(out_dir, keep, dense, pruned, prune_summary, data, time.time() - t0)
+    save(dense, out_dir / "dense")
+    speed = speed_table(out_dir, speed_runs) if speed_runs else None
+    return _compare(out_dir, keep, dense, pruned, prune_summary, data, time.time() - t0, speed)
 
 
-def _compare(out_dir: Path, keep: float, dense, pruned, prune_summary: dict, data, seconds: float) -> dict:
+def speed_table(out_dir: Path, runs: int) -> dict:
+    """Export the pruned model to each CPU runtime here and time it against the dense model on
+    all of them (torch, onnxruntime plain and transformer-optimised, OpenVINO), interleaved."""
+    from p3bkit.bench import BenchConfig, run_bench
+    from p3bkit.errors import BackendUnavailable
+    from p3bkit.exporters import ARTEFACT, export_model
+
+    refs = [str(out_dir / "dense"), str(out_dir / "pruned")]
+    for fmt in ("onnx", "openvino"):
+        try:
+            export_model(str(out_dir / "pruned"), fmt, out_dir / "export" / fmt)
+            refs.append(str(out_dir / "export" / fmt / ARTEFACT[fmt]))
+        except BackendUnavailable:
+            continue
+    report = run_bench(refs, cfg=BenchConfig(runs=runs, warmup=20, block=20), dense_baselines=True,
+                       json_out=str(out_dir / "speed.json"))
+    rows = [{"name": r["name"], "backend": r["backend"], "median_ms": r["stats"]["median_ms"], "baseline": r["baseline"]}
+            for r in report["results"]]
+    dense = {r["backend"] + (" (transformer-optimised)" if r["name"].endswith("]") else ""): r["median_ms"]
+             for r in rows if r["baseline"]}
+    pruned = {r["backend"]: r["median_ms"] for r in rows if not r["baseline"]}
+    return {"dense_ms": dense, "pruned_ms": pruned, "cpu": report["machine"]["cpu"],
+            "threads": report["machine"]["threads"], "protocol": report["protocol"], "runs": runs}
+
+
+def _compare(out_dir: Path, keep: float, dense, pruned, prune_summary: dict, data, seconds: float,
+             speed: dict | None = None) -> dict:
     shape = (data.in_chans, data.img_size, data.img_size)
     rows = {}
     for name, model in (("dense", dense), ("pruned", pruned)):
@@ -96,7 +126,7 @@ def _compare(out_dir: Path, keep: float, dense, pruned, prune_summary: dict, dat
     rows["pruned"]["val_acc_before_finetune"] = prune_summary["val_acc_pruned"]
     summary = {"keep": keep, "budget": prune_summary["budget"], "total_keep": prune_summary["total_keep"],
                "block_keep_nominal": prune_summary["block_keep_nominal"], "results": rows,
-               "seconds": seconds, "threads": torch.get_num_threads()}
+               "seconds": seconds, "threads": torch.get_num_threads(), "speed": speed}
     write_json_atomic(out_dir / "summary.json", summary)
     (out_dir / "table.md").write_text(format_table(summary))
     return summary
@@ -111,4 +141,25 @@ def format_table(summary: dict) -> str:
                  f"paper's budget) and {100 * summary['block_keep_nominal']:.1f}% of block parameters; "
                  f"pruned before fine-tune: {p['val_acc_before_finetune']:.2f}%; speedup {d['cpu_ms_batch1'] / p['cpu_ms_batch1']:.2f}×; "
                  f"FLOP ratio {d['flops'] / p['flops']:.2f}×; total {summary['seconds']:.0f} s on {summary['threads']} threads.")
+    if summary.get("speed"):
+        lines.append("\n" + format_speed(summary["speed"]))
     return "\n".join(lines) + "\n"
+
+
+def format_speed(speed: dict) -> str:
+    """Exported pruned model vs the dense model, per CPU runtime, and best against best."""
+    dense, pruned = speed["dense_ms"], speed["pruned_ms"]
+    fastest_dense = min(dense, key=dense.get)
+    lines = [f"Speed, batch 1, fp32, {speed['cpu']} ({speed['threads']} threads), median of {speed['runs']} runs "
+             f"interleaved in one process:", "",
+             "| runtime | dense ms | pruned ms | speedup (same runtime) | vs fastest dense |", "|---|---|---|---|---|"]
+    for backend, ms in sorted(pruned.items(), key=lambda kv: kv[1]):
+        same = dense.get(backend)
+        lines.append(f"| {backend} | {same:.3f} | {ms:.3f} | {same / ms:.2f}× | {dense[fastest_dense] / ms:.2f}× |")
+    for backend, ms in dense.items():
+        if backend not in pruned:
+            lines.append(f"| {backend} | {ms:.3f} | | | |")
+    best = min(pruned, key=pruned.get)
+    lines.append(f"\nBest: the pruned model on {best} is {dense[fastest_dense] / pruned[best]:.2f}× faster than the dense "
+                 f"model on its fastest runtime ({fastest_dense}).")
+    return "\n".join(lines)

@@ -14,7 +14,8 @@ def run_latency_table(model_ref: str, out: str | Path, cfg_kw: dict, check: int 
     models and stores the prediction errors in the table. Nothing is written unless all of it worked."""
     import numpy as np
 
-    from p3bkit.bench.latency_table import TableConfig, measure_latency_table, validate_table
+    from p3bkit.bench.latency_check import validate_table
+    from p3bkit.bench.latency_table import TableConfig, in_fresh_process, measure_latency_table
     from p3bkit.models.arch import ARCH_FILE, read_arch
     from p3bkit.workflows import build_model
 
@@ -32,7 +33,7 @@ def run_latency_table(model_ref: str, out: str | Path, cfg_kw: dict, check: int 
     table = measure_latency_table(model, model_ref, cfg)
     errors: list[float] = []
     if check:
-        rows = validate_table(model, table, cfg, count=check)
+        rows = in_fresh_process(validate_table, model, table, cfg, check)
         errors = [r["error"] for r in rows]
         e = np.abs(np.asarray(errors))
         table.protocol["check"] = {"models": check, "median_abs_error": float(np.median(e)),

@@ -220,7 +220,7 @@ def test_analyze_works_on_a_pruned_folder(run_dir, tmp_path):
 def test_demo_resumes_after_a_stop(tmp_path, sig):
     from p3bkit.demo import run_demo
 
-    small = dict(dense_epochs=3, prune_epochs=(0, 1, 1), finetune_epochs=2, progress=False)
+    small = dict(dense_epochs=3, prune_epochs=(0, 1, 1), finetune_epochs=2, progress=False, speed_runs=0)
     ref = run_demo(str(tmp_path / "ref"), **small)
     out = tmp_path / "demo"
     code = f"from p3bkit.demo import run_demo; run_demo({str(out)!r}, **{small!r})"

@@ -9,7 +9,8 @@ import pytest
 import timm
 from click.testing import CliRunner
 
-from p3bkit.bench.latency_table import TableConfig, calibrate, measure_latency_table, validate_table
+from p3bkit.bench.latency_check import validate_table
+from p3bkit.bench.latency_table import TableConfig, calibrate, measure_latency_table
 from p3bkit.cli import main
 from p3bkit.errors import P3BError
 from p3bkit.models.latency import LatencyTable
@@ -150,3 +151,41 @@ def test_latency_budget_refusals(tmp_path):
     r = CliRunner().invoke(main, base + ["--target-speedup", "2", "--latency-table", str(tmp_path / "junk.json"),
                                          "-o", str(tmp_path / "g")])
     assert r.exit_code == 1 and "not a p3bkit latency table" in r.output
+
+
+def test_bench_shows_fastest_dense_and_table_prediction(tmp_path):
+    """bench --dense-baselines times the dense model on every CPU runtime here (onnxruntime plain and
+    transformer-optimised included) and --latency-table adds the prediction for the table's runtime."""
+    pytest.importorskip("onnxruntime")
+    lut = _digits_table(tmp_path)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(main, ["prune", "--model", "digits-vit", "--keep", "0.3", "--epochs", "0", "1", "1",
+                                  "--no-progress", "-o", str(run)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(main, ["bench", "digits-vit", str(run / "pruned"), "--runs", "5", "--warmup", "1",
+                                  "--dense-baselines", "--latency-table", lut, "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    names = [(x["name"], x["backend"], x["baseline"]) for x in rep["results"]]
+    assert ("digits-vit", "torch", True) in names and ("digits-vit", "onnxruntime", True) in names
+    assert ("digits-vit [ort-transformers]", "onnxruntime", True) in names
+    assert sum(b for *_, b in names) >= 3 and not names[1][2]
+    assert "vs fastest dense" in rep["table"] and "predicted ms" in rep["table"]
+    pruned = rep["results"][1]
+    assert pruned["predicted_ms"] == pytest.approx(LatencyTable.load(lut).predict(
+        json.loads((run / "pruned" / "arch.json").read_text())["layers"]))
+    assert "allow_spinning" in rep["protocol"]
+
+
+def test_demo_ends_with_a_speed_table(tmp_path):
+    from p3bkit.demo import run_demo
+
+    s = run_demo(str(tmp_path / "demo"), dense_epochs=1, prune_epochs=(0, 1, 1), finetune_epochs=1, progress=False,
+                 speed_runs=10)
+    speed = s["speed"]
+    assert {"torch", "onnxruntime"} <= set(speed["pruned_ms"]) and "torch" in speed["dense_ms"]
+    assert "onnxruntime (transformer-optimised)" in speed["dense_ms"]
+    table = (tmp_path / "demo" / "table.md").read_text()
+    assert "vs fastest dense" in table and "Best: the pruned model on" in table
+    assert (tmp_path / "demo" / "export" / "onnx" / "model.onnx").is_file()

@@ -17,6 +17,10 @@ from p3bkit.bench.harness import (
 from p3bkit.bench.runners import prepare
 from p3bkit.fileio import write_json_atomic
 
+# written into every report: how the numbers were taken (issue 12, "honest speedups")
+PROTOCOL = ("all models in one process, timed round-robin in blocks with untimed lead-in runs; onnxruntime "
+            "intra-op threads do not spin (session.intra_op.allow_spinning=0); median latency")
+
 __all__ = ["BenchConfig", "BenchResult", "PRESETS", "benchmark", "compare_table", "run_bench"]
 
 
@@ -52,23 +56,69 @@ def _artefact_precision(ref: str) -> str | None:
     return json.loads(record.read_text()).get("precision") if record.is_file() else None
 
 
+def _layers(ref: str) -> list[dict] | None:
+    """Pruned layers behind a model reference (a pruned folder or an artefact exported from one)."""
+    import json
+
+    from p3bkit.models.arch import ARCH_FILE, read_arch
+
+    record = Path(f"{ref}.json")
+    if record.is_file():
+        ref = json.loads(record.read_text()).get("source", ref)
+    return read_arch(ref).layers if (Path(ref) / ARCH_FILE).is_file() else None
+
+
+def _predictions(prepared, results, table_path: str, threads: int | None) -> None:
+    """The latency table's prediction for every model run on the table's runtime."""
+    from p3bkit.bench.harness import machine_info
+    from p3bkit.errors import P3BError
+    from p3bkit.models.latency import LatencyTable
+
+    table = LatencyTable.load(table_path)
+    table.check_machine(machine_info(threads))
+    for p, r in zip(prepared, results):
+        if r.backend == table.backend and r.batch == table.batch and not p.name.endswith("]"):
+            try:
+                r.predicted_ms = table.predict(_layers(p.source or p.name))
+            except P3BError:  # another model, or one the table does not model (--structure full): no column value
+                r.predicted_ms = None
+
+
 def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", batch: int | None = None,
               precision: str = "fp32", cfg: BenchConfig | None = None, profile: bool = False,
-              json_out: str | None = None, compile: bool = False) -> dict:
-    """Benchmark models interleaved; returns the JSON-able report (also written to `json_out`)."""
+              json_out: str | None = None, compile: bool = False, dense_baselines: bool = False,
+              latency_table: str | None = None) -> dict:
+    """Benchmark models interleaved; returns the JSON-able report (also written to `json_out`).
+
+    `dense_baselines`: also time the first model (the dense one) on every CPU runtime here, and
+    report each model's speedup against the fastest. `latency_table`: add the table's prediction.
+    """
+    from p3bkit.bench.runners import dense_baselines as baselines_of
+    from p3bkit.errors import P3BError
+
     cfg = cfg or BenchConfig()
     dev = PRESETS[device] if device in PRESETS else {"batch": 1, "device": device}
     batch = batch or dev["batch"]
+    if dense_baselines and dev["device"] != "cpu":
+        raise P3BError("--dense-baselines compares CPU runtimes: use --device cpu")
     workdir = Path(tempfile.mkdtemp(prefix="p3bkit-bench-"))
     try:  # models exported on the fly live in workdir only while they are measured
         prepared = [prepare(r, backend, batch, dev["device"], precision, cfg.threads, workdir, compile) for r in refs]
-        results = benchmark(prepared, batch, cfg)
-        for p, r in zip(prepared, results):
+        extra = baselines_of(prepared[0].source or refs[0], batch, cfg.threads, workdir, prepared[0].backend) \
+            if dense_baselines else []
+        results = benchmark(prepared + extra, batch, cfg)
+        for i, (p, r) in enumerate(zip(prepared + extra, results)):
             r.flops = _flops(p.source or p.name)
             r.precision = _artefact_precision(p.name) or precision
-        report = results_json(results, cfg, {"device": dev["device"], "precision": precision})
+            r.baseline = i >= len(prepared) or (dense_baselines and i == 0)
+        if latency_table:
+            _predictions(prepared + extra, results, latency_table, cfg.threads)
+        report = results_json(results, cfg, {"device": dev["device"], "precision": precision,
+                                             "protocol": PROTOCOL})
         report["table"] = compare_table(results)
-        report["warnings"] = timing_warnings(results, [_architecture(p.source or p.name) for p in prepared])
+        n = len(prepared)  # the dense baselines are other runtimes on purpose: only their noise is worth a warning
+        report["warnings"] = timing_warnings(results[:n], [_architecture(p.source or p.name) for p in prepared]) + [
+            w for w in timing_warnings(results[n:], []) if "noisy" in w]
         if profile:
             report["profile"] = {p.name: p.profile(min(cfg.runs, 50)) if p.profile else {} for p in prepared}
     finally:

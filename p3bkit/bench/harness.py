@@ -43,6 +43,8 @@ class BenchResult:
     stats: dict = field(default_factory=dict)
     flops: int | None = None
     precision: str = ""  # what ran: the requested one, or an artefact's own (fixed at export)
+    predicted_ms: float | None = None  # the latency table's prediction, when one was given
+    baseline: bool = False  # one of the dense model's runtimes (bench --dense-baselines)
 
 
 def latency_stats(lat_ms: list[float], batch: int) -> dict:
@@ -117,15 +119,29 @@ def benchmark(models: list[Prepared], batch: int, cfg: BenchConfig) -> list[Benc
 
 
 def compare_table(results: list[BenchResult]) -> str:
-    """Markdown: latency, images/s, speedup vs the first, FLOP ratio (ideal) and measured/ideal."""
+    """Markdown: latency, images/s, speedup vs the first, FLOP ratio (ideal) and measured/ideal.
+
+    With dense baselines (several runtimes of the dense model) it adds the speedup against the
+    fastest of them; with a latency table, the table's predicted ms.
+    """
     base = results[0]
-    rows = ["| model | backend | batch | median ms | p90 ms | images/s | speedup | FLOP ratio | measured/ideal |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    baselines = [r for r in results if r.baseline]
+    fastest = min(baselines, key=lambda r: r.stats["median_ms"]) if baselines else None
+    predicted = any(r.predicted_ms is not None for r in results)
+    head = "| model | backend | batch | median ms | p90 ms | images/s | speedup | FLOP ratio | measured/ideal |"
+    head += f" vs fastest dense ({fastest.name}, {fastest.backend}) |" if fastest else ""
+    head += " predicted ms |" if predicted else ""
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         speed = base.stats["median_ms"] / r.stats["median_ms"]
         ideal = base.flops / r.flops if base.flops and r.flops else float("nan")
-        rows.append(f"| {r.name} | {r.backend} | {r.batch} | {r.stats['median_ms']:.3f} | {r.stats['p90_ms']:.3f} | "
-                    f"{r.stats['images_per_s']:.1f} | {speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} |")
+        row = (f"| {r.name} | {r.backend} | {r.batch} | {r.stats['median_ms']:.3f} | {r.stats['p90_ms']:.3f} | "
+               f"{r.stats['images_per_s']:.1f} | {speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} |")
+        if fastest:
+            row += f" {fastest.stats['median_ms'] / r.stats['median_ms']:.2f}× |"
+        if predicted:
+            row += f" {r.predicted_ms:.3f} |" if r.predicted_ms is not None else " |"
+        rows.append(row)
     return "\n".join(rows)
 
 

@@ -82,11 +82,37 @@ def _exported(ref: str, fmt: str, workdir: Path) -> Path:
     return out / ARTEFACT[fmt]
 
 
-def prepare_onnxruntime(ref: str, batch: int, threads: int | None, workdir: Path) -> Prepared:
+def _ort_transformer_optimized(path: Path, workdir: Path) -> Path:
+    """onnxruntime's transformer optimiser (model_type "vit": fused LayerNorm, GELU and attention),
+    the usual way a dense ViT is deployed with onnxruntime; refused if it changes the outputs."""
+    from onnxruntime.transformers import optimizer
+
+    from p3bkit.exporters.runtimes import ort_runner
+
+    out = workdir / f"{path.stem}.ort-transformers.onnx"
+    optimizer.optimize_model(str(path), model_type="vit", opt_level=0).save_model_to_file(str(out))
+    x = np.random.default_rng(0).standard_normal((2, *ort_session_shape(path))).astype(np.float32)
+    ref, opt = ort_runner(path)(x), ort_runner(out)(x)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ref.values(), opt.values()))
+    if diff > 1e-3:
+        raise P3BError(f"onnxruntime's transformer optimiser changed the outputs of {path} (max abs diff {diff:.2e})")
+    return out
+
+
+def ort_session_shape(path: Path) -> list[int]:
+    from p3bkit.exporters.runtimes import ort_session
+
+    return list(ort_session(path).get_inputs()[0].shape[1:])
+
+
+def prepare_onnxruntime(ref: str, batch: int, threads: int | None, workdir: Path,
+                        transformer_optimized: bool = False) -> Prepared:
     from p3bkit.exporters.runtimes import ort_session
 
     path = Path(ref) if ref.endswith(".onnx") else _exported(ref, "onnx", workdir)
-    sess = ort_session(path, threads)
+    if transformer_optimized:
+        path = _ort_transformer_optimized(path, workdir)
+    sess = ort_session(path, threads, spin=False)  # an idle spinning pool would slow the next model timed
     inp = sess.get_inputs()[0]
     x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:])).astype(np.float32)
     if "16" in inp.type:
@@ -95,8 +121,9 @@ def prepare_onnxruntime(ref: str, batch: int, threads: int | None, workdir: Path
     def profile(runs: int) -> dict[str, float]:
         return _ort_profile(path, threads, inp.name, x, runs)
 
-    return Prepared(ref, "onnxruntime", lambda: sess.run(None, {inp.name: x}), source=_source_of(str(path)) if
-                    ref.endswith(".onnx") else ref, profile=profile)
+    return Prepared(ref + (" [ort-transformers]" if transformer_optimized else ""), "onnxruntime",
+                    lambda: sess.run(None, {inp.name: x}), source=_source_of(ref) if ref.endswith(".onnx") else ref,
+                    profile=profile)
 
 
 def _ort_profile(path: Path, threads: int | None, name: str, x: np.ndarray, runs: int) -> dict[str, float]:
@@ -104,7 +131,7 @@ def _ort_profile(path: Path, threads: int | None, name: str, x: np.ndarray, runs
 
     from p3bkit.exporters.runtimes import ort_session
 
-    sess = ort_session(path, threads, profile=True)
+    sess = ort_session(path, threads, profile=True, spin=False)
     for _ in range(runs):
         sess.run(None, {name: x})
     trace = Path(sess.end_profiling())
@@ -167,6 +194,22 @@ def check_precision(backend: str, precision: str) -> None:
                "openvino": "OpenVINO on CPU infers in f32 or bf16"}.get(backend, "")
         raise P3BError(f"the {backend} runner cannot run --precision {precision} (it takes {', '.join(allowed)})"
                        + (f"; {how}" if how else ""))
+
+
+def dense_baselines(ref: str, batch: int, threads: int | None, workdir: Path, skip: str = "") -> list[Prepared]:
+    """The dense model on every CPU runtime importable here: torch eager, onnxruntime (plain and
+    transformer-optimised) and OpenVINO — the fastest of them is what a pruned model must beat.
+    `skip`: a runtime already timed."""
+    out = [] if skip == "torch" else [prepare_torch(ref, batch, "cpu", "fp32", threads)]
+    makers = [] if skip == "onnxruntime" else [lambda: prepare_onnxruntime(ref, batch, threads, workdir)]
+    for make in makers + [
+            lambda: prepare_onnxruntime(ref, batch, threads, workdir, transformer_optimized=True)] + (
+            [] if skip == "openvino" else [lambda: prepare_openvino(ref, batch, threads, "f32", workdir)]):
+        try:
+            out.append(make())
+        except BackendUnavailable:
+            continue
+    return out
 
 
 def prepare(ref: str, backend: str | None, batch: int, device: str, precision: str, threads: int | None,

@@ -1,0 +1,139 @@
+"""Latency budget vs parameter budget on digits, at equal predicted latency (5 seeds, paired).
+
+Per seed: train the dense digits-vit (as accuracy_digits.py), prune it with P3B-inner at a
+parameter budget (`--rate`, fraction of all parameters), predict that model's latency with the
+latency table, then prune the same dense model with the latency budget set to that prediction
+(`--target-latency-ms`); fine-tune both the same way. At the end every pruned model (and the
+dense one) is exported and timed on the table's runtime, interleaved in one process, so the
+comparison is at measured as well as predicted latency.
+
+    python benchmarks/latency_budget_digits.py --seeds 0 1 2 3 4 --rate 75 --backend onnxruntime
+
+Writes benchmarks/results/latency_budget_digits.{json,md} and results/latency/digits_<backend>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from p3bkit.bench import BenchConfig, run_bench
+from p3bkit.bench.latency_table import TableConfig, measure_latency_table
+from p3bkit.exporters import ARTEFACT, export_model
+from p3bkit.models import load, save
+from p3bkit.models.factory import create_model
+from p3bkit.models.latency import LatencyTable
+from p3bkit.prune.engine import P3BConfig
+from p3bkit.prune.recipes import RECIPES
+from p3bkit.train.data import load_data
+from p3bkit.train.loop import FitConfig, evaluate, fit, seed_everything
+from p3bkit.workflows import PruneJob, run_prune
+
+RESULTS = Path(__file__).parent / "results"
+QUICK = RECIPES["quick"]
+FORMAT = {"onnxruntime": "onnx", "openvino": "openvino"}
+
+
+def prune_and_finetune(work: Path, ckpt: Path, seed: int, name: str, cfg: P3BConfig, table: str | None, finetune: int):
+    job = PruneJob(out=str(work / f"{name}_{seed}"), model="digits-vit", checkpoint=str(ckpt), epochs=(1, 4, 4),
+                   structure="inner", seed=seed, progress=False, latency_table=table, p3b=cfg)
+    s = run_prune(job)
+    pruned = load(Path(job.out) / "pruned")
+    data = load_data("digits")
+    fit(pruned, data, FitConfig(epochs=finetune, lr=5e-4, warmup_epochs=0, seed=seed, progress=False))
+    save(pruned, work / f"{name}_{seed}_ft")
+    return {"acc_pruned": s["val_acc_pruned"], "acc_finetuned": evaluate(pruned, data.val), "params": s["params_kept"],
+            "arch": json.loads((work / f"{name}_{seed}_ft" / "arch.json").read_text())["layers"],
+            "disabled_blocks": s["disabled_blocks"], "folder": str(work / f"{name}_{seed}_ft")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--rate", type=int, default=75)
+    ap.add_argument("--backend", default="onnxruntime", choices=list(FORMAT))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--finetune", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=300)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="latency-digits-"))
+    lut = RESULTS / "latency" / f"digits_{args.backend}.json"
+    lut.parent.mkdir(parents=True, exist_ok=True)
+    table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
+                                  TableConfig(backend=args.backend, threads=args.threads, progress=False))
+    table.save(lut)
+    rows, t0 = [], time.time()
+    for seed in args.seeds:
+        seed_everything(seed)
+        dense = create_model("digits-vit")
+        data = load_data("digits")
+        fit(dense, data, FitConfig(epochs=30, lr=2e-3, seed=seed, progress=False))
+        ckpt = work / f"dense_{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, ckpt)
+        base = dict(update_every=10, lr_model=QUICK.lr, lr_bpi=QUICK.lr_bpi)
+        params = prune_and_finetune(work, ckpt, seed, "params", P3BConfig(keep=1 - args.rate / 100, **base), None,
+                                    args.finetune)
+        target = LatencyTable.load(lut).predict(params["arch"])
+        latency = prune_and_finetune(work, ckpt, seed, "latency", P3BConfig(target_ms=target, **base), str(lut),
+                                     args.finetune)
+        rows.append({"seed": seed, "dense_acc": evaluate(dense, data.val), "target_ms": target,
+                     "params_budget": params, "latency_budget": latency})
+        print(f"seed {seed}: params {params['acc_finetuned']:.2f}% vs latency {latency['acc_finetuned']:.2f}% "
+              f"at {target:.3f} ms predicted ({time.time() - t0:.0f} s)", flush=True)
+    save(dense, work / "dense")
+    refs = [str(work / "dense")]
+    for r in rows:
+        for key in ("params_budget", "latency_budget"):
+            fmt = FORMAT[args.backend]
+            export_model(r[key]["folder"], fmt, work / f"{Path(r[key]['folder']).name}_{fmt}")
+            r[key]["artefact"] = str(work / f"{Path(r[key]['folder']).name}_{fmt}" / ARTEFACT[fmt])
+            refs.append(r[key]["artefact"])
+    dense_art = work / f"dense_{FORMAT[args.backend]}"
+    export_model(str(work / "dense"), FORMAT[args.backend], dense_art)
+    refs[0] = str(dense_art / ARTEFACT[FORMAT[args.backend]])
+    rep = run_bench(refs, args.backend, cfg=BenchConfig(runs=args.runs, warmup=20, block=20, threads=args.threads),
+                    latency_table=str(lut))
+    by_ref = {r["name"]: r for r in rep["results"]}
+    for r in rows:
+        for key in ("params_budget", "latency_budget"):
+            b = by_ref[r[key]["artefact"]]
+            r[key]["measured_ms"], r[key]["predicted_ms"] = b["stats"]["median_ms"], b["predicted_ms"]
+            del r[key]["arch"]
+    report = {"command": "python benchmarks/latency_budget_digits.py " + " ".join(
+        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None),
+              "machine": rep["machine"], "protocol": rep["protocol"], "dense_ms": by_ref[refs[0]]["stats"]["median_ms"],
+              "rows": rows, "seconds": time.time() - t0, "table": str(lut.relative_to(RESULTS))}
+    (RESULTS / "latency_budget_digits.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / "latency_budget_digits.md").write_text(render(report, args))
+    print((RESULTS / "latency_budget_digits.md").read_text())
+
+
+def render(report: dict, args) -> str:
+    m = report["machine"]
+    lines = [f"# Latency budget vs parameter budget on digits (P3B-inner, {args.backend}, batch 1, fp32)", "",
+             f"Machine: {m['cpu']}, {m['threads']} threads. Command: `{report['command']}`. Dense model "
+             f"{report['dense_ms']:.3f} ms measured. The latency budget's target is the parameter-budget model's "
+             f"predicted time; both are fine-tuned {args.finetune} epochs. Protocol: {report['protocol']}.", "",
+             "| seed | params budget top-1 | latency budget top-1 | Δ | params-budget ms (meas / pred) | "
+             "latency-budget ms (meas / pred) | params kept (params / latency) | blocks emptied (params / latency) |",
+             "|---|---|---|---|---|---|---|---|"]
+    diffs = []
+    for r in report["rows"]:
+        p, q = r["params_budget"], r["latency_budget"]
+        diffs.append(q["acc_finetuned"] - p["acc_finetuned"])
+        lines.append(f"| {r['seed']} | {p['acc_finetuned']:.2f} | {q['acc_finetuned']:.2f} | {diffs[-1]:+.2f} | "
+                     f"{p['measured_ms']:.3f} / {p['predicted_ms']:.3f} | {q['measured_ms']:.3f} / {q['predicted_ms']:.3f} | "
+                     f"{p['params']:,} / {q['params']:,} | {len(p['disabled_blocks'])} / {len(q['disabled_blocks'])} |")
+    wins = sum(d >= 0 for d in diffs)
+    lines += ["", f"Mean Δ (latency − params) {statistics.mean(diffs):+.2f} points; latency budget ≥ params budget on "
+              f"{wins} of {len(diffs)} seeds."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Latency tables on this CPU: prediction error on unseen pruned models, and --target-speedup landing.
+
+For each backend: measure the table of a timm ViT (p3bkit latency-table), time ≥ 20 random
+head-dim/hidden-pruned versions of the model whole (exported like p3bkit export) and compare with
+the table's prediction; then let P3B's latency allocation choose architectures for asked speedups
+(importance from random ΔΨ: this checks the latency side, not accuracy), export them, and time
+them interleaved with the dense model in one process.
+
+    python benchmarks/latency_tables.py --model deit_small_patch16_224 --backends openvino onnxruntime
+
+Writes benchmarks/results/latency/<tag>_<backend>.json (the tables) and latency_tables_<tag>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from p3bkit.bench.harness import machine_info
+from p3bkit.bench.latency_check import check_speedups, validate_table
+from p3bkit.bench.latency_table import TableConfig, in_fresh_process, measure_latency_table
+from p3bkit.models.factory import create_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def heads_axis(table) -> list[dict]:
+    """Same q/k/v width, fewer heads: what the table says one attention branch costs."""
+    d = table.dims
+    out = []
+    for width in (12, 24, 36, 48, 96, 192):
+        row = {"qkv_width": width}
+        for h in table.heads:
+            if width % h == 0 and width // h <= d["head_dim"]:
+                row[f"{h} heads"] = table.attn(h, width // h) * table.scale + table.per_branch_ms
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="deit_small_patch16_224")
+    ap.add_argument("--tag", default="deit_s")
+    ap.add_argument("--backends", nargs="+", default=["openvino", "onnxruntime"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--archs", type=int, default=20)
+    ap.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0, 6.0])
+    ap.add_argument("--heads", choices=["full", "all"], default="all")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = create_model(args.model).eval()
+    (RESULTS / "latency").mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"latency_tables_{args.tag}"
+    report = {"machine": machine_info(args.threads), "model": args.model, "backends": {}}
+    if stem.with_suffix(".json").is_file():  # keep the other backends' results of an earlier run
+        report["backends"] = json.loads(stem.with_suffix(".json").read_text())["backends"]
+    for backend in args.backends:
+        cfg = TableConfig(backend=backend, threads=args.threads, heads=args.heads)
+        # each timing phase in a process of its own (in_fresh_process says why)
+        table = in_fresh_process(measure_latency_table, model, args.model, cfg)
+        table.save(RESULTS / "latency" / f"{args.tag}_{backend}.json")
+        rows = in_fresh_process(validate_table, model, table, cfg, args.archs)
+        err = np.abs([r["error"] for r in rows])
+        print(f"{backend}: dense {table.dense_ms:.2f} ms (predicted {table.predict():.2f}); prediction error on "
+              f"{len(rows)} unseen archs: median {100 * np.median(err):.1f}%, max {100 * err.max():.1f}%", flush=True)
+        checks = in_fresh_process(check_speedups, model, table, cfg, args.speedups)
+        for c in checks:
+            print(f"  asked {c['asked']:.1f}×: measured {c['measured_speedup']:.2f}× (miss {100 * c['miss']:+.1f}%)", flush=True)
+        report["backends"][backend] = {"table": f"latency/{args.tag}_{backend}.json", "validation": rows,
+                                       "median_abs_error": float(np.median(err)), "max_abs_error": float(err.max()),
+                                       "speedups": checks, "heads_axis": heads_axis(table) if len(table.heads) > 1 else [],
+                                       "dense_ms": table.dense_ms, "fixed_ms": table.fixed_ms}
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(render(report))
+    plot(report, stem.with_suffix(".png"))
+    print(f"wrote {stem}.md")
+
+
+def render(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Latency tables: {report['model']}", "",
+             f"Machine: {m['cpu']}, {m['threads']} threads; fp32, batch 1; versions {m['versions']}.",
+             "Command: `python benchmarks/latency_tables.py` (see its docstring). Protocol: one graph at a time, "
+             "untimed warm-up, lowest median of 3 passes; onnxruntime threads do not spin.", "",
+             "## Prediction error on unseen random pruned architectures (whole models, exported like p3bkit export)", "",
+             "| backend | archs | median abs error | max abs error | dense ms (measured) | branch-free ms |", "|---|---|---|---|---|---|"]
+    for be, r in report["backends"].items():
+        lines.append(f"| {be} | {len(r['validation'])} | {100 * r['median_abs_error']:.1f}% | {100 * r['max_abs_error']:.1f}% | "
+                     f"{r['dense_ms']:.2f} | {r['fixed_ms']:.2f} |")
+    lines += ["", "## --target-speedup: P3B latency allocation (random ΔΨ) vs measured speedup over dense, same runtime", "",
+              "| backend | asked | measured | miss | pruned ms | predicted ms |", "|---|---|---|---|---|---|"]
+    for be, r in report["backends"].items():
+        for c in r["speedups"]:
+            lines.append(f"| {be} | {c['asked']:.1f}× | {c['measured_speedup']:.2f}× | {100 * c['miss']:+.1f}% | "
+                         f"{c['measured_ms']:.2f} | {c['predicted_ms']:.2f} |")
+    for be, r in report["backends"].items():
+        if r["heads_axis"]:
+            cols = sorted({k for row in r["heads_axis"] for k in row if k != "qkv_width"}, key=lambda k: int(k.split()[0]))
+            lines += ["", f"## Head-count axis ({be}): one attention branch, same q/k/v width, ms (table)", "",
+                      "| q/k/v width | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            for row in r["heads_axis"]:
+                lines.append(f"| {row['qkv_width']} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for be, r in report["backends"].items():
+        meas = [v["measured_ms"] for v in r["validation"]]
+        pred = [v["predicted_ms"] for v in r["validation"]]
+        ax.scatter(meas, pred, label=f"{be} (median err {100 * r['median_abs_error']:.1f}%)", s=18)
+    hi = max(max(v["measured_ms"] for v in r["validation"]) for r in report["backends"].values()) * 1.05
+    ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+    ax.set_xlabel("measured ms (whole pruned model)")
+    ax.set_ylabel("predicted ms (latency table)")
+    ax.set_title(f"{report['model']}: unseen random pruned architectures")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
