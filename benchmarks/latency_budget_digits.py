@@ -7,7 +7,7 @@ latency table, then prune the same dense model with the latency budget set to th
 dense one) is exported and timed on the table's runtime, interleaved in one process, so the
 comparison is at measured as well as predicted latency.
 
-    python benchmarks/latency_budget_digits.py --seeds 0 1 2 3 4 --rate 75 --backend onnxruntime
+    python benchmarks/latency_budget_digits.py --seeds 0 1 2 3 4 --rate 75 --backend openvino
 
 Writes benchmarks/results/latency_budget_digits.{json,md} and results/latency/digits_<backend>.json.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from p3bkit.bench import BenchConfig, run_bench
-from p3bkit.bench.latency_table import TableConfig, measure_latency_table
+from p3bkit.bench.latency_table import TableConfig, in_fresh_process, measure_latency_table
 from p3bkit.exporters import ARTEFACT, export_model
 from p3bkit.models import load, save
 from p3bkit.models.factory import create_model
@@ -56,16 +56,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--rate", type=int, default=75)
-    ap.add_argument("--backend", default="onnxruntime", choices=list(FORMAT))
+    ap.add_argument("--backend", default="openvino", choices=list(FORMAT))
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--finetune", type=int, default=20)
+    ap.add_argument("--finetune", type=int, default=8)
     ap.add_argument("--runs", type=int, default=300)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="latency-digits-"))
     lut = RESULTS / "latency" / f"digits_{args.backend}.json"
     lut.parent.mkdir(parents=True, exist_ok=True)
-    table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
-                                  TableConfig(backend=args.backend, threads=args.threads, progress=False))
+    table = in_fresh_process(measure_latency_table, create_model("digits-vit").eval(), "digits-vit",
+                             TableConfig(backend=args.backend, threads=args.threads, progress=False))
     table.save(lut)
     rows, t0 = [], time.time()
     for seed in args.seeds:
@@ -96,8 +96,9 @@ def main() -> None:
     dense_art = work / f"dense_{FORMAT[args.backend]}"
     export_model(str(work / "dense"), FORMAT[args.backend], dense_art)
     refs[0] = str(dense_art / ARTEFACT[FORMAT[args.backend]])
-    rep = run_bench(refs, args.backend, cfg=BenchConfig(runs=args.runs, warmup=20, block=20, threads=args.threads),
-                    latency_table=str(lut))
+    rep = in_fresh_process(run_bench, refs, args.backend, "cpu", None, "fp32",
+                           BenchConfig(runs=args.runs, warmup=20, block=20, threads=args.threads), False, None, False,
+                           False, str(lut))
     by_ref = {r["name"]: r for r in rep["results"]}
     for r in rows:
         for key in ("params_budget", "latency_budget"):

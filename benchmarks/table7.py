@@ -8,6 +8,14 @@ paper's (DeiT-S 22.1 → 5.4 → 2.2 M, DeiT-B 86.6 → 21.5 → 8.7 M).
     python benchmarks/table7.py --device cpu --runs 100            # this machine, CPU rows
     python benchmarks/table7.py --device cuda --runs 50 --backends torch
     python benchmarks/table7.py --report                            # md + png from the JSONs
+    python benchmarks/table7.py --device cpu --one-run --runs 30    # every model × runtime in ONE interleaved
+                                                                    # run, + dense on every runtime, + predictions
+
+`--one-run` (CPU): per DeiT, the dense model on every runtime installed (torch, onnxruntime plain and
+transformer-optimised, OpenVINO) and every pruned model on torch, onnxruntime and OpenVINO are timed
+interleaved in one process (`p3bkit bench --dense-baselines`), so "vs fastest dense" is a ratio from
+one run; with latency tables in results/latency/<model>_<backend>.json from this CPU, each row also
+shows the table's prediction.
 """
 from __future__ import annotations
 
@@ -80,6 +88,45 @@ def run(args) -> None:
     print(f"wrote {out}")
 
 
+def run_one(args) -> None:
+    """All runtimes of a DeiT in one interleaved run (see the module doc)."""
+    from p3bkit.exporters import ARTEFACT, export_model
+
+    machine = args.machine or platform.node()
+    out = HERE / "results" / f"table7_{machine}-one-run_cpu.json"
+    report = {"device": "cpu", "machine_label": machine, "runs": args.runs, "models": {}, "one_run": True,
+              "budget": "fractions of all parameters (the paper's)", "precision": "fp32"}
+    work = Path(tempfile.mkdtemp(prefix="table7-"))
+    for key in args.models:
+        refs, params = build_models(Path(args.allocations), work, key, args.structures)
+        labels, bench_refs = ["dense"], [refs["dense"]]
+        for label, ref in list(refs.items())[1:]:
+            labels.append(label)
+            bench_refs.append(ref)
+            for fmt in ("onnx", "openvino"):
+                export_model(ref, fmt, work / f"{label}_{fmt}")
+                labels.append(label)
+                bench_refs.append(str(work / f"{label}_{fmt}" / ARTEFACT[fmt]))
+        tables = [str(t) for t in sorted((HERE / "results" / "latency").glob(f"{key}_*.json"))]
+        rep = run_bench(bench_refs, None, "cpu", cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads),
+                        dense_baselines=True, latency_table=tables or None)
+        report["machine"], report["protocol"] = rep["machine"], rep["protocol"]
+        rows: dict = {}
+        results = rep["results"]
+        for label, r in zip(labels + ["dense"] * (len(results) - len(labels)), results):
+            backend = r["backend"] + (" (transformer-optimised)" if r["name"].endswith("]") else "")
+            rows.setdefault(backend, {})[label] = {
+                "median_ms": r["stats"]["median_ms"], "images_per_s": r["stats"]["images_per_s"], "flops": r["flops"],
+                "batch": r["batch"], "params": params[label], "predicted_ms": r.get("predicted_ms"),
+                "latencies_ms": r["latencies_ms"]}
+        report["models"][key] = rows
+        print(f"{key}\n{rep['table']}", flush=True)
+        for w in rep["warnings"]:
+            print(f"warning: {w}", flush=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+
+
 def report_md(results_dir: Path) -> None:
     import matplotlib
 
@@ -93,12 +140,15 @@ def report_md(results_dir: Path) -> None:
         dev = "gpu" if rep["device"] == "cuda" else "cpu"
         m = rep["machine"]
         where = m["gpu"] if dev == "gpu" else f"{m['cpu']}, {m['threads']} threads"
+        one = rep.get("one_run", False)
         lines += [f"\n### {f.stem}: {where}, fp32, batch {'1024' if dev == 'gpu' else '1'}, median of {rep['runs']} runs, "
-                  f"budget: {rep.get('budget', 'fractions of block parameters (before the paper budget)')}\n",
+                  f"budget: {rep.get('budget', 'fractions of block parameters (before the paper budget)')}"
+                  + (f"; {rep['protocol']}" if one else "") + "\n",
                   "| model | variant | backend | params (M) | paper params (M) | median ms | images/s | speedup | "
-                  "FLOP ratio | measured/ideal | paper speedup |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "FLOP ratio | measured/ideal | paper speedup |" + (" vs fastest dense | predicted ms |" if one else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if one else "")]
         for key, per_backend in rep["models"].items():
+            fastest = min(rows["dense"]["median_ms"] for rows in per_backend.values() if "dense" in rows)
             for backend, rows in per_backend.items():
                 base = rows["dense"]
                 for label, r in rows.items():
@@ -106,9 +156,14 @@ def report_md(results_dir: Path) -> None:
                     ideal = base["flops"] / r["flops"]
                     prune = int(label.split("_")[-1]) if label != "dense" else 0
                     paper = PAPER[key][dev].get(prune)
+                    extra = ""
+                    if one:
+                        pred = r.get("predicted_ms")
+                        extra = f" {fastest / r['median_ms']:.2f}× | {f'{pred:.2f}' if pred else ''} |"
                     lines.append(f"| {key} | {variant_name(label)} | {backend} | {r['params'] / 1e6:.2f} | "
                                  f"{PAPER_PARAMS_M[key][prune]:.1f} | {r['median_ms']:.2f} | {r['images_per_s']:.1f} | "
-                                 f"{speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} | {f'{paper:.2f}×' if paper else '1.00×'} |")
+                                 f"{speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} | {f'{paper:.2f}×' if paper else '1.00×'} |"
+                                 + extra)
                     if label != "dense":
                         bars.append((f"{key} {variant_name(label)}\n{backend} {dev}", speed, paper))
     (results_dir / "table7.md").write_text("# Table 7 reproduction\n" + "\n".join(lines) + "\n")
@@ -136,8 +191,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--machine", help="label for the result file name")
     ap.add_argument("--report", action="store_true", help="only (re)write table7.md/png from the JSONs")
+    ap.add_argument("--one-run", action="store_true", help="CPU: all runtimes of a model in one interleaved run")
     args = ap.parse_args()
-    if not args.report:
+    if args.one_run:
+        run_one(args)
+    elif not args.report:
         run(args)
     report_md(HERE / "results")
 

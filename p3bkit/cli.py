@@ -155,13 +155,16 @@ def finetune(pruned, data, augment, epochs, batch_size, lr, drop_path, device, s
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT that is not an earlier demo's.")
 @click.option("--resume/--no-resume", default=False, show_default=True, help="Continue an interrupted demo in OUT.")
+@click.option("--target-speedup", type=click.FloatRange(min=1, min_open=True),
+              help="Prune to a latency budget (this speedup on the fastest CPU runtime here) instead of --keep.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 @boundary
-def demo(keep, out, seed, force, resume, progress) -> None:
-    """Train a tiny ViT on digits, prune it with P3B, fine-tune, compare (a few minutes on CPU)."""
+def demo(keep, out, seed, force, resume, target_speedup, progress) -> None:
+    """Train a tiny ViT on digits, prune it with P3B, fine-tune, export, compare speed (a few minutes on CPU)."""
     from p3bkit.demo import format_table, run_demo
 
-    click.echo(format_table(run_demo(out, keep=keep, seed=seed, force=force, resume=resume, progress=progress)))
+    click.echo(format_table(run_demo(out, keep=keep, seed=seed, force=force, resume=resume, progress=progress,
+                                     target_speedup=target_speedup)))
     click.echo(f"everything is under {out}")
 
 

@@ -19,7 +19,7 @@ from p3bkit.cli_options import DEVICE, POSITIVE, boundary, model_options, parse_
 @click.option("--heads", type=click.Choice(["full", "all"]), default="full", show_default=True,
               help="full: the model's head count only; all: every head count 1..H (for head pruning studies).")
 @click.option("--runs", type=POSITIVE, default=25, show_default=True, help="Timed runs per graph and pass.")
-@click.option("--calibration", type=click.IntRange(min=0), default=8, show_default=True,
+@click.option("--calibration", type=click.IntRange(min=0), default=12, show_default=True,
               help="Whole random pruned models the branch costs are fitted to.")
 @click.option("--check", type=click.IntRange(min=0), default=0, show_default=True,
               help="Then time this many other random pruned models and report the prediction error.")

@@ -27,7 +27,7 @@ from p3bkit.train.loop import Checkpointing, FitConfig, evaluate, fit, seed_ever
 from p3bkit.workflows import PruneJob, run_prune
 
 DEMO_FILES = ("dense.safetensors", "dense_checkpoint.pt", "finetune_checkpoint.pt", "prune", "pruned", "summary.json",
-              "table.md", "dense", "export", "speed.json")  # what a demo writes
+              "table.md", "dense", "export", "speed.json", "latency.json")  # what a demo writes
 
 
 @torch.inference_mode()
@@ -47,11 +47,12 @@ def cpu_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], runs: int = 2
 
 def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: tuple[int, int, int] = (1, 6, 6),
              finetune_epochs: int = 20, seed: int = 0, progress: bool = True, force: bool = False,
-             resume: bool = False, speed_runs: int = 300) -> dict:
+             resume: bool = False, speed_runs: int = 300, target_speedup: float | None = None) -> dict:
     """Run the demo into `out` (new, empty, or an earlier demo's folder; `force` for anything else).
 
     Every stage checkpoints (each epoch and on SIGTERM/SIGINT); `resume` skips finished stages and
-    continues the interrupted one exactly.
+    continues the interrupted one exactly. `target_speedup`: prune to a latency budget instead of
+    `keep`, with a latency table of the model measured here on the fastest CPU runtime installed.
     """
     if not 0 < keep < 1:
         raise P3BError(f"keep ratio must be in (0, 1), got {keep}")
@@ -61,7 +62,7 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     t0 = time.time()
     data = load_data("digits")
     settings = {"keep": keep, "dense_epochs": dense_epochs, "prune_epochs": list(prune_epochs),
-                "finetune_epochs": finetune_epochs, "seed": seed}
+                "finetune_epochs": finetune_epochs, "seed": seed, "target_speedup": target_speedup}
     seed_everything(seed)  # the dense model's initialisation too: the demo reproduces run to run
     dense = create_model("digits-vit")
     ckpt = out_dir / "dense.safetensors"
@@ -72,8 +73,9 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
             checkpointing=Checkpointing(out_dir / "dense_checkpoint.pt", resume, settings))
         save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, ckpt)
         (out_dir / "dense_checkpoint.pt").unlink(missing_ok=True)
+    table = _latency_table(out_dir, resume, progress) if target_speedup else None
     job = PruneJob(out=str(out_dir / "prune"), model="digits-vit", checkpoint=str(ckpt), epochs=prune_epochs,
-                   seed=seed, progress=progress,
+                   seed=seed, progress=progress, latency_table=table, target_speedup=target_speedup,
                    p3b=P3BConfig(keep=keep, update_every=5, lr_model=RECIPES["quick"].lr, lr_bpi=RECIPES["quick"].lr_bpi))
     done = out_dir / "prune" / "summary.json"
     if resume and done.is_file():
@@ -88,6 +90,23 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     save(dense, out_dir / "dense")
     speed = speed_table(out_dir, speed_runs) if speed_runs else None
     return _compare(out_dir, keep, dense, pruned, prune_summary, data, time.time() - t0, speed)
+
+
+def _latency_table(out_dir: Path, resume: bool, progress: bool) -> str:
+    """out/latency.json: digits-vit's latency table on OpenVINO (onnxruntime without it), batch 1."""
+    from p3bkit.errors import BackendUnavailable
+    from p3bkit.latency_workflow import run_latency_table
+
+    path = out_dir / "latency.json"
+    if resume and path.is_file():
+        return str(path)
+    for backend in ("openvino", "onnxruntime"):
+        try:
+            run_latency_table("digits-vit", path, {"backend": backend, "progress": progress}, force=True)
+            return str(path)
+        except BackendUnavailable:
+            continue
+    raise P3BError("a latency budget needs onnxruntime or OpenVINO: pip install 'p3bkit[onnx]'")
 
 
 def speed_table(out_dir: Path, runs: int) -> dict:
@@ -125,6 +144,7 @@ def _compare(out_dir: Path, keep: float, dense, pruned, prune_summary: dict, dat
                       "cpu_ms_batch1": cpu_latency_ms(model, shape)}
     rows["pruned"]["val_acc_before_finetune"] = prune_summary["val_acc_pruned"]
     summary = {"keep": keep, "budget": prune_summary["budget"], "total_keep": prune_summary["total_keep"],
+               "latency": prune_summary.get("latency"),
                "block_keep_nominal": prune_summary["block_keep_nominal"], "results": rows,
                "seconds": seconds, "threads": torch.get_num_threads(), "speed": speed}
     write_json_atomic(out_dir / "summary.json", summary)
@@ -137,9 +157,11 @@ def format_table(summary: dict) -> str:
     lines = ["| model | top-1 (%) | params | FLOPs | CPU latency, batch 1 (ms) |", "|---|---|---|---|---|"]
     for name, r in (("dense", d), ("P3B pruned + fine-tuned", p)):
         lines.append(f"| {name} | {r['val_acc']:.2f} | {r['params']:,} | {r['flops'] / 1e6:.2f} M | {r['cpu_ms_batch1']:.3f} |")
-    lines.append(f"\nKept {100 * summary['total_keep']:.1f}% of all parameters (target {100 * summary['keep']:.0f}%, the "
-                 f"paper's budget) and {100 * summary['block_keep_nominal']:.1f}% of block parameters; "
-                 f"pruned before fine-tune: {p['val_acc_before_finetune']:.2f}%; speedup {d['cpu_ms_batch1'] / p['cpu_ms_batch1']:.2f}×; "
+    lat = summary.get("latency")
+    target = (f"latency budget: {lat['target_speedup']:.1f}× the dense model on {lat['backend']}, predicted "
+              f"{lat['predicted_speedup']:.2f}×" if lat else f"target {100 * summary['keep']:.0f}%, the paper's budget")
+    lines.append(f"\nKept {100 * summary['total_keep']:.1f}% of all parameters ({target}) and {100 * summary['block_keep_nominal']:.1f}% of block parameters; "
+                 f"pruned before fine-tune: {p['val_acc_before_finetune']:.2f}%; eager-torch speedup {d['cpu_ms_batch1'] / p['cpu_ms_batch1']:.2f}×; "
                  f"FLOP ratio {d['flops'] / p['flops']:.2f}×; total {summary['seconds']:.0f} s on {summary['threads']} threads.")
     if summary.get("speed"):
         lines.append("\n" + format_speed(summary["speed"]))

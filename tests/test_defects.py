@@ -36,7 +36,8 @@ def test_augmentation_default_fits_the_task():
 
 def test_every_command_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "p3bkit", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("analyze", "bench", "demo", "doctor", "eval", "export", "finetune", "info", "prune", "train"):
+    for command in ("analyze", "bench", "demo", "doctor", "eval", "export", "finetune", "info", "latency-table", "prune",
+                    "train"):
         assert f"  {command} " in out
     res = subprocess.run([sys.executable, "-m", "p3bkit.cli", "analyze", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "Block Performance" in res.stdout

@@ -69,7 +69,7 @@ def _layers(ref: str) -> list[dict] | None:
 
 
 def _predictions(prepared, results, table_path: str, threads: int | None) -> None:
-    """The latency table's prediction for every model run on the table's runtime."""
+    """The latency table's prediction for every model run on the table's runtime (batch)."""
     from p3bkit.bench.harness import machine_info
     from p3bkit.errors import P3BError
     from p3bkit.models.latency import LatencyTable
@@ -87,11 +87,12 @@ def _predictions(prepared, results, table_path: str, threads: int | None) -> Non
 def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", batch: int | None = None,
               precision: str = "fp32", cfg: BenchConfig | None = None, profile: bool = False,
               json_out: str | None = None, compile: bool = False, dense_baselines: bool = False,
-              latency_table: str | None = None) -> dict:
+              latency_table: str | list[str] | None = None) -> dict:
     """Benchmark models interleaved; returns the JSON-able report (also written to `json_out`).
 
     `dense_baselines`: also time the first model (the dense one) on every CPU runtime here, and
-    report each model's speedup against the fastest. `latency_table`: add the table's prediction.
+    report each model's speedup against the fastest. `latency_table`: add the prediction of the
+    table (or tables, one per runtime) for the models run on its runtime.
     """
     from p3bkit.bench.runners import dense_baselines as baselines_of
     from p3bkit.errors import P3BError
@@ -111,8 +112,8 @@ def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", 
             r.flops = _flops(p.source or p.name)
             r.precision = _artefact_precision(p.name) or precision
             r.baseline = i >= len(prepared) or (dense_baselines and i == 0)
-        if latency_table:
-            _predictions(prepared + extra, results, latency_table, cfg.threads)
+        for table in [latency_table] if isinstance(latency_table, str) else latency_table or []:
+            _predictions(prepared + extra, results, table, cfg.threads)
         report = results_json(results, cfg, {"device": dev["device"], "precision": precision,
                                              "protocol": PROTOCOL})
         report["table"] = compare_table(results)
