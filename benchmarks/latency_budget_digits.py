@@ -64,8 +64,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="latency-digits-"))
     lut = RESULTS / "latency" / f"digits_{args.backend}.json"
     lut.parent.mkdir(parents=True, exist_ok=True)
-    table = in_fresh_process(measure_latency_table, create_model("digits-vit").eval(), "digits-vit",
-                             TableConfig(backend=args.backend, threads=args.threads, progress=False))
+    table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
+                                  TableConfig(backend=args.backend, threads=args.threads, progress=False))
     table.save(lut)
     rows, t0 = [], time.time()
     for seed in args.seeds:

@@ -60,7 +60,7 @@ def main() -> None:
     for backend in args.backends:
         cfg = TableConfig(backend=backend, threads=args.threads, heads=args.heads)
         # each timing phase in a process of its own (in_fresh_process says why)
-        table = in_fresh_process(measure_latency_table, model, args.model, cfg)
+        table = measure_latency_table(model, args.model, cfg)  # each timing phase in a fresh process
         table.save(RESULTS / "latency" / f"{args.tag}_{backend}.json")
         rows = in_fresh_process(validate_table, model, table, cfg, args.archs)
         err = np.abs([r["error"] for r in rows])

@@ -27,7 +27,7 @@ def user_vit():
 @pytest.fixture(scope="module")
 def ort_table():
     pytest.importorskip("onnxruntime")
-    return measure_latency_table(user_vit(), "user-vit", TableConfig(backend="onnxruntime", **QUICK))
+    return measure_latency_table(user_vit(), "user-vit", TableConfig(backend="onnxruntime", **QUICK), isolate=False)
 
 
 def test_table_grid_and_prediction_of_the_dense_model(ort_table):
@@ -101,7 +101,8 @@ def _digits_table(tmp_path, **changes) -> str:
     from p3bkit.models.factory import create_model
 
     table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
-                                  TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "threads": None}))
+                                  TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "threads": None}),
+                                  isolate=False)
     data = {**dataclasses.asdict(table), **changes}
     path = tmp_path / "digits_lut.json"
     path.write_text(json.dumps(data))

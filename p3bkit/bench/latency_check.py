@@ -15,32 +15,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from p3bkit.bench.harness import torch_threads
-from p3bkit.bench.latency_table import TableConfig, prepare_module, random_layers, time_prepared
+from p3bkit.bench.latency_table import TableConfig, prepare_module, random_layers, time_prepared, time_whole_models
 from p3bkit.models.latency import LatencyTable
 
 
 def validate_table(model: nn.Module, table: LatencyTable, cfg: TableConfig, count: int = 20,
                    seed: int = 1000) -> list[dict]:
     """Time `count` random pruned versions of `model` whole and compare with the table's prediction."""
-    from p3bkit.bench.harness import torch_threads
     from p3bkit.models.adapter import inspect_vit
-    from p3bkit.models.arch import PrunedArch, apply_arch
 
     spec = inspect_vit(model)
     rng = np.random.default_rng(seed)
-    image = torch.randn(cfg.batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     archs = [random_layers(spec, rng) for _ in range(count)]
-    with torch_threads(cfg.threads), tempfile.TemporaryDirectory(prefix="p3bkit-lut-check-") as tmp:
-        prepared = []
-        for layers in tqdm(archs, desc="random architectures", disable=not cfg.progress, leave=False):
-            pruned = apply_arch(copy.deepcopy(model), PrunedArch(source=None, layers=layers, structure="inner"), spec)
-            prepared.append(prepare_module(pruned, image, cfg, Path(tmp), whole=True))
-        measured = time_prepared(prepared, cfg.runs, progress=cfg.progress)
     out = []
-    for layers, ms in zip(archs, measured):
+    for layers, ms in zip(archs, time_whole_models(model, cfg, archs)):
         pred = table.predict(layers)
         out.append({"measured_ms": ms, "predicted_ms": pred, "error": (pred - ms) / ms,
                     "head_dims": [len(l["attn"]["head_dim"]) if l["attn"] else 0 for l in layers],

@@ -176,57 +176,90 @@ def _check_backend(cfg: TableConfig) -> None:
         import_backend(cfg.backend)
 
 
-def measure_latency_table(model: nn.Module, name: str, cfg: TableConfig) -> LatencyTable:
-    """Time the branch grid, the branch-free model and the dense model of `model` (a stock timm ViT)."""
+def measure_latency_table(model: nn.Module, name: str, cfg: TableConfig, isolate: bool = True) -> LatencyTable:
+    """Time the branch grid, then (in another process) the dense model, the branch-free model and
+    the calibration models of `model` (a stock timm ViT), and fit the table to the whole models.
+
+    `isolate`: each of the two timing phases in a fresh process (`in_fresh_process` says why); the
+    whole models are then timed the way `validate_table` and `p3bkit bench` time them — a few
+    whole graphs alive, not next to the grid's hundreds.
+    """
+    from p3bkit.bench.harness import machine_info
+    from p3bkit.models.adapter import inspect_vit
+
+    _check_backend(cfg)
+    spec = inspect_vit(model)
+    run = in_fresh_process if isolate else (lambda fn, *args: fn(*args))
+    grid = run(time_branch_grid, model, cfg)
+    calib = _calibration_archs(spec, cfg)
+    dense_ms, fixed_ms, *calib_ms = run(time_whole_models, model, cfg, [None, []] + calib)
+    here = machine_info(cfg.threads)
+    table = LatencyTable(model=name, dims=model_dims(spec), backend=cfg.backend, device=cfg.device, batch=cfg.batch,
+                         precision="fp32", threads=here["threads"], machine=here, fixed_ms=fixed_ms, dense_ms=dense_ms,
+                         **grid["table"],
+                         protocol={"design": "isolated branches, fitted to whole models timed in another process",
+                                   "copies": cfg.copies, "runs": cfg.runs, "statistic": "lowest median of 3 passes",
+                                   "chain_overhead_ms": grid["empty_ms"], "onnxruntime_spinning": False,
+                                   "calibration_models": cfg.calibration})
+    return calibrate(table, [None] + calib, [dense_ms] + calib_ms)
+
+
+def _calibration_archs(spec, cfg: TableConfig) -> list[list[dict]]:
+    rng = np.random.default_rng(cfg.seed)
+    return [random_layers(spec, rng) for _ in range(cfg.calibration)]
+
+
+def time_branch_grid(model: nn.Module, cfg: TableConfig) -> dict:
+    """Per-branch ms over the grid: chains of `copies` branches, less the empty chain, over copies."""
     from timm.layers import Mlp
     from timm.models.vision_transformer import Attention
 
-    from p3bkit.bench.harness import machine_info, torch_threads
+    from p3bkit.bench.harness import torch_threads
     from p3bkit.models.adapter import inspect_vit
-    from p3bkit.models.arch import PrunedArch, apply_arch
 
-    _check_backend(cfg)
     spec = inspect_vit(model)
     D, H = spec.dim, spec.num_heads
     heads = list(range(1, H + 1)) if cfg.heads == "all" else [H]
     head_dims = _grid(spec.head_dim, cfg.head_dim_step, (1, 2))
     hidden = _grid(spec.mlp_hidden, cfg.hidden_step, (1, 8, 16))
     tokens = torch.randn(cfg.batch, spec.num_tokens, D)
-    image = torch.randn(cfg.batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     points = [("attn", h, d) for h in heads for d in head_dims] + [("mlp", 0, k) for k in hidden]
-    rng = np.random.default_rng(cfg.seed)
-    bar = tqdm(total=len(points) + 3 + cfg.calibration, desc=f"latency table ({cfg.backend}): building graphs", disable=not cfg.progress, leave=False)
+    bar = tqdm(total=len(points) + 1, desc=f"latency table ({cfg.backend}): branch graphs", disable=not cfg.progress,
+               leave=False)
     with torch_threads(cfg.threads), tempfile.TemporaryDirectory(prefix="p3bkit-lut-") as tmp:
-        work = Path(tmp)
-        arch = PrunedArch(source=None, layers=[{"attn": None, "mlp": None} for _ in range(spec.depth)], structure="inner")
-        prepared = [prepare_module(model, image, cfg, work, whole=True),
-                    prepare_module(apply_arch(copy.deepcopy(model), arch, spec), image, cfg, work, whole=True),
-                    prepare_module(BranchChain([], D), tokens, cfg, work)]
-        bar.update(3)
+        prepared = [prepare_module(BranchChain([], D), tokens, cfg, Path(tmp))]
         for kind, h, w in points:
             fns = [Attention(D, num_heads=h, attn_head_dim=w) if kind == "attn" else Mlp(D, hidden_features=w)
                    for _ in range(cfg.copies)]
-            prepared.append(prepare_module(BranchChain(fns, D), tokens, cfg, work))
+            prepared.append(prepare_module(BranchChain(fns, D), tokens, cfg, Path(tmp)))
             bar.update()
         bar.close()
-        calib = [random_layers(spec, rng) for _ in range(cfg.calibration)]
-        for layers in calib:
-            pruned = apply_arch(copy.deepcopy(model), PrunedArch(source=None, layers=layers, structure="inner"), spec)
-            prepared.append(prepare_module(pruned, image, cfg, work, whole=True))
-            bar.update()
-        bar.close()
-        dense_ms, fixed_ms, empty_ms, *timed = time_prepared(prepared, cfg.runs, progress=cfg.progress)
-    chains, calib_ms = timed[:len(points)], timed[len(points):]
+        empty_ms, *chains = time_prepared(prepared, cfg.runs, progress=cfg.progress)
     values = {p: max(t - empty_ms, 0.0) / cfg.copies for p, t in zip(points, chains)}
-    here = machine_info(cfg.threads)
-    table = LatencyTable(model=name, dims=model_dims(spec), backend=cfg.backend, device=cfg.device, batch=cfg.batch,
-                        precision="fp32", threads=here["threads"], machine=here, fixed_ms=fixed_ms, dense_ms=dense_ms,
-                        heads=heads, head_dims=head_dims, attn_ms=[[values[("attn", h, d)] for d in head_dims] for h in heads],
-                        hidden=hidden, mlp_ms=[values[("mlp", 0, k)] for k in hidden],
-                        protocol={"design": "isolated branches", "copies": cfg.copies, "runs": cfg.runs,
-                                  "statistic": "lowest median of 3 passes", "chain_overhead_ms": empty_ms,
-                                  "onnxruntime_spinning": False, "calibration_models": cfg.calibration})
-    return calibrate(table, [None] + calib, [dense_ms] + calib_ms)
+    return {"empty_ms": empty_ms, "table": {
+        "heads": heads, "head_dims": head_dims, "attn_ms": [[values[("attn", h, d)] for d in head_dims] for h in heads],
+        "hidden": hidden, "mlp_ms": [values[("mlp", 0, k)] for k in hidden]}}
+
+
+def time_whole_models(model: nn.Module, cfg: TableConfig, archs: list[list[dict] | None]) -> list[float]:
+    """Median ms of whole models exported like `p3bkit export`: `model` itself for None, else
+    `model` pruned to the given layers ([] = every branch removed)."""
+    from p3bkit.bench.harness import torch_threads
+    from p3bkit.models.adapter import inspect_vit
+    from p3bkit.models.arch import PrunedArch, apply_arch
+
+    spec = inspect_vit(model)
+    image = torch.randn(cfg.batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    with torch_threads(cfg.threads), tempfile.TemporaryDirectory(prefix="p3bkit-lut-whole-") as tmp:
+        prepared = []
+        for layers in tqdm(archs, desc="whole models", disable=not cfg.progress, leave=False):
+            if layers is None:
+                m = model
+            else:
+                layers = layers or [{"attn": None, "mlp": None} for _ in range(spec.depth)]
+                m = apply_arch(copy.deepcopy(model), PrunedArch(source=None, layers=layers, structure="inner"), spec)
+            prepared.append(prepare_module(m, image, cfg, Path(tmp), whole=True))
+        return time_prepared(prepared, cfg.runs, progress=cfg.progress)
 
 
 def calibrate(table: LatencyTable, models: list[list[dict] | None], measured_ms: list[float]) -> LatencyTable:
