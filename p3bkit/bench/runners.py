@@ -82,15 +82,23 @@ def _exported(ref: str, fmt: str, workdir: Path) -> Path:
     return out / ARTEFACT[fmt]
 
 
-def _ort_transformer_optimized(path: Path, workdir: Path) -> Path:
+def _ort_transformer_optimized(path: Path, workdir: Path, ref: str) -> Path:
     """onnxruntime's transformer optimiser (model_type "vit": fused LayerNorm, GELU and attention),
     the usual way a dense ViT is deployed with onnxruntime; refused if it changes the outputs."""
+    import contextlib
+    import io
+
     from onnxruntime.transformers import optimizer
 
     from p3bkit.exporters.runtimes import ort_runner
+    from p3bkit.models.adapter import inspect_vit
 
+    spec = inspect_vit(_torch_model(_source_of(ref) if ref.endswith(".onnx") else ref))
     out = workdir / f"{path.stem}.ort-transformers.onnx"
-    optimizer.optimize_model(str(path), model_type="vit", opt_level=0).save_model_to_file(str(out))
+    with contextlib.redirect_stdout(io.StringIO()):
+        opt = optimizer.optimize_model(str(path), model_type="vit", num_heads=spec.num_heads, hidden_size=spec.dim,
+                                       opt_level=0)
+    opt.save_model_to_file(str(out))
     x = np.random.default_rng(0).standard_normal((2, *ort_session_shape(path))).astype(np.float32)
     ref, opt = ort_runner(path)(x), ort_runner(out)(x)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ref.values(), opt.values()))
@@ -111,7 +119,7 @@ def prepare_onnxruntime(ref: str, batch: int, threads: int | None, workdir: Path
 
     path = Path(ref) if ref.endswith(".onnx") else _exported(ref, "onnx", workdir)
     if transformer_optimized:
-        path = _ort_transformer_optimized(path, workdir)
+        path = _ort_transformer_optimized(path, workdir, ref)
     sess = ort_session(path, threads, spin=False)  # an idle spinning pool would slow the next model timed
     inp = sess.get_inputs()[0]
     x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:])).astype(np.float32)
