@@ -13,7 +13,7 @@ $(BIN)/p3bkit: pyproject.toml
 setup: $(BIN)/p3bkit
 
 demo: setup
-	$(BIN)/p3bkit demo -o runs/demo
+	$(BIN)/p3bkit demo -o runs/demo --target-speedup 2
 
 test: setup
 	$(BIN)/python -m pytest
