@@ -190,3 +190,17 @@ def test_demo_ends_with_a_speed_table(tmp_path):
     table = (tmp_path / "demo" / "table.md").read_text()
     assert "vs fastest dense" in table and "Best: the pruned model on" in table
     assert (tmp_path / "demo" / "export" / "onnx" / "model.onnx").is_file()
+
+
+def test_demo_with_a_latency_budget(tmp_path):
+    """`make demo`'s path: the demo measures the latency table itself and prunes to a speedup."""
+    pytest.importorskip("openvino")
+    from p3bkit.demo import run_demo
+
+    out = tmp_path / "demo"
+    s = run_demo(str(out), dense_epochs=1, prune_epochs=(0, 1, 1), finetune_epochs=1, progress=False, speed_runs=5,
+                 target_speedup=2.0)
+    table = LatencyTable.load(out / "latency.json")
+    assert table.backend == "openvino" and s["latency"]["target_ms"] == pytest.approx(table.dense_ms / 2)
+    assert "latency budget: 2.0× the dense model on openvino" in (out / "table.md").read_text()
+    assert s["speed"]["pruned_ms"]
