@@ -113,6 +113,7 @@ def speed_table(out_dir: Path, runs: int) -> dict:
     """Export the pruned model to each CPU runtime here and time it against the dense model on
     all of them (torch, onnxruntime plain and transformer-optimised, OpenVINO), interleaved."""
     from p3bkit.bench import BenchConfig, run_bench
+    from p3bkit.bench.runners import runtime_label
     from p3bkit.errors import BackendUnavailable
     from p3bkit.exporters import ARTEFACT, export_model
 
@@ -127,7 +128,7 @@ def speed_table(out_dir: Path, runs: int) -> dict:
                        json_out=str(out_dir / "speed.json"))
     rows = [{"name": r["name"], "backend": r["backend"], "median_ms": r["stats"]["median_ms"], "baseline": r["baseline"]}
             for r in report["results"]]
-    dense = {r["backend"] + (" (transformer-optimised)" if r["name"].endswith("]") else ""): r["median_ms"]
+    dense = {runtime_label(r["name"], r["backend"]): r["median_ms"]
              for r in rows if r["baseline"]}
     pruned = {r["backend"]: r["median_ms"] for r in rows if not r["baseline"]}
     return {"dense_ms": dense, "pruned_ms": pruned, "cpu": report["machine"]["cpu"],

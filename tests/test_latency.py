@@ -43,7 +43,7 @@ def test_table_grid_and_prediction_of_the_dense_model(ort_table):
     assert curve[0] == 0 and np.all(np.diff(curve) >= 0) and curve[-1] > 0
 
 
-def test_table_predicts_unseen_pruned_models(ort_table):
+def test_validation_times_unseen_pruned_models(ort_table):
     rows = validate_table(user_vit(), ort_table, TableConfig(backend="onnxruntime", **QUICK), count=4)
     assert len(rows) == 4
     for r in rows:
@@ -204,3 +204,17 @@ def test_demo_with_a_latency_budget(tmp_path):
     assert table.backend == "openvino" and s["latency"]["target_ms"] == pytest.approx(table.dense_ms / 2)
     assert "latency budget: 2.0× the dense model on openvino" in (out / "table.md").read_text()
     assert s["speed"]["pruned_ms"]
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["latency-table", "digits-vit", "-o", "{tmp}"], 2, "is a directory"),
+    (["latency-table", "digits-vit", "--backend", "nope", "-o", "{tmp}/t.json"], 2, "Invalid value"),
+    (["latency-table", "digits-vit", "--backend", "tensorrt", "-o", "{tmp}/t.json"], 1, "GPU"),
+    (["latency-table", "resnet18", "-o", "{tmp}/t.json"], 1, "not a timm VisionTransformer"),
+    (["bench", "digits-vit", "--latency-table", "{tmp}/junk.json", "--runs", "2"], 1, "not a p3bkit latency table"),
+])
+def test_latency_bad_inputs(args, code, msg, tmp_path):
+    (tmp_path / "junk.json").write_text("[]")
+    r = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert r.exit_code == code and msg in r.output, r.output
+    assert not (tmp_path / "t.json").exists()

@@ -14,7 +14,7 @@ from p3bkit.bench.harness import (
     results_json,
     timing_warnings,
 )
-from p3bkit.bench.runners import prepare
+from p3bkit.bench.runners import prepare, runtime_label
 from p3bkit.fileio import write_json_atomic
 
 # written into every report: how the numbers were taken (issue 12, "honest speedups")
@@ -77,7 +77,7 @@ def _predictions(prepared, results, table_path: str, threads: int | None) -> Non
     table = LatencyTable.load(table_path)
     table.check_machine(machine_info(threads))
     for p, r in zip(prepared, results):
-        if r.backend == table.backend and r.batch == table.batch and not p.name.endswith("]"):
+        if runtime_label(p.name, r.backend) == table.backend and r.batch == table.batch:
             try:
                 r.predicted_ms = table.predict(_layers(p.source or p.name))
             except P3BError:  # another model, or one the table does not model (--structure full): no column value

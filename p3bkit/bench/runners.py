@@ -82,6 +82,14 @@ def _exported(ref: str, fmt: str, workdir: Path) -> Path:
     return out / ARTEFACT[fmt]
 
 
+ORT_OPTIMIZED = " [ort-transformers]"  # name suffix of a model run through onnxruntime's transformer optimiser
+
+
+def runtime_label(name: str, backend: str) -> str:
+    """The runtime a bench result ran on, telling the transformer-optimised onnxruntime graph apart."""
+    return f"{backend} (transformer-optimised)" if name.endswith(ORT_OPTIMIZED) else backend
+
+
 def _ort_transformer_optimized(path: Path, workdir: Path, ref: str) -> Path:
     """onnxruntime's transformer optimiser (model_type "vit": fused LayerNorm, GELU and attention),
     the usual way a dense ViT is deployed with onnxruntime; refused if it changes the outputs."""
@@ -93,24 +101,19 @@ def _ort_transformer_optimized(path: Path, workdir: Path, ref: str) -> Path:
     from p3bkit.exporters.runtimes import ort_runner
     from p3bkit.models.adapter import inspect_vit
 
-    spec = inspect_vit(_torch_model(_source_of(ref) if ref.endswith(".onnx") else ref))
+    model = _torch_model(_source_of(ref) if ref.endswith(".onnx") else ref)
+    spec = inspect_vit(model)
     out = workdir / f"{path.stem}.ort-transformers.onnx"
     with contextlib.redirect_stdout(io.StringIO()):
         opt = optimizer.optimize_model(str(path), model_type="vit", num_heads=spec.num_heads, hidden_size=spec.dim,
                                        opt_level=0)
     opt.save_model_to_file(str(out))
-    x = np.random.default_rng(0).standard_normal((2, *ort_session_shape(path))).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((2, *_sample_shape(model))).astype(np.float32)
     ref, opt = ort_runner(path)(x), ort_runner(out)(x)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ref.values(), opt.values()))
     if diff > 1e-3:
         raise P3BError(f"onnxruntime's transformer optimiser changed the outputs of {path} (max abs diff {diff:.2e})")
     return out
-
-
-def ort_session_shape(path: Path) -> list[int]:
-    from p3bkit.exporters.runtimes import ort_session
-
-    return list(ort_session(path).get_inputs()[0].shape[1:])
 
 
 def prepare_onnxruntime(ref: str, batch: int, threads: int | None, workdir: Path,
@@ -129,7 +132,7 @@ def prepare_onnxruntime(ref: str, batch: int, threads: int | None, workdir: Path
     def profile(runs: int) -> dict[str, float]:
         return _ort_profile(path, threads, inp.name, x, runs)
 
-    return Prepared(ref + (" [ort-transformers]" if transformer_optimized else ""), "onnxruntime",
+    return Prepared(ref + (ORT_OPTIMIZED if transformer_optimized else ""), "onnxruntime",
                     lambda: sess.run(None, {inp.name: x}), source=_source_of(ref) if ref.endswith(".onnx") else ref,
                     profile=profile)
 

@@ -123,7 +123,7 @@ class LatencyTable:
         for key in ("cpu", "gpu", "cores"):
             if self.machine.get(key) != here.get(key):
                 diff.append(f"{key}: table {self.machine.get(key)!r}, here {here.get(key)!r}")
-        pkg = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}.get(self.backend, "torch")
+        pkg = self.backend  # the runtime's package name (torch, onnxruntime, openvino, tensorrt)
         mine, theirs = self.machine.get("versions", {}).get(pkg), here.get("versions", {}).get(pkg)
         if mine != theirs:
             diff.append(f"{pkg}: table {mine}, here {theirs}")
