@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from p3bkit.bench import BenchConfig, run_bench
 from p3bkit.bench.latency_table import TableConfig, in_fresh_process, measure_latency_table
-from p3bkit.exporters import ARTEFACT, export_model
+from p3bkit.exporters import artefact_name, export_model
+from p3bkit.exporters.registry import get_backend
 from p3bkit.models import load, save
 from p3bkit.models.factory import create_model
 from p3bkit.models.latency import LatencyTable
@@ -36,7 +37,7 @@ from p3bkit.workflows import PruneJob, run_prune
 
 RESULTS = Path(__file__).parent / "results"
 QUICK = RECIPES["quick"]
-FORMAT = {"onnxruntime": "onnx", "openvino": "openvino"}
+FORMAT = {b: get_backend(b).format for b in ("onnxruntime", "openvino")}
 
 
 def prune_and_finetune(work: Path, ckpt: Path, seed: int, name: str, cfg: P3BConfig, table: str | None, finetune: int):
@@ -91,11 +92,11 @@ def main() -> None:
         for key in ("params_budget", "latency_budget"):
             fmt = FORMAT[args.backend]
             export_model(r[key]["folder"], fmt, work / f"{Path(r[key]['folder']).name}_{fmt}")
-            r[key]["artefact"] = str(work / f"{Path(r[key]['folder']).name}_{fmt}" / ARTEFACT[fmt])
+            r[key]["artefact"] = str(work / f"{Path(r[key]['folder']).name}_{fmt}" / artefact_name(fmt))
             refs.append(r[key]["artefact"])
     dense_art = work / f"dense_{FORMAT[args.backend]}"
     export_model(str(work / "dense"), FORMAT[args.backend], dense_art)
-    refs[0] = str(dense_art / ARTEFACT[FORMAT[args.backend]])
+    refs[0] = str(dense_art / artefact_name(FORMAT[args.backend]))
     rep = in_fresh_process(run_bench, refs, args.backend, "cpu", None, "fp32",
                            BenchConfig(runs=args.runs, warmup=20, block=20, threads=args.threads), False, None, False,
                            False, str(lut))

@@ -91,7 +91,7 @@ def run(args) -> None:
 def run_one(args) -> None:
     """All runtimes of a DeiT in one interleaved run (see the module doc)."""
     from p3bkit.bench.runners import runtime_label
-    from p3bkit.exporters import ARTEFACT, export_model
+    from p3bkit.exporters import artefact_name, export_model
 
     machine = args.machine or platform.node()
     out = HERE / "results" / f"table7_{machine}-one-run_cpu.json"
@@ -107,7 +107,7 @@ def run_one(args) -> None:
             for fmt in ("onnx", "openvino"):
                 export_model(ref, fmt, work / f"{label}_{fmt}")
                 labels.append(label)
-                bench_refs.append(str(work / f"{label}_{fmt}" / ARTEFACT[fmt]))
+                bench_refs.append(str(work / f"{label}_{fmt}" / artefact_name(fmt)))
         tables = [str(t) for t in sorted((HERE / "results" / "latency").glob(f"{key}_*.json"))]
         rep = run_bench(bench_refs, None, "cpu", cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads),
                         dense_baselines=True, latency_table=tables or None)

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from p3bkit.cli_options import DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs
+from p3bkit.exporters.registry import PRECISIONS, formats, runtimes
 from p3bkit.prune.recipes import RECIPES
 
 STRUCTURES = click.Choice(["full", "inner"])
@@ -198,11 +199,18 @@ def info(model, as_json) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "openvino", "trt"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(formats()), required=True)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--precision", help="onnx: fp32|fp16; openvino: f32|f16|bf16; trt: fp32|fp16|bf16.")
-@click.option("--fp16", is_flag=True, help="Shorthand for --precision fp16 (onnx, trt).")
-@click.option("--bf16", is_flag=True, help="Shorthand for --precision bf16 (openvino, trt).")
+@click.option("--precision", help=f"{'|'.join(PRECISIONS)} (a runtime's own name such as f32 works too); "
+                                  "what each format takes: p3bkit doctor.")
+@click.option("--fp16", is_flag=True, help="Shorthand for --precision fp16.")
+@click.option("--bf16", is_flag=True, help="Shorthand for --precision bf16.")
+@click.option("--calib-data", help="INT8: calibration images (digits, ImageFolder or CIFAR-100 folder; train split).")
+@click.option("--calib-size", type=POSITIVE, default=300, show_default=True, help="INT8: calibration images used.")
+@click.option("--val-data", help="INT8 gate: validation split to measure top-1 on [default: --calib-data's].")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="INT8 gate: largest top-1 drop (points) vs fp32 through the runtime; above it (after the "
+                   "runtime's remedies) the export fails and writes nothing.")
 @click.option("--static-batch", type=POSITIVE, help="Fixed batch size instead of a dynamic batch axis.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Parity check against PyTorch.")
 @click.option("--write-op", type=click.Choice(["scatter", "gather"]), help="Residual write op (default per format).")
@@ -211,11 +219,13 @@ def info(model, as_json) -> None:
 @click.option("--max-batch", type=POSITIVE, default=1024, show_default=True, help="TensorRT profile.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read + updated).")
 @click.option("--eval-data", help="Also measure top-1 of the artefact on this data's validation split (stored in the record).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
 @boundary
-def export(model, fmt, out, precision, fp16, bf16, static_batch, verify, write_op, min_batch, opt_batch, max_batch,
-           timing_cache, eval_data) -> None:
+def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_data, max_drop, static_batch, verify,
+           write_op, min_batch, opt_batch, max_batch, timing_cache, eval_data, progress) -> None:
     """Export MODEL (pruned folder, timm name or preset) and verify it against PyTorch."""
     from p3bkit.exporters import export_model
+    from p3bkit.exporters.quantize import Int8Config
 
     if fp16 and bf16:
         raise click.UsageError("--fp16 and --bf16 are exclusive")
@@ -223,12 +233,25 @@ def export(model, fmt, out, precision, fp16, bf16, static_batch, verify, write_o
         if precision:
             raise click.UsageError("give --precision or --fp16/--bf16, not both")
         precision = "fp16" if fp16 else "bf16"
-        precision = {"openvino": {"fp16": "f16", "bf16": "bf16"}}.get(fmt, {}).get(precision, precision)
+    if (val_data or calib_data) and precision not in ("int8", "i8"):
+        raise click.UsageError("--calib-data/--val-data are for --precision int8")
+    int8 = Int8Config(calib_data, calib_size, val_data, max_drop, progress=progress) if calib_data else None
     rec = export_model(model, fmt, out, precision=precision, static_batch=static_batch, verify=verify,
-                       write_op=write_op, trt_profile=(min_batch, opt_batch, max_batch), timing_cache=timing_cache)
+                       write_op=write_op, trt_profile=(min_batch, opt_batch, max_batch), timing_cache=timing_cache,
+                       int8=int8)
     worst = max((s["max_abs_diff"] for b in rec.parity.values() for s in b.values()), default=None)
     parity = f"max abs diff vs torch {worst:.2e}" if verify and worst is not None else "not verified against torch"
+    if verify and rec.precision != "fp32":
+        stats = [s for b in rec.parity.values() for s in b.values()]
+        parity = (f"vs torch: top-1 agreement {min(s['top1_agreement'] for s in stats):.3f}, "
+                  f"min cosine {min(s['cosine_min'] for s in stats):.4f}")
     click.echo(f"wrote {', '.join(str(Path(out) / f) for f in rec.files)} ({rec.precision}, {rec.seconds:.1f} s); {parity}")
+    gate = rec.extra.get("int8")
+    if gate:
+        kept = f"; kept in fp32: {len(gate['kept_in_fp32'])} layer(s)" if gate["kept_in_fp32"] else ""
+        click.echo(f"INT8 gate: top-1 {gate['int8_top1']:.2f}% vs fp32 {gate['fp32_top1']:.2f}% (drop "
+                   f"{gate['drop']:.2f} ≤ {gate['max_drop']:g}) on {gate['val_images']} images; calibrated on "
+                   f"{gate['calib_size']} images of {gate['calib_data']}{kept}")
     if eval_data:
         from p3bkit.evaluate import record_accuracy
 
@@ -244,17 +267,19 @@ def doctor() -> None:
 
     for row in check_backends():
         mark = "ok " if row["usable"] else "no "
-        click.echo(f"{mark} {row['backend']:<12} {row['version']:<14} {row['note']}")
+        click.echo(f"{mark} {row['backend']:<12} {row['version']:<14} --format {row['format']:<9} "
+                   f"precisions {','.join(row['precisions']):<19} {row['note']}")
 
 
 @main.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "openvino", "tensorrt"]),
-              help="Default: from the artefact suffix, else torch.")
+@click.option("--backend", type=click.Choice(runtimes()), help="Default: from the artefact suffix, else torch.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True,
               help="cpu: batch 1; cuda (or gpu): batch 1024 (the paper's protocol).")
 @click.option("--batch", type=POSITIVE, help="Override the preset batch size.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32|fp16|bf16 (torch), f32|bf16 (openvino).")
+@click.option("--precision", help=f"{'|'.join(PRECISIONS)}. Default: an artefact's own, fp32 for a model (which "
+                                  "onnxruntime/OpenVINO export on the fly at this precision). Refused where a "
+                                  "runner would ignore it.")
 @click.option("--runs", type=POSITIVE, default=1000, show_default=True)
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
@@ -278,7 +303,7 @@ def bench(models, backend, device, batch, precision, runs, duration, warmup, thr
     report = run_bench(list(models), backend, device, batch, precision, cfg, profile, json_out, compile,
                        dense_baselines, latency_table)
     m = report["machine"]
-    click.echo(f"{m['cpu']} ({m['threads']} threads){', ' + m['gpu'] if device == 'gpu' else ''}, {precision}")
+    click.echo(f"{m['cpu']} ({m['threads']} threads){', ' + m['gpu'] if device == 'gpu' else ''}")
     click.echo(report["table"])
     for w in report["warnings"]:
         click.echo(f"warning: {w}", err=True)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import click
 
 from p3bkit.cli_options import DEVICE, POSITIVE, boundary, model_options, parse_model_kwargs
+from p3bkit.exporters.registry import runtimes
 
 
 @click.command("latency-table")
 @click.argument("model")
 @model_options
-@click.option("--backend", type=click.Choice(["openvino", "onnxruntime", "torch", "tensorrt"]), default="openvino",
+@click.option("--backend", type=click.Choice(runtimes()), default="openvino",
               show_default=True, help="The runtime the pruned model will run on.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--batch", type=POSITIVE, default=1, show_default=True)

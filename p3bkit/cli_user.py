@@ -6,6 +6,7 @@ import json
 import click
 
 from p3bkit.cli_options import DEVICE, POSITIVE, augment_option, boundary, model_options, parse_model_kwargs
+from p3bkit.exporters.registry import runtimes
 
 
 @click.command()
@@ -40,7 +41,7 @@ def train(**kw) -> None:
 @click.command(name="eval")
 @click.argument("model")
 @click.option("--data", default="digits", show_default=True, help="digits, ImageFolder or CIFAR-100 folder (val split).")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "openvino", "tensorrt"]),
+@click.option("--backend", type=click.Choice(runtimes()),
               help="Default: from the artefact suffix, else torch.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--threads", type=POSITIVE)

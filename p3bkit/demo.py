@@ -115,13 +115,13 @@ def speed_table(out_dir: Path, runs: int) -> dict:
     from p3bkit.bench import BenchConfig, run_bench
     from p3bkit.bench.runners import runtime_label
     from p3bkit.errors import BackendUnavailable
-    from p3bkit.exporters import ARTEFACT, export_model
+    from p3bkit.exporters import artefact_name, export_model
 
     refs = [str(out_dir / "dense"), str(out_dir / "pruned")]
     for fmt in ("onnx", "openvino"):
         try:
             export_model(str(out_dir / "pruned"), fmt, out_dir / "export" / fmt)
-            refs.append(str(out_dir / "export" / fmt / ARTEFACT[fmt]))
+            refs.append(str(out_dir / "export" / fmt / artefact_name(fmt)))
         except BackendUnavailable:
             continue
     report = run_bench(refs, cfg=BenchConfig(runs=runs, warmup=20, block=20), dense_baselines=True,

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from p3bkit.errors import BackendUnavailable, P3BError
-from p3bkit.exporters.artefacts import ARTEFACT_BACKEND, artefact_in_folder
+from p3bkit.errors import P3BError
+from p3bkit.exporters.artefacts import artefact_in_folder
 
 Runner = Callable[[torch.Tensor], np.ndarray]
 
@@ -34,27 +34,17 @@ def _torch_runner(ref: str, device: str) -> tuple[Runner, tuple[int, int, int]]:
 
 
 def _artefact_runner(path: str, backend: str, threads: int | None) -> tuple[Runner, tuple[int, int, int]]:
-    from p3bkit.exporters.runtimes import ort_runner, ov_runner
+    from p3bkit.exporters.registry import artefact_precision, get_backend, read_record
 
-    if backend == "tensorrt":
-        from p3bkit.exporters.tensorrt import TrtRunner
-
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("TensorRT engines run on a CUDA GPU; none is visible here")
-        trt = TrtRunner(path)
-        shape = tuple(trt.engine.get_tensor_shape(trt.input))[1:]
-        return (lambda x: np.asarray(next(iter(trt(x.numpy().astype(np.float32)).values())))), shape
-    record = Path(f"{path}.json")
-    if not record.is_file():
-        raise P3BError(f"{path}: no export record ({record.name}) next to it; export with p3bkit export")
-    rec = json.loads(record.read_text())
-    shape = tuple(int(d) for d in rec["input_shape"][1:])
-    half = rec.get("precision") in ("fp16",)
-    run = ort_runner(path, threads) if backend == "onnxruntime" else ov_runner(path, rec.get("precision", "f32"), threads)
+    be = get_backend(backend)
+    record = read_record(path)
+    if not record:
+        raise P3BError(f"{path}: no export record ({Path(path).name}.json) next to it; export with p3bkit export")
+    shape = tuple(int(d) for d in record["input_shape"][1:])
+    run = be.runner(path, be.run_precision(artefact_precision(path)), threads)
 
     def call(x: torch.Tensor) -> np.ndarray:
-        arr = x.numpy().astype(np.float16 if half else np.float32)
-        return np.asarray(next(iter(run(arr).values())), dtype=np.float32)
+        return np.asarray(next(iter(run(x.numpy().astype(np.float32)).values())), dtype=np.float32)
 
     return call, shape
 
@@ -65,8 +55,11 @@ def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 
     from p3bkit.train.data import load_data
     from p3bkit.train.loop import make_loader
 
+    from p3bkit.exporters.registry import backend_for_artefact
+
     ref = artefact_in_folder(ref, backend)
-    inferred = ARTEFACT_BACKEND.get(Path(ref).suffix)
+    owner = backend_for_artefact(ref)
+    inferred = owner.name if owner else None
     if backend and inferred and backend != inferred:
         raise P3BError(f"{ref} is a {Path(ref).suffix} artefact, which {backend} cannot run (use {inferred})")
     backend = backend or inferred or "torch"

@@ -53,8 +53,10 @@ def test_surgery_is_checked_with_rounded_widths(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--backend", "onnxruntime", "--precision", "fp16"], "onnxruntime runner cannot run --precision fp16"),
-    (["--backend", "openvino", "--precision", "fp16"], "openvino runner cannot run --precision fp16"),
+    (["--backend", "onnxruntime", "--precision", "bf16"], "onnxruntime runner cannot run --precision bf16"),
+    (["--backend", "torch", "--precision", "int8"], "torch runner cannot run --precision int8"),
+    (["--backend", "openvino", "--precision", "int8"], "INT8 needs calibration images"),
+    (["--backend", "openvino", "--precision", "fp64"], "openvino runner cannot run --precision fp64"),
 ])
 def test_bench_refuses_a_precision_it_would_ignore(args, msg):
     res = CliRunner().invoke(main, ["bench", "digits-vit", *args, "--runs", "2"])

@@ -50,9 +50,9 @@ def test_corrupted_artefact_fails_and_leaves_nothing(pruned_folder, tmp_path, mo
     import onnx
     import onnx.numpy_helper as nh
 
-    import p3bkit.exporters.backends as backends
+    import p3bkit.exporters.onnx as onnx_exporter
 
-    real = backends.export_onnx
+    real = onnx_exporter.export_onnx
 
     def corrupting(model, path, *a, **kw):
         out = real(model, path, *a, **kw)
@@ -62,7 +62,7 @@ def test_corrupted_artefact_fails_and_leaves_nothing(pruned_folder, tmp_path, mo
         onnx.save(m, str(path))
         return out
 
-    monkeypatch.setattr(backends, "export_onnx", corrupting)
+    monkeypatch.setattr(onnx_exporter, "export_onnx", corrupting)
     out = tmp_path / "bad"
     res = CliRunner().invoke(main, ["export", str(pruned_folder), "--format", "onnx", "-o", str(out)])
     assert res.exit_code == 1
@@ -74,9 +74,9 @@ def test_failed_export_keeps_previous_artefact(pruned_folder, tmp_path, monkeypa
     out = tmp_path / "o"
     export_model(str(pruned_folder), "onnx", out)
     before = (out / "model.onnx").read_bytes()
-    import p3bkit.exporters.backends as backends
+    import p3bkit.exporters.verify as verify
 
-    monkeypatch.setattr(backends.OnnxBackend, "verify", lambda *a: (_ for _ in ()).throw(
+    monkeypatch.setattr(verify, "verify_runner", lambda *a, **kw: (_ for _ in ()).throw(
         p3bkit.errors.ToleranceError("forced")))
     res = CliRunner().invoke(main, ["export", str(pruned_folder), "--format", "onnx", "-o", str(out)])
     assert res.exit_code == 1 and (out / "model.onnx").read_bytes() == before

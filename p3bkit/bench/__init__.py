@@ -48,14 +48,6 @@ def _architecture(ref: str) -> str | None:
         return None
 
 
-def _artefact_precision(ref: str) -> str | None:
-    """An exported artefact's precision, from its export record."""
-    import json
-
-    record = Path(f"{ref}.json")
-    return json.loads(record.read_text()).get("precision") if record.is_file() else None
-
-
 def _layers(ref: str) -> list[dict] | None:
     """Pruned layers behind a model reference (a pruned folder or an artefact exported from one)."""
     import json
@@ -85,7 +77,7 @@ def _predictions(prepared, results, table_path: str, threads: int | None) -> Non
 
 
 def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", batch: int | None = None,
-              precision: str = "fp32", cfg: BenchConfig | None = None, profile: bool = False,
+              precision: str | None = None, cfg: BenchConfig | None = None, profile: bool = False,
               json_out: str | None = None, compile: bool = False, dense_baselines: bool = False,
               latency_table: str | list[str] | None = None) -> dict:
     """Benchmark models interleaved; returns the JSON-able report (also written to `json_out`).
@@ -110,11 +102,11 @@ def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", 
         results = benchmark(prepared + extra, batch, cfg)
         for i, (p, r) in enumerate(zip(prepared + extra, results)):
             r.flops = _flops(p.source or p.name)
-            r.precision = _artefact_precision(p.name) or precision
+            r.precision = p.precision
             r.baseline = i >= len(prepared) or (dense_baselines and i == 0)
         for table in [latency_table] if isinstance(latency_table, str) else latency_table or []:
             _predictions(prepared + extra, results, table, cfg.threads)
-        report = results_json(results, cfg, {"device": dev["device"], "precision": precision,
+        report = results_json(results, cfg, {"device": dev["device"], "precision": precision or "as exported",
                                              "protocol": PROTOCOL})
         report["table"] = compare_table(results)
         n = len(prepared)  # the dense baselines are other runtimes on purpose: only their noise is worth a warning

@@ -1,40 +1,19 @@
-"""`p3bkit doctor`: which backends are installed and usable on this machine."""
+"""`p3bkit doctor`: which registered backends are installed and usable on this machine."""
 from __future__ import annotations
-
-import importlib
-import importlib.metadata as md
-
-
-def _version(pkg: str) -> str:
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return "-"
-
-
-def _try(module: str) -> str | None:
-    try:
-        importlib.import_module(module)
-        return None
-    except ImportError as exc:
-        return f"not importable: {exc}"
 
 
 def check_backends() -> list[dict]:
+    """One row per backend in the registry: version, usable, a note (device or what is missing),
+    and the precisions it exports."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    rows = [{"backend": "torch", "version": torch.__version__, "usable": True,
-             "note": f"CUDA: {torch.cuda.get_device_name(0) if cuda else 'no GPU visible'}"}]
-    for backend, pkg in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
-        err = _try(backend)
-        rows.append({"backend": backend, "version": _version(pkg), "usable": err is None, "note": err or "CPU"})
-    err = _try("tensorrt")
-    trt_ver = "-"
-    if err is None:
-        import tensorrt
+    from p3bkit.exporters.registry import all_backends
 
-        trt_ver = tensorrt.__version__
-    note = err or ("" if cuda else "installed, but no CUDA GPU visible")
-    rows.append({"backend": "tensorrt", "version": trt_ver, "usable": err is None and cuda, "note": note or "GPU"})
+    rows = []
+    for b in all_backends():
+        usable, note = b.status()
+        if b.name == "torch":
+            note = f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible'}"
+        rows.append({"backend": b.name, "format": b.format or "-", "version": b.version(), "usable": usable,
+                     "note": note, "precisions": list(b.precisions)})
     return rows

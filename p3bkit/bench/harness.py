@@ -128,14 +128,14 @@ def compare_table(results: list[BenchResult]) -> str:
     baselines = [r for r in results if r.baseline]
     fastest = min(baselines, key=lambda r: r.stats["median_ms"]) if baselines else None
     predicted = any(r.predicted_ms is not None for r in results)
-    head = "| model | backend | batch | median ms | p90 ms | images/s | speedup | FLOP ratio | measured/ideal |"
+    head = "| model | backend | precision | batch | median ms | p90 ms | images/s | speedup | FLOP ratio | measured/ideal |"
     head += f" vs fastest dense ({fastest.name}, {fastest.backend}) |" if fastest else ""
     head += " predicted ms |" if predicted else ""
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         speed = base.stats["median_ms"] / r.stats["median_ms"]
         ideal = base.flops / r.flops if base.flops and r.flops else float("nan")
-        row = (f"| {r.name} | {r.backend} | {r.batch} | {r.stats['median_ms']:.3f} | {r.stats['p90_ms']:.3f} | "
+        row = (f"| {r.name} | {r.backend} | {r.precision or 'fp32'} | {r.batch} | {r.stats['median_ms']:.3f} | {r.stats['p90_ms']:.3f} | "
                f"{r.stats['images_per_s']:.1f} | {speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} |")
         if fastest:
             row += f" {fastest.stats['median_ms'] / r.stats['median_ms']:.2f}× |"
@@ -155,7 +155,9 @@ def machine_info(threads: int | None = None) -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for pkg in ("torch", "timm", "onnxruntime", "openvino", "tensorrt"):
+    from p3bkit.exporters.registry import all_backends
+
+    for pkg in ["timm", *dict.fromkeys(p.split(".")[0] for b in all_backends() for p in b.packages)]:
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),

@@ -32,9 +32,6 @@ from tqdm.auto import tqdm
 from p3bkit.errors import BackendUnavailable, P3BError
 from p3bkit.models.latency import LatencyTable, model_dims
 
-TABLE_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
-
-
 @dataclass
 class TableConfig:
     backend: str = "openvino"
@@ -129,7 +126,7 @@ def _prepare_onnx(path: Path, x: torch.Tensor, cfg: TableConfig) -> tuple[Callab
         from p3bkit.exporters.runtimes import ov_compile
 
         ov = import_backend("openvino")
-        request = ov_compile(ov.convert_model(str(path)), "f32", cfg.threads).create_infer_request()
+        request = ov_compile(ov.convert_model(str(path)), threads=cfg.threads).create_infer_request()
         return (lambda: request.infer({0: xn})), (lambda: None)
     from p3bkit.exporters.tensorrt import TrtProfile, TrtRunner, build_trt_engine
 
@@ -161,19 +158,17 @@ def _grid(full: int, step: int, small: tuple[int, ...]) -> list[int]:
 
 
 def _check_backend(cfg: TableConfig) -> None:
-    from p3bkit.exporters.runtimes import import_backend
+    from p3bkit.exporters.registry import get_backend
 
-    if cfg.backend not in TABLE_BACKENDS:
-        raise P3BError(f"unknown backend {cfg.backend!r}: choose one of {', '.join(TABLE_BACKENDS)}")
+    backend = get_backend(cfg.backend)
     gpu = cfg.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise BackendUnavailable("--device gpu asked for, but no CUDA GPU is visible here")
-    if cfg.backend == "tensorrt" and not gpu:
-        raise P3BError("TensorRT runs on a GPU: use --device gpu")
-    if cfg.backend in ("onnxruntime", "openvino") and gpu:
-        raise P3BError(f"latency tables for {cfg.backend} are measured on the CPU (--device cpu)")
-    if cfg.backend != "torch":
-        import_backend(cfg.backend)
+    if backend.device == "cuda" and not gpu:
+        raise P3BError(f"{backend.name} runs on a GPU: use --device gpu")
+    if backend.device == "cpu" and backend.format and gpu:
+        raise P3BError(f"latency tables for {backend.name} are measured on the CPU (--device cpu)")
+    backend.check_dependencies()
 
 
 def measure_latency_table(model: nn.Module, name: str, cfg: TableConfig, isolate: bool = True) -> LatencyTable:

@@ -14,9 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from p3bkit.exporters.artefacts import ARTEFACT_BACKEND, artefact_in_folder
 from p3bkit.errors import BackendUnavailable, P3BError
-
+from p3bkit.exporters.artefacts import artefact_in_folder
 
 
 @dataclass
@@ -28,6 +27,7 @@ class Prepared:
     source: str = ""
     profile: Callable[[int], dict[str, float]] | None = None
     info: dict = field(default_factory=dict)
+    precision: str = "fp32"  # what it runs at (the registry's canonical name)
 
 
 def _torch_model(ref: str):
@@ -71,15 +71,15 @@ def prepare_torch(ref: str, batch: int, device: str, precision: str, threads: in
         return {e.key: e.self_cpu_time_total / 1e3 / runs for e in prof.key_averages() if e.key.startswith("aten::")}
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    return Prepared(ref, "torch", step, sync, ref, profile)
+    return Prepared(ref, "torch", step, sync, ref, profile, precision=precision)
 
 
-def _exported(ref: str, fmt: str, workdir: Path) -> Path:
-    from p3bkit.exporters import ARTEFACT, export_model
+def _exported(ref: str, fmt: str, workdir: Path, precision: str = "fp32") -> Path:
+    from p3bkit.exporters import artefact_name, export_model
 
-    out = workdir / f"{abs(hash(ref))}-{fmt}"
-    export_model(ref, fmt, out)
-    return out / ARTEFACT[fmt]
+    out = workdir / f"{abs(hash(ref))}-{fmt}-{precision}"
+    export_model(ref, fmt, out, precision=precision)
+    return out / artefact_name(fmt)
 
 
 ORT_OPTIMIZED = " [ort-transformers]"  # name suffix of a model run through onnxruntime's transformer optimiser
@@ -98,7 +98,7 @@ def _ort_transformer_optimized(path: Path, workdir: Path, ref: str) -> Path:
 
     from onnxruntime.transformers import optimizer
 
-    from p3bkit.exporters.runtimes import ort_runner
+    from p3bkit.exporters.registry import get_backend
     from p3bkit.models.adapter import inspect_vit
 
     model = _torch_model(_source_of(ref) if ref.endswith(".onnx") else ref)
@@ -109,7 +109,8 @@ def _ort_transformer_optimized(path: Path, workdir: Path, ref: str) -> Path:
                                        opt_level=0)
     opt.save_model_to_file(str(out))
     x = np.random.default_rng(0).standard_normal((2, *_sample_shape(model))).astype(np.float32)
-    ref, opt = ort_runner(path)(x), ort_runner(out)(x)
+    ort = get_backend("onnxruntime")
+    ref, opt = ort.runner(path)(x), ort.runner(out)(x)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ref.values(), opt.values()))
     if diff > 1e-3:
         raise P3BError(f"onnxruntime's transformer optimiser changed the outputs of {path} (max abs diff {diff:.2e})")
@@ -117,10 +118,10 @@ def _ort_transformer_optimized(path: Path, workdir: Path, ref: str) -> Path:
 
 
 def prepare_onnxruntime(ref: str, batch: int, threads: int | None, workdir: Path,
-                        transformer_optimized: bool = False) -> Prepared:
+                        transformer_optimized: bool = False, precision: str = "fp32") -> Prepared:
     from p3bkit.exporters.runtimes import ort_session
 
-    path = Path(ref) if ref.endswith(".onnx") else _exported(ref, "onnx", workdir)
+    path = Path(ref) if ref.endswith(".onnx") else _exported(ref, "onnx", workdir, precision)
     if transformer_optimized:
         path = _ort_transformer_optimized(path, workdir, ref)
     sess = ort_session(path, threads, spin=False)  # an idle spinning pool would slow the next model timed
@@ -134,7 +135,7 @@ def prepare_onnxruntime(ref: str, batch: int, threads: int | None, workdir: Path
 
     return Prepared(ref + (ORT_OPTIMIZED if transformer_optimized else ""), "onnxruntime",
                     lambda: sess.run(None, {inp.name: x}), source=_source_of(ref) if ref.endswith(".onnx") else ref,
-                    profile=profile)
+                    profile=profile, precision=precision)
 
 
 def _ort_profile(path: Path, threads: int | None, name: str, x: np.ndarray, runs: int) -> dict[str, float]:
@@ -156,10 +157,11 @@ def _ort_profile(path: Path, threads: int | None, name: str, x: np.ndarray, runs
 
 
 def prepare_openvino(ref: str, batch: int, threads: int | None, precision: str, workdir: Path) -> Prepared:
+    from p3bkit.exporters.registry import get_backend
     from p3bkit.exporters.runtimes import import_backend, ov_compile
 
-    path = Path(ref) if ref.endswith(".xml") else _exported(ref, "openvino", workdir)
-    compiled = ov_compile(path, precision if precision in ("f32", "bf16") else "f32", threads)
+    path = Path(ref) if ref.endswith(".xml") else _exported(ref, "openvino", workdir, precision)
+    compiled = ov_compile(path, get_backend("openvino").inference_hint(precision), threads)
     request = compiled.create_infer_request()
     shape = [batch, *[d.get_length() for d in list(compiled.inputs[0].get_partial_shape())[1:]]]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -177,10 +179,10 @@ def prepare_openvino(ref: str, batch: int, threads: int | None, precision: str, 
         return totals
 
     return Prepared(ref, "openvino", lambda: request.infer({0: x}),
-                    source=_source_of(str(path)) if ref.endswith(".xml") else ref, profile=profile)
+                    source=_source_of(str(path)) if ref.endswith(".xml") else ref, profile=profile, precision=precision)
 
 
-def prepare_tensorrt(ref: str, batch: int) -> Prepared:
+def prepare_tensorrt(ref: str, batch: int, precision: str = "fp32") -> Prepared:
     from p3bkit.exporters.tensorrt import TrtRunner
 
     if not ref.endswith((".plan", ".engine")):
@@ -188,23 +190,29 @@ def prepare_tensorrt(ref: str, batch: int) -> Prepared:
     runner = TrtRunner(ref)
     shape = tuple(runner.engine.get_tensor_shape(runner.input))[1:]
     x = torch.randn(batch, *shape, device="cuda")
-    return Prepared(ref, "tensorrt", lambda: runner.run_device(x), torch.cuda.synchronize, _source_of(ref))
+    return Prepared(ref, "tensorrt", lambda: runner.run_device(x), torch.cuda.synchronize, _source_of(ref),
+                    precision=precision)
 
 
-# what `--precision` each runner can honour (an artefact's own precision is fixed at export)
-RUNNER_PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": ("fp32",), "openvino": ("fp32", "f32", "bf16"),
-                     "tensorrt": ("fp32",)}
+def run_precision(backend, ref: str, is_artefact: bool, asked: str | None) -> str:
+    """What a runner will run at, from the registry: an artefact's own precision (or one its runtime
+    can honour for it); a model is exported on the fly at the asked precision. Refuses anything a
+    runner would ignore or silently change."""
+    from p3bkit.exporters.registry import artefact_precision
 
-
-def check_precision(backend: str, precision: str) -> None:
-    """Refuse a precision the runner would ignore or silently change."""
-    allowed = RUNNER_PRECISIONS.get(backend)
-    if allowed is not None and precision not in allowed:
-        how = {"onnxruntime": "export an fp16 model (p3bkit export --fp16) and bench that artefact",
-               "tensorrt": "build the engine in that precision (p3bkit export --format trt --precision ...)",
-               "openvino": "OpenVINO on CPU infers in f32 or bf16"}.get(backend, "")
-        raise P3BError(f"the {backend} runner cannot run --precision {precision} (it takes {', '.join(allowed)})"
-                       + (f"; {how}" if how else ""))
+    if is_artefact:
+        return backend.run_precision(artefact_precision(ref), asked)
+    try:
+        run = backend.precision(asked)
+    except P3BError:
+        raise P3BError(f"the {backend.name} runner cannot run --precision {asked} (it takes "
+                       f"{', '.join(backend.precisions)})") from None
+    if run == "int8":
+        raise P3BError(f"INT8 needs calibration images: p3bkit export {ref} --format {backend.format or 'onnx'} "
+                       "--precision int8 --calib-data DATA, then bench that artefact")
+    if backend.name == "openvino":
+        backend.inference_hint(run)  # refuses bf16 on a CPU without bf16 units
+    return run
 
 
 def dense_baselines(ref: str, batch: int, threads: int | None, workdir: Path, skip: str = "") -> list[Prepared]:
@@ -215,7 +223,7 @@ def dense_baselines(ref: str, batch: int, threads: int | None, workdir: Path, sk
     makers = [] if skip == "onnxruntime" else [lambda: prepare_onnxruntime(ref, batch, threads, workdir)]
     for make in makers + [
             lambda: prepare_onnxruntime(ref, batch, threads, workdir, transformer_optimized=True)] + (
-            [] if skip == "openvino" else [lambda: prepare_openvino(ref, batch, threads, "f32", workdir)]):
+            [] if skip == "openvino" else [lambda: prepare_openvino(ref, batch, threads, "fp32", workdir)]):
         try:
             out.append(make())
         except BackendUnavailable:
@@ -223,31 +231,44 @@ def dense_baselines(ref: str, batch: int, threads: int | None, workdir: Path, sk
     return out
 
 
-def prepare(ref: str, backend: str | None, batch: int, device: str, precision: str, threads: int | None,
+def prepare(ref: str, backend: str | None, batch: int, device: str, precision: str | None, threads: int | None,
             workdir: Path | None = None, compile: bool = False) -> Prepared:
     """Build the runner for `ref` (backend inferred from an artefact's suffix when not given).
 
     An export folder (no arch.json, one exported artefact inside) stands for its artefact.
+    `precision` None: the artefact's own, fp32 for a model.
     """
+    from p3bkit.exporters.registry import artefact_suffixes, backend_for_artefact, get_backend
+
     ref = artefact_in_folder(ref, backend)
     suffix = Path(ref).suffix
-    inferred = ARTEFACT_BACKEND.get(suffix)
-    if backend and inferred and backend != inferred:
-        raise P3BError(f"{ref} is a {suffix} artefact, which the {backend} backend cannot run (use {inferred})")
-    backend = backend or inferred or "torch"
-    check_precision(backend, precision)
-    if suffix and suffix not in ARTEFACT_BACKEND and not Path(ref).is_dir():
+    owner = backend_for_artefact(ref)
+    if backend and owner and backend != owner.name:
+        raise P3BError(f"{ref} is a {suffix} artefact, which the {backend} backend cannot run (use {owner.name})")
+    if suffix and not owner and not Path(ref).is_dir():
         raise P3BError(f"{ref}: unknown artefact type {suffix!r} (expected a pruned folder, a model name, "
-                       f"or one of {', '.join(ARTEFACT_BACKEND)})")
+                       f"or one of {', '.join(artefact_suffixes())})")
+    be = get_backend(backend) if backend else owner or get_backend("torch")
+    run = run_precision(be, ref, owner is not None, precision)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailable("--device gpu asked for, but no CUDA GPU is visible here")
     workdir = workdir or Path(tempfile.mkdtemp(prefix="p3bkit-bench-"))
-    if backend == "torch":
-        return prepare_torch(ref, batch, device, precision, threads, compile)
-    if backend == "onnxruntime":
-        return prepare_onnxruntime(ref, batch, threads, workdir)
-    if backend == "openvino":
-        return prepare_openvino(ref, batch, threads, precision, workdir)
-    if backend == "tensorrt":
-        return prepare_tensorrt(ref, batch)
-    raise P3BError(f"unknown backend {backend!r}: choose torch, onnxruntime, openvino or tensorrt")
+    makers = {"torch": lambda: prepare_torch(ref, batch, device, run, threads, compile),
+              "onnxruntime": lambda: prepare_onnxruntime(ref, batch, threads, workdir, precision=run),
+              "openvino": lambda: prepare_openvino(ref, batch, threads, run, workdir),
+              "tensorrt": lambda: prepare_tensorrt(ref, batch, run)}
+    if be.name in makers:
+        return makers[be.name]()
+    return _prepare_generic(be, ref, batch, threads, run, owner is not None)
+
+
+def _prepare_generic(be, ref: str, batch: int, threads: int | None, precision: str, is_artefact: bool) -> Prepared:
+    """Any other registered backend: its artefact through the registry's `runner`."""
+    from p3bkit.exporters.registry import read_record
+
+    if not is_artefact:
+        raise P3BError(f"the {be.name} backend runs exported artefacts: export {ref} first (p3bkit export)")
+    shape = read_record(ref).get("input_shape", [None, 3, 224, 224])[1:]
+    run = be.runner(ref, precision, threads)
+    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    return Prepared(ref, be.name, lambda: run(x), source=_source_of(ref), precision=precision)

@@ -13,16 +13,21 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from p3bkit.errors import ExportError
+from p3bkit.exporters.registry import formats, get_backend
 from p3bkit.fileio import write_json_atomic
 
-Format = Literal["onnx", "openvino", "trt"]
-DEFAULT_PRECISION = {"onnx": "fp32", "openvino": "f32", "trt": "fp32"}
-# residual writes: ScatterND(add) is fastest in onnxruntime; OpenVINO and TensorRT get Concat+Gather
-DEFAULT_WRITE_OP = {"onnx": "scatter", "openvino": "gather", "trt": "gather"}
-ARTEFACT = {"onnx": "model.onnx", "openvino": "model.xml", "trt": "model.plan"}
+if TYPE_CHECKING:
+    from p3bkit.exporters.quantize import Int8Config
+
+Format = Literal["onnx", "openvino", "trt"]  # the registry's export formats (`formats()`), for type checkers
+
+
+def artefact_name(fmt: str) -> str:
+    """The file an export of this format writes (model.onnx, model.xml, model.plan)."""
+    return get_backend(fmt).artefact
 
 
 @dataclass
@@ -44,17 +49,16 @@ class ExportRecord:
     seconds: float = 0.0
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    native_precision: str = ""
 
 
-def _versions(fmt: str) -> dict[str, str]:
+def _versions(backend) -> dict[str, str]:
     import importlib.metadata as md
 
-    names = ["torch", "timm", "onnx", "onnxruntime", "onnxscript"] + (["openvino"] if fmt == "openvino" else []) + \
-        (["tensorrt"] if fmt == "trt" else [])
     out = {"python": platform.python_version()}
-    for n in names:
+    for n in ["torch", "timm", "onnx", "onnxruntime", "onnxscript", *backend.packages]:
         try:
-            out[n] = md.version(n)
+            out[n.split(".")[0]] = md.version(n.split(".")[0])
         except md.PackageNotFoundError:
             out[n] = "missing"
     return out
@@ -62,36 +66,54 @@ def _versions(fmt: str) -> dict[str, str]:
 
 def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: str | None = None,
                  static_batch: int | None = None, verify: bool = True, write_op: str | None = None,
-                 trt_profile: tuple[int, int, int] = (1, 1024, 1024), timing_cache: str | None = None) -> ExportRecord:
-    """Export a pruned folder / timm name / preset to `out_dir` and verify it (see module doc)."""
-    from p3bkit.exporters.backends import BACKENDS
+                 trt_profile: tuple[int, int, int] = (1, 1024, 1024), timing_cache: str | None = None,
+                 int8: Int8Config | None = None) -> ExportRecord:
+    """Export a pruned folder / timm name / preset to `out_dir` and verify it (see module doc).
+
+    INT8 needs `int8` (calibration data and the accuracy gate); its parity check runs on real
+    validation images, since quantisation error on noise says little about images.
+    """
+    from p3bkit.exporters.quantize import load_int8_data
+    from p3bkit.exporters.verify import verify_runner
     from p3bkit.models.factory import create_model
     from p3bkit.models.pruned import set_write_op
 
-    if fmt not in BACKENDS:
-        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(BACKENDS)}")
-    backend = BACKENDS[fmt]
-    precision = precision or DEFAULT_PRECISION[fmt]
-    backend.check(precision)  # fail fast: nothing is built and nothing written on a machine that can't
-    model = set_write_op(create_model(model_ref).eval(), write_op or DEFAULT_WRITE_OP[fmt])
+    if fmt not in formats():
+        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(formats())}")
+    backend = get_backend(fmt)
+    precision = backend.precision(precision)
+    if precision == "int8" and int8 is None:
+        raise ExportError("INT8 export needs calibration images: give --calib-data (digits, an ImageFolder, ...)")
+    if precision != "int8" and int8 is not None:
+        raise ExportError(f"calibration data is for --precision int8, not {precision}")
+    backend.check_dependencies(precision)  # fail fast: nothing is built and nothing written on a machine that can't
+    write_op = write_op or backend.write_op
+    model = set_write_op(create_model(model_ref).eval(), write_op)
     sample = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    data = load_int8_data(int8, model) if int8 else None  # bad data fails here, before any export work
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     t0 = time.time()
     try:
         files, info = backend.export(model, tmp, sample, precision, static_batch,
-                                     {"trt_profile": trt_profile, "timing_cache": timing_cache})
-        parity = backend.verify(model, tmp, sample, precision, static_batch) if verify else {}
-        record = ExportRecord(format=fmt, files=files, source=str(model_ref), opset=18, precision=precision,
+                                     {"trt_profile": trt_profile, "timing_cache": timing_cache, "int8": data})
+        parity = {}
+        if verify:
+            inputs = [data.val_x[:static_batch or 64]] if data is not None else None
+            parity = verify_runner(model.to(backend.device), backend.runner(tmp / files[0], precision), sample,
+                                   backend.tolerance(precision), (static_batch,) if static_batch else (1, 4),
+                                   device=backend.device, inputs=inputs)
+        record = ExportRecord(format=backend.format, files=files, source=str(model_ref), opset=18, precision=precision,
                               input_name="pixel_values", input_shape=[static_batch or "batch", *sample],
-                              write_op=write_op or DEFAULT_WRITE_OP[fmt], verified=verify, parity=parity,
+                              write_op=write_op, verified=verify, parity=parity,
                               tolerance=asdict(backend.tolerance(precision)), op_types=info.get("op_types", {}),
-                              seconds=time.time() - t0, versions=_versions(fmt), extra=info.get("extra", {}))
+                              seconds=time.time() - t0, versions=_versions(backend), extra=info.get("extra", {}),
+                              native_precision=backend.precisions[precision])
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in files:
             os.replace(tmp / f, out_dir / f)
-        write_json_atomic(out_dir / f"{ARTEFACT[fmt]}.json", asdict(record))
+        write_json_atomic(out_dir / f"{backend.artefact}.json", asdict(record))
         return record
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,94 +1,196 @@
-"""A small registry of export backends sharing one interface (check, export, verify, tolerance)."""
+"""The built-in backends: torch, onnxruntime, OpenVINO and TensorRT (see `registry` for the interface).
+
+INT8 goes through each runtime's own post-training quantiser on the user's calibration images,
+behind the accuracy gate of `p3bkit.exporters.quantize`: onnxruntime static QDQ with per-channel
+weights, NNCF's transformer preset for OpenVINO, and for TensorRT the same QDQ graph built with
+the INT8 flag (TensorRT's explicit quantization; GPU only).
+"""
 from __future__ import annotations
 
-from pathlib import Path
-
-from p3bkit.errors import ExportError
-from p3bkit.exporters.onnx import export_onnx, op_types
-from p3bkit.exporters.tolerances import Tolerance, tolerance_for
-from p3bkit.exporters.verify import verify_runner
+from p3bkit.errors import BackendUnavailable
+from p3bkit.exporters.registry import Backend, PrecisionError, Runner, register
 
 
-class OnnxBackend:
-    name, precisions = "onnx", ("fp32", "fp16")
+@register
+class TorchBackend(Backend):
+    name, packages, extra = "torch", ("torch",), ""
+    precisions = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-    def check(self, precision: str) -> None:
-        from p3bkit.exporters.runtimes import import_backend
+    def run_precisions(self, artefact_precision: str) -> tuple[str, ...]:
+        return tuple(self.precisions)
 
-        if precision not in self.precisions:
-            raise ExportError(f"{self.name} precision must be one of {self.precisions}, got {precision!r}")
-        import_backend("onnxruntime")
+    def runner(self, path, precision=None, threads=None) -> Runner:
+        """A model reference (pruned folder, preset, timm name) run eagerly, autocast to `precision`."""
+        import torch
 
-    def tolerance(self, precision: str) -> Tolerance:
-        return tolerance_for(self.name, precision)
+        from p3bkit.models.factory import create_model
+        from p3bkit.train.loop import logits_of
 
-    def export(self, model, tmp: Path, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
+        model = create_model(str(path)).eval()
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision(precision))
+
+        @torch.inference_mode()
+        def run(x) -> dict:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                return {"logits": logits_of(model(torch.from_numpy(x))).float().numpy()}
+        return run
+
+
+@register
+class OnnxRuntimeBackend(Backend):
+    name, format, packages, extra = "onnxruntime", "onnx", ("onnxruntime", "onnx", "onnxscript"), "onnx"
+    artefact, suffixes, write_op = "model.onnx", (".onnx",), "scatter"  # ScatterND(add) is fastest in onnxruntime
+    precisions = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+
+    def check_dependencies(self, precision: str = "fp32") -> None:
+        super().check_dependencies(precision)
+        if precision == "int8":
+            _need("onnxruntime.quantization", "onnx")
+
+    def export(self, model, tmp, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
+        from p3bkit.exporters.onnx import export_onnx, op_types
+
+        if precision == "int8":
+            from p3bkit.exporters.quantize import quantize_onnxruntime
+
+            export_onnx(model, tmp / "fp32.onnx", sample, static_batch)
+            info = quantize_onnxruntime(model, tmp / "fp32.onnx", tmp / "model.onnx", opts["int8"])
+            (tmp / "fp32.onnx").unlink()
+            return ["model.onnx"], {"op_types": op_types(tmp / "model.onnx"), "extra": info}
         export_onnx(model, tmp / "model.onnx", sample, static_batch, fp16=precision == "fp16")
         return ["model.onnx"], {"op_types": op_types(tmp / "model.onnx")}
 
-    def verify(self, model, tmp: Path, sample, precision, static_batch) -> dict:
-        from p3bkit.exporters.runtimes import ort_runner
+    def runner(self, path, precision=None, threads=None) -> Runner:
+        import numpy as np
 
-        run = ort_runner(tmp / "model.onnx")
-        half = precision == "fp16"
-        return verify_runner(model, lambda x: run(x.astype("float16") if half else x), sample,
-                             self.tolerance(precision), _batches(static_batch))
+        from p3bkit.exporters.runtimes import ort_session
+
+        sess = ort_session(path, threads)
+        inp = sess.get_inputs()[0]
+        dtype = np.float16 if "float16" in inp.type else np.float32  # fp16 graphs take fp16 pixels
+        outputs = [o.name for o in sess.get_outputs()]
+
+        def run(x) -> dict:
+            return {n: np.asarray(v, dtype=np.float32) for n, v in
+                    zip(outputs, sess.run(None, {inp.name: x.astype(dtype, copy=False)}))}
+        return run
 
 
-class OpenVinoBackend(OnnxBackend):
-    name, precisions = "openvino", ("f32", "f16", "bf16")
+@register
+class OpenVinoBackend(Backend):
+    name = format = "openvino"
+    packages, extra = ("openvino", "onnx", "onnxscript"), "openvino"
+    artefact, suffixes = "model.xml", (".xml",)
+    # fp16: weights stored in f16, inference in f32; bf16: f32 weights, bf16 inference hint
+    precisions = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "i8"}
 
-    def check(self, precision: str) -> None:
-        from p3bkit.exporters.runtimes import import_backend
+    def check_dependencies(self, precision: str = "fp32") -> None:
+        super().check_dependencies(precision)
+        if precision == "int8":
+            _need("nncf", "openvino")
 
-        if precision not in self.precisions:
-            raise ExportError(f"{self.name} precision must be one of {self.precisions}, got {precision!r}")
-        import_backend("openvino")
-        import_backend("onnxruntime")
-
-    def export(self, model, tmp: Path, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
+    def export(self, model, tmp, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
+        from p3bkit.exporters.onnx import export_onnx, op_types
         from p3bkit.exporters.openvino import export_openvino
 
         export_onnx(model, tmp / "graph.onnx", sample, static_batch)
-        export_openvino(tmp / "graph.onnx", tmp / "model.xml", precision)
-        return ["model.xml", "model.bin"], {"op_types": op_types(tmp / "graph.onnx"),
-                                           "extra": {"inference_precision_hint": "bf16" if precision == "bf16" else "f32"}}
+        ops = op_types(tmp / "graph.onnx")
+        if precision == "int8":
+            from p3bkit.exporters.quantize import quantize_openvino
 
-    def verify(self, model, tmp: Path, sample, precision, static_batch) -> dict:
+            info = quantize_openvino(model, tmp / "graph.onnx", tmp / "model.xml", opts["int8"])
+        else:
+            export_openvino(tmp / "graph.onnx", tmp / "model.xml", self.precisions[precision])
+            info = {"inference_precision_hint": "bf16" if precision == "bf16" else "f32"}
+        (tmp / "graph.onnx").unlink()
+        return ["model.xml", "model.bin"], {"op_types": ops, "extra": info}
+
+    def run_precisions(self, artefact_precision: str) -> tuple[str, ...]:
+        if artefact_precision == "int8":
+            return ("int8",)
+        return (artefact_precision, *(p for p in ("fp32", "bf16") if p != artefact_precision))
+
+    def run_precision(self, artefact_precision: str, asked: str | None = None) -> str:
+        run = super().run_precision(artefact_precision, asked)
+        self.inference_hint(run)  # refuses bf16 on a CPU without it
+        return run
+
+    def runner(self, path, precision=None, threads=None) -> Runner:
         from p3bkit.exporters.runtimes import ov_runner
 
-        return verify_runner(model, ov_runner(tmp / "model.xml", precision), sample, self.tolerance(precision),
-                             _batches(static_batch))
+        return ov_runner(path, self.inference_hint(precision or "fp32"), threads)
+
+    def inference_hint(self, precision: str) -> str:
+        """OpenVINO's INFERENCE_PRECISION_HINT for a run precision; bf16 only where the CPU has it
+        (elsewhere OpenVINO would silently run f32)."""
+        if precision != "bf16":
+            return "f32"
+        from p3bkit.exporters.runtimes import import_backend
+
+        if "BF16" not in import_backend("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise PrecisionError("this CPU has no bf16 units, so OpenVINO would run bf16 as f32: use fp32")
+        return "bf16"
 
 
-class TrtBackend(OnnxBackend):
-    name, precisions = "trt", ("fp32", "fp16", "bf16")
+@register
+class TensorRTBackend(Backend):
+    name, format, packages, extra = "tensorrt", "trt", ("tensorrt",), "tensorrt"
+    artefact, suffixes, device = "model.plan", (".plan", ".engine"), "cuda"
+    precisions = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8"}
 
-    def check(self, precision: str) -> None:
+    def check_dependencies(self, precision: str = "fp32") -> None:
         from p3bkit.exporters.tensorrt import check_trt_available, precision_plan
 
         precision_plan(precision)
+        if precision == "int8":
+            _need("onnxruntime.quantization", "onnx")  # the QDQ graph TensorRT builds from
         check_trt_available()
 
-    def export(self, model, tmp: Path, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
+    def status(self) -> tuple[bool, str]:
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("tensorrt") is None:
+            return False, "not importable: no module named tensorrt"
+
+        return (True, "GPU") if torch.cuda.is_available() else (False, "installed, but no CUDA GPU visible")
+
+    def export(self, model, tmp, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
+        from p3bkit.exporters.onnx import export_onnx
         from p3bkit.exporters.tensorrt import TrtProfile, build_trt_engine
         from p3bkit.exporters.trt_ops import check_trt_ops
 
         export_onnx(model, tmp / "model.onnx", sample, static_batch)
+        info: dict = {}
+        if precision == "int8":  # explicit quantization: calibrated Q/DQ scales in the graph itself
+            from p3bkit.exporters.quantize import quantize_onnxruntime
+
+            info = quantize_onnxruntime(model, tmp / "model.onnx", tmp / "model.qdq.onnx", opts["int8"])
+            (tmp / "model.qdq.onnx").replace(tmp / "model.onnx")
         ops = check_trt_ops(str(tmp / "model.onnx"))
         prof = TrtProfile(*(opts["trt_profile"] if not static_batch else (static_batch,) * 3))
         build_trt_engine(tmp / "model.onnx", tmp / "model.plan", sample, prof, precision, opts.get("timing_cache"))
-        return ["model.plan", "model.onnx"], {"op_types": ops, "extra": {"profile": list(prof.__dict__.values())}}
+        return ["model.plan", "model.onnx"], {"op_types": ops, "extra": {"profile": list(prof.__dict__.values()), **info}}
 
-    def verify(self, model, tmp: Path, sample, precision, static_batch) -> dict:
+    def runner(self, path, precision=None, threads=None) -> Runner:
+        import torch
+
         from p3bkit.exporters.tensorrt import TrtRunner
 
-        return verify_runner(model.cuda(), TrtRunner(tmp / "model.plan"), sample, self.tolerance(precision),
-                             _batches(static_batch), device="cuda")
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("TensorRT engines run on a CUDA GPU; none is visible here")
+        return TrtRunner(path)
 
 
-def _batches(static_batch: int | None) -> tuple[int, ...]:
-    return (static_batch,) if static_batch else (1, 4)
+def _need(module: str, extra: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"INT8 needs {module.split('.')[0]} ({exc}); install it with "
+                                 f"pip install 'p3bkit[{extra}]'" + (" nncf" if module == "nncf" else "")) from exc
 
 
-BACKENDS = {"onnx": OnnxBackend(), "openvino": OpenVinoBackend(), "trt": TrtBackend()}
+__all__ = ["OnnxRuntimeBackend", "OpenVinoBackend", "TensorRTBackend", "TorchBackend"]

@@ -12,17 +12,20 @@ from p3bkit.errors import BackendUnavailable
 
 
 def import_backend(name: str):
-    """Import onnxruntime / openvino / tensorrt or raise BackendUnavailable with the fix."""
+    """Import a runtime's module (onnxruntime, openvino, tensorrt) or raise BackendUnavailable
+    naming the pip extra that the backend registry gives for it."""
     import importlib
 
-    extra = {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "tensorrt"}[name]
+    from p3bkit.exporters.registry import all_backends
+
     try:
         return importlib.import_module(name)
     except ImportError as exc:
+        extra = next((b.extra for b in all_backends() if name in b.packages), name)
         raise BackendUnavailable(f"{name} is not importable ({exc}); install it with pip install 'p3bkit[{extra}]'") from exc
 
 
-def ort_session(path: str | Path, threads: int | None = None, profile: bool = False, spin: bool = True):
+def ort_session(path: str | Path | bytes, threads: int | None = None, profile: bool = False, spin: bool = True):
     """An onnxruntime CPU session; `spin=False` stops idle worker threads from busy-waiting, so a
     session that is not running takes no core from another model being timed (issue 12)."""
     ort = import_backend("onnxruntime")
@@ -33,17 +36,7 @@ def ort_session(path: str | Path, threads: int | None = None, profile: bool = Fa
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.enable_profiling = profile
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_runner(path: str | Path, threads: int | None = None):
-    sess = ort_session(path, threads)
-    name = sess.get_inputs()[0].name
-    outputs = [o.name for o in sess.get_outputs()]
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(outputs, sess.run(None, {name: x})))
-    return run
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def ov_compile(xml, precision: str = "f32", threads: int | None = None, device: str = "CPU"):

@@ -54,12 +54,15 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], tol
 
 @torch.inference_mode()
 def verify_runner(model: torch.nn.Module, runner: Runner, sample_shape: tuple[int, ...], tol: Tolerance,
-                  batches: tuple[int, ...] = (1, 4), device: str = "cpu") -> dict:
-    """Run seeded inputs of each batch size through `model` and `runner`; return stats per batch."""
+                  batches: tuple[int, ...] = (1, 4), device: str = "cpu",
+                  inputs: list[np.ndarray] | None = None) -> dict:
+    """Run seeded inputs of each batch size (or the given real `inputs`, e.g. validation images)
+    through `model` and `runner`; return stats per batch."""
     model = model.eval()
     report = {}
-    for i, b in enumerate(batches):
-        x = seeded_input((b, *sample_shape), seed=i)
+    xs = inputs or [seeded_input((b, *sample_shape), seed=i) for i, b in enumerate(batches)]
+    for x in xs:
+        b = len(x)
         ref = model(torch.from_numpy(x).to(device)).float().cpu().numpy()
         try:
             out = runner(x)
