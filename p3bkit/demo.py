@@ -3,8 +3,8 @@
 Train a dense tiny ViT → prune it with P3B to the requested keep ratio of all parameters (the
 paper's budget; the `quick` recipe's learning rates) → fine-tune the dense pruned model → compare
 accuracy, parameters, FLOPs and CPU latency → export the pruned model (ONNX, OpenVINO where
-installed) and time it against the dense model on every CPU runtime here, interleaved in one
-process (`p3bkit bench --dense-baselines`).
+installed), in fp32 and INT8 behind the accuracy gate, and time it against the dense model on every
+CPU runtime here, interleaved in one process (`p3bkit bench --dense-baselines`).
 """
 from __future__ import annotations
 
@@ -110,28 +110,41 @@ def _latency_table(out_dir: Path, resume: bool, progress: bool) -> str:
 
 
 def speed_table(out_dir: Path, runs: int) -> dict:
-    """Export the pruned model to each CPU runtime here and time it against the dense model on
-    all of them (torch, onnxruntime plain and transformer-optimised, OpenVINO), interleaved."""
+    """Export the pruned model to each CPU runtime here, in fp32 and INT8 (calibrated on digits,
+    behind the 1-point accuracy gate), and time every artefact against the dense model on all
+    CPU runtimes (torch, onnxruntime plain and transformer-optimised, OpenVINO), interleaved."""
     from p3bkit.bench import BenchConfig, run_bench
     from p3bkit.bench.runners import runtime_label
     from p3bkit.errors import BackendUnavailable
     from p3bkit.exporters import artefact_name, export_model
+    from p3bkit.exporters.quantize import Int8Config
+    from p3bkit.exporters.registry import get_backend
 
-    refs = [str(out_dir / "dense"), str(out_dir / "pruned")]
+    refs, int8 = [str(out_dir / "dense"), str(out_dir / "pruned")], {}
     for fmt in ("onnx", "openvino"):
-        try:
-            export_model(str(out_dir / "pruned"), fmt, out_dir / "export" / fmt)
-            refs.append(str(out_dir / "export" / fmt / artefact_name(fmt)))
-        except BackendUnavailable:
-            continue
+        for precision in ("fp32", "int8"):
+            folder = out_dir / "export" / (fmt if precision == "fp32" else f"{fmt}-int8")
+            calib = Int8Config("digits", progress=False) if precision == "int8" else None
+            try:
+                rec = export_model(str(out_dir / "pruned"), fmt, folder, precision=precision, int8=calib)
+            except BackendUnavailable:
+                continue
+            except P3BError as exc:  # INT8 that fails its gate or parity check is reported, not shipped
+                if precision == "fp32":
+                    raise
+                int8[get_backend(fmt).name] = {"error": str(exc)}
+                continue
+            refs.append(str(folder / artefact_name(fmt)))
+            if precision == "int8":
+                int8[get_backend(fmt).name] = rec.extra["int8"]
     report = run_bench(refs, cfg=BenchConfig(runs=runs, warmup=20, block=20), dense_baselines=True,
                        json_out=str(out_dir / "speed.json"))
-    rows = [{"name": r["name"], "backend": r["backend"], "median_ms": r["stats"]["median_ms"], "baseline": r["baseline"]}
-            for r in report["results"]]
+    rows = [{"name": r["name"], "backend": r["backend"], "precision": r["precision"],
+             "median_ms": r["stats"]["median_ms"], "baseline": r["baseline"]} for r in report["results"]]
     dense = {runtime_label(r["name"], r["backend"]): r["median_ms"]
              for r in rows if r["baseline"]}
-    pruned = {r["backend"]: r["median_ms"] for r in rows if not r["baseline"]}
-    return {"dense_ms": dense, "pruned_ms": pruned, "cpu": report["machine"]["cpu"],
+    pruned = {f"{r['backend']} {r['precision']}": r["median_ms"] for r in rows if not r["baseline"]}
+    return {"dense_ms": dense, "pruned_ms": pruned, "cpu": report["machine"]["cpu"], "int8": int8,
             "threads": report["machine"]["threads"], "protocol": report["protocol"], "runs": runs}
 
 
@@ -170,19 +183,29 @@ def format_table(summary: dict) -> str:
 
 
 def format_speed(speed: dict) -> str:
-    """Exported pruned model vs the dense model, per CPU runtime, and best against best."""
+    """Exported pruned model (fp32 and INT8) vs the dense model, per CPU runtime, and best against best."""
     dense, pruned = speed["dense_ms"], speed["pruned_ms"]
     fastest_dense = min(dense, key=dense.get)
-    lines = [f"Speed, batch 1, fp32, {speed['cpu']} ({speed['threads']} threads), median of {speed['runs']} runs "
-             f"interleaved in one process:", "",
-             "| runtime | dense ms | pruned ms | speedup (same runtime) | vs fastest dense |", "|---|---|---|---|---|"]
-    for backend, ms in sorted(pruned.items(), key=lambda kv: kv[1]):
+    lines = [f"Speed, batch 1, {speed['cpu']} ({speed['threads']} threads), median of {speed['runs']} runs "
+             f"interleaved in one process (dense models in fp32):", "",
+             "| runtime | precision | dense ms | pruned ms | speedup (same runtime) | vs fastest dense |",
+             "|---|---|---|---|---|---|"]
+    for key, ms in sorted(pruned.items(), key=lambda kv: kv[1]):
+        backend, precision = key.rsplit(" ", 1) if " " in key else (key, "fp32")
         same = dense.get(backend)
-        lines.append(f"| {backend} | {same:.3f} | {ms:.3f} | {same / ms:.2f}× | {dense[fastest_dense] / ms:.2f}× |")
+        lines.append(f"| {backend} | {precision} | {same:.3f} | {ms:.3f} | {same / ms:.2f}× | "
+                     f"{dense[fastest_dense] / ms:.2f}× |")
     for backend, ms in dense.items():
-        if backend not in pruned:
-            lines.append(f"| {backend} | {ms:.3f} | | | |")
+        if not any(k.split(" ")[0] == backend for k in pruned):
+            lines.append(f"| {backend} | fp32 | {ms:.3f} | | | |")
     best = min(pruned, key=pruned.get)
     lines.append(f"\nBest: the pruned model on {best} is {dense[fastest_dense] / pruned[best]:.2f}× faster than the dense "
                  f"model on its fastest runtime ({fastest_dense}).")
+    for backend, gate in speed.get("int8", {}).items():
+        if "error" in gate:
+            lines.append(f"INT8 on {backend}: not exported ({gate['error']})")
+            continue
+        lines.append(f"INT8 on {backend}: top-1 {gate['int8_top1']:.2f}% vs {gate['fp32_top1']:.2f}% in fp32 through the "
+                     f"same runtime ({gate['val_images']} validation images, calibrated on {gate['calib_size']}; "
+                     f"gate: drop ≤ {gate['max_drop']:g} point).")
     return "\n".join(lines)

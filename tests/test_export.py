@@ -112,7 +112,7 @@ def test_trt_graph_preparation(pruned_folder, tmp_path):
     assert precision_plan("fp32")["clear"] == ["TF32"]
     assert precision_plan("fp16")["pin_fp32"] == ["NORMALIZATION", "SOFTMAX"]
     with pytest.raises(ExportError):
-        precision_plan("int8")
+        precision_plan("int4")
 
 
 def test_doctor_lists_backends():

@@ -185,7 +185,10 @@ def test_demo_ends_with_a_speed_table(tmp_path):
     s = run_demo(str(tmp_path / "demo"), dense_epochs=1, prune_epochs=(0, 1, 1), finetune_epochs=1, progress=False,
                  speed_runs=10)
     speed = s["speed"]
-    assert {"torch", "onnxruntime"} <= set(speed["pruned_ms"]) and "torch" in speed["dense_ms"]
+    assert {"torch fp32", "onnxruntime fp32", "openvino fp32"} <= set(speed["pruned_ms"]) and "torch" in speed["dense_ms"]
+    for backend in ("onnxruntime", "openvino"):  # INT8 next to fp32, or the gate's reason why not
+        gate = speed["int8"][backend]
+        assert "error" in gate or f"{backend} int8" in speed["pruned_ms"] and gate["drop"] <= gate["max_drop"]
     assert "onnxruntime (transformer-optimised)" in speed["dense_ms"]
     table = (tmp_path / "demo" / "table.md").read_text()
     assert "vs fastest dense" in table and "Best: the pruned model on" in table

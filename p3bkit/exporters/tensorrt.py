@@ -2,8 +2,9 @@
 
 Optimization profile over the batch axis (defaults 1 / 1024 / 1024, the paper's GPU protocol),
 fp32 (TF32 off, so parity holds at fp32 tolerances), fp16 or bf16 with LayerNorm and Softmax
-layers pinned to fp32 (fp16 ViT engines lose accuracy otherwise), a timing cache file reused
-across builds. `check_trt_available` runs first so a machine without TensorRT or CUDA fails
+layers pinned to fp32 (fp16 ViT engines lose accuracy otherwise), INT8 by explicit quantization
+(a calibrated Q/DQ graph, the path TensorRT 10 recommends over implicit calibrators), a timing
+cache file reused across builds. `check_trt_available` runs first so a machine without TensorRT or CUDA fails
 before any work.
 """
 from __future__ import annotations
@@ -44,11 +45,14 @@ def check_trt_available():
 
 def precision_plan(precision: str) -> dict:
     """Builder flags and fp32-pinned layer types for a precision (no TensorRT needed)."""
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ExportError(f"TensorRT precision must be fp32, fp16 or bf16, got {precision!r}")
+    if precision not in ("fp32", "fp16", "bf16", "int8"):
+        raise ExportError(f"TensorRT precision must be fp32, fp16, bf16 or int8, got {precision!r}")
     return {"fp32": {"flags": [], "clear": ["TF32"], "pin_fp32": []},
             "fp16": {"flags": ["FP16", "OBEY_PRECISION_CONSTRAINTS"], "clear": [], "pin_fp32": ["NORMALIZATION", "SOFTMAX"]},
             "bf16": {"flags": ["BF16", "OBEY_PRECISION_CONSTRAINTS"], "clear": [], "pin_fp32": ["NORMALIZATION", "SOFTMAX"]},
+            # explicit quantization: the Q/DQ scales come with the graph; unquantised layers may run fp16
+            "int8": {"flags": ["INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"], "clear": [],
+                     "pin_fp32": ["NORMALIZATION", "SOFTMAX"]},
             }[precision]
 
 

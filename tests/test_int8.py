@@ -1,0 +1,217 @@
+"""The backend registry and INT8 behind its accuracy gate, on the path a user takes.
+
+A user's timm ViT trained for whole epochs on an ImageFolder through the CLI, exported to INT8 on
+onnxruntime and OpenVINO with that folder as calibration data; a deliberately broken calibration
+set (over-exposed white frames) must trip the gate and leave nothing behind; every runner either
+honours a precision or refuses it; the CLI's choices come from the registry, and a new backend
+is one registered class.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from p3bkit.cli import main
+from p3bkit.errors import P3BError
+from p3bkit.exporters.registry import PRECISIONS, formats, get_backend, runtimes
+
+SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+
+
+def _cli(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory):
+    """A 3-class timm ViT trained 40 epochs on an ImageFolder of digits, and a white-frame folder."""
+    from PIL import Image
+
+    from conftest import digit_image_folder
+
+    root = tmp_path_factory.mktemp("int8")
+    data = digit_image_folder(root / "data", n_per_class=30, classes=3)
+    for split in ("train", "val"):
+        for c in range(3):
+            (root / "white" / split / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), (255, 255, 255)).save(root / "white" / split / f"c{c}" / f"{i}.png")
+    res = _cli(["train", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(SMALL), "--num-classes", 3,
+                "--data", data, "--epochs", 40, "--lr", 2e-3, "--augment", "none", "-o", root / "model",
+                "--no-progress"])
+    assert res.exit_code == 0, res.output
+    return root, data
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_int8_export_passes_the_gate_and_records_it(user_model, fmt):
+    root, data = user_model
+    out = root / f"q-{fmt}"
+    res = _cli(["export", root / "model", "--format", fmt, "--precision", "int8", "--calib-data", data,
+                "--calib-size", 60, "-o", out, "--eval-data", data])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(next(out.glob("model.*.json")).read_text())
+    gate = rec["extra"]["int8"]
+    assert rec["precision"] == "int8" and gate["calib_size"] == 60 and gate["val_images"] == 90
+    assert gate["fp32_top1"] >= 80 and gate["drop"] <= 1.0  # a trained model, within the gate
+    assert rec["accuracy"]["top1"] == pytest.approx(gate["int8_top1"])  # eval through the runtime agrees
+    stats = [s for b in rec["parity"].values() for s in b.values()]
+    assert stats and all(s["top1_agreement"] >= 0.95 and s["cosine_min"] >= 0.95 for s in stats)  # real images
+    ops = rec["op_types"] if fmt == "onnx" else {}
+    assert fmt != "onnx" or ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
+    bench = _cli(["bench", out, "--runs", 3, "--warmup", 1])
+    assert bench.exit_code == 0 and "| int8 |" in bench.output
+    refused = _cli(["bench", out, "--precision", "fp32", "--runs", 3])
+    assert refused.exit_code == 1 and "cannot run this int8 model at fp32" in refused.output
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_broken_calibration_trips_the_gate_and_leaves_nothing(user_model, fmt):
+    root, data = user_model
+    out = root / f"bad-{fmt}"
+    res = _cli(["export", root / "model", "--format", fmt, "--precision", "int8", "--calib-data", root / "white",
+                "--val-data", data, "-o", out])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "INT8 accuracy gate failed" in res.output and "nothing was written" in res.output
+    assert ("error-adding layers in fp32" if fmt == "onnx" else "accuracy-controlled") in res.output  # remedy ran
+    assert not out.exists() and not list(root.glob(f".bad-{fmt}*"))
+
+
+def test_failed_gate_keeps_the_previous_artefact(user_model):
+    root, data = user_model
+    out = root / "keep"
+    assert _cli(["export", root / "model", "--format", "onnx", "-o", out]).exit_code == 0
+    before = (out / "model.onnx").read_bytes()
+    res = _cli(["export", root / "model", "--format", "onnx", "--precision", "int8", "--calib-data", root / "white",
+                "--val-data", data, "-o", out])
+    assert res.exit_code == 1 and (out / "model.onnx").read_bytes() == before
+
+
+def test_layer_errors_rank_quantised_nodes(user_model, tmp_path):
+    """The onnxruntime remedy's ranking: every quantised node gets a finite added error."""
+    import numpy as np
+
+    from p3bkit.exporters.onnx import export_onnx
+    from p3bkit.exporters.quantize import _ort_quantize, layer_errors
+    from p3bkit.models.factory import create_model
+
+    root, _ = user_model
+    model = create_model(str(root / "model")).eval()
+    export_onnx(model, tmp_path / "f.onnx", (3, 32, 32))
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    _ort_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, [])
+    errs = layer_errors(tmp_path / "f.onnx", tmp_path / "q.onnx", x)
+    assert len(errs) >= 2 * 4 and all(np.isfinite(v) for v in errs.values())
+    assert max(errs.values()) > 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--format", "onnx", "--precision", "int8"], "needs calibration images"),
+    (["--format", "onnx", "--precision", "bf16"], "onnxruntime does not export precision 'bf16'"),
+    (["--format", "trt", "--precision", "int8", "--calib-data", "digits"], "tensorrt"),
+    (["--format", "openvino", "--precision", "int8", "--calib-data", "no/such/folder"], "neither 'digits'"),
+])
+def test_int8_bad_input_is_one_line(args, msg, tmp_path):
+    res = _cli(["export", "digits-vit", *args, "-o", tmp_path / "o"])
+    assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_flags_need_int8(tmp_path):
+    res = _cli(["export", "digits-vit", "--format", "onnx", "--calib-data", "digits", "-o", tmp_path / "o"])
+    assert res.exit_code == 2 and "--precision int8" in res.output
+
+
+def test_cli_choices_come_from_the_registry():
+    from p3bkit.cli import bench, export
+    from p3bkit.cli_latency import latency_table
+    from p3bkit.cli_user import eval_
+
+    def choices(cmd, name):
+        return list(next(p for p in cmd.params if p.name == name).type.choices)
+
+    assert choices(export, "fmt") == formats() == ["onnx", "openvino", "trt"]
+    for cmd in (bench, eval_, latency_table):
+        assert choices(cmd, "backend") == runtimes()
+    out = _cli(["doctor"]).output
+    for name in runtimes():
+        assert name in out and ",".join(get_backend(name).precisions) in out
+
+
+def test_every_runner_honours_a_precision_or_refuses_it():
+    """For each registered runtime × precision: bench either runs at exactly that precision or says
+    why not; nothing is silently coerced."""
+    from p3bkit.bench.runners import prepare
+
+    cuda = torch.cuda.is_available()
+    honoured = {}
+    for name in runtimes():
+        for prec in PRECISIONS:
+            workdir = Path(tempfile.mkdtemp(prefix="p3bkit-test-"))
+            try:
+                p = prepare("digits-vit", name, 1, "cuda" if get_backend(name).device == "cuda" else "cpu", prec, 1,
+                            workdir)
+                assert p.precision == prec
+                p.step()
+                honoured[(name, prec)] = True
+            except P3BError as exc:
+                assert str(exc) and "\n" not in str(exc)
+                honoured[(name, prec)] = False
+    assert {p for (n, p), ok in honoured.items() if n == "torch" and ok} == {"fp32", "fp16", "bf16"}
+    assert {p for (n, p), ok in honoured.items() if n == "onnxruntime" and ok} == {"fp32", "fp16"}
+    assert {"fp32", "fp16"} <= {p for (n, p), ok in honoured.items() if n == "openvino" and ok}
+    assert not any(ok for (n, p), ok in honoured.items() if p == "int8")  # INT8 needs calibration data
+    assert cuda or not any(ok for (n, _), ok in honoured.items() if n == "tensorrt")
+
+
+def test_openvino_bf16_is_honoured_only_where_the_cpu_has_it():
+    import openvino as ov
+
+    from p3bkit.exporters.registry import PrecisionError
+
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    backend = get_backend("openvino")
+    if has_bf16:
+        assert backend.inference_hint("bf16") == "bf16"
+    else:
+        with pytest.raises(PrecisionError):
+            backend.inference_hint("bf16")
+
+
+def test_a_new_backend_is_one_registered_class(tmp_path):
+    """An onnxruntime variant with its own name, suffix and write op: export, record, verify,
+    eval and bench all go through the registry without other changes."""
+    from p3bkit.bench.runners import prepare
+    from p3bkit.evaluate import run_eval
+    from p3bkit.exporters import export_model
+    from p3bkit.exporters import registry
+    from p3bkit.exporters.backends import OnnxRuntimeBackend
+
+    @registry.register
+    class OrtGather(OnnxRuntimeBackend):
+        name, format, artefact, suffixes, write_op = "ort-gather", "onnx-gather", "model.ortg", (".ortg",), "gather"
+
+        def export(self, model, tmp, sample, precision, static_batch, opts):
+            files, info = super().export(model, tmp, sample, precision, static_batch, opts)
+            (tmp / "model.onnx").rename(tmp / "model.ortg")
+            return ["model.ortg"], info
+
+        def tolerance(self, precision):
+            return get_backend("onnx").tolerance(precision)
+
+    try:
+        assert "onnx-gather" in formats() and "ort-gather" in runtimes()
+        rec = export_model("digits-vit", "onnx-gather", tmp_path / "g")
+        assert rec.write_op == "gather" and rec.format == "onnx-gather" and (tmp_path / "g" / "model.ortg.json").is_file()
+        assert "ScatterND" not in rec.op_types
+        assert run_eval(str(tmp_path / "g"), "digits", progress=False)["backend"] == "ort-gather"
+        p = prepare(str(tmp_path / "g" / "model.ortg"), None, 1, "cpu", None, 1, tmp_path)
+        assert p.backend == "ort-gather" and p.precision == "fp32"
+        p.step()
+    finally:
+        registry._REGISTRY.pop("ort-gather")
