@@ -243,8 +243,9 @@ def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_d
     parity = f"max abs diff vs torch {worst:.2e}" if verify and worst is not None else "not verified against torch"
     if verify and rec.precision != "fp32":
         stats = [s for b in rec.parity.values() for s in b.values()]
-        parity = (f"vs torch: top-1 agreement {min(s['top1_agreement'] for s in stats):.3f}, "
-                  f"min cosine {min(s['cosine_min'] for s in stats):.4f}")
+        parity = (f"vs torch on {rec.parity_inputs}: top-1 agreement {min(s['top1_agreement'] for s in stats):.3f}, "
+                  f"cosine mean {min(s.get('cosine_mean', 1.0) for s in stats):.4f} / worst "
+                  f"{min(s['cosine_min'] for s in stats):.4f}")
     click.echo(f"wrote {', '.join(str(Path(out) / f) for f in rec.files)} ({rec.precision}, {rec.seconds:.1f} s); {parity}")
     gate = rec.extra.get("int8")
     if gate:

@@ -119,23 +119,19 @@ def _ort_transformer_optimized(path: Path, workdir: Path, ref: str) -> Path:
 
 def prepare_onnxruntime(ref: str, batch: int, threads: int | None, workdir: Path,
                         transformer_optimized: bool = False, precision: str = "fp32") -> Prepared:
-    from p3bkit.exporters.runtimes import ort_session
+    from p3bkit.exporters.registry import get_backend
 
     path = Path(ref) if ref.endswith(".onnx") else _exported(ref, "onnx", workdir, precision)
     if transformer_optimized:
         path = _ort_transformer_optimized(path, workdir, ref)
-    sess = ort_session(path, threads, spin=False)  # an idle spinning pool would slow the next model timed
-    inp = sess.get_inputs()[0]
-    x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:])).astype(np.float32)
-    if "16" in inp.type:
-        x = x.astype(np.float16)
+    run = get_backend("onnxruntime").runner(path, precision, threads)  # the registry's runner, as in eval/verify
+    x = np.random.default_rng(0).standard_normal((batch, *run.input_shape[1:])).astype(run.input_dtype)
 
     def profile(runs: int) -> dict[str, float]:
-        return _ort_profile(path, threads, inp.name, x, runs)
+        return _ort_profile(path, threads, "pixel_values", x, runs)
 
-    return Prepared(ref + (ORT_OPTIMIZED if transformer_optimized else ""), "onnxruntime",
-                    lambda: sess.run(None, {inp.name: x}), source=_source_of(ref) if ref.endswith(".onnx") else ref,
-                    profile=profile, precision=precision)
+    return Prepared(ref + (ORT_OPTIMIZED if transformer_optimized else ""), "onnxruntime", lambda: run(x),
+                    source=_source_of(ref) if ref.endswith(".onnx") else ref, profile=profile, precision=precision)
 
 
 def _ort_profile(path: Path, threads: int | None, name: str, x: np.ndarray, runs: int) -> dict[str, float]:
@@ -158,17 +154,16 @@ def _ort_profile(path: Path, threads: int | None, name: str, x: np.ndarray, runs
 
 def prepare_openvino(ref: str, batch: int, threads: int | None, precision: str, workdir: Path) -> Prepared:
     from p3bkit.exporters.registry import get_backend
-    from p3bkit.exporters.runtimes import import_backend, ov_compile
+    from p3bkit.exporters.runtimes import import_backend
 
     path = Path(ref) if ref.endswith(".xml") else _exported(ref, "openvino", workdir, precision)
-    compiled = ov_compile(path, get_backend("openvino").inference_hint(precision), threads)
-    request = compiled.create_infer_request()
-    shape = [batch, *[d.get_length() for d in list(compiled.inputs[0].get_partial_shape())[1:]]]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    run = get_backend("openvino").runner(path, precision, threads)  # the registry's runner, as in eval/verify
+    x = np.random.default_rng(0).standard_normal((batch, *run.input_shape[1:])).astype(np.float32)
 
     def profile(runs: int) -> dict[str, float]:
         ov = import_backend("openvino")
-        prof = ov.Core().compile_model(str(path), "CPU", {"PERF_COUNT": True, "INFERENCE_PRECISION_HINT": "f32",
+        hint = get_backend("openvino").inference_hint(precision)
+        prof = ov.Core().compile_model(str(path), "CPU", {"PERF_COUNT": True, "INFERENCE_PRECISION_HINT": hint,
                                                           **({"INFERENCE_NUM_THREADS": threads} if threads else {})})
         req = prof.create_infer_request()
         totals: dict[str, float] = {}
@@ -178,7 +173,7 @@ def prepare_openvino(ref: str, batch: int, threads: int | None, precision: str, 
                 totals[p.node_type] = totals.get(p.node_type, 0.0) + p.real_time.total_seconds() * 1e3 / runs
         return totals
 
-    return Prepared(ref, "openvino", lambda: request.infer({0: x}),
+    return Prepared(ref, "openvino", lambda: run(x),
                     source=_source_of(str(path)) if ref.endswith(".xml") else ref, profile=profile, precision=precision)
 
 

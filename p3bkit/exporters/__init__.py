@@ -50,6 +50,7 @@ class ExportRecord:
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     native_precision: str = ""
+    parity_inputs: str = "seeded noise"
 
 
 def _versions(backend) -> dict[str, str]:
@@ -62,6 +63,22 @@ def _versions(backend) -> dict[str, str]:
         except md.PackageNotFoundError:
             out[n] = "missing"
     return out
+
+
+def _parity_images(model, precision: str, static_batch: int | None, data) -> tuple[list | None, str]:
+    """Inputs for the parity check: fp32 keeps seeded noise (max abs diff); reduced precision is
+    judged on real images — the INT8 validation split, else sklearn's digits at the model's input
+    size (real pixels, if not the user's domain), else noise for other channel counts."""
+    n = static_batch or 64
+    if data is not None:
+        return [data.val_x[:n]], f"{len(data.val_x[:n])} validation images of {data.config.val_data or data.config.calib_data}"
+    c, (h, w) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+    if precision == "fp32" or c not in (1, 3) or h != w:
+        return None, "seeded noise"
+    from p3bkit.train.data import load_digits_data
+
+    val = load_digits_data(h, augment=False, in_chans=c).val.tensors[0][:n].numpy()
+    return [val], f"{len(val)} images of sklearn's digits"
 
 
 def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: str | None = None,
@@ -98,9 +115,9 @@ def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: st
     try:
         files, info = backend.export(model, tmp, sample, precision, static_batch,
                                      {"trt_profile": trt_profile, "timing_cache": timing_cache, "int8": data})
-        parity = {}
+        parity, seen = {}, "seeded noise"
         if verify:
-            inputs = [data.val_x[:static_batch or 64]] if data is not None else None
+            inputs, seen = _parity_images(model, precision, static_batch, data)
             parity = verify_runner(model.to(backend.device), backend.runner(tmp / files[0], precision), sample,
                                    backend.tolerance(precision), (static_batch,) if static_batch else (1, 4),
                                    device=backend.device, inputs=inputs)
@@ -109,7 +126,7 @@ def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: st
                               write_op=write_op, verified=verify, parity=parity,
                               tolerance=asdict(backend.tolerance(precision)), op_types=info.get("op_types", {}),
                               seconds=time.time() - t0, versions=_versions(backend), extra=info.get("extra", {}),
-                              native_precision=backend.precisions[precision])
+                              native_precision=backend.precisions[precision], parity_inputs=seen)
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in files:
             os.replace(tmp / f, out_dir / f)

@@ -65,7 +65,7 @@ class OnnxRuntimeBackend(Backend):
 
         from p3bkit.exporters.runtimes import ort_session
 
-        sess = ort_session(path, threads)
+        sess = ort_session(path, threads, spin=False)  # idle pools must not take cores from other models timed
         inp = sess.get_inputs()[0]
         dtype = np.float16 if "float16" in inp.type else np.float32  # fp16 graphs take fp16 pixels
         outputs = [o.name for o in sess.get_outputs()]
@@ -73,6 +73,7 @@ class OnnxRuntimeBackend(Backend):
         def run(x) -> dict:
             return {n: np.asarray(v, dtype=np.float32) for n, v in
                     zip(outputs, sess.run(None, {inp.name: x.astype(dtype, copy=False)}))}
+        run.input_shape, run.input_dtype = list(inp.shape), dtype
         return run
 
 

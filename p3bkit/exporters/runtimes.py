@@ -57,4 +57,5 @@ def ov_runner(xml: str | Path, precision: str = "f32", threads: int | None = Non
     def run(x: np.ndarray) -> dict[str, np.ndarray]:
         res = request.infer({0: x})
         return {n: np.array(res[o]) for n, o in zip(names, compiled.outputs)}
+    run.input_shape = [d.get_length() if d.is_static else None for d in compiled.inputs[0].get_partial_shape()]
     return run

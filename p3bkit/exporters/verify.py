@@ -36,15 +36,18 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], tol
         diff = float(np.abs(ref - out).max()) if ref.size else 0.0
         allowed = tol.atol + tol.rtol * float(np.abs(ref).max()) if ref.size else tol.atol
         a, b = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
-        cos = float(np.min((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
+        cosines = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+        cos, mean_cos = float(np.min(cosines)), float(np.mean(cosines))
         top1 = float((a.argmax(1) == b.argmax(1)).mean())
-        stats[name] = {"max_abs_diff": diff, "cosine_min": cos, "top1_agreement": top1}
+        stats[name] = {"max_abs_diff": diff, "cosine_min": cos, "cosine_mean": mean_cos, "top1_agreement": top1}
         if not np.isfinite(out).all():
             failures.append(f"{name}: non-finite values")
         if not diff <= allowed:
             failures.append(f"{name}: max abs diff {diff:.3g} > atol {tol.atol:g} + rtol {tol.rtol:g}·max|ref|")
         if tol.min_cosine is not None and not cos >= tol.min_cosine:
             failures.append(f"{name}: cosine {cos:.5f} < {tol.min_cosine}")
+        if tol.min_mean_cosine is not None and not mean_cos >= tol.min_mean_cosine:
+            failures.append(f"{name}: mean cosine {mean_cos:.5f} < {tol.min_mean_cosine}")
         if tol.min_top1 is not None and not top1 >= tol.min_top1:
             failures.append(f"{name}: top-1 agreement {top1:.3f} < {tol.min_top1}")
     if failures:
