@@ -118,10 +118,11 @@ def speed_table(out_dir: Path, runs: int) -> dict:
     from p3bkit.errors import BackendUnavailable
     from p3bkit.exporters import artefact_name, export_model
     from p3bkit.exporters.quantize import Int8Config
-    from p3bkit.exporters.registry import get_backend
+    from p3bkit.exporters.registry import all_backends, get_backend
 
     refs, int8 = [str(out_dir / "dense"), str(out_dir / "pruned")], {}
-    for fmt in ("onnx", "openvino"):
+    cpu_formats = [b.format for b in all_backends() if b.format and b.device == "cpu"]  # onnx, openvino
+    for fmt in cpu_formats:
         for precision in ("fp32", "int8"):
             folder = out_dir / "export" / (fmt if precision == "fp32" else f"{fmt}-int8")
             calib = Int8Config("digits", progress=False) if precision == "int8" else None

@@ -205,9 +205,7 @@ def run_precision(backend, ref: str, is_artefact: bool, asked: str | None) -> st
     if run == "int8":
         raise P3BError(f"INT8 needs calibration images: p3bkit export {ref} --format {backend.format or 'onnx'} "
                        "--precision int8 --calib-data DATA, then bench that artefact")
-    if backend.name == "openvino":
-        backend.inference_hint(run)  # refuses bf16 on a CPU without bf16 units
-    return run
+    return backend.run_precision(run)  # the runtime's own refusals (OpenVINO: bf16 on a CPU without bf16 units)
 
 
 def dense_baselines(ref: str, batch: int, threads: int | None, workdir: Path, skip: str = "") -> list[Prepared]:
