@@ -87,8 +87,9 @@ def _gate(fp32: float, int8: float, data: Int8Data, kept: list[str], remedy: str
 
 def weighted_nodes(path: Path) -> list:
     """MatMul/Gemm/Conv nodes with a weight initializer. The attention matmuls (activation ×
-    activation) stay fp32: quantising them too made a 90%-pruned DeiT-S 1.5× slower in
-    onnxruntime (10.1 vs 6.1 ms) and the dense one 16% slower (19.0 vs 16.4 ms), measured."""
+    activation) stay fp32: quantising them too made a 90%-pruned DeiT-S slower than fp32 in
+    onnxruntime (9.32 vs 6.16 ms; weighted only 5.86) and the dense one 16% slower than
+    weighted-only (19.93 vs 17.13 ms), `benchmarks/int8_why.py`."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
