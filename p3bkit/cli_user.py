@@ -46,16 +46,18 @@ def train(**kw) -> None:
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--threads", type=POSITIVE)
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="torch models only.")
+@click.option("--precision", help="Run an artefact at another precision its runtime honours (e.g. an fp32 "
+                                  "OpenVINO IR at bf16). Default: the artefact's own.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @boundary
-def eval_(model, data, backend, batch_size, threads, device, as_json, progress) -> None:
+def eval_(model, data, backend, batch_size, threads, device, precision, as_json, progress) -> None:
     """Top-1 / top-5 of a model or exported artefact on the validation images, through its runtime."""
     from p3bkit.evaluate import run_eval
 
-    r = run_eval(model, data, backend, batch_size, threads, device, progress)
+    r = run_eval(model, data, backend, batch_size, threads, device, progress, precision)
     if as_json:
         click.echo(json.dumps(r, indent=1))
         return
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
-    click.echo(f"{r['model']} ({r['backend']}): top-1 {r['top1']:.2f}%{top5} on {r['images']} images of {r['data']}")
+    click.echo(f"{r['model']} ({r['backend']}, {r['precision']}): top-1 {r['top1']:.2f}%{top5} on {r['images']} images of {r['data']}")

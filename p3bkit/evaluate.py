@@ -33,15 +33,16 @@ def _torch_runner(ref: str, device: str) -> tuple[Runner, tuple[int, int, int]]:
     return run, (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
 
 
-def _artefact_runner(path: str, backend: str, threads: int | None) -> tuple[Runner, tuple[int, int, int]]:
-    from p3bkit.exporters.registry import artefact_precision, get_backend, read_record
+def _artefact_runner(path: str, backend: str, threads: int | None,
+                     precision: str | None = None) -> tuple[Runner, tuple[int, int, int]]:
+    from p3bkit.exporters.registry import get_backend, read_record
 
     be = get_backend(backend)
     record = read_record(path)
     if not record:
         raise P3BError(f"{path}: no export record ({Path(path).name}.json) next to it; export with p3bkit export")
     shape = tuple(int(d) for d in record["input_shape"][1:])
-    run = be.runner(path, be.run_precision(artefact_precision(path)), threads)
+    run = be.runner(path, precision, threads)
 
     def call(x: torch.Tensor) -> np.ndarray:
         return np.asarray(next(iter(run(x.numpy().astype(np.float32)).values())), dtype=np.float32)
@@ -50,8 +51,11 @@ def _artefact_runner(path: str, backend: str, threads: int | None) -> tuple[Runn
 
 
 def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 64, threads: int | None = None,
-             device: str = "cpu", progress: bool = True) -> dict:
-    """Top-1 (and top-5 with ≥ 5 classes) in percent on the validation split of `data`."""
+             device: str = "cpu", progress: bool = True, precision: str | None = None) -> dict:
+    """Top-1 (and top-5 with ≥ 5 classes) in percent on the validation split of `data`.
+
+    `precision`: run an artefact at another precision its runtime honours (an fp32 OpenVINO IR at
+    bf16); default its own. Refused where the runtime would ignore it."""
     from p3bkit.train.data import load_data
     from p3bkit.train.loop import make_loader
 
@@ -65,7 +69,15 @@ def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 
     backend = backend or inferred or "torch"
     if backend != "torch" and not inferred:
         raise P3BError(f"--backend {backend} runs exported artefacts: export {ref} first (p3bkit export)")
-    run, (c, h, w) = _torch_runner(ref, device) if backend == "torch" else _artefact_runner(ref, backend, threads)
+    if backend == "torch":
+        if precision not in (None, "fp32"):
+            raise P3BError("eval runs torch models in fp32; export the model to run it at another precision")
+        run, (c, h, w), precision = *_torch_runner(ref, device), "fp32"
+    else:
+        from p3bkit.exporters.registry import artefact_precision, get_backend
+
+        precision = get_backend(backend).run_precision(artefact_precision(ref), precision)
+        run, (c, h, w) = _artefact_runner(ref, backend, threads, precision)
     num_classes = run(torch.zeros(1, c, h, w)).shape[-1]
     val = load_data(data, img_size=h, num_classes=num_classes, in_chans=c).val
     hits = np.zeros(2, dtype=np.int64)
@@ -76,7 +88,8 @@ def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 
         top = np.argsort(-logits, axis=-1)[:, :5]
         hits += [(top[:, 0] == y.numpy()).sum(), (top == y.numpy()[:, None]).any(-1).sum()]
         total += len(y)
-    out = {"model": ref, "backend": backend, "data": data, "images": total, "top1": 100.0 * hits[0] / max(total, 1)}
+    out = {"model": ref, "backend": backend, "precision": precision, "data": data, "images": total,
+           "top1": 100.0 * hits[0] / max(total, 1)}
     if num_classes >= 5:
         out["top5"] = 100.0 * hits[1] / max(total, 1)
     return out

@@ -92,6 +92,31 @@ def test_failed_gate_keeps_the_previous_artefact(user_model):
     assert res.exit_code == 1 and (out / "model.onnx").read_bytes() == before
 
 
+def test_remedy_keeps_an_outlier_layer_in_fp32_and_passes(user_model, tmp_path):
+    """A transformer-style activation outlier: one channel of the final norm scaled ×1000, its head
+    weights zeroed (fp32 logits unchanged). Plain INT8 of the head's input then loses every other
+    channel; the remedy finds the head by its added error, keeps it in fp32, and the gate passes."""
+    from p3bkit.models import save
+    from p3bkit.models.factory import create_model
+
+    root, data = user_model
+    model = create_model(str(root / "model")).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model.head.weight[:, 0] = 0.0  # channel 0 no longer reaches the logits ...
+        before = model(x)
+        model.norm.weight[0] *= 1000.0  # ... so it can carry a huge activation for free
+        model.norm.bias[0] = 1000.0
+        assert torch.allclose(model(x), before, atol=1e-4)
+    save(model, tmp_path / "outlier")
+    res = _cli(["export", tmp_path / "outlier", "--format", "onnx", "--precision", "int8", "--calib-data", data,
+                "-o", tmp_path / "q"])
+    assert res.exit_code == 0, res.output
+    gate = json.loads((tmp_path / "q" / "model.onnx.json").read_text())["extra"]["int8"]
+    assert gate["attempts"][0]["int8_top1"] < gate["fp32_top1"] - 1.0  # plain PTQ fails the gate
+    assert gate["kept_in_fp32"] and gate["drop"] <= 1.0 and "fp32" in gate["remedy"]
+
+
 def test_layer_errors_rank_quantised_nodes(user_model, tmp_path):
     """The onnxruntime remedy's ranking: every quantised node gets a finite added error."""
     import numpy as np
@@ -215,3 +240,26 @@ def test_a_new_backend_is_one_registered_class(tmp_path):
         p.step()
     finally:
         registry._REGISTRY.pop("ort-gather")
+
+
+def test_eval_runs_at_a_precision_the_runtime_honours_or_refuses(user_model):
+    """`p3bkit eval --precision`: an fp32 OpenVINO IR at bf16 where the CPU has bf16 units; an INT8
+    artefact only at int8."""
+    import openvino as ov
+
+    root, data = user_model
+    out = root / "ov-fp32"
+    assert _cli(["export", root / "model", "--format", "openvino", "-o", out]).exit_code == 0
+    res = _cli(["eval", out, "--data", data, "--precision", "bf16", "--json", "--no-progress"])
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert res.exit_code == 0, res.output
+        r = json.loads(res.output)
+        fp32 = json.loads(_cli(["eval", out, "--data", data, "--json", "--no-progress"]).output)
+        assert r["precision"] == "bf16" and fp32["precision"] == "fp32" and abs(r["top1"] - fp32["top1"]) <= 5
+    else:
+        assert res.exit_code == 1 and "no bf16 units" in res.output
+    q = root / "q-eval"
+    assert _cli(["export", root / "model", "--format", "onnx", "--precision", "int8", "--calib-data", data,
+                 "--calib-size", 30, "-o", q]).exit_code == 0
+    refused = _cli(["eval", q, "--data", data, "--precision", "fp32", "--no-progress"])
+    assert refused.exit_code == 1 and "cannot run this int8 model at fp32" in refused.output
