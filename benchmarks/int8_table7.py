@@ -10,6 +10,7 @@ off and the accuracy gate is trivially met: accuracy of INT8 is measured on trai
 `int8_digits.py`. Calibration: digits upsampled to 224 (3 channels), `--calib-size` images.
 
     python benchmarks/int8_table7.py --models deit_s deit_b --runs 30 --threads 2
+    python benchmarks/int8_table7.py --report      # md + png again from the JSON
 """
 from __future__ import annotations
 
@@ -69,8 +70,33 @@ def run(args) -> None:
         print(format_rows(key, report["models"][key]))
     out = RESULTS / f"int8_table7_{args.machine}.json"
     out.write_text(json.dumps(report, indent=1))
-    (RESULTS / f"int8_table7_{args.machine}.md").write_text(format_report(report))
+    write_report(args.machine)
     print(f"wrote {out}")
+
+
+def write_report(machine: str) -> None:
+    """Markdown and a bar plot (ms per precision and runtime, dense vs P3B-inner 90%) from the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = json.loads((RESULTS / f"int8_table7_{machine}.json").read_text())
+    (RESULTS / f"int8_table7_{machine}.md").write_text(format_report(report))
+    fig, axes = plt.subplots(1, len(report["models"]), figsize=(6 * len(report["models"]), 4), squeeze=False)
+    for ax, (key, rows) in zip(axes[0], report["models"].items()):
+        labels = [f"{r['runtime']}\n{r['precision']}" for r in rows if r["label"] == "dense"]
+        for i, label in enumerate(("dense", "inner_90")):
+            ms = [r["median_ms"] for r in rows if r["label"] == label]
+            ax.bar([j + 0.4 * i for j in range(len(ms))], ms, width=0.4, label=label.replace("inner_90", "P3B-inner 90%"))
+        ax.set_xticks([j + 0.2 for j in range(len(labels))], labels)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per image (batch 1, log scale)")
+        ax.set_title(f"{key}: fp32 / bf16 / INT8, {report['machine']['cpu']}, {report['threads']} threads")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"int8_table7_{machine}.png", dpi=120)
+    plt.close(fig)
 
 
 def format_rows(key: str, rows: list[dict]) -> str:
@@ -111,7 +137,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-size", type=int, default=32)
     ap.add_argument("--machine", default="cpu2")
-    run(ap.parse_args())
+    ap.add_argument("--report", action="store_true", help="only re-render md + png from the JSON")
+    args = ap.parse_args()
+    write_report(args.machine) if args.report else run(args)
 
 
 if __name__ == "__main__":
