@@ -71,6 +71,18 @@ def test_int8_export_passes_the_gate_and_records_it(user_model, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_int8_with_a_static_batch(user_model, fmt):
+    """A fixed-batch graph is calibrated and gated in batches of exactly that size (the last padded)."""
+    root, data = user_model
+    out = root / f"static-{fmt}"
+    res = _cli(["export", root / "model", "--format", fmt, "--precision", "int8", "--calib-data", data,
+                "--calib-size", 10, "--static-batch", 4, "-o", out])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(next(out.glob("model.*.json")).read_text())
+    assert rec["input_shape"][0] == 4 and rec["extra"]["int8"]["val_images"] == 90 and set(rec["parity"]) == {"batch4"}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_broken_calibration_trips_the_gate_and_leaves_nothing(user_model, fmt):
     root, data = user_model
     out = root / f"bad-{fmt}"
@@ -129,7 +141,7 @@ def test_layer_errors_rank_quantised_nodes(user_model, tmp_path):
     model = create_model(str(root / "model")).eval()
     export_onnx(model, tmp_path / "f.onnx", (3, 32, 32))
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
-    _ort_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, [])
+    _ort_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", [x], [])
     errs = layer_errors(tmp_path / "f.onnx", tmp_path / "q.onnx", x)
     assert len(errs) >= 2 * 4 and all(np.isfinite(v) for v in errs.values())
     assert max(errs.values()) > 0

@@ -107,7 +107,7 @@ def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: st
     write_op = write_op or backend.write_op
     model = set_write_op(create_model(model_ref).eval(), write_op)
     sample = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    data = load_int8_data(int8, model) if int8 else None  # bad data fails here, before any export work
+    data = load_int8_data(int8, model, static_batch) if int8 else None  # bad data fails here, before any export work
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))

@@ -44,9 +44,19 @@ class Int8Data:
     calib: np.ndarray   # [N, C, H, W] float32
     val_x: np.ndarray
     val_y: np.ndarray
+    static_batch: int | None = None  # a graph with a fixed batch takes exactly this many images
+
+    def chunks(self, x: np.ndarray, size: int) -> list[np.ndarray]:
+        """`x` in batches of `size` (of the static batch, when the graph has one; the last one
+        padded by repeating its first image, callers trim to `len(x)`)."""
+        size = self.static_batch or size
+        out = [x[i:i + size] for i in range(0, len(x), size)]
+        if self.static_batch and out and len(out[-1]) < size:
+            out[-1] = np.concatenate([out[-1], np.repeat(out[-1][:1], size - len(out[-1]), 0)])
+        return out
 
 
-def load_int8_data(cfg: Int8Config, model: torch.nn.Module) -> Int8Data:
+def load_int8_data(cfg: Int8Config, model: torch.nn.Module, static_batch: int | None = None) -> Int8Data:
     """Calibration and validation images at the model's input size, channels and classes."""
     from p3bkit.train.data import ShiftAugment, load_data
 
@@ -60,16 +70,13 @@ def load_int8_data(cfg: Int8Config, model: torch.nn.Module) -> Int8Data:
     n = min(len(val), cfg.val_size or len(val))
     items = [val[i] for i in range(n)]
     return Int8Data(cfg, calib, np.stack([x.numpy() for x, _ in items]).astype(np.float32),
-                    np.array([int(y) for _, y in items]))
+                    np.array([int(y) for _, y in items]), static_batch)
 
 
-def top1(runner, x: np.ndarray, y: np.ndarray, batch: int = 64) -> float:
-    """Top-1 in percent of a numpy runner on (x, y)."""
-    hits = 0
-    for i in range(0, len(x), batch):
-        logits = next(iter(runner(x[i:i + batch]).values()))
-        hits += int((logits.argmax(-1) == y[i:i + batch]).sum())
-    return 100.0 * hits / max(len(x), 1)
+def top1(runner, data: Int8Data) -> float:
+    """Top-1 in percent of a numpy runner on the validation images."""
+    pred = np.concatenate([next(iter(runner(b).values())).argmax(-1) for b in data.chunks(data.val_x, 64)])
+    return 100.0 * float((pred[:len(data.val_y)] == data.val_y).mean()) if len(data.val_y) else 0.0
 
 
 def _gate(fp32: float, int8: float, data: Int8Data, kept: list[str], remedy: str, attempts: list) -> dict:
@@ -97,12 +104,12 @@ def weighted_nodes(path: Path) -> list:
     return [n for n in graph.node if n.op_type in QUANTIZED_OPS and any(i in inits for i in n.input)]
 
 
-def _ort_quantize(src: Path, out: Path, calib: np.ndarray, exclude: list[str]) -> None:
+def _ort_quantize(src: Path, out: Path, calib: list[np.ndarray], exclude: list[str]) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"pixel_values": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+            self.batches = iter([{"pixel_values": b} for b in calib])
 
         def get_next(self):
             return next(self.batches, None)
@@ -150,17 +157,17 @@ def layer_errors(fp32: Path, int8: Path, x: np.ndarray) -> dict[str, float]:
 
 def quantize_onnxruntime(model, src: Path, out: Path, data: Int8Data) -> dict:
     """Static QDQ INT8 of the fp32 graph `src` into `out`, behind the gate (see module doc)."""
-    fp32 = top1(_ort_runner(src), data.val_x, data.val_y)
-    _ort_quantize(src, out, data.calib, [])
-    int8 = top1(_ort_runner(out), data.val_x, data.val_y)
+    fp32 = top1(_ort_runner(src), data)
+    _ort_quantize(src, out, data.chunks(data.calib, 16), [])
+    int8 = top1(_ort_runner(out), data)
     attempts, kept = [{"kept": 0, "int8_top1": int8}], []
     if fp32 - int8 > data.config.max_drop:
-        ranked = sorted(layer_errors(src, out, data.val_x[:32]).items(), key=lambda kv: -kv[1])
+        ranked = sorted(layer_errors(src, out, data.chunks(data.val_x[:32], 32)[0]).items(), key=lambda kv: -kv[1])
         k = 1
         while fp32 - int8 > data.config.max_drop and k <= max(1, len(ranked) // 4):
             kept = [name for name, _ in ranked[:k]]
-            _ort_quantize(src, out, data.calib, kept)
-            int8 = top1(_ort_runner(out), data.val_x, data.val_y)
+            _ort_quantize(src, out, data.chunks(data.calib, 16), kept)
+            int8 = top1(_ort_runner(out), data)
             attempts.append({"kept": k, "int8_top1": int8})
             k *= 2
     remedy = "nothing (within the gate)" if len(attempts) == 1 else \
@@ -178,25 +185,25 @@ def quantize_openvino(model, src_onnx: Path, xml: Path, data: Int8Data) -> dict:
     from p3bkit.exporters.runtimes import ov_runner
 
     fp32_model = ov.convert_model(str(src_onnx))
-    fp32 = top1(ov_runner(fp32_model), data.val_x, data.val_y)
-    calib = nncf.Dataset([data.calib[i:i + 1] for i in range(len(data.calib))])
+    fp32 = top1(ov_runner(fp32_model), data)
+    items = data.chunks(data.calib, 1)
+    calib = nncf.Dataset(items)
     with _quiet():
-        q = nncf.quantize(fp32_model, calib, subset_size=len(data.calib), model_type=nncf.ModelType.TRANSFORMER)
-    int8 = top1(ov_runner(q), data.val_x, data.val_y)
+        q = nncf.quantize(fp32_model, calib, subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER)
+    int8 = top1(ov_runner(q), data)
     attempts, kept, remedy = [{"method": "nncf.quantize", "int8_top1": int8}], [], "nothing (within the gate)"
     if fp32 - int8 > data.config.max_drop:
-        val = nncf.Dataset([(data.val_x[i:i + 1], int(data.val_y[i])) for i in range(len(data.val_x))],
-                           lambda item: item[0])
+        val = nncf.Dataset(list(zip(data.chunks(data.val_x, 1), data.chunks(data.val_y, 1))), lambda item: item[0])
 
-        def validate(compiled, items) -> tuple[float, list[float]]:
-            hits = [float(np.argmax(compiled(x)[0]) == y) for x, y in items]
+        def validate(compiled, batches) -> tuple[float, list[float]]:  # per item: one image, or a static batch
+            hits = [float((np.argmax(compiled(x)[0], -1) == y).mean()) for x, y in batches]
             return float(np.mean(hits)) if hits else 0.0, hits
 
         with _quiet():
             q = nncf.quantize_with_accuracy_control(
                 fp32_model, calib, val, validate, max_drop=data.config.max_drop / 100.0,
-                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(data.calib), model_type=nncf.ModelType.TRANSFORMER)
-        int8 = top1(ov_runner(q), data.val_x, data.val_y)
+                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER)
+        int8 = top1(ov_runner(q), data)
         kept = _unquantized(fp32_model, q)
         remedy = "NNCF accuracy-controlled quantisation"
         attempts.append({"method": "nncf.quantize_with_accuracy_control", "int8_top1": int8})
