@@ -44,7 +44,7 @@ def export_all(refs: dict[str, str], work: Path, calib_size: int) -> list[dict]:
     for label, ref in refs.items():
         for runtime, fmt, prec in VARIANTS:
             out = work / f"{label}-{fmt}-{prec}"
-            int8 = Int8Config("digits", calib_size, val_size=50, progress=False) if prec == "int8" else None
+            int8 = Int8Config("digits", calib_size, val_size=50) if prec == "int8" else None
             try:
                 export_model(ref, fmt, out, precision=prec, verify=False, int8=int8)
             except P3BError as exc:  # e.g. bf16 on a CPU without bf16 units

@@ -76,7 +76,7 @@ def ov_profile(ref: str, work: Path, threads: int, runs: int = 30) -> dict:
 
     export_model(ref, "openvino", work / "ov-fp32", verify=False)
     export_model(ref, "openvino", work / "ov-int8", precision="int8", verify=False,
-                 int8=Int8Config("digits", 16, val_size=8, progress=False))
+                 int8=Int8Config("digits", 16, val_size=8))
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     out = {}
     for name in ("fp32", "int8"):

@@ -208,6 +208,8 @@ def info(model, as_json) -> None:
 @click.option("--calib-data", help="INT8: calibration images (digits, ImageFolder or CIFAR-100 folder; train split).")
 @click.option("--calib-size", type=POSITIVE, default=300, show_default=True, help="INT8: calibration images used.")
 @click.option("--val-data", help="INT8 gate: validation split to measure top-1 on [default: --calib-data's].")
+@click.option("--val-size", type=POSITIVE, default=2000, show_default=True,
+              help="INT8 gate: validation images used (a seeded random subset of a larger split).")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="INT8 gate: largest top-1 drop (points) vs fp32 through the runtime; above it (after the "
                    "runtime's remedies) the export fails and writes nothing.")
@@ -221,8 +223,8 @@ def info(model, as_json) -> None:
 @click.option("--eval-data", help="Also measure top-1 of the artefact on this data's validation split (stored in the record).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @boundary
-def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_data, max_drop, static_batch, verify,
-           write_op, min_batch, opt_batch, max_batch, timing_cache, eval_data, progress) -> None:
+def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_data, val_size, max_drop, static_batch,
+           verify, write_op, min_batch, opt_batch, max_batch, timing_cache, eval_data, progress) -> None:
     """Export MODEL (pruned folder, timm name or preset) and verify it against PyTorch."""
     from p3bkit.exporters import export_model
     from p3bkit.exporters.quantize import Int8Config
@@ -235,7 +237,7 @@ def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_d
         precision = "fp16" if fp16 else "bf16"
     if (val_data or calib_data) and precision not in ("int8", "i8"):
         raise click.UsageError("--calib-data/--val-data are for --precision int8")
-    int8 = Int8Config(calib_data, calib_size, val_data, max_drop, progress=progress) if calib_data else None
+    int8 = Int8Config(calib_data, calib_size, val_data, max_drop, val_size) if calib_data else None
     rec = export_model(model, fmt, out, precision=precision, static_batch=static_batch, verify=verify,
                        write_op=write_op, trt_profile=(min_batch, opt_batch, max_batch), timing_cache=timing_cache,
                        int8=int8)
@@ -248,6 +250,9 @@ def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_d
                   f"{min(s['cosine_min'] for s in stats):.4f}")
     click.echo(f"wrote {', '.join(str(Path(out) / f) for f in rec.files)} ({rec.precision}, {rec.seconds:.1f} s); {parity}")
     gate = rec.extra.get("int8")
+    if gate and gate["val_classes"] != gate["model_classes"]:
+        click.echo(f"warning: {gate['val_data']} has {gate['val_classes']} classes and the model "
+                   f"{gate['model_classes']}: the accuracy gate compares near-chance top-1s", err=True)
     if gate:
         kept = f"; kept in fp32: {len(gate['kept_in_fp32'])} layer(s)" if gate["kept_in_fp32"] else ""
         click.echo(f"INT8 gate: top-1 {gate['int8_top1']:.2f}% vs fp32 {gate['fp32_top1']:.2f}% (drop "
@@ -256,7 +261,7 @@ def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_d
     if eval_data:
         from p3bkit.evaluate import record_accuracy
 
-        acc = record_accuracy(Path(out) / rec.files[0], eval_data)
+        acc = record_accuracy(Path(out) / rec.files[0], eval_data, progress=progress)
         click.echo(f"top-1 {acc['top1']:.2f}% on {acc['images']} validation images of {eval_data} (in the record)")
 
 

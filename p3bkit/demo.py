@@ -125,7 +125,7 @@ def speed_table(out_dir: Path, runs: int) -> dict:
     for fmt in cpu_formats:
         for precision in ("fp32", "int8"):
             folder = out_dir / "export" / (fmt if precision == "fp32" else f"{fmt}-int8")
-            calib = Int8Config("digits", progress=False) if precision == "int8" else None
+            calib = Int8Config("digits") if precision == "int8" else None
             try:
                 rec = export_model(str(out_dir / "pruned"), fmt, folder, precision=precision, int8=calib)
             except BackendUnavailable:

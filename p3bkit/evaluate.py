@@ -38,14 +38,22 @@ def _artefact_runner(path: str, backend: str, threads: int | None,
     from p3bkit.exporters.registry import get_backend, read_record
 
     be = get_backend(backend)
-    record = read_record(path)
-    if not record:
-        raise P3BError(f"{path}: no export record ({Path(path).name}.json) next to it; export with p3bkit export")
-    shape = tuple(int(d) for d in record["input_shape"][1:])
     run = be.runner(path, precision, threads)
+    dims = read_record(path).get("input_shape") or getattr(run, "input_shape", None)  # a record, else the runtime's
+    if not dims or not all(isinstance(d, int) for d in dims[1:]):
+        raise P3BError(f"{path}: no export record ({Path(path).name}.json) next to it; export with p3bkit export")
+    shape = tuple(int(d) for d in dims[1:])
+    fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
 
     def call(x: torch.Tensor) -> np.ndarray:
-        return np.asarray(next(iter(run(x.numpy().astype(np.float32)).values())), dtype=np.float32)
+        arr = x.numpy().astype(np.float32)
+        if not fixed:
+            return np.asarray(next(iter(run(arr).values())), dtype=np.float32)
+        # a static-batch graph takes exactly `fixed` images: run in chunks, the last one padded
+        chunks = [arr[i:i + fixed] for i in range(0, len(arr), fixed)]
+        outs = [np.asarray(next(iter(run(np.resize(c, (fixed, *c.shape[1:]))).values())), dtype=np.float32)[:len(c)]
+                for c in chunks]
+        return np.concatenate(outs)
 
     return call, shape
 

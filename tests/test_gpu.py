@@ -42,6 +42,6 @@ def test_tensorrt_int8_engine_passes_the_gate(tmp_path):
     from p3bkit.exporters.quantize import Int8Config
 
     rec = export_model("digits-vit", "trt", tmp_path / "trt8", precision="int8", trt_profile=(1, 64, 64),
-                       verify=False, int8=Int8Config("digits", 64, max_drop=100.0, progress=False))  # random init
+                       verify=False, int8=Int8Config("digits", 64, max_drop=100.0))  # random init
     assert rec.precision == "int8" and rec.extra["int8"]["calib_size"] == 64
     assert "QuantizeLinear" in rec.op_types

@@ -32,6 +32,10 @@ from tqdm.auto import tqdm
 from p3bkit.errors import BackendUnavailable, P3BError
 from p3bkit.models.latency import LatencyTable, model_dims
 
+# the registered runtimes this module has branch-timing code for (`_prepare_onnx`, `prepare_module`)
+TIMED_RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt")
+
+
 @dataclass
 class TableConfig:
     backend: str = "openvino"
@@ -161,6 +165,9 @@ def _check_backend(cfg: TableConfig) -> None:
     from p3bkit.exporters.registry import get_backend
 
     backend = get_backend(cfg.backend)
+    if backend.name not in TIMED_RUNTIMES:
+        raise P3BError(f"latency tables have no timing code for {backend.name} (they time "
+                       f"{', '.join(TIMED_RUNTIMES)})")
     gpu = cfg.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise BackendUnavailable("--device gpu asked for, but no CUDA GPU is visible here")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from p3bkit.errors import ExportError
+from p3bkit.errors import ExportError, P3BError
 from p3bkit.exporters.registry import formats, get_backend
 from p3bkit.fileio import write_json_atomic
 
@@ -69,16 +69,21 @@ def _parity_images(model, precision: str, static_batch: int | None, data) -> tup
     """Inputs for the parity check: fp32 keeps seeded noise (max abs diff); reduced precision is
     judged on real images — the INT8 validation split, else sklearn's digits at the model's input
     size (real pixels, if not the user's domain), else noise for other channel counts."""
+    import numpy as np
+
     n = static_batch or 64
     if data is not None:
-        return [data.val_x[:n]], f"{len(data.val_x[:n])} validation images of {data.config.val_data or data.config.calib_data}"
+        return [data.chunks(data.val_x[:n], n)[0]], \
+            f"{min(n, len(data.val_x))} validation images of {data.config.val_data or data.config.calib_data}"
     c, (h, w) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
     if precision == "fp32" or c not in (1, 3) or h != w:
         return None, "seeded noise"
     from p3bkit.train.data import load_digits_data
 
     val = load_digits_data(h, augment=False, in_chans=c).val.tensors[0][:n].numpy()
-    return [val], f"{len(val)} images of sklearn's digits"
+    if static_batch and len(val) < n:  # a fixed batch takes exactly n images: repeat to fill it
+        val = np.resize(val, (n, *val.shape[1:]))
+    return [val], f"{min(n, 360)} images of sklearn's digits"
 
 
 def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: str | None = None,
@@ -104,6 +109,8 @@ def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: st
     if precision != "int8" and int8 is not None:
         raise ExportError(f"calibration data is for --precision int8, not {precision}")
     backend.check_dependencies(precision)  # fail fast: nothing is built and nothing written on a machine that can't
+    if verify:
+        backend.run_precision(precision)  # e.g. OpenVINO bf16 on a CPU without bf16 units: before any work
     write_op = write_op or backend.write_op
     model = set_write_op(create_model(model_ref).eval(), write_op)
     sample = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
@@ -113,8 +120,14 @@ def export_model(model_ref: str, fmt: Format, out_dir: str | Path, precision: st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     t0 = time.time()
     try:
-        files, info = backend.export(model, tmp, sample, precision, static_batch,
-                                     {"trt_profile": trt_profile, "timing_cache": timing_cache, "int8": data})
+        try:
+            files, info = backend.export(model, tmp, sample, precision, static_batch,
+                                         {"trt_profile": trt_profile, "timing_cache": timing_cache, "int8": data})
+        except P3BError:
+            raise
+        except Exception as exc:  # the runtimes' own converters and quantisers raise many types
+            raise ExportError(f"{backend.name} {precision} export failed: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
         parity, seen = {}, "seeded noise"
         if verify:
             inputs, seen = _parity_images(model, precision, static_batch, data)

@@ -164,14 +164,16 @@ class TensorRTBackend(Backend):
 
         export_onnx(model, tmp / "model.onnx", sample, static_batch)
         info: dict = {}
-        if precision == "int8":  # explicit quantization: calibrated Q/DQ scales in the graph itself
+        if precision == "int8":  # explicit quantization: calibrated, symmetric Q/DQ scales in the graph itself
             from p3bkit.exporters.quantize import quantize_onnxruntime
 
-            info = quantize_onnxruntime(model, tmp / "model.onnx", tmp / "model.qdq.onnx", opts["int8"])
+            info = quantize_onnxruntime(model, tmp / "model.onnx", tmp / "model.qdq.onnx", opts["int8"], symmetric=True)
             (tmp / "model.qdq.onnx").replace(tmp / "model.onnx")
         ops = check_trt_ops(str(tmp / "model.onnx"))
         prof = TrtProfile(*(opts["trt_profile"] if not static_batch else (static_batch,) * 3))
         build_trt_engine(tmp / "model.onnx", tmp / "model.plan", sample, prof, precision, opts.get("timing_cache"))
+        if precision == "int8":  # the gate again, on the engine itself (it may run layers in fp16)
+            info = _engine_gate(tmp / "model.plan", opts["int8"], info["int8"], prof.max_batch)
         return ["model.plan", "model.onnx"], {"op_types": ops, "extra": {"profile": list(prof.__dict__.values()), **info}}
 
     def runner(self, path, precision=None, threads=None) -> Runner:
@@ -182,6 +184,15 @@ class TensorRTBackend(Backend):
         if not torch.cuda.is_available():
             raise BackendUnavailable("TensorRT engines run on a CUDA GPU; none is visible here")
         return TrtRunner(path)
+
+
+def _engine_gate(plan, data, first: dict, max_batch: int) -> dict:
+    from p3bkit.exporters.quantize import gate, top1
+    from p3bkit.exporters.tensorrt import TrtRunner
+
+    engine = top1(TrtRunner(plan), data, batch=min(64, max_batch))
+    return gate(first["fp32_top1"], engine, data, first["kept_in_fp32"], first["remedy"] + "; measured on the engine",
+                first["attempts"] + [{"method": "TensorRT engine", "int8_top1": engine}])
 
 
 def _need(module: str, extra: str) -> None:

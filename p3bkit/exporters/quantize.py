@@ -33,9 +33,8 @@ class Int8Config:
     calib_size: int = 300
     val_data: str | None = None   # default: the validation split of calib_data
     max_drop: float = 1.0         # top-1 points
-    val_size: int | None = None   # cap on validation images (all by default)
+    val_size: int = 2000          # validation images for the gate (a seeded random subset of larger splits)
     seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -45,6 +44,8 @@ class Int8Data:
     val_x: np.ndarray
     val_y: np.ndarray
     static_batch: int | None = None  # a graph with a fixed batch takes exactly this many images
+    data_classes: int = 0
+    model_classes: int = 0
 
     def chunks(self, x: np.ndarray, size: int) -> list[np.ndarray]:
         """`x` in batches of `size` (of the static batch, when the graph has one; the last one
@@ -66,23 +67,24 @@ def load_int8_data(cfg: Int8Config, model: torch.nn.Module, static_batch: int | 
     train = train.base if isinstance(train, ShiftAugment) else train  # calibrate on unshifted digits
     pick = np.random.default_rng(cfg.seed).permutation(len(train))[:cfg.calib_size]
     calib = np.stack([train[int(i)][0].numpy() for i in pick]).astype(np.float32)
-    val = load_data(cfg.val_data or cfg.calib_data, img_size=h, num_classes=k, in_chans=c, augment="none").val
-    n = min(len(val), cfg.val_size or len(val))
-    items = [val[i] for i in range(n)]
+    bundle = load_data(cfg.val_data or cfg.calib_data, img_size=h, num_classes=k, in_chans=c, augment="none")
+    val = bundle.val  # a random subset, not the first N (an ImageFolder is sorted by class)
+    pick = sorted(np.random.default_rng(cfg.seed).permutation(len(val))[:cfg.val_size].tolist())
+    items = [val[i] for i in pick]
     return Int8Data(cfg, calib, np.stack([x.numpy() for x, _ in items]).astype(np.float32),
-                    np.array([int(y) for _, y in items]), static_batch)
+                    np.array([int(y) for _, y in items]), static_batch, bundle.num_classes, k)
 
 
-def top1(runner, data: Int8Data) -> float:
+def top1(runner, data: Int8Data, batch: int = 64) -> float:
     """Top-1 in percent of a numpy runner on the validation images."""
-    pred = np.concatenate([next(iter(runner(b).values())).argmax(-1) for b in data.chunks(data.val_x, 64)])
+    pred = np.concatenate([next(iter(runner(b).values())).argmax(-1) for b in data.chunks(data.val_x, batch)])
     return 100.0 * float((pred[:len(data.val_y)] == data.val_y).mean()) if len(data.val_y) else 0.0
 
 
-def _gate(fp32: float, int8: float, data: Int8Data, kept: list[str], remedy: str, attempts: list) -> dict:
+def gate(fp32: float, int8: float, data: Int8Data, kept: list[str], remedy: str, attempts: list) -> dict:
     cfg = data.config
     record = {"calib_data": cfg.calib_data, "calib_size": len(data.calib), "val_data": cfg.val_data or cfg.calib_data,
-              "val_images": len(data.val_x), "fp32_top1": fp32, "int8_top1": int8, "drop": fp32 - int8,
+              "val_images": len(data.val_x), "val_classes": data.data_classes, "model_classes": data.model_classes, "fp32_top1": fp32, "int8_top1": int8, "drop": fp32 - int8,
               "max_drop": cfg.max_drop, "kept_in_fp32": kept, "remedy": remedy, "attempts": attempts}
     if fp32 - int8 > cfg.max_drop:
         raise ExportError(f"INT8 accuracy gate failed: top-1 {int8:.2f}% vs {fp32:.2f}% in fp32 (drop "
@@ -104,7 +106,7 @@ def weighted_nodes(path: Path) -> list:
     return [n for n in graph.node if n.op_type in QUANTIZED_OPS and any(i in inits for i in n.input)]
 
 
-def _ort_quantize(src: Path, out: Path, calib: list[np.ndarray], exclude: list[str]) -> None:
+def _ort_quantize(src: Path, out: Path, calib: list[np.ndarray], exclude: list[str], symmetric: bool = False) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -114,11 +116,15 @@ def _ort_quantize(src: Path, out: Path, calib: list[np.ndarray], exclude: list[s
         def get_next(self):
             return next(self.batches, None)
 
+    nodes = [n.name for n in weighted_nodes(src) if n.name not in exclude]
+    if not nodes:  # an empty list would mean "quantise everything" to onnxruntime
+        raise ExportError(f"{src.name}: no weighted layer left to quantise")
+    # symmetric: zero points of 0, which TensorRT's explicit quantization requires
+    options = {"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else {}
     with _quiet():
         quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(QUANTIZED_OPS),
-                        nodes_to_quantize=[n.name for n in weighted_nodes(src) if n.name not in exclude])
+                        op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=nodes, extra_options=options)
 
 
 def _ort_runner(path: Path):
@@ -155,10 +161,11 @@ def layer_errors(fp32: Path, int8: Path, x: np.ndarray) -> dict[str, float]:
     return {n.name: err(n.output[0]) - err(n.input[0]) for n in nodes}
 
 
-def quantize_onnxruntime(model, src: Path, out: Path, data: Int8Data) -> dict:
-    """Static QDQ INT8 of the fp32 graph `src` into `out`, behind the gate (see module doc)."""
+def quantize_onnxruntime(model, src: Path, out: Path, data: Int8Data, symmetric: bool = False) -> dict:
+    """Static QDQ INT8 of the fp32 graph `src` into `out`, behind the gate (see module doc).
+    `symmetric`: zero points of 0 (TensorRT); the gate then scores the QDQ graph on onnxruntime."""
     fp32 = top1(_ort_runner(src), data)
-    _ort_quantize(src, out, data.chunks(data.calib, 16), [])
+    _ort_quantize(src, out, data.chunks(data.calib, 16), [], symmetric)
     int8 = top1(_ort_runner(out), data)
     attempts, kept = [{"kept": 0, "int8_top1": int8}], []
     if fp32 - int8 > data.config.max_drop:
@@ -166,13 +173,13 @@ def quantize_onnxruntime(model, src: Path, out: Path, data: Int8Data) -> dict:
         k = 1
         while fp32 - int8 > data.config.max_drop and k <= max(1, len(ranked) // 4):
             kept = [name for name, _ in ranked[:k]]
-            _ort_quantize(src, out, data.chunks(data.calib, 16), kept)
+            _ort_quantize(src, out, data.chunks(data.calib, 16), kept, symmetric)
             int8 = top1(_ort_runner(out), data)
             attempts.append({"kept": k, "int8_top1": int8})
             k *= 2
     remedy = "nothing (within the gate)" if len(attempts) == 1 else \
         f"keeping up to {len(kept)} most error-adding layers in fp32"
-    return _gate(fp32, int8, data, kept, remedy, attempts)
+    return gate(fp32, int8, data, kept, remedy, attempts)
 
 
 # ---- OpenVINO: NNCF post-training quantisation, transformer preset -------------------------
@@ -204,15 +211,15 @@ def quantize_openvino(model, src_onnx: Path, xml: Path, data: Int8Data) -> dict:
                 fp32_model, calib, val, validate, max_drop=data.config.max_drop / 100.0,
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER)
         int8 = top1(ov_runner(q), data)
-        kept = _unquantized(fp32_model, q)
+        kept = _unquantized(q)
         remedy = "NNCF accuracy-controlled quantisation"
         attempts.append({"method": "nncf.quantize_with_accuracy_control", "int8_top1": int8})
-    info = _gate(fp32, int8, data, kept, remedy, attempts)
+    info = gate(fp32, int8, data, kept, remedy, attempts)
     ov.save_model(q, str(xml), compress_to_fp16=False)
     return info
 
 
-def _unquantized(fp32_model, q) -> list[str]:
+def _unquantized(q) -> list[str]:
     """Weighted layers (MatMul/Convolution) of `q` whose inputs no FakeQuantize feeds."""
     out = []
     for op in q.get_ordered_ops():

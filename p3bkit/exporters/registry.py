@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Literal
 from p3bkit.errors import BackendUnavailable, ExportError, P3BError
 from p3bkit.exporters.tolerances import Tolerance, tolerance_for
 
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]  # the canonical names, for annotations
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 if TYPE_CHECKING:
     import numpy as np
@@ -103,7 +103,10 @@ class Backend:
         raise NotImplementedError
 
     def tolerance(self, precision: str) -> Tolerance:
-        return tolerance_for(self.format or self.name, precision)
+        try:
+            return tolerance_for(self.format or self.name, precision)
+        except KeyError as exc:
+            raise PrecisionError(f"{self.name} has no parity tolerance for {precision}") from exc
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -165,8 +168,3 @@ def artefact_precision(path: str | Path) -> str:
     backend = backend_for_artefact(path)
     stored = read_record(path).get("precision")
     return backend.precision(stored) if backend and stored else "fp32"
-
-
-def _batches(static_batch: int | None) -> tuple[int, ...]:
-    return (static_batch,) if static_batch else (1, 4)
-

@@ -112,6 +112,7 @@ class TrtRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.outputs = [n for n in names if n != self.input]
+        self.input_shape = list(self.engine.get_tensor_shape(self.input))  # -1: a dynamic batch
 
     def run_device(self, x):
         """x: a contiguous float32 CUDA tensor; returns {name: CUDA tensor}."""
