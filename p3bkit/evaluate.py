@@ -20,42 +20,29 @@ from p3bkit.exporters.artefacts import artefact_in_folder
 Runner = Callable[[torch.Tensor], np.ndarray]
 
 
-def _torch_runner(ref: str, device: str) -> tuple[Runner, tuple[int, int, int]]:
-    from p3bkit.models.factory import create_model
-    from p3bkit.train.loop import logits_of
-
-    model = create_model(ref).to(device).eval()
-
-    @torch.inference_mode()
-    def run(x: torch.Tensor) -> np.ndarray:
-        return logits_of(model(x.to(device))).float().cpu().numpy()
-
-    return run, (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-
-
-def _artefact_runner(path: str, backend: str, threads: int | None,
-                     precision: str | None = None) -> tuple[Runner, tuple[int, int, int]]:
+def _runner(path: str, backend: str, threads: int | None, precision: str,
+            device: str) -> tuple[Runner, tuple[int, int, int]]:
+    """The registry's runner for `path` (a model for torch, else an artefact), torch-in → logits,
+    with the input shape from the export record or the runtime."""
     from p3bkit.exporters.registry import get_backend, read_record
+    from p3bkit.exporters.runtimes import fixed_batches
 
     be = get_backend(backend)
-    run = be.runner(path, precision, threads)
+    extra = {"device": device} if backend == "torch" else {}  # torch models run on --device
+    run = be.runner(path, precision, threads, **extra)
     dims = read_record(path).get("input_shape") or getattr(run, "input_shape", None)  # a record, else the runtime's
     if not dims or not all(isinstance(d, int) for d in dims[1:]):
         raise P3BError(f"{path}: no export record ({Path(path).name}.json) next to it; export with p3bkit export")
-    shape = tuple(int(d) for d in dims[1:])
     fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
 
     def call(x: torch.Tensor) -> np.ndarray:
         arr = x.numpy().astype(np.float32)
-        if not fixed:
-            return np.asarray(next(iter(run(arr).values())), dtype=np.float32)
-        # a static-batch graph takes exactly `fixed` images: run in chunks, the last one padded
-        chunks = [arr[i:i + fixed] for i in range(0, len(arr), fixed)]
-        outs = [np.asarray(next(iter(run(np.resize(c, (fixed, *c.shape[1:]))).values())), dtype=np.float32)[:len(c)]
-                for c in chunks]
-        return np.concatenate(outs)
+        # a static-batch graph takes exactly `fixed` images: run in chunks, the last one filled
+        batches = fixed_batches(arr, fixed) if fixed else [arr]
+        outs = [np.asarray(next(iter(run(b).values())), dtype=np.float32) for b in batches]
+        return np.concatenate(outs)[:len(arr)]
 
-    return call, shape
+    return call, tuple(int(d) for d in dims[1:])
 
 
 def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 64, threads: int | None = None,
@@ -80,12 +67,12 @@ def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 
     if backend == "torch":
         if precision not in (None, "fp32"):
             raise P3BError("eval runs torch models in fp32; export the model to run it at another precision")
-        run, (c, h, w), precision = *_torch_runner(ref, device), "fp32"
+        precision = "fp32"
     else:
         from p3bkit.exporters.registry import artefact_precision, get_backend
 
         precision = get_backend(backend).run_precision(artefact_precision(ref), precision)
-        run, (c, h, w) = _artefact_runner(ref, backend, threads, precision)
+    run, (c, h, w) = _runner(ref, backend, threads, precision, device)
     num_classes = run(torch.zeros(1, c, h, w)).shape[-1]
     val = load_data(data, img_size=h, num_classes=num_classes, in_chans=c).val
     hits = np.zeros(2, dtype=np.int64)

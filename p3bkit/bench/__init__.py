@@ -50,13 +50,10 @@ def _architecture(ref: str) -> str | None:
 
 def _layers(ref: str) -> list[dict] | None:
     """Pruned layers behind a model reference (a pruned folder or an artefact exported from one)."""
-    import json
-
+    from p3bkit.exporters.registry import read_record
     from p3bkit.models.arch import ARCH_FILE, read_arch
 
-    record = Path(f"{ref}.json")
-    if record.is_file():
-        ref = json.loads(record.read_text()).get("source", ref)
+    ref = read_record(ref).get("source", ref)
     return read_arch(ref).layers if (Path(ref) / ARCH_FILE).is_file() else None
 
 

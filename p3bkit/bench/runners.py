@@ -38,12 +38,9 @@ def _torch_model(ref: str):
 
 def _source_of(ref: str) -> str:
     """The model an artefact was exported from (its JSON record), for FLOP counts."""
-    rec = Path(f"{ref}.json")
-    if rec.is_file():
-        import json
+    from p3bkit.exporters.registry import read_record
 
-        return json.loads(rec.read_text()).get("source", ref)
-    return ref
+    return read_record(ref).get("source", ref)
 
 
 def _sample_shape(model) -> tuple[int, ...]:

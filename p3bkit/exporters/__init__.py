@@ -57,9 +57,9 @@ def _versions(backend) -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for n in ["torch", "timm", "onnx", "onnxruntime", "onnxscript", *backend.packages]:
+    for n in dict.fromkeys(["torch", "timm", "onnx", "onnxruntime", "onnxscript", *backend.packages]):
         try:
-            out[n.split(".")[0]] = md.version(n.split(".")[0])
+            out[n] = md.version(n)
         except md.PackageNotFoundError:
             out[n] = "missing"
     return out
@@ -69,7 +69,7 @@ def _parity_images(model, precision: str, static_batch: int | None, data) -> tup
     """Inputs for the parity check: fp32 keeps seeded noise (max abs diff); reduced precision is
     judged on real images — the INT8 validation split, else sklearn's digits at the model's input
     size (real pixels, if not the user's domain), else noise for other channel counts."""
-    import numpy as np
+    from p3bkit.exporters.runtimes import fixed_batches
 
     n = static_batch or 64
     if data is not None:
@@ -81,8 +81,8 @@ def _parity_images(model, precision: str, static_batch: int | None, data) -> tup
     from p3bkit.train.data import load_digits_data
 
     val = load_digits_data(h, augment=False, in_chans=c).val.tensors[0][:n].numpy()
-    if static_batch and len(val) < n:  # a fixed batch takes exactly n images: repeat to fill it
-        val = np.resize(val, (n, *val.shape[1:]))
+    if static_batch:  # a fixed batch takes exactly n images
+        val = fixed_batches(val, n)[0]
     return [val], f"{min(n, 360)} images of sklearn's digits"
 
 

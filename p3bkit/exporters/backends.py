@@ -8,7 +8,7 @@ the INT8 flag (TensorRT's explicit quantization; GPU only).
 from __future__ import annotations
 
 from p3bkit.errors import BackendUnavailable
-from p3bkit.exporters.registry import Backend, PrecisionError, Runner, register
+from p3bkit.exporters.registry import Backend, PrecisionError, Runner, register, require
 
 
 @register
@@ -19,20 +19,22 @@ class TorchBackend(Backend):
     def run_precisions(self, artefact_precision: str) -> tuple[str, ...]:
         return tuple(self.precisions)
 
-    def runner(self, path, precision=None, threads=None) -> Runner:
-        """A model reference (pruned folder, preset, timm name) run eagerly, autocast to `precision`."""
+    def runner(self, path, precision=None, threads=None, device: str = "cpu") -> Runner:
+        """A model reference (pruned folder, preset, timm name) run eagerly on `device`, autocast to
+        `precision`."""
         import torch
 
         from p3bkit.models.factory import create_model
         from p3bkit.train.loop import logits_of
 
-        model = create_model(str(path)).eval()
+        model = create_model(str(path)).to(device).eval()
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision(precision))
 
         @torch.inference_mode()
         def run(x) -> dict:
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                return {"logits": logits_of(model(torch.from_numpy(x))).float().numpy()}
+            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                return {"logits": logits_of(model(torch.from_numpy(x).to(device))).float().cpu().numpy()}
+        run.input_shape = [None, model.patch_embed.proj.in_channels, *model.patch_embed.img_size]
         return run
 
 
@@ -45,7 +47,7 @@ class OnnxRuntimeBackend(Backend):
     def check_dependencies(self, precision: str = "fp32") -> None:
         super().check_dependencies(precision)
         if precision == "int8":
-            _need("onnxruntime.quantization", "onnx")
+            require("onnxruntime.quantization", "onnx", "INT8 (onnxruntime.quantization)")
 
     def export(self, model, tmp, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
         from p3bkit.exporters.onnx import export_onnx, op_types
@@ -54,7 +56,7 @@ class OnnxRuntimeBackend(Backend):
             from p3bkit.exporters.quantize import quantize_onnxruntime
 
             export_onnx(model, tmp / "fp32.onnx", sample, static_batch)
-            info = quantize_onnxruntime(model, tmp / "fp32.onnx", tmp / "model.onnx", opts["int8"])
+            info = quantize_onnxruntime(tmp / "fp32.onnx", tmp / "model.onnx", opts["int8"])
             (tmp / "fp32.onnx").unlink()
             return ["model.onnx"], {"op_types": op_types(tmp / "model.onnx"), "extra": info}
         export_onnx(model, tmp / "model.onnx", sample, static_batch, fp16=precision == "fp16")
@@ -88,7 +90,7 @@ class OpenVinoBackend(Backend):
     def check_dependencies(self, precision: str = "fp32") -> None:
         super().check_dependencies(precision)
         if precision == "int8":
-            _need("nncf", "openvino")
+            require("nncf", "openvino", "INT8 (nncf)")
 
     def export(self, model, tmp, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
         from p3bkit.exporters.onnx import export_onnx, op_types
@@ -99,7 +101,7 @@ class OpenVinoBackend(Backend):
         if precision == "int8":
             from p3bkit.exporters.quantize import quantize_openvino
 
-            info = quantize_openvino(model, tmp / "graph.onnx", tmp / "model.xml", opts["int8"])
+            info = quantize_openvino(tmp / "graph.onnx", tmp / "model.xml", opts["int8"])
         else:
             export_openvino(tmp / "graph.onnx", tmp / "model.xml", self.precisions[precision])
             info = {"inference_precision_hint": "bf16" if precision == "bf16" else "f32"}
@@ -144,7 +146,7 @@ class TensorRTBackend(Backend):
 
         precision_plan(precision)
         if precision == "int8":
-            _need("onnxruntime.quantization", "onnx")  # the QDQ graph TensorRT builds from
+            require("onnxruntime.quantization", "onnx", "INT8 (onnxruntime.quantization)")  # the QDQ graph TensorRT builds from
         check_trt_available()
 
     def status(self) -> tuple[bool, str]:
@@ -167,7 +169,7 @@ class TensorRTBackend(Backend):
         if precision == "int8":  # explicit quantization: calibrated, symmetric Q/DQ scales in the graph itself
             from p3bkit.exporters.quantize import quantize_onnxruntime
 
-            info = quantize_onnxruntime(model, tmp / "model.onnx", tmp / "model.qdq.onnx", opts["int8"], symmetric=True)
+            info = quantize_onnxruntime(tmp / "model.onnx", tmp / "model.qdq.onnx", opts["int8"], symmetric=True)
             (tmp / "model.qdq.onnx").replace(tmp / "model.onnx")
         ops = check_trt_ops(str(tmp / "model.onnx"))
         prof = TrtProfile(*(opts["trt_profile"] if not static_batch else (static_batch,) * 3))
@@ -193,16 +195,6 @@ def _engine_gate(plan, data, first: dict, max_batch: int) -> dict:
     engine = top1(TrtRunner(plan), data, batch=min(64, max_batch))
     return gate(first["fp32_top1"], engine, data, first["kept_in_fp32"], first["remedy"] + "; measured on the engine",
                 first["attempts"] + [{"method": "TensorRT engine", "int8_top1": engine}])
-
-
-def _need(module: str, extra: str) -> None:
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendUnavailable(f"INT8 needs {module.split('.')[0]} ({exc}); install it with "
-                                 f"pip install 'p3bkit[{extra}]'" + (" nncf" if module == "nncf" else "")) from exc
 
 
 __all__ = ["OnnxRuntimeBackend", "OpenVinoBackend", "TensorRTBackend", "TorchBackend"]

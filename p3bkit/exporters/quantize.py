@@ -49,12 +49,11 @@ class Int8Data:
 
     def chunks(self, x: np.ndarray, size: int) -> list[np.ndarray]:
         """`x` in batches of `size` (of the static batch, when the graph has one; the last one
-        padded by repeating its first image, callers trim to `len(x)`)."""
-        size = self.static_batch or size
-        out = [x[i:i + size] for i in range(0, len(x), size)]
-        if self.static_batch and out and len(out[-1]) < size:
-            out[-1] = np.concatenate([out[-1], np.repeat(out[-1][:1], size - len(out[-1]), 0)])
-        return out
+        padded, callers trim to `len(x)`)."""
+        from p3bkit.exporters.runtimes import fixed_batches
+
+        return fixed_batches(x, self.static_batch) if self.static_batch else \
+            [x[i:i + size] for i in range(0, len(x), size)]
 
 
 def load_int8_data(cfg: Int8Config, model: torch.nn.Module, static_batch: int | None = None) -> Int8Data:
@@ -161,7 +160,7 @@ def layer_errors(fp32: Path, int8: Path, x: np.ndarray) -> dict[str, float]:
     return {n.name: err(n.output[0]) - err(n.input[0]) for n in nodes}
 
 
-def quantize_onnxruntime(model, src: Path, out: Path, data: Int8Data, symmetric: bool = False) -> dict:
+def quantize_onnxruntime(src: Path, out: Path, data: Int8Data, symmetric: bool = False) -> dict:
     """Static QDQ INT8 of the fp32 graph `src` into `out`, behind the gate (see module doc).
     `symmetric`: zero points of 0 (TensorRT); the gate then scores the QDQ graph on onnxruntime."""
     fp32 = top1(_ort_runner(src), data)
@@ -184,7 +183,7 @@ def quantize_onnxruntime(model, src: Path, out: Path, data: Int8Data, symmetric:
 
 # ---- OpenVINO: NNCF post-training quantisation, transformer preset -------------------------
 
-def quantize_openvino(model, src_onnx: Path, xml: Path, data: Int8Data) -> dict:
+def quantize_openvino(src_onnx: Path, xml: Path, data: Int8Data) -> dict:
     """NNCF INT8 of the ONNX graph into an OpenVINO IR, behind the gate (see module doc)."""
     import nncf
     import openvino as ov

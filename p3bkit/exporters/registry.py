@@ -42,13 +42,18 @@ class Backend:
     write_op: ClassVar[str] = "gather"        # residual write op of exported graphs
     device: ClassVar[str] = "cpu"
 
+    def _canonical(self, name: str) -> str | None:
+        """A canonical precision name from a canonical or this backend's native one (None: neither)."""
+        if name in PRECISIONS:
+            return name
+        return {v: k for k, v in self.precisions.items()}.get(name)
+
     def precision(self, name: str | None, default: str = "fp32") -> str:
         """Canonical precision from a canonical or native name; refuses one this backend lacks."""
         if name is None:
             return default
-        native = {v: k for k, v in self.precisions.items()}
-        canonical = name if name in self.precisions else native.get(name)
-        if canonical is None:
+        canonical = self._canonical(name)
+        if canonical not in self.precisions:
             raise PrecisionError(f"{self.name} does not export precision {name!r} "
                                  f"(it has {', '.join(self.precisions)})")
         return canonical
@@ -56,11 +61,7 @@ class Backend:
     def check_dependencies(self, precision: str = "fp32") -> None:
         """Raise BackendUnavailable naming the fix when something this precision needs is missing."""
         for module in self.packages:
-            try:
-                importlib.import_module(module)
-            except ImportError as exc:
-                raise BackendUnavailable(f"{module} is not importable ({exc}); install it with "
-                                         f"pip install 'p3bkit[{self.extra}]'") from exc
+            require(module, self.extra)
 
     def version(self) -> str:
         try:
@@ -88,10 +89,7 @@ class Backend:
     def run_precision(self, artefact_precision: str, asked: str | None = None) -> str:
         """The precision a runner runs an artefact at: its own unless asked otherwise; refuses one
         the runtime would ignore or silently change."""
-        run = artefact_precision
-        if asked:
-            native = {v: k for k, v in self.precisions.items()}
-            run = asked if asked in PRECISIONS else native.get(asked, asked)
+        run = (self._canonical(asked) or asked) if asked else artefact_precision
         allowed = self.run_precisions(artefact_precision)
         if run not in allowed:
             how = (f"export it at {run} (p3bkit export --format {self.format} --precision {run}) and run that"
@@ -107,6 +105,15 @@ class Backend:
             return tolerance_for(self.format or self.name, precision)
         except KeyError as exc:
             raise PrecisionError(f"{self.name} has no parity tolerance for {precision}") from exc
+
+
+def require(module: str, extra: str, need: str = ""):
+    """Import `module` or raise BackendUnavailable naming the pip extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{need or module.split('.')[0]} is not importable ({exc}); install it with "
+                                 f"pip install 'p3bkit[{extra}]'") from exc
 
 
 _REGISTRY: dict[str, Backend] = {}

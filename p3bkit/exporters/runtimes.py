@@ -8,21 +8,20 @@ from pathlib import Path
 
 import numpy as np
 
-from p3bkit.errors import BackendUnavailable
 
 
 def import_backend(name: str):
     """Import a runtime's module (onnxruntime, openvino, tensorrt) or raise BackendUnavailable
     naming the pip extra that the backend registry gives for it."""
-    import importlib
+    from p3bkit.exporters.registry import all_backends, require
 
-    from p3bkit.exporters.registry import all_backends
+    return require(name, next((b.extra for b in all_backends() if name in b.packages), name))
 
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        extra = next((b.extra for b in all_backends() if name in b.packages), name)
-        raise BackendUnavailable(f"{name} is not importable ({exc}); install it with pip install 'p3bkit[{extra}]'") from exc
+
+def fixed_batches(x: np.ndarray, size: int) -> list[np.ndarray]:
+    """`x` cut into batches of exactly `size` for a static-batch graph, the last one filled by
+    repeating images (callers keep the first `len(x)` outputs)."""
+    return [np.resize(x[i:i + size], (size, *x.shape[1:])) for i in range(0, len(x), size)]
 
 
 def ort_session(path: str | Path | bytes, threads: int | None = None, profile: bool = False, spin: bool = True):
