@@ -28,11 +28,11 @@ from safetensors.torch import save_file
 from p3bkit.models import load
 from p3bkit.models.factory import create_model
 from p3bkit.models.report import describe
-from p3bkit.prune.engine import P3BConfig
+from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
-from p3bkit.train.data import load_data
-from p3bkit.train.loop import FitConfig, evaluate, fit, seed_everything
-from p3bkit.workflows import PruneJob, run_prune
+from p3bkit.data import load_data
+from p3bkit.train.fit import FitConfig, evaluate, fit, seed_everything
+from p3bkit.prune.job import PruneJob, run_prune
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from p3bkit.finetune import run_train
+from p3bkit.train.jobs import run_train
 
 RESULTS = Path(__file__).parent / "results"
 KWARGS = {"img_size": 28, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4, "num_classes": 10}

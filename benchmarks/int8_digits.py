@@ -19,8 +19,8 @@ import torch
 
 from p3bkit.demo import run_demo
 from p3bkit.errors import P3BError
-from p3bkit.exporters import export_model
-from p3bkit.exporters.quantize import Int8Config
+from p3bkit.export import export_model
+from p3bkit.export.int8 import Int8Config
 
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = {75: 0.25, 90: 0.10}

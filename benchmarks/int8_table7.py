@@ -22,8 +22,8 @@ from pathlib import Path
 
 from p3bkit.bench import BenchConfig, run_bench
 from p3bkit.errors import P3BError
-from p3bkit.exporters import artefact_name, export_model
-from p3bkit.exporters.quantize import Int8Config
+from p3bkit.export import artefact_name, export_model
+from p3bkit.export.int8 import Int8Config
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"

@@ -15,17 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from p3bkit.exporters import export_model
-from p3bkit.exporters.onnx import export_onnx
-from p3bkit.exporters.quantize import Int8Config, QUANTIZED_OPS, _quiet, load_int8_data, weighted_nodes
-from p3bkit.exporters.runtimes import ort_session
+from p3bkit.backends import BenchConfig, get_backend
+from p3bkit.backends.onnx import export_onnx
+from p3bkit.backends.onnxruntime import QUANTIZED_OPS, quantize_static_qdq
+from p3bkit.backends.openvino import ov_compile
+from p3bkit.backends.timing import latency_stats, time_interleaved
+from p3bkit.export import export_model
+from p3bkit.export.int8 import Int8Config, load_int8_data
 from p3bkit.models.factory import create_model
 from p3bkit.models.pruned import set_write_op
 
@@ -33,56 +34,37 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def ort_scope(refs: dict[str, str], work: Path, threads: int, rounds: int = 6) -> dict:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """Per model: fp32, INT8 of every MatMul/Gemm/Conv, INT8 of the weighted ones, timed interleaved."""
+    import onnx
 
+    ort = get_backend("onnxruntime")
     out = {}
     for label, ref in refs.items():
         model = set_write_op(create_model(ref).eval(), "scatter")
         src = work / f"{label}.onnx"
         export_onnx(model, src, (3, 224, 224))
-        calib = load_int8_data(Int8Config("digits", 16, val_size=8), model).calib
+        calib = load_int8_data(Int8Config("digits", 16, val_size=8), model).data.calib
+        every = [n.name for n in onnx.load(str(src)).graph.node if n.op_type in QUANTIZED_OPS]
         paths = {"fp32": src}
-        for scope, nodes in (("every MatMul/Gemm/Conv", None), ("weighted only", [n.name for n in weighted_nodes(src)])):
-            class Reader(CalibrationDataReader):
-                def __init__(self) -> None:
-                    self.it = iter([{"pixel_values": calib}])
-
-                def get_next(self):
-                    return next(self.it, None)
-
+        for scope, nodes in (("every MatMul/Gemm/Conv", every), ("weighted only", None)):
             paths[scope] = work / f"{label}-{len(paths)}.onnx"
-            with _quiet():
-                quantize_static(str(src), str(paths[scope]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=nodes)
-        sessions = {k: ort_session(p, threads, spin=False) for k, p in paths.items()}
-        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for _ in range(rounds):  # round-robin blocks: every variant sees the same machine state
-            for k, sess in sessions.items():
-                for _ in range(3):
-                    sess.run(None, {"pixel_values": x})
-                for _ in range(15):
-                    t = time.perf_counter()
-                    sess.run(None, {"pixel_values": x})
-                    times[k].append(time.perf_counter() - t)
-        out[label] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            quantize_static_qdq(src, paths[scope], [calib], [], nodes=nodes)
+        timed = [ort.timer(str(p), 1, "fp32" if k == "fp32" else "int8", threads) for k, p in paths.items()]
+        lat = time_interleaved(timed, BenchConfig(runs=15 * rounds, warmup=3, block=15, block_warmup=3, threads=threads))
+        out[label] = {k: latency_stats(ms, 1)["median_ms"] for k, ms in zip(paths, lat)}
         print(label, {k: round(v, 2) for k, v in out[label].items()}, flush=True)
     return out
 
 
 def ov_profile(ref: str, work: Path, threads: int, runs: int = 30) -> dict:
-    import openvino as ov
-
+    """OpenVINO's per-op-type time (PERF_COUNT) of the fp32 and the INT8 (NNCF) IR."""
     export_model(ref, "openvino", work / "ov-fp32", verify=False)
     export_model(ref, "openvino", work / "ov-int8", precision="int8", verify=False,
                  int8=Int8Config("digits", 16, val_size=8))
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     out = {}
     for name in ("fp32", "int8"):
-        compiled = ov.Core().compile_model(str(work / f"ov-{name}" / "model.xml"), "CPU", {
-            "PERF_COUNT": True, "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
-        req = compiled.create_infer_request()
+        req = ov_compile(work / f"ov-{name}" / "model.xml", "f32", threads, profile=True).create_infer_request()
         totals: dict[str, float] = {}
         for _ in range(runs):
             req.infer({0: x})
@@ -115,7 +97,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from int8_table7 import build
-    from p3bkit.bench.harness import machine_info
+    from p3bkit.backends import machine_info
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p3bkit.bench.harness import machine_info
-from p3bkit.bench.latency_check import check_speedups, validate_table
-from p3bkit.bench.latency_table import TableConfig, in_fresh_process, measure_latency_table
+from p3bkit.backends import machine_info
+from p3bkit.bench.speedups import check_speedups
+from p3bkit.latency.check import validate_table
+from p3bkit.latency.measure import TableConfig, in_fresh_process, measure_latency_table
 from p3bkit.models.factory import create_model
-from p3bkit.models.latency import LatencyTable
+from p3bkit.latency.table import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"
 

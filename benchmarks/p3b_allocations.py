@@ -19,9 +19,9 @@ import shutil
 import time
 from pathlib import Path
 
-from p3bkit.prune.engine import P3BConfig
+from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
-from p3bkit.workflows import PruneJob, run_prune
+from p3bkit.prune.job import PruneJob, run_prune
 
 MODELS = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
 

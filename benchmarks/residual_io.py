@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from p3bkit.bench import BenchConfig, run_bench
-from p3bkit.exporters import export_model
+from p3bkit.export import export_model
 from p3bkit.models import PrunedArch, apply_arch, create_stock_model, save
 from p3bkit.surgery import FOLD_MIN_KEEP
 

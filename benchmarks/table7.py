@@ -90,8 +90,7 @@ def run(args) -> None:
 
 def run_one(args) -> None:
     """All runtimes of a DeiT in one interleaved run (see the module doc)."""
-    from p3bkit.bench.runners import runtime_label
-    from p3bkit.exporters import artefact_name, export_model
+    from p3bkit.export import artefact_name, export_model
 
     machine = args.machine or platform.node()
     out = HERE / "results" / f"table7_{machine}-one-run_cpu.json"
@@ -115,7 +114,7 @@ def run_one(args) -> None:
         rows: dict = {}
         results = rep["results"]
         for label, r in zip(labels + ["dense"] * (len(results) - len(labels)), results):
-            backend = runtime_label(r["name"], r["backend"])
+            backend = r["runtime"]
             rows.setdefault(backend, {})[label] = {
                 "median_ms": r["stats"]["median_ms"], "images_per_s": r["stats"]["images_per_s"], "flops": r["flops"],
                 "batch": r["batch"], "params": params[label], "predicted_ms": r.get("predicted_ms"),

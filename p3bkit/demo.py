@@ -9,40 +9,49 @@ CPU runtime here, interleaved in one process (`p3bkit bench --dense-baselines`).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from p3bkit.errors import P3BError
 from p3bkit.fileio import check_output_folder, write_json_atomic
 from p3bkit.models import load, save
-from p3bkit.models.factory import create_model, load_checkpoint
+from p3bkit.models.factory import create_model, load_weights
 from p3bkit.models.report import describe
-from p3bkit.prune.engine import P3BConfig
+from p3bkit.prune.job import PruneJob, run_prune
+from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
-from p3bkit.train.data import load_data
-from p3bkit.train.loop import Checkpointing, FitConfig, evaluate, fit, seed_everything
-from p3bkit.workflows import PruneJob, run_prune
+from p3bkit.data import load_data
+from p3bkit.train.dist import DistContext
+from p3bkit.train.fit import FitConfig, evaluate, fit, seed_everything
+from p3bkit.train.run import Checkpoints
 
 DEMO_FILES = ("dense.safetensors", "dense_checkpoint.pt", "finetune_checkpoint.pt", "prune", "pruned", "summary.json",
               "table.md", "dense", "export", "speed.json", "latency.json")  # what a demo writes
 
 
-@torch.inference_mode()
 def cpu_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], runs: int = 200) -> float:
-    """Median eager-torch latency at batch 1 (ms), after warm-up."""
-    model.eval()
-    x = torch.randn(1, *shape)
-    for _ in range(20):
-        model(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
+    """Median eager-torch latency at batch 1 (ms), after warm-up (the one timing harness)."""
+    import tempfile
+
+    from p3bkit.backends import get_backend
+    from p3bkit.backends.timing import median_ms
+
+    with tempfile.TemporaryDirectory(prefix="p3bkit-demo-") as tmp:
+        timed = get_backend("torch").time_module(model.eval(), torch.randn(1, *shape), Path(tmp), whole=False)
+        return median_ms(timed, runs)
+
+
+def _save_weights_atomic(model: torch.nn.Module, path: Path) -> None:
+    """The dense model's weights as safetensors, written to a temp file and renamed: a demo killed
+    while writing resumes from the previous stage, never from half a file."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
 
 
 def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: tuple[int, int, int] = (1, 6, 6),
@@ -66,12 +75,13 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     seed_everything(seed)  # the dense model's initialisation too: the demo reproduces run to run
     dense = create_model("digits-vit")
     ckpt = out_dir / "dense.safetensors"
+    ctx = DistContext()
     if resume and ckpt.is_file():
-        load_checkpoint(dense, ckpt)
+        load_weights(dense, ckpt)
     else:
         fit(dense, data, FitConfig(epochs=dense_epochs, lr=2e-3, seed=seed, progress=progress), desc="dense",
-            checkpointing=Checkpointing(out_dir / "dense_checkpoint.pt", resume, settings))
-        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, ckpt)
+            checkpoints=Checkpoints(out_dir / "dense_checkpoint.pt", settings, ctx), resume=resume)
+        _save_weights_atomic(dense, ckpt)
         (out_dir / "dense_checkpoint.pt").unlink(missing_ok=True)
     table = _latency_table(out_dir, resume, progress) if target_speedup else None
     job = PruneJob(out=str(out_dir / "prune"), model="digits-vit", checkpoint=str(ckpt), epochs=prune_epochs,
@@ -84,7 +94,7 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
         prune_summary = run_prune(job, resume=resume, force=True)
     pruned = load(out_dir / "prune" / "pruned")
     fit(pruned, data, FitConfig(epochs=finetune_epochs, lr=5e-4, warmup_epochs=0, seed=seed, progress=progress),
-        desc="finetune", checkpointing=Checkpointing(out_dir / "finetune_checkpoint.pt", resume, settings))
+        desc="finetune", checkpoints=Checkpoints(out_dir / "finetune_checkpoint.pt", settings, ctx), resume=resume)
     save(pruned, out_dir / "pruned")
     (out_dir / "finetune_checkpoint.pt").unlink(missing_ok=True)
     save(dense, out_dir / "dense")
@@ -94,34 +104,32 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
 
 def _latency_table(out_dir: Path, resume: bool, progress: bool) -> str:
     """out/latency.json: digits-vit's latency table on OpenVINO (onnxruntime without it), batch 1."""
-    from p3bkit.errors import BackendUnavailable
-    from p3bkit.latency_workflow import run_latency_table
+    from p3bkit.backends import default_table_backend, get_backend
+    from p3bkit.latency.job import run_latency_table
 
     path = out_dir / "latency.json"
     if resume and path.is_file():
         return str(path)
-    for backend in ("openvino", "onnxruntime"):
-        try:
-            run_latency_table("digits-vit", path, {"backend": backend, "progress": progress}, force=True)
-            return str(path)
-        except BackendUnavailable:
-            continue
-    raise P3BError("a latency budget needs onnxruntime or OpenVINO: pip install 'p3bkit[onnx]'")
+    backend = default_table_backend()  # the fastest CPU runtime installed here
+    if not get_backend(backend).format:
+        raise P3BError("a latency budget needs an exporting CPU runtime (onnxruntime or OpenVINO): "
+                       "pip install 'p3bkit[onnx]'")
+    run_latency_table("digits-vit", path, {"backend": backend, "progress": progress}, force=True)
+    return str(path)
 
 
 def speed_table(out_dir: Path, runs: int) -> dict:
     """Export the pruned model to each CPU runtime here, in fp32 and INT8 (calibrated on digits,
     behind the 1-point accuracy gate), and time every artefact against the dense model on all
     CPU runtimes (torch, onnxruntime plain and transformer-optimised, OpenVINO), interleaved."""
+    from p3bkit.backends import cpu_backends, get_backend
     from p3bkit.bench import BenchConfig, run_bench
-    from p3bkit.bench.runners import runtime_label
     from p3bkit.errors import BackendUnavailable
-    from p3bkit.exporters import artefact_name, export_model
-    from p3bkit.exporters.quantize import Int8Config
-    from p3bkit.exporters.registry import all_backends, get_backend
+    from p3bkit.export import artefact_name, export_model
+    from p3bkit.export.int8 import Int8Config
 
     refs, int8 = [str(out_dir / "dense"), str(out_dir / "pruned")], {}
-    cpu_formats = [b.format for b in all_backends() if b.format and b.device == "cpu"]  # onnx, openvino
+    cpu_formats = [b.format for b in cpu_backends() if b.format]  # onnx, openvino
     for fmt in cpu_formats:
         for precision in ("fp32", "int8"):
             folder = out_dir / "export" / (fmt if precision == "fp32" else f"{fmt}-int8")
@@ -140,10 +148,9 @@ def speed_table(out_dir: Path, runs: int) -> dict:
                 int8[get_backend(fmt).name] = rec.extra["int8"]
     report = run_bench(refs, cfg=BenchConfig(runs=runs, warmup=20, block=20), dense_baselines=True,
                        json_out=str(out_dir / "speed.json"))
-    rows = [{"name": r["name"], "backend": r["backend"], "precision": r["precision"],
+    rows = [{"name": r["name"], "backend": r["backend"], "runtime": r["runtime"], "precision": r["precision"],
              "median_ms": r["stats"]["median_ms"], "baseline": r["baseline"]} for r in report["results"]]
-    dense = {runtime_label(r["name"], r["backend"]): r["median_ms"]
-             for r in rows if r["baseline"]}
+    dense = {r["runtime"]: r["median_ms"] for r in rows if r["baseline"]}
     pruned = {f"{r['backend']} {r['precision']}": r["median_ms"] for r in rows if not r["baseline"]}
     return {"dense_ms": dense, "pruned_ms": pruned, "cpu": report["machine"]["cpu"], "int8": int8,
             "threads": report["machine"]["threads"], "protocol": report["protocol"], "runs": runs}

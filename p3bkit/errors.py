@@ -28,3 +28,13 @@ class BackendUnavailable(P3BError):
 
 class DataError(P3BError):
     """Missing or malformed data."""
+
+
+class Interrupted(P3BError):
+    """SIGTERM/SIGINT during a run: a checkpoint was written, `--resume` continues."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error (`--debug` shows the rest)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

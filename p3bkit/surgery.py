@@ -1,10 +1,11 @@
 """Surgery: hard masks → a dense, smaller model that computes exactly the hard-masked function.
 
-DESIGN.md §2. A gate element is kept when its mask is ≥ 0.5. `round_to=k` rounds every kept
+A gate element is kept when its mask is ≥ 0.5. `round_to=k` rounds every kept
 width up to a multiple of k (hardware-friendly GEMMs) by also keeping the next most important
 elements, ranked by mask value, then by weight magnitude. Each branch reads and writes residual
 channels either with index ops (gather / index_add) or, where a cost model says so, by folding
-the channel selection into zero weight columns/rows (`io_mode`, DESIGN.md §6).
+the channel selection into zero weight columns/rows (`io_mode`): backends run a Gather or
+ScatterND on the residual stream slower than the few extra GEMM columns when most channels are kept.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def harden_masks(gated: GatedViT, arch: PrunedArch) -> None:
 def apply_surgery(gated: GatedViT, round_to: int = 1, io_mode: IoMode = "auto") -> nn.Module:
     """Build the dense pruned model from `gated`'s hard masks (the gated model is left intact).
 
-    The result is a plain timm ViT whose blocks are `PrunedBlock`s, in eval mode, carrying its
+    The result is a plain timm ViT whose blocks are `PrunedLayer`s, in eval mode, carrying its
     `PrunedArch` as `p3b_arch` so that `p3bkit.save` can write it.
     """
     arch = masks_to_arch(gated, round_to, io_mode)

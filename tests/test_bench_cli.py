@@ -6,8 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from p3bkit.bench.harness import PRESETS, BenchConfig, benchmark, latency_stats
-from p3bkit.bench.runners import Prepared
+from p3bkit.backends.timing import DEVICE_PRESETS, BenchConfig, Timed, latency_stats, time_interleaved
 from p3bkit.cli import main
 
 
@@ -16,19 +15,19 @@ def test_latency_stats_hand_values():
     assert s["median_ms"] == 2.5 and s["mean_ms"] == 2.5 and s["runs"] == 4
     assert s["images_per_s"] == pytest.approx(8 / 0.0025)  # from the median, like the speedups
     assert s["images_per_s_mean"] == pytest.approx(8 * 4 / 0.010)
-    assert PRESETS["cpu"]["batch"] == 1 and PRESETS["gpu"]["batch"] == 1024
+    assert DEVICE_PRESETS["cpu"]["batch"] == 1 and DEVICE_PRESETS["gpu"]["batch"] == 1024
 
 
 def test_models_are_interleaved_and_duration_stops():
     calls: list[str] = []
-    models = [Prepared(n, "fake", lambda n=n: calls.append(n)) for n in "ab"]
-    res = benchmark(models, 1, BenchConfig(runs=3, warmup=0, warmup_seconds=0, block=1, block_warmup=0))
-    assert calls == list("ababab") and all(len(r.latencies_ms) == 3 for r in res)
+    models = [Timed(n, "fake", lambda n=n: calls.append(n)) for n in "ab"]
+    res = time_interleaved(models, BenchConfig(runs=3, warmup=0, warmup_seconds=0, block=1, block_warmup=0))
+    assert calls == list("ababab") and all(len(r) == 3 for r in res)
     calls.clear()
-    res = benchmark(models, 1, BenchConfig(runs=4, warmup=0, warmup_seconds=0, block=2, block_warmup=1))
-    assert calls == list("aaabbbaaabbb") and all(len(r.latencies_ms) == 4 for r in res)
-    res = benchmark(models, 1, BenchConfig(runs=10**6, duration=0.01, warmup=0, warmup_seconds=0))
-    assert len(res[0].latencies_ms) < 10**6
+    res = time_interleaved(models, BenchConfig(runs=4, warmup=0, warmup_seconds=0, block=2, block_warmup=1))
+    assert calls == list("aaabbbaaabbb") and all(len(r) == 4 for r in res)
+    res = time_interleaved(models, BenchConfig(runs=10**6, duration=0.01, warmup=0, warmup_seconds=0))
+    assert len(res[0]) < 10**6
 
 
 def test_bench_json_schema(tmp_path, pruned_folder):

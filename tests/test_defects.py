@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from p3bkit.cli import main
-from p3bkit.train.data import resolve_augment, train_transform
+from p3bkit.data.transforms import resolve_augment, train_transform
 
 
 def test_deit_augmentation_never_crashes_at_its_top_magnitude():
@@ -44,8 +44,8 @@ def test_every_command_runs_as_a_module():
 
 
 def test_surgery_is_checked_with_rounded_widths(tmp_path):
-    from p3bkit.prune.engine import P3BConfig
-    from p3bkit.workflows import PruneJob, run_prune
+    from p3bkit.prune.pruner import P3BConfig
+    from p3bkit.prune.job import PruneJob, run_prune
 
     s = run_prune(PruneJob(out=str(tmp_path / "r"), epochs=(0, 1, 1), round_to=8, progress=False,
                            p3b=P3BConfig(keep=0.4, update_every=5)))

@@ -9,10 +9,13 @@ import torch
 from conftest import tiny_model
 
 import p3bkit
-from p3bkit.models.cost import BlockWidths, block_params
-from p3bkit.prune.budget import allocate_keep_ratios, block_importance, gamma, ramp
-from p3bkit.prune.engine import P3BConfig, P3BPruner
-from p3bkit.prune.masks import kept_cost_curve, normalised_ranks, soft_mask_values, threshold_count
+from p3bkit.models.cost import BranchWidths, branch_params
+from p3bkit.prune.allocation import allocate_keep_ratios, ramp
+from p3bkit.prune.importance import block_importance, gamma
+from p3bkit.prune.pruner import P3BConfig, P3BPruner
+from p3bkit.prune.costs import kept_cost_curve
+from p3bkit.prune.importance import normalised_ranks
+from p3bkit.prune.masks import soft_mask_values, threshold_count
 from p3bkit.prune.schedule import Schedule
 
 
@@ -61,7 +64,7 @@ def test_ranks_and_threshold_search_meet_cost():
     order = torch.cat([torch.zeros(48), torch.ones(192), 2 * torch.ones(48)]).long()[torch.randperm(288, generator=gen)]
     full = {"in": 48, "hidden": 192, "out": 48}
     cost = kept_cost_curve(order, names, "mlp", 1, (True, True), full)
-    assert cost[-1] == block_params(BlockWidths("mlp", 48, 192, 48), 1, True, True)
+    assert cost[-1] == branch_params(BranchWidths("mlp", 48, 192, 48), 1, True, True)
     target = 0.37 * float(cost[-1])
     k = threshold_count(cost, target)
     step = max(float(cost[k] - cost[k - 1]), float(cost[k + 1] - cost[k]))
@@ -94,7 +97,7 @@ def test_pruned_element_comes_back_when_kappa_rises():
     gate = pr.gated.gates["blocks.0.mlp.hidden"]
     off = (gate.mask < 0.5).nonzero().flatten()
     assert len(off) > 0
-    pr.cfg.keep_ratios = [1.0] * 6
+    pr.allocation.keep_ratios = [1.0] * 6  # the handcrafted allocation, raised
     pr.train_step(x, y)
     pr.step.fill_(pr.schedule.total)
     pr.update_masks()
@@ -102,7 +105,7 @@ def test_pruned_element_comes_back_when_kappa_rises():
 
 
 def test_prune_end_to_end_meets_keep_and_resumes(tmp_path):
-    from p3bkit.workflows import PruneJob, run_prune
+    from p3bkit.prune.job import PruneJob, run_prune
 
     cfg = P3BConfig(keep=0.4, update_every=5)
     full = run_prune(PruneJob(out=str(tmp_path / "a"), epochs=(1, 1, 1), progress=False, p3b=cfg))

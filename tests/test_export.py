@@ -9,7 +9,7 @@ from conftest import random_masks, tiny_model
 
 import p3bkit
 from p3bkit.cli import main
-from p3bkit.exporters import export_model
+from p3bkit.export import export_model
 from p3bkit.surgery import apply_surgery
 
 pytest.importorskip("onnxruntime")
@@ -50,7 +50,7 @@ def test_corrupted_artefact_fails_and_leaves_nothing(pruned_folder, tmp_path, mo
     import onnx
     import onnx.numpy_helper as nh
 
-    import p3bkit.exporters.onnx as onnx_exporter
+    import p3bkit.backends.onnx as onnx_exporter
 
     real = onnx_exporter.export_onnx
 
@@ -74,7 +74,7 @@ def test_failed_export_keeps_previous_artefact(pruned_folder, tmp_path, monkeypa
     out = tmp_path / "o"
     export_model(str(pruned_folder), "onnx", out)
     before = (out / "model.onnx").read_bytes()
-    import p3bkit.exporters.verify as verify
+    import p3bkit.export.verify as verify
 
     monkeypatch.setattr(verify, "verify_runner", lambda *a, **kw: (_ for _ in ()).throw(
         p3bkit.errors.ToleranceError("forced")))
@@ -97,8 +97,8 @@ def test_trt_export_fails_fast_without_tensorrt(pruned_folder, tmp_path):
 
 def test_trt_graph_preparation(pruned_folder, tmp_path):
     from p3bkit.errors import ExportError
-    from p3bkit.exporters.tensorrt import TrtProfile, precision_plan
-    from p3bkit.exporters.trt_ops import check_trt_ops
+    from p3bkit.backends.tensorrt import TrtProfile, precision_plan
+    from p3bkit.backends.tensorrt import check_trt_ops
 
     export_model(str(pruned_folder), "onnx", tmp_path / "s", write_op="scatter")
     with pytest.raises(ExportError, match=r"ScatterND\(reduction\)"):

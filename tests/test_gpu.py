@@ -8,8 +8,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_prune_on_cuda_is_exact_after_surgery(tmp_path):
-    from p3bkit.prune.engine import P3BConfig
-    from p3bkit.workflows import PruneJob, run_prune
+    from p3bkit.prune.pruner import P3BConfig
+    from p3bkit.prune.job import PruneJob, run_prune
 
     s = run_prune(PruneJob(out=str(tmp_path / "run"), epochs=(0, 1, 1), device="cuda", progress=False,
                            p3b=P3BConfig(keep=0.5, update_every=5)))
@@ -27,7 +27,7 @@ def test_gpu_bench_preset_uses_batch_1024():
 
 def test_tensorrt_engine_matches_torch(tmp_path):
     pytest.importorskip("tensorrt")
-    from p3bkit.exporters import export_model
+    from p3bkit.export import export_model
 
     rec = export_model("digits-vit", "trt", tmp_path / "trt", trt_profile=(1, 4, 8))
     assert rec.verified and (tmp_path / "trt" / "model.plan").is_file()
@@ -38,8 +38,8 @@ def test_tensorrt_engine_matches_torch(tmp_path):
 def test_tensorrt_int8_engine_passes_the_gate(tmp_path):
     """TensorRT INT8 by explicit quantization: the calibrated Q/DQ graph built with the INT8 flag."""
     pytest.importorskip("tensorrt")
-    from p3bkit.exporters import export_model
-    from p3bkit.exporters.quantize import Int8Config
+    from p3bkit.export import export_model
+    from p3bkit.export.int8 import Int8Config
 
     rec = export_model("digits-vit", "trt", tmp_path / "trt8", precision="int8", trt_profile=(1, 64, 64),
                        verify=False, int8=Int8Config("digits", 64, max_drop=100.0))  # random init

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from p3bkit.cli import main
 from p3bkit.errors import P3BError
-from p3bkit.exporters.registry import PRECISIONS, formats, get_backend, runtimes
+from p3bkit.backends import PRECISIONS, formats, get_backend, runtimes
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 
@@ -133,15 +133,15 @@ def test_layer_errors_rank_quantised_nodes(user_model, tmp_path):
     """The onnxruntime remedy's ranking: every quantised node gets a finite added error."""
     import numpy as np
 
-    from p3bkit.exporters.onnx import export_onnx
-    from p3bkit.exporters.quantize import _ort_quantize, layer_errors
+    from p3bkit.backends.onnx import export_onnx
+    from p3bkit.backends.onnxruntime import layer_errors, quantize_static_qdq
     from p3bkit.models.factory import create_model
 
     root, _ = user_model
     model = create_model(str(root / "model")).eval()
     export_onnx(model, tmp_path / "f.onnx", (3, 32, 32))
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
-    _ort_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", [x], [])
+    quantize_static_qdq(tmp_path / "f.onnx", tmp_path / "q.onnx", [x], [])
     errs = layer_errors(tmp_path / "f.onnx", tmp_path / "q.onnx", x)
     assert len(errs) >= 2 * 4 and all(np.isfinite(v) for v in errs.values())
     assert max(errs.values()) > 0
@@ -166,8 +166,7 @@ def test_calibration_flags_need_int8(tmp_path):
 
 def test_cli_choices_come_from_the_registry():
     from p3bkit.cli import bench, export
-    from p3bkit.cli_latency import latency_table
-    from p3bkit.cli_user import eval_
+    from p3bkit.cli import eval_, latency_table
 
     def choices(cmd, name):
         return list(next(p for p in cmd.params if p.name == name).type.choices)
@@ -183,7 +182,7 @@ def test_cli_choices_come_from_the_registry():
 def test_every_runner_honours_a_precision_or_refuses_it():
     """For each registered runtime × precision: bench either runs at exactly that precision or says
     why not; nothing is silently coerced."""
-    from p3bkit.bench.runners import prepare
+    from p3bkit.bench.prepare import prepare
 
     cuda = torch.cuda.is_available()
     honoured = {}
@@ -209,7 +208,7 @@ def test_every_runner_honours_a_precision_or_refuses_it():
 def test_openvino_bf16_is_honoured_only_where_the_cpu_has_it():
     import openvino as ov
 
-    from p3bkit.exporters.registry import PrecisionError
+    from p3bkit.backends import PrecisionError
 
     has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     backend = get_backend("openvino")
@@ -223,11 +222,11 @@ def test_openvino_bf16_is_honoured_only_where_the_cpu_has_it():
 def test_a_new_backend_is_one_registered_class(tmp_path):
     """An onnxruntime variant with its own name, suffix and write op: export, record, verify,
     eval and bench all go through the registry without other changes."""
-    from p3bkit.bench.runners import prepare
-    from p3bkit.evaluate import run_eval
-    from p3bkit.exporters import export_model
-    from p3bkit.exporters import registry
-    from p3bkit.exporters.backends import OnnxRuntimeBackend
+    from p3bkit.bench.prepare import prepare
+    from p3bkit.export.accuracy import run_eval
+    from p3bkit.export import export_model
+    from p3bkit.backends import registry
+    from p3bkit.backends.onnxruntime import OnnxRuntimeBackend
 
     @registry.register
     class OrtGather(OnnxRuntimeBackend):

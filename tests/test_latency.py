@@ -9,11 +9,11 @@ import pytest
 import timm
 from click.testing import CliRunner
 
-from p3bkit.bench.latency_check import validate_table
-from p3bkit.bench.latency_table import TableConfig, calibrate, measure_latency_table
+from p3bkit.latency.check import validate_table
+from p3bkit.latency.measure import TableConfig, calibrate, measure_latency_table
 from p3bkit.cli import main
 from p3bkit.errors import P3BError
-from p3bkit.models.latency import LatencyTable
+from p3bkit.latency.table import LatencyTable
 
 QUICK = dict(head_dim_step=4, hidden_step=64, runs=5, calibration=3, progress=False, threads=1)
 

@@ -12,9 +12,10 @@ from conftest import digit_image_folder, tiny_model
 import p3bkit
 from p3bkit.cli import main
 from p3bkit.errors import P3BError
-from p3bkit.prune.budget import block_keep_ratio, token_importance
-from p3bkit.prune.engine import P3BConfig, P3BPruner
-from p3bkit.prune.masks import normalised_ranks
+from p3bkit.prune.costs import block_keep_ratio
+from p3bkit.prune.importance import token_importance
+from p3bkit.prune.pruner import P3BConfig, P3BPruner
+from p3bkit.prune.importance import normalised_ranks
 from p3bkit.prune.recipes import RECIPES, resolve_recipe
 from p3bkit.prune.schedule import Schedule
 
@@ -155,7 +156,7 @@ def test_cli_paper_recipe_total_budget(tmp_path):
 
 
 def test_mixup_is_applied_while_pruning_an_image_folder(tmp_path):
-    from p3bkit.workflows import PruneJob, run_prune
+    from p3bkit.prune.job import PruneJob, run_prune
 
     data = digit_image_folder(tmp_path / "data", classes=3)
     kw = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 3}

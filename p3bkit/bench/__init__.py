@@ -1,42 +1,41 @@
-"""Throughput harness: runners per backend, interleaved timing, comparison tables and plots."""
+"""`p3bkit bench`: models timed interleaved in one process, on any registered backend.
+
+Speedups are relative to the first model (the dense baseline); `dense_baselines` also times it on
+every CPU runtime here and adds each model's speedup against the fastest; a latency table adds
+its prediction. The timing itself is the one harness (`p3bkit.backends.timing`).
+"""
 from __future__ import annotations
 
 import shutil
 import tempfile
 from pathlib import Path
 
-from p3bkit.bench.harness import (
-    PRESETS,
-    BenchConfig,
-    BenchResult,
-    benchmark,
-    compare_table,
-    results_json,
-    timing_warnings,
-)
-from p3bkit.bench.runners import prepare, runtime_label
+from p3bkit.backends.timing import DEVICE_PRESETS, BenchConfig, latency_stats, time_interleaved
+from p3bkit.bench.report import BenchResult, compare_table, results_json, timing_warnings
+from p3bkit.errors import P3BError
 from p3bkit.fileio import write_json_atomic
 
-# written into every report: how the numbers were taken (issue 12, "honest speedups")
+# written into every report: how the numbers were taken
 PROTOCOL = ("all models in one process, timed round-robin in blocks with untimed lead-in runs; onnxruntime "
             "intra-op threads do not spin (session.intra_op.allow_spinning=0); median latency")
 
-__all__ = ["BenchConfig", "BenchResult", "PRESETS", "benchmark", "compare_table", "run_bench"]
+__all__ = ["BenchConfig", "BenchResult", "compare_table", "run_bench"]
 
 
-def _flops(ref: str) -> int | None:
+def _flops(ref: str, notes: list[str]) -> int | None:
+    """FLOPs of the model behind `ref`; None (and a note why) when it cannot be rebuilt here."""
     from p3bkit.models.factory import create_model
     from p3bkit.models.report import describe
 
     try:
         return describe(create_model(ref))["flops"]
-    except Exception:  # an artefact whose source model is not rebuildable here: no FLOP ratio
+    except P3BError as exc:  # e.g. an artefact without its export record: its source is unknown
+        notes.append(f"no FLOP ratio for {ref}: {exc}")
         return None
 
 
 def _architecture(ref: str) -> str | None:
     """The timm architecture behind a model reference (None for artefacts it cannot tell)."""
-    from p3bkit.errors import P3BError
     from p3bkit.models.arch import ARCH_FILE, read_arch
     from p3bkit.models.factory import resolve_source
 
@@ -50,25 +49,24 @@ def _architecture(ref: str) -> str | None:
 
 def _layers(ref: str) -> list[dict] | None:
     """Pruned layers behind a model reference (a pruned folder or an artefact exported from one)."""
-    from p3bkit.exporters.registry import read_record
+    from p3bkit.export.records import source_of
     from p3bkit.models.arch import ARCH_FILE, read_arch
 
-    ref = read_record(ref).get("source", ref)
+    ref = source_of(ref)
     return read_arch(ref).layers if (Path(ref) / ARCH_FILE).is_file() else None
 
 
-def _predictions(prepared, results, table_path: str, threads: int | None) -> None:
+def _predictions(timed, results, table_path: str, threads: int | None) -> None:
     """The latency table's prediction for every model run on the table's runtime (batch)."""
-    from p3bkit.bench.harness import machine_info
-    from p3bkit.errors import P3BError
-    from p3bkit.models.latency import LatencyTable
+    from p3bkit.backends import machine_info
+    from p3bkit.latency.table import LatencyTable
 
     table = LatencyTable.load(table_path)
     table.check_machine(machine_info(threads))
-    for p, r in zip(prepared, results):
-        if runtime_label(p.name, r.backend) == table.backend and r.batch == table.batch:
+    for t, r in zip(timed, results):
+        if t.runtime == table.backend and r.batch == table.batch:
             try:
-                r.predicted_ms = table.predict(_layers(p.source or p.name))
+                r.predicted_ms = table.predict(_layers(t.source or t.name))
             except P3BError:  # another model, or one the table does not model (--structure full): no column value
                 r.predicted_ms = None
 
@@ -79,38 +77,42 @@ def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", 
               latency_table: str | list[str] | None = None) -> dict:
     """Benchmark models interleaved; returns the JSON-able report (also written to `json_out`).
 
+    `device`: cpu (batch 1) or cuda[:N] / gpu (batch 1024, the paper's protocol) unless `batch`.
     `dense_baselines`: also time the first model (the dense one) on every CPU runtime here, and
     report each model's speedup against the fastest. `latency_table`: add the prediction of the
     table (or tables, one per runtime) for the models run on its runtime.
     """
-    from p3bkit.bench.runners import dense_baselines as baselines_of
-    from p3bkit.errors import P3BError
+    from p3bkit.bench.prepare import dense_baselines as baselines_of
+    from p3bkit.bench.prepare import prepare
 
     cfg = cfg or BenchConfig()
-    dev = PRESETS[device] if device in PRESETS else {"batch": 1, "device": device}
-    batch = batch or dev["batch"]
-    if dense_baselines and dev["device"] != "cpu":
+    device = "cuda" if device == "gpu" else device
+    preset = DEVICE_PRESETS["gpu" if device.startswith("cuda") else "cpu"]
+    batch = batch or preset["batch"]
+    if dense_baselines and device != "cpu":
         raise P3BError("--dense-baselines compares CPU runtimes: use --device cpu")
     workdir = Path(tempfile.mkdtemp(prefix="p3bkit-bench-"))
+    notes: list[str] = []
     try:  # models exported on the fly live in workdir only while they are measured
-        prepared = [prepare(r, backend, batch, dev["device"], precision, cfg.threads, workdir, compile) for r in refs]
-        extra = baselines_of(prepared[0].source or refs[0], batch, cfg.threads, workdir, prepared[0].backend) \
+        timed = [prepare(r, backend, batch, device, precision, cfg.threads, workdir, compile) for r in refs]
+        extra = baselines_of(timed[0].source or refs[0], batch, cfg.threads, workdir, timed[0].backend) \
             if dense_baselines else []
-        results = benchmark(prepared + extra, batch, cfg)
-        for i, (p, r) in enumerate(zip(prepared + extra, results)):
-            r.flops = _flops(p.source or p.name)
-            r.precision = p.precision
-            r.baseline = i >= len(prepared) or (dense_baselines and i == 0)
+        lat = time_interleaved(timed + extra, cfg)
+        results = [BenchResult(t.name, t.backend, batch, ms, latency_stats(ms, batch), _flops(t.source or t.name, notes),
+                               t.precision, baseline=i >= len(timed) or (dense_baselines and i == 0))
+                   for i, (t, ms) in enumerate(zip(timed + extra, lat))]
         for table in [latency_table] if isinstance(latency_table, str) else latency_table or []:
-            _predictions(prepared + extra, results, table, cfg.threads)
-        report = results_json(results, cfg, {"device": dev["device"], "precision": precision or "as exported",
+            _predictions(timed + extra, results, table, cfg.threads)
+        report = results_json(results, cfg, {"device": device, "precision": precision or "as exported",
                                              "protocol": PROTOCOL})
+        for r, t in zip(report["results"], timed + extra):
+            r["runtime"] = t.runtime
         report["table"] = compare_table(results)
-        n = len(prepared)  # the dense baselines are other runtimes on purpose: only their noise is worth a warning
-        report["warnings"] = timing_warnings(results[:n], [_architecture(p.source or p.name) for p in prepared]) + [
-            w for w in timing_warnings(results[n:], []) if "noisy" in w]
+        n = len(timed)  # the dense baselines are other runtimes on purpose: only their noise is worth a warning
+        report["warnings"] = timing_warnings(results[:n], [_architecture(t.source or t.name) for t in timed]) + [
+            w for w in timing_warnings(results[n:], []) if "noisy" in w] + notes
         if profile:
-            report["profile"] = {p.name: p.profile(min(cfg.runs, 50)) if p.profile else {} for p in prepared}
+            report["profile"] = {t.name: t.profile(min(cfg.runs, 50)) if t.profile else {} for t in timed}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if json_out:

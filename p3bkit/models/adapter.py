@@ -1,6 +1,6 @@
 """Accept timm Vision Transformers built from stock `Block`/`Attention`/`Mlp`, refuse the rest.
 
-DESIGN.md §2: P3B prunes inside the Attention and MLP blocks of a ViT; this module checks that a
+P3B prunes inside the Attention and MLP branches of a ViT's layers; this module checks that a
 model has exactly the structure the gates and the surgery assume, and reads its dimensions. An
 attention-pool head (`global_pool="map"`, SigLIP-style) sits after the blocks and is kept whole.
 """

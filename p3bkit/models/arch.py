@@ -1,4 +1,4 @@
-"""Pruned models as plain data: `arch.json` + `model.safetensors` (DESIGN.md §1).
+"""Pruned models as plain data: `arch.json` + `model.safetensors`.
 
 Loading follows timm's `build_model_with_cfg` for pruned variants: create the stock model with
 `pretrained=False` → apply the architecture file → `load_state_dict(strict=True)`. Nothing is
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from p3bkit.errors import ArchError
 from p3bkit.models.adapter import ViTSpec, inspect_vit
-from p3bkit.models.pruned import PrunedBlock, build_attn_branch, build_mlp_branch
+from p3bkit.models.pruned import PrunedLayer, build_attn_branch, build_mlp_branch
 
 SCHEMA_VERSION = 1
 ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
@@ -89,7 +89,7 @@ def apply_arch(model: nn.Module, arch: PrunedArch, spec: ViTSpec | None = None) 
         _check_ranges(i, layer, spec)
         attn = build_attn_branch(blk, blk.attn, layer["attn"], spec.dim) if layer["attn"] else nn.Identity()
         mlp = build_mlp_branch(blk, blk.mlp, layer["mlp"], spec.dim) if layer["mlp"] else nn.Identity()
-        model.blocks[i] = PrunedBlock(attn, mlp)
+        model.blocks[i] = PrunedLayer(attn, mlp)
     model.p3b_arch = arch
     return model
 

@@ -1,22 +1,22 @@
-"""Parameter and FLOP counts of Attention and MLP blocks as functions of their kept widths.
+"""Parameter and FLOP counts of Attention and MLP branches as functions of their kept widths.
 
-The P3B budget (Appendix A) is measured in block parameters |w_i|; the same formulas give the
-ideal speedup (FLOP ratio) the bench compares against. FLOPs follow the fvcore convention used
-by DeiT and the paper: one multiply-add counts as one FLOP.
+The P3B budget (Appendix A) is measured in branch ("block" in the paper) parameters |w_i|; the
+same formulas give the ideal speedup (FLOP ratio) the bench compares against. FLOPs follow the
+fvcore convention used by DeiT and the paper: one multiply-add counts as one FLOP.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-BlockKind = Literal["attn", "mlp"]
+BranchKind = Literal["attn", "mlp"]
 
 
 @dataclass(frozen=True)
-class BlockWidths:
-    """Kept widths of one block: input channels, inner width, output channels."""
+class BranchWidths:
+    """Kept widths of one branch: input channels, inner width, output channels."""
 
-    kind: BlockKind
+    kind: BranchKind
     c_in: int
     inner: int  # head dims (per head) for attention, hidden units for the MLP
     c_out: int
@@ -26,8 +26,8 @@ class BlockWidths:
         return min(self.c_in, self.inner, self.c_out) == 0
 
 
-def block_params(w: BlockWidths, num_heads: int, bias_in: bool, bias_out: bool):
-    """Parameters of the block's Linear layers (an emptied block has none).
+def branch_params(w: BranchWidths, num_heads: int, bias_in: bool, bias_out: bool):
+    """Parameters of the branch's Linear layers (an emptied branch has none).
 
     Works elementwise when the widths are integer tensors (a cost curve over many k at once).
     """
@@ -37,8 +37,8 @@ def block_params(w: BlockWidths, num_heads: int, bias_in: bool, bias_out: bool):
     return params * (w.c_in > 0) * (w.inner > 0) * (w.c_out > 0)
 
 
-def block_flops(w: BlockWidths, num_heads: int, num_tokens: int) -> int:
-    """Multiply-adds of one block for one image (linear layers + attention matmuls)."""
+def branch_flops(w: BranchWidths, num_heads: int, num_tokens: int) -> int:
+    """Multiply-adds of one branch for one image (linear layers + attention matmuls)."""
     if w.empty:
         return 0
     n = num_tokens

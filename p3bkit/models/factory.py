@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from p3bkit.errors import ArchError
 from p3bkit.models.arch import ARCH_FILE, ModelSource, create_stock_model, load
-from p3bkit.models.presets import PRESETS
+from p3bkit.models.presets import MODEL_PRESETS
 
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".onnx", ".xml", ".plan", ".engine")
 
@@ -32,17 +32,17 @@ def resolve_source(name: str, **kwargs) -> ModelSource:
     import timm
 
     check_model_kwargs(kwargs)
-    if name in PRESETS:
-        base = PRESETS[name]
+    if name in MODEL_PRESETS:
+        base = MODEL_PRESETS[name]
         return ModelSource(base.name, {**base.kwargs, **kwargs})
     if not timm.is_model(name):
-        raise ArchError(f"unknown model {name!r}: not a p3bkit preset ({', '.join(PRESETS)}), "
+        raise ArchError(f"unknown model {name!r}: not a p3bkit preset ({', '.join(MODEL_PRESETS)}), "
                         "a timm model name or a pruned model folder")
     return ModelSource(name, dict(kwargs))
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local checkpoint (.safetensors, or a torch file read with weights_only=True)."""
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local weights file strictly (.safetensors, or a torch file read with weights_only=True)."""
     path = Path(path)
     if not path.is_file():
         raise ArchError(f"checkpoint {path} does not exist")
@@ -111,5 +111,20 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | None = N
                                overlay=overlay)
     inspect_vit(model)  # refuse what p3bkit cannot prune, export or measure, before any work
     if checkpoint:
-        load_checkpoint(model, checkpoint)
+        load_weights(model, checkpoint)
+    return model
+
+
+def build_user_model(name: str, pretrained: bool = False, pretrained_file: str | None = None,
+                     checkpoint: str | None = None, kwargs: dict | None = None, say=None) -> nn.Module:
+    """`create_model` for a command's --model and its options, saying (through `say`) when a
+    pretrained classifier was dropped for another class count."""
+    kwargs = kwargs or {}
+    if (Path(name) / ARCH_FILE).is_file() and kwargs:
+        raise ArchError(f"{name} is a saved model: its constructor arguments are fixed ({', '.join(kwargs)} given)")
+    model = create_model(name, pretrained=pretrained, checkpoint=checkpoint, pretrained_file=pretrained_file, **kwargs)
+    rows = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    if say is not None and pretrained_file and rows and rows != model.num_classes:
+        say(f"note: {pretrained_file} has a {rows}-class classifier; the model's {model.num_classes}-class "
+            "classifier starts from random weights (everything else is loaded)")
     return model

@@ -1,4 +1,4 @@
-"""Gates: multiplicative masks on every prunable axis of a timm ViT (DESIGN.md §2).
+"""Gates: multiplicative masks on every prunable axis of a timm ViT.
 
 A gate multiplies an activation by its `mask` buffer along the last axis. The six gates of a
 layer are placed so that a hard mask is exactly equivalent to deleting rows/columns of the
@@ -19,7 +19,7 @@ from timm.layers.attention import Attention
 
 from p3bkit.errors import ArchError
 from p3bkit.models.adapter import ViTSpec, inspect_vit
-from p3bkit.models.cost import BlockWidths
+from p3bkit.models.cost import BranchWidths
 
 Structure = Literal["full", "inner"]
 STRUCTURE_GATES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -62,11 +62,15 @@ class Gate(nn.Module):
         """
         return self.grad_sum / self.score_count.clamp(min=1)
 
+    def record(self, score: torch.Tensor, grad_sq: torch.Tensor) -> None:
+        """Add one step's Taylor scores (m·∂L/∂m)² and squared mask gradients (∂L/∂m)²."""
+        self.score_sum += score
+        self.grad_sum += grad_sq
+        self.score_count += 1
+
     def _accumulate(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         dl_dm = (grad.float() * x.float()).flatten(0, -2).sum(0)
-        self.score_sum += (self.mask * dl_dm).pow(2)
-        self.grad_sum += dl_dm.pow(2)
-        self.score_count += 1
+        self.record((self.mask * dl_dm).pow(2), dl_dm.pow(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x * self.mask.to(x.dtype)
@@ -118,10 +122,10 @@ class GatedAttention(nn.Module):
         head = (red(q, (0, 2)) + red(p, (0, 1))) / (2 if mean else 1)
         return {"in": red(self.qkv.weight.pow(2), 0), "head_dim": head, "out": red(self.proj.weight.pow(2), 1)}
 
-    def widths(self) -> BlockWidths:
+    def widths(self) -> BranchWidths:
         c_in = self.gate_in.kept() if isinstance(self.gate_in, Gate) else self.qkv.in_features
         c_out = self.gate_out.kept() if isinstance(self.gate_out, Gate) else self.proj.out_features
-        return BlockWidths("attn", c_in, self.gate_head_dim.kept(), c_out)
+        return BranchWidths("attn", c_in, self.gate_head_dim.kept(), c_out)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
@@ -164,10 +168,10 @@ class GatedMlp(nn.Module):
         hidden = (red(w1, 1) + red(w2, 0)) / (2 if mean else 1)
         return {"in": red(w1, 0), "hidden": hidden, "out": red(w2, 1)}
 
-    def widths(self) -> BlockWidths:
+    def widths(self) -> BranchWidths:
         c_in = self.gate_in.kept() if isinstance(self.gate_in, Gate) else self.fc1.in_features
         c_out = self.gate_out.kept() if isinstance(self.gate_out, Gate) else self.fc2.out_features
-        return BlockWidths("mlp", c_in, self.gate_hidden.kept(), c_out)
+        return BranchWidths("mlp", c_in, self.gate_hidden.kept(), c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alive = _alive(self.gates(), x.dtype)  # an emptied block adds nothing to the residual

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from p3bkit.models.arch import ModelSource
 
-PRESETS: dict[str, ModelSource] = {
+MODEL_PRESETS: dict[str, ModelSource] = {
     # 16×16 grayscale digits, 4×4 patches → 16 tokens, avg pool, ~0.2M parameters
     "digits-vit": ModelSource("vit_tiny_patch16_224", {
         "img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64,

@@ -3,7 +3,8 @@
 A pruned branch reads the kept residual channels (`ChannelGather`, or the full stream when the
 selection is folded into zero weight columns), runs a stock timm `Attention(dim, num_heads,
 attn_head_dim, dim_out)` or `Mlp(in, hidden, out)` and writes its output back into the kept
-residual channels (`IndexAddWrite`, or a plain residual add when folded). DESIGN.md §2 and §6.
+residual channels (`IndexAddWrite`, or a plain residual add when folded). A transformer layer of
+pruned branches is a `PrunedLayer`; an emptied branch is `nn.Identity`.
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ class PrunedBranch(nn.Module):
         return self.write(x, self.drop_path(self.ls(self.fn(self.read(self.norm(x))))))
 
 
-class PrunedBlock(nn.Module):
-    """A transformer layer whose branches were pruned; an emptied branch is `nn.Identity`."""
+class PrunedLayer(nn.Module):
+    """A transformer layer (timm Block) whose branches were pruned; an emptied branch is `nn.Identity`."""
 
     def __init__(self, attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()

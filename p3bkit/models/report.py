@@ -3,22 +3,22 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from p3bkit.models.cost import BlockWidths, block_flops, block_params
+from p3bkit.models.cost import BranchWidths, branch_flops, branch_params
 from p3bkit.models.gates import GatedViT
-from p3bkit.models.pruned import PrunedBlock
+from p3bkit.models.pruned import PrunedLayer
 
 
-def _branch_widths(branch: nn.Module, kind: str) -> BlockWidths:
+def _branch_widths(branch: nn.Module, kind: str) -> BranchWidths:
     """Widths as computed (a folded read/write counts the full residual width)."""
     if isinstance(branch, nn.Identity):
-        return BlockWidths(kind, 0, 0, 0)
+        return BranchWidths(kind, 0, 0, 0)
     fn = getattr(branch, "fn", branch)
     if kind == "attn":
-        return BlockWidths(kind, fn.qkv.in_features, fn.head_dim, fn.proj.out_features)
-    return BlockWidths(kind, fn.fc1.in_features, fn.fc1.out_features, fn.fc2.out_features)
+        return BranchWidths(kind, fn.qkv.in_features, fn.head_dim, fn.proj.out_features)
+    return BranchWidths(kind, fn.fc1.in_features, fn.fc1.out_features, fn.fc2.out_features)
 
 
-def block_widths(model: nn.Module) -> list[BlockWidths]:
+def block_widths(model: nn.Module) -> list[BranchWidths]:
     """Widths of the 2·depth blocks in forward order (hard-mask counts for a gated model)."""
     if isinstance(model, GatedViT):
         return [b.widths() for _, b in model.branches()]
@@ -31,18 +31,18 @@ def block_widths(model: nn.Module) -> list[BlockWidths]:
 def _heads(model: nn.Module) -> int:
     inner = model.model if isinstance(model, GatedViT) else model
     for blk in inner.blocks:
-        attn = blk.attn.fn if isinstance(blk, PrunedBlock) and not isinstance(blk.attn, nn.Identity) else blk.attn
+        attn = blk.attn.fn if isinstance(blk, PrunedLayer) and not isinstance(blk.attn, nn.Identity) else blk.attn
         if hasattr(attn, "num_heads"):
             return attn.num_heads
     return 1
 
 
-def _kept_params(model: nn.Module, w: BlockWidths, branch: nn.Module, heads: int) -> int:
+def _kept_params(model: nn.Module, w: BranchWidths, branch: nn.Module, heads: int) -> int:
     """A branch's Linear parameters: as stored, or (gated model) what its hard masks keep, biases as they exist."""
     if isinstance(model, GatedViT):
         s = model.spec
         bias = (s.qkv_bias, s.proj_bias) if w.kind == "attn" else (s.fc1_bias, s.fc2_bias)
-        return int(block_params(w, heads, *bias))
+        return int(branch_params(w, heads, *bias))
     return sum(p.numel() for m in branch.modules() if isinstance(m, nn.Linear) for p in m.parameters())
 
 
@@ -54,9 +54,9 @@ def describe(model: nn.Module) -> dict:
     heads = _heads(model)
     widths = block_widths(model)
     dim = inner.embed_dim
-    full_attn = BlockWidths("attn", dim, (inner.blocks[0].attn.head_dim if hasattr(inner.blocks[0].attn, "head_dim")
+    full_attn = BranchWidths("attn", dim, (inner.blocks[0].attn.head_dim if hasattr(inner.blocks[0].attn, "head_dim")
                                           else dim // heads), dim)
-    blocks_flops = sum(block_flops(w, heads, num_tokens) for w in widths)
+    blocks_flops = sum(branch_flops(w, heads, num_tokens) for w in widths)
     k = pe.proj.kernel_size
     embed_flops = pe.num_patches * pe.proj.in_channels * k[0] * k[1] * dim
     head_flops = sum(m.in_features * m.out_features for m in (getattr(inner, "head", None), getattr(inner, "head_dist", None))

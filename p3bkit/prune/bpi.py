@@ -113,7 +113,7 @@ class StateRecorder:
         self.states: list[torch.Tensor] = []
         self._handles = []
         for blk in model.blocks:
-            # the stream between the branches enters norm2 (timm Block) or the MLP residual (PrunedBlock)
+            # the stream between the branches enters norm2 (timm Block) or the MLP residual (PrunedLayer)
             mid = blk.norm2 if hasattr(blk, "norm2") else blk.mlp
             self._handles.append(blk.register_forward_pre_hook(self._pre))
             self._handles.append(mid.register_forward_pre_hook(self._pre))

@@ -12,11 +12,8 @@ batch 512 and are scaled by batch / 512 (the DeiT rule the paper and the authors
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 from p3bkit.errors import P3BError
-
-RecipeName = Literal["paper", "quick"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,3 @@ def resolve_recipe(name: str, **overrides) -> dict:
     values["epochs"] = tuple(values["epochs"])
     return values
 
-
-def scaled_lr(base: float, batch_size: int) -> float:
-    """lr = base · batch / 512."""
-    return base * batch_size / 512

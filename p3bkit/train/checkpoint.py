@@ -1,49 +1,21 @@
-"""Atomic, resumable checkpoints (temp file + rename: a crash mid-write never leaves a bad file).
+"""Atomic checkpoint files and RNG states (temp file + rename: a crash mid-write never leaves a bad file).
 
-A checkpoint holds the pruner state (model, gates, BPI, accumulators), the optimizer, the
-position (completed epochs + batches into the current one) and every rank's RNG states, so a
-resumed run continues exactly where the checkpoint was taken.
+A checkpoint holds a run's state (model, optimiser, pruner …), its position (completed epochs +
+batches into the current one) and every rank's RNG states, so a resumed run continues exactly
+where the checkpoint was taken.
 """
 from __future__ import annotations
 
 import os
 import random
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from p3bkit.errors import P3BError
-from p3bkit.train.dist import DistContext, all_reduce_sum_
-
-
-class Interrupted(P3BError):
-    """SIGTERM/SIGINT during a run: a checkpoint was written, `--resume` continues."""
-
-
-def install_stop_handlers(flag: dict) -> dict:
-    """SIGTERM/SIGINT set `flag["signal"]` instead of killing; returns the old handlers to restore."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        old[sig] = signal.signal(sig, lambda num, frame: flag.update(signal=signal.Signals(num).name))
-    return old
-
-
-def restore_handlers(old: dict) -> None:
-    for sig, handler in old.items():
-        signal.signal(sig, handler)
-
-
-def stop_requested(flag: dict, ctx: DistContext) -> bool:
-    """True on every rank once any rank got a stop signal (so all ranks checkpoint the same batch)."""
-    stop = torch.tensor([1.0 if flag else 0.0])
-    all_reduce_sum_([stop], ctx)
-    return bool(stop.item() > 0)
+from p3bkit.errors import P3BError, first_line
+from p3bkit.train.dist import DistContext
 
 
 def rng_state() -> dict:
@@ -69,17 +41,17 @@ def gather_rng(ctx: DistContext) -> list[dict]:
     return states
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
+def write_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, tampered or foreign files raise many types
-        raise P3BError(f"{path} cannot be resumed from ({type(exc).__name__}: {str(exc)[:200]}); "
+        raise P3BError(f"{path} cannot be resumed from ({type(exc).__name__}: {first_line(exc)}); "
                        "delete it to start over") from exc
 
 

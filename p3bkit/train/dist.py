@@ -1,10 +1,7 @@
-"""torchrun / DistributedDataParallel support and deterministic, resumable sampling.
+"""torchrun / DistributedDataParallel support: process group, all-reduce, identical-state checks.
 
 Under `torchrun` (WORLD_SIZE > 1) the process group is created with nccl on GPU and gloo on CPU.
-`EpochSampler` gives every epoch one seeded permutation; rank r takes every world-th index, so
-the union of the ranks' k-th batches equals the k-th batch of a single process whose batch is
-the global batch. It can start mid-epoch (resume after an interruption) without touching the
-skipped samples, so augmentation RNG streams continue exactly.
+Sampling that shards by rank is `p3bkit.data.loaders.EpochSampler`.
 """
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
 from p3bkit.errors import P3BError
 
@@ -79,19 +75,3 @@ def barrier(ctx: DistContext) -> None:
     if ctx.active:
         dist.barrier()
 
-
-class EpochSampler(Sampler[int]):
-    """Seeded permutation, sharded by rank, truncated to whole batches, optionally started mid-epoch."""
-
-    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1, start_batch: int = 0,
-                 shuffle: bool = True) -> None:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        mine = perm[rank::world]
-        whole = (len(mine) // batch) * batch if shuffle else len(mine)
-        self.indices = mine[:whole][start_batch * batch:].tolist()
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)

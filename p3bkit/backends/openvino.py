@@ -1,0 +1,175 @@
+"""OpenVINO: IRs (.xml/.bin) converted from the ONNX graph, run on the CPU.
+
+Precisions: f32 (default); f16 (weights stored in f16, inference in f32); bf16 (f32 weights, the
+bf16 inference hint — only where the CPU has bf16 units, elsewhere OpenVINO would silently run
+f32); INT8 by NNCF's post-training quantisation with the transformer preset, and NNCF's
+accuracy-controlled quantisation as the remedy above the gate's limit. On CPUs with bf16 units
+OpenVINO infers in bf16 by default, so every runner pins its precision hint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from p3bkit.backends.quantization import Int8Data, QuantResult, quiet
+from p3bkit.backends.registry import BF16, FP16, FP32, INT8, Backend, PrecisionError, Runner, register, require
+from p3bkit.backends.timing import Timed
+from p3bkit.errors import ExportError, first_line
+
+
+def _ov():
+    return require("openvino", OpenVinoBackend.extra)
+
+
+def ov_compile(model, hint: str = "f32", threads: int | None = None, profile: bool = False):
+    """Compile an IR (path or in-memory model) for the CPU at the inference precision `hint`."""
+    ov = _ov()
+    cfg = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = threads
+    if profile:
+        cfg["PERF_COUNT"] = True
+    return ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", cfg)
+
+
+def ov_runner(model, hint: str = "f32", threads: int | None = None) -> Runner:
+    compiled = ov_compile(model, hint, threads)
+    request = compiled.create_infer_request()
+    names = [o.get_any_name() for o in compiled.outputs]
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        res = request.infer({0: x})
+        return {n: np.array(res[o]) for n, o in zip(names, compiled.outputs)}
+    run.input_shape = [d.get_length() if d.is_static else None for d in compiled.inputs[0].get_partial_shape()]
+    return run
+
+
+def convert_onnx(onnx_path: Path, xml_path: Path, compress_to_fp16: bool = False) -> Path:
+    """OpenVINO IR from an ONNX graph (`openvino.convert_model` + `save_model`)."""
+    ov = _ov()
+    try:
+        ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=compress_to_fp16)
+    except Exception as exc:  # openvino raises its own RuntimeError subclasses
+        raise ExportError(f"OpenVINO conversion failed: {first_line(exc)}") from exc
+    return Path(xml_path)
+
+
+@register
+class OpenVinoBackend(Backend):
+    name = format = "openvino"
+    packages, extra = ("openvino", "onnx", "onnxscript"), "openvino"
+    artefact, suffixes = "model.xml", (".xml",)
+    # fp16: weights stored in f16, inference in f32; bf16: f32 weights, bf16 inference hint
+    precisions = {FP32: "f32", FP16: "f16", BF16: "bf16", INT8: "i8"}
+    table_preference = 2  # the fastest CPU runtime measured here
+
+    def check_dependencies(self, precision: str = FP32) -> None:
+        super().check_dependencies(precision)
+        if precision == INT8:
+            require("nncf", self.extra, "INT8 (nncf)")
+
+    def detect_precision(self, path) -> str:
+        text = Path(path).read_text(errors="replace")
+        if "FakeQuantize" in text:
+            return INT8
+        return FP16 if 'element_type="f16"' in text else FP32
+
+    def export(self, model, tmp, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
+        from p3bkit.backends.onnx import export_onnx, op_types
+
+        export_onnx(model, tmp / "graph.onnx", sample, static_batch)
+        ops = op_types(tmp / "graph.onnx")
+        if precision == INT8:
+            info = {"int8": self.quantize(tmp / "graph.onnx", tmp / "model.xml", opts["int8"])}
+        else:
+            convert_onnx(tmp / "graph.onnx", tmp / "model.xml", compress_to_fp16=precision == FP16)
+            info = {"extra": {"inference_precision_hint": "bf16" if precision == BF16 else "f32"}}
+        (tmp / "graph.onnx").unlink()
+        return ["model.xml", "model.bin"], {"op_types": ops, **info}
+
+    def run_precisions(self, artefact_precision: str) -> tuple[str, ...]:
+        if artefact_precision == INT8:
+            return (INT8,)
+        return (artefact_precision, *(p for p in (FP32, BF16) if p != artefact_precision))
+
+    def run_precision(self, artefact_precision: str, asked: str | None = None) -> str:
+        run = super().run_precision(artefact_precision, asked)
+        self.inference_hint(run)  # refuses bf16 on a CPU without it
+        return run
+
+    def inference_hint(self, precision: str) -> str:
+        """OpenVINO's INFERENCE_PRECISION_HINT for a run precision; bf16 only where the CPU has it."""
+        if precision != BF16:
+            return "f32"
+        if "BF16" not in _ov().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise PrecisionError("this CPU has no bf16 units, so OpenVINO would run bf16 as f32: use fp32")
+        return "bf16"
+
+    def runner(self, path, precision=None, threads=None, device=None) -> Runner:
+        self.check_device(device)
+        return ov_runner(path, self.inference_hint(precision or FP32), threads)
+
+    def timer(self, ref, batch, precision, threads=None, device=None, compile=False) -> Timed:
+        self.check_device(device)
+        hint = self.inference_hint(precision)
+        run = ov_runner(ref, hint, threads)
+        x = np.random.default_rng(0).standard_normal((batch, *run.input_shape[1:])).astype(np.float32)
+
+        def profile(runs: int) -> dict[str, float]:
+            req = ov_compile(ref, hint, threads, profile=True).create_infer_request()
+            totals: dict[str, float] = {}
+            for _ in range(runs):
+                req.infer({0: x})
+                for p in req.get_profiling_info():
+                    totals[p.node_type] = totals.get(p.node_type, 0.0) + p.real_time.total_seconds() * 1e3 / runs
+            return totals
+
+        return Timed(str(ref), self.name, lambda: run(x), source=str(ref), profile=profile, precision=precision)
+
+    def onnx_artefact(self, onnx_path, workdir, batch) -> Path:
+        return convert_onnx(onnx_path, onnx_path.with_suffix(".xml"))
+
+    # ---- INT8: NNCF post-training quantisation, transformer preset ---------------------------
+
+    def quantize(self, src_onnx, out, data: Int8Data) -> QuantResult:
+        """NNCF INT8 of the ONNX graph into an OpenVINO IR `out`, with accuracy control above the limit."""
+        import nncf
+
+        ov = _ov()
+        fp32_model = ov.convert_model(str(src_onnx))
+        fp32 = data.top1(ov_runner(fp32_model))
+        items = data.chunks(data.calib, 1)
+        calib = nncf.Dataset(items)
+        with quiet():
+            q = nncf.quantize(fp32_model, calib, subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER)
+        int8 = data.top1(ov_runner(q))
+        result = QuantResult(fp32, int8, attempts=[{"method": "nncf.quantize", "int8_top1": int8}])
+        if fp32 - int8 > data.max_drop:
+            val = nncf.Dataset(list(zip(data.chunks(data.val_x, 1), data.chunks(data.val_y, 1))), lambda item: item[0])
+
+            def validate(compiled, batches) -> tuple[float, list[float]]:  # per item: one image, or a static batch
+                hits = [float((np.argmax(compiled(x)[0], -1) == y).mean()) for x, y in batches]
+                return float(np.mean(hits)) if hits else 0.0, hits
+
+            with quiet():
+                q = nncf.quantize_with_accuracy_control(
+                    fp32_model, calib, val, validate, max_drop=data.max_drop / 100.0,
+                    drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER)
+            result.kept_in_fp32 = _unquantized(q)
+            result.remedy = "NNCF accuracy-controlled quantisation"
+            result.attempts.append({"method": "nncf.quantize_with_accuracy_control", "int8_top1": data.top1(ov_runner(q))})
+        ov.save_model(q, str(out), compress_to_fp16=False)
+        result.int8_top1 = data.top1(ov_runner(out))  # the artefact as written: what eval will measure
+        return result
+
+
+def _unquantized(q) -> list[str]:
+    """Weighted layers (MatMul/Convolution) of `q` whose inputs no FakeQuantize feeds."""
+    out = []
+    for op in q.get_ordered_ops():
+        if op.get_type_name() in ("MatMul", "Convolution"):
+            fed = [op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())]
+            if "FakeQuantize" not in fed:
+                out.append(op.get_friendly_name())
+    return out

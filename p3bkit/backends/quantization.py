@@ -1,0 +1,85 @@
+"""What every runtime's INT8 quantiser works with, and how accuracy is measured through a runner.
+
+`Int8Data` holds calibration and validation images as arrays (the export stage loads them from
+the user's data); a backend's `quantize` returns a `QuantResult` (top-1 of the fp32 graph and of
+the INT8 artefact through the runtime, what stayed in fp32, every attempt); the export stage's
+gate judges it. `runner_top1` is the one accuracy loop: the gate, the record and `p3bkit eval`
+score an artefact with it, so they agree on the same images.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def fixed_batches(x: np.ndarray, size: int) -> list[np.ndarray]:
+    """`x` cut into batches of exactly `size` for a static-batch graph, the last one filled by
+    repeating images (callers keep the first `len(x)` outputs)."""
+    return [np.resize(x[i:i + size], (size, *x.shape[1:])) for i in range(0, len(x), size)]
+
+
+def batches(x: np.ndarray, size: int, static_batch: int | None = None) -> list[np.ndarray]:
+    """`x` in batches of `size`, or of exactly `static_batch` when the graph has a fixed batch."""
+    return fixed_batches(x, static_batch) if static_batch else [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def run_logits(runner, x: np.ndarray, batch: int = 64, static_batch: int | None = None) -> np.ndarray:
+    """The first output (logits) of `runner` on every image of `x`, in batches."""
+    outs = [np.asarray(next(iter(runner(b).values())), dtype=np.float32) for b in batches(x, batch, static_batch)]
+    return np.concatenate(outs)[:len(x)] if outs else np.zeros((0,), dtype=np.float32)
+
+
+def runner_top1(runner, x: np.ndarray, y: np.ndarray, batch: int = 64, static_batch: int | None = None) -> float:
+    """Top-1 in percent of a runner on images `x` with labels `y`."""
+    if not len(y):
+        return 0.0
+    return 100.0 * float((run_logits(runner, x, batch, static_batch).argmax(-1) == y).mean())
+
+
+@dataclass
+class Int8Data:
+    """Calibration and validation images at the model's input size, and the gate's limit."""
+
+    calib: np.ndarray   # [N, C, H, W] float32
+    val_x: np.ndarray
+    val_y: np.ndarray
+    max_drop: float = 1.0  # top-1 points; above it a quantiser applies its remedy
+    static_batch: int | None = None  # a graph with a fixed batch takes exactly this many images
+
+    def chunks(self, x: np.ndarray, size: int) -> list[np.ndarray]:
+        """`x` in batches of `size` (of the static batch, when the graph has one; the last one
+        padded, callers trim to `len(x)`)."""
+        return batches(x, size, self.static_batch)
+
+    def top1(self, runner, batch: int = 64) -> float:
+        return runner_top1(runner, self.val_x, self.val_y, batch, self.static_batch)
+
+
+@dataclass
+class QuantResult:
+    """What a quantiser did: both accuracies through the runtime, what stayed in fp32, every attempt."""
+
+    fp32_top1: float
+    int8_top1: float
+    kept_in_fp32: list[str] = field(default_factory=list)
+    remedy: str = "nothing (within the gate)"
+    attempts: list[dict] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Quantisers print progress bars and INFO lines; restored afterwards."""
+    logs = [logging.getLogger(), logging.getLogger("nncf")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)

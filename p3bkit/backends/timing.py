@@ -1,0 +1,161 @@
+"""The one timing harness: bench, latency tables, the demo and benchmarks/ all time through it.
+
+A `Timed` is one model on one runtime with its input ready: `step()` runs one batch, `sync()`
+waits for it (CUDA). `time_interleaved` times several round-robin in blocks (A×k, B×k, C×k,
+A×k, …) in one process, so drift in clock speed or background load hits every model alike.
+Each block starts with untimed runs: a runtime's worker threads must wake up and the previous
+model's threads go idle (interleaving single calls measured onnxruntime's dense DeiT-S at 127 ms
+instead of 43 ms). `time_in_passes` times one model at a time, the lowest median of a few passes
+(latency tables: a transient disturbance during one graph's turn does not enter the table).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+def _no_sync() -> None:
+    return None
+
+
+@dataclass
+class Timed:
+    """One model on one runtime, its input ready: what the harness times."""
+
+    name: str
+    backend: str
+    step: Callable[[], object]
+    sync: Callable[[], None] = _no_sync
+    source: str = ""  # the model the artefact was exported from (FLOP counts, latency predictions)
+    profile: Callable[[int], dict[str, float]] | None = None  # ms per op type per run
+    precision: str = "fp32"  # what it runs at (the registry's canonical name)
+    variant: str = ""  # another graph of the same model on this runtime (e.g. "transformer-optimised")
+
+    @property
+    def runtime(self) -> str:
+        """The runtime it ran on, telling a variant graph apart: "onnxruntime (transformer-optimised)"."""
+        return f"{self.backend} ({self.variant})" if self.variant else self.backend
+
+
+@dataclass
+class BenchConfig:
+    runs: int = 1000
+    duration: float | None = None  # seconds per model; stops early when reached
+    warmup: int = 20
+    warmup_seconds: float = 1.0
+    threads: int | None = None
+    block: int = 10  # timed runs per model before switching to the next
+    block_warmup: int = 2  # untimed runs at the start of every block
+
+
+DEVICE_PRESETS = {"cpu": {"batch": 1, "device": "cpu"}, "gpu": {"batch": 1024, "device": "cuda"}}  # the paper's protocol
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Pin torch's intra-op threads for the block, then restore."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _run(t: Timed) -> float:
+    t0 = time.perf_counter()
+    t.step()
+    t.sync()
+    return time.perf_counter() - t0
+
+
+def _warm(t: Timed, runs: int, seconds: float) -> None:
+    t0, n = time.perf_counter(), 0
+    while n < runs or time.perf_counter() - t0 < seconds:
+        _run(t)
+        n += 1
+
+
+def time_interleaved(models: list[Timed], cfg: BenchConfig) -> list[list[float]]:
+    """Warm every model, then time them interleaved; latencies in ms per model."""
+    lat: list[list[float]] = [[] for _ in models]
+    spent = [0.0 for _ in models]
+    with torch_threads(cfg.threads):
+        for t in models:
+            _warm(t, cfg.warmup, cfg.warmup_seconds)
+        while min(len(x) for x in lat) < cfg.runs:
+            for i, t in enumerate(models):
+                for _ in range(cfg.block_warmup if len(models) > 1 else 0):
+                    _run(t)
+                for _ in range(min(cfg.block, cfg.runs - len(lat[i]))):
+                    dt = _run(t)
+                    lat[i].append(dt * 1e3)
+                    spent[i] += dt
+            if cfg.duration is not None and min(spent) >= cfg.duration:
+                break
+    return lat
+
+
+def median_ms(t: Timed, runs: int) -> float:
+    """Median ms of `runs` timed runs after a short untimed warm-up (≥ 3 runs and 50 ms)."""
+    _warm(t, 3, 0.05)
+    return float(np.median([_run(t) for _ in range(runs)]) * 1e3)
+
+
+def time_in_passes(models: list[Timed], runs: int, passes: int = 3, progress: bool = False) -> list[float]:
+    """Median ms per model, the lowest over `passes` passes (forward, then reverse order), so a
+    transient disturbance during one model's turn does not end up in the result."""
+    from p3bkit.console import progress as bar_of
+
+    gc.collect()  # release runtimes of earlier graphs before timing (their pools must not compete)
+    best = [float("inf")] * len(models)
+    bar = bar_of(desc="timing", total=passes * len(models), enabled=progress)
+    for p in range(passes):
+        for i in range(len(models)) if p % 2 == 0 else reversed(range(len(models))):
+            best[i] = min(best[i], median_ms(models[i], runs))
+            bar.update()
+    bar.close()
+    return best
+
+
+def latency_stats(lat_ms: list[float], batch: int) -> dict:
+    a = np.asarray(lat_ms, dtype=np.float64)
+    median = float(np.median(a))
+    # images/s from the median (the number the table's speedups use); the mean-based rate is kept too
+    return {"runs": len(a), "median_ms": median, "mean_ms": float(a.mean()),
+            "p90_ms": float(np.percentile(a, 90)), "p99_ms": float(np.percentile(a, 99)),
+            "std_ms": float(a.std()), "images_per_s": batch / (median / 1e3),
+            "images_per_s_mean": float(batch * len(a) / (a.sum() / 1e3))}
+
+
+def machine_info(threads: int | None = None) -> dict:
+    """The CPU, cores, threads, GPU and runtime versions a measurement was taken with."""
+    import importlib.metadata as md
+
+    import torch
+
+    from p3bkit.backends.registry import runtime_packages
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for pkg in ["timm", *runtime_packages()]:
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[pkg] = md.version(pkg)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "versions": versions}

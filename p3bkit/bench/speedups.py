@@ -1,0 +1,54 @@
+"""Does P3B's latency allocation land on the speedup it was asked for? (`benchmarks/latency_tables.py`)
+
+For each asked speedup, P3B's latency allocation (importance from random ΔΨ and Taylor scores:
+this checks the latency side, not accuracy) chooses an architecture from the table; the chosen
+models are exported and timed interleaved with the dense model. Meant to run in a process of its
+own (`p3bkit.latency.measure.in_fresh_process`).
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from p3bkit.backends.timing import time_in_passes, torch_threads
+from p3bkit.latency.measure import TableConfig, time_module
+from p3bkit.latency.table import LatencyTable
+
+
+def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, seed: int) -> nn.Module:
+    """P3B's latency allocation for `speedup` over the table's dense model, from random measurements."""
+    from p3bkit.models import add_gates
+    from p3bkit.prune.pruner import P3BConfig, P3BPruner
+    from p3bkit.prune.schedule import Schedule
+    from p3bkit.surgery import apply_surgery
+
+    gated = add_gates(copy.deepcopy(model), "inner")
+    pruner = P3BPruner(gated, P3BConfig(target_ms=table.dense_ms / speedup), Schedule(0, 1, 0), latency_table=table)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(pruner.branches)
+    delta_c, delta_p = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
+    scores = {name: torch.rand(g.size, generator=gen) for name, g in gated.gates.items()}  # unit choice is arbitrary
+    pruner.record_measurements(delta_c, delta_p, scores)
+    pruner.update_masks(step=pruner.schedule.total)  # the final update: κ at its target, hard masks
+    return apply_surgery(gated.eval(), io_mode="auto")
+
+
+def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, speedups: list[float]) -> list[dict]:
+    """Allocate for each asked speedup, then time dense and pruned models interleaved."""
+    image = torch.randn(cfg.batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    pruned = [allocate_for_speedup(model, table, s, i) for i, s in enumerate(speedups)]
+    with torch_threads(cfg.threads), tempfile.TemporaryDirectory() as tmp:
+        timed = [time_module(m, image, cfg, Path(tmp), whole=True) for m in [model] + pruned]
+        dense, *times = time_in_passes(timed, cfg.runs * 2, passes=3)
+    rows = []
+    for s, m, t in zip(speedups, pruned, times):
+        predicted = table.predict(m.p3b_arch.layers)
+        rows.append({"asked": s, "measured_speedup": dense / t, "predicted_ms": predicted, "measured_ms": t,
+                     "dense_ms": dense, "miss": (dense / t - s) / s,
+                     "head_dims": [len(l["attn"]["head_dim"]) if l["attn"] else 0 for l in m.p3b_arch.layers],
+                     "hidden": [len(l["mlp"]["hidden"]) if l["mlp"] else 0 for l in m.p3b_arch.layers]})
+    return rows

@@ -1,0 +1,103 @@
+"""`p3bkit export` and `p3bkit eval`: an artefact for your runtime, verified, and its accuracy through it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from p3bkit.backends import PRECISIONS, formats, runtimes
+from p3bkit.cli.options import DEVICE, POSITIVE, boundary
+
+
+@click.command()
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(formats()), required=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--precision", help=f"{'|'.join(PRECISIONS)} (a runtime's own name such as f32 works too); "
+                                  "what each format takes: p3bkit doctor.")
+@click.option("--fp16", is_flag=True, help="Shorthand for --precision fp16.")
+@click.option("--bf16", is_flag=True, help="Shorthand for --precision bf16.")
+@click.option("--calib-data", help="INT8: calibration images (digits, ImageFolder or CIFAR-100 folder; train split).")
+@click.option("--calib-size", type=POSITIVE, default=300, show_default=True, help="INT8: calibration images used.")
+@click.option("--val-data", help="INT8 gate: validation split to measure top-1 on [default: --calib-data's].")
+@click.option("--val-size", type=POSITIVE, default=2000, show_default=True,
+              help="INT8 gate: validation images used (a seeded random subset of a larger split).")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="INT8 gate: largest top-1 drop (points) vs fp32 through the runtime; above it (after the "
+                   "runtime's remedies) the export fails and writes nothing.")
+@click.option("--static-batch", type=POSITIVE, help="Fixed batch size instead of a dynamic batch axis.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Parity check against PyTorch.")
+@click.option("--write-op", type=click.Choice(["scatter", "gather"]), help="Residual write op (default per format).")
+@click.option("--min-batch", type=POSITIVE, default=1, show_default=True, help="TensorRT profile.")
+@click.option("--opt-batch", type=POSITIVE, default=1024, show_default=True, help="TensorRT profile.")
+@click.option("--max-batch", type=POSITIVE, default=1024, show_default=True, help="TensorRT profile.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read + updated).")
+@click.option("--eval-data", help="Also measure top-1 of the artefact on this data's validation split (stored in the record).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@boundary
+def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_data, val_size, max_drop, static_batch,
+           verify, write_op, min_batch, opt_batch, max_batch, timing_cache, eval_data, progress) -> None:
+    """Export MODEL (pruned folder, timm name or preset) and verify it against PyTorch."""
+    from p3bkit.export import export_model
+    from p3bkit.export.int8 import Int8Config
+
+    if fp16 and bf16:
+        raise click.UsageError("--fp16 and --bf16 are exclusive")
+    if fp16 or bf16:
+        if precision:
+            raise click.UsageError("give --precision or --fp16/--bf16, not both")
+        precision = "fp16" if fp16 else "bf16"
+    if (val_data or calib_data) and precision not in ("int8", "i8"):
+        raise click.UsageError("--calib-data/--val-data are for --precision int8")
+    int8 = Int8Config(calib_data, calib_size, val_data, max_drop, val_size) if calib_data else None
+    rec = export_model(model, fmt, out, precision=precision, static_batch=static_batch, verify=verify,
+                       write_op=write_op, trt_profile=(min_batch, opt_batch, max_batch), timing_cache=timing_cache,
+                       int8=int8)
+    worst = max((s["max_abs_diff"] for b in rec.parity.values() for s in b.values()), default=None)
+    parity = f"max abs diff vs torch {worst:.2e}" if verify and worst is not None else "not verified against torch"
+    if verify and rec.precision != "fp32":
+        stats = [s for b in rec.parity.values() for s in b.values()]
+        parity = (f"vs torch on {rec.parity_inputs}: top-1 agreement {min(s['top1_agreement'] for s in stats):.3f}, "
+                  f"cosine mean {min(s.get('cosine_mean', 1.0) for s in stats):.4f} / worst "
+                  f"{min(s['cosine_min'] for s in stats):.4f}")
+    click.echo(f"wrote {', '.join(str(Path(out) / f) for f in rec.files)} ({rec.precision}, {rec.seconds:.1f} s); {parity}")
+    gate = rec.extra.get("int8")
+    if gate and gate["val_classes"] != gate["model_classes"]:
+        click.echo(f"warning: {gate['val_data']} has {gate['val_classes']} classes and the model "
+                   f"{gate['model_classes']}: the accuracy gate compares near-chance top-1s", err=True)
+    if gate:
+        kept = f"; kept in fp32: {len(gate['kept_in_fp32'])} layer(s)" if gate["kept_in_fp32"] else ""
+        click.echo(f"INT8 gate: top-1 {gate['int8_top1']:.2f}% vs fp32 {gate['fp32_top1']:.2f}% (drop "
+                   f"{gate['drop']:.2f} ≤ {gate['max_drop']:g}) on {gate['val_images']} images; calibrated on "
+                   f"{gate['calib_size']} images of {gate['calib_data']}{kept}")
+    if eval_data:
+        from p3bkit.export.accuracy import record_accuracy
+
+        acc = record_accuracy(Path(out) / rec.files[0], eval_data, progress=progress)
+        click.echo(f"top-1 {acc['top1']:.2f}% on {acc['images']} validation images of {eval_data} (in the record)")
+
+
+@click.command(name="eval")
+@click.argument("model")
+@click.option("--data", default="digits", show_default=True, help="digits, ImageFolder or CIFAR-100 folder (val split).")
+@click.option("--backend", type=click.Choice(runtimes()),
+              help="Default: from the artefact suffix, else torch.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
+@click.option("--threads", type=POSITIVE)
+@click.option("--device", type=DEVICE, help="Where torch models run [cpu]; artefacts run on their runtime's device.")
+@click.option("--precision", help="Run an artefact at another precision its runtime honours (e.g. an fp32 "
+                                  "OpenVINO IR at bf16). Default: the artefact's own.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@boundary
+def eval_(model, data, backend, batch_size, threads, device, precision, as_json, progress) -> None:
+    """Top-1 / top-5 of a model or exported artefact on the validation images, through its runtime."""
+    from p3bkit.export.accuracy import run_eval
+
+    r = run_eval(model, data, backend, batch_size, threads, device, progress, precision)
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+        return
+    top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
+    click.echo(f"{r['model']} ({r['backend']}, {r['precision']}): top-1 {r['top1']:.2f}%{top5} on {r['images']} images of {r['data']}")

@@ -1,0 +1,96 @@
+"""Option types, option groups and the error boundary shared by every command."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from functools import wraps
+
+import click
+
+from p3bkit.errors import P3BError
+from p3bkit.data.transforms import AUGMENTS
+
+
+class Device(click.ParamType):
+    """cpu, cuda, cuda:N or gpu (= cuda): one spelling for every command."""
+
+    name = "cpu|cuda[:N]|gpu"
+
+    def convert(self, value, param, ctx):
+        v = str(value).lower()
+        if v == "gpu":
+            v = "cuda"
+        if v == "cpu" or v == "cuda" or re.fullmatch(r"cuda:\d+", v):
+            return v
+        self.fail(f"{value!r} is not a device: use cpu, cuda, cuda:N or gpu", param, ctx)
+
+
+DEVICE = Device()
+POSITIVE = click.IntRange(min=1)
+RATE = click.FloatRange(0.0, 1.0)
+
+
+augment_option = click.option(
+    "--augment", type=click.Choice(list(AUGMENTS)), default="auto", show_default=True,
+    help="Training augmentation for ImageFolder/CIFAR data. deit: RandAugment, random erasing, Mixup/CutMix; light: "
+         "shifts, small crops, flips; auto: deit to fine-tune a pretrained model on images ≥ 128 px (and always "
+         "under prune --recipe paper), else light.")
+
+
+def architecture_options(fn):
+    """The timm constructor arguments: --num-classes, --img-size, --model-kwargs."""
+    for option in reversed([
+        click.option("--num-classes", type=POSITIVE, help="Classes of your data (timm num_classes)."),
+        click.option("--img-size", type=POSITIVE, help="Input resolution (timm img_size)."),
+        click.option("--model-kwargs", help="More timm constructor arguments as JSON, e.g. '{\"drop_path_rate\": 0.1}'."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def model_options(fn):
+    """--pretrained/--pretrained-file/--checkpoint and the timm constructor arguments."""
+    for option in reversed([
+        click.option("--pretrained/--no-pretrained", default=False, show_default=True,
+                     help="timm pretrained weights (hub or local cache)."),
+        click.option("--pretrained-file", type=click.Path(dir_okay=False),
+                     help="Local pretrained weights loaded through timm (position embeddings resampled; a "
+                          "classifier for another class count is re-initialised)."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False),
+                     help="Local weights of exactly this model (.safetensors or torch file), loaded strictly."),
+    ]):
+        fn = option(fn)
+    return architecture_options(fn)
+
+
+def parse_model_kwargs(kw: dict) -> dict:
+    """--num-classes, --img-size and --model-kwargs as one dict of timm constructor arguments."""
+    extra = {}
+    if kw.get("model_kwargs"):
+        try:
+            extra = json.loads(kw["model_kwargs"])
+        except json.JSONDecodeError as exc:
+            raise click.UsageError(f"--model-kwargs is not valid JSON: {exc}") from exc
+        if not isinstance(extra, dict):
+            raise click.UsageError("--model-kwargs must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
+    for key in ("num_classes", "img_size"):
+        if kw.get(key) is not None:
+            extra[key] = kw[key]
+    return extra
+
+
+def boundary(fn):
+    """The one error boundary: a `P3BError` becomes `error: ...` on stderr and exit code 1
+    (`p3bkit --debug COMMAND` re-raises it with its full traceback)."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except P3BError as exc:
+            root = click.get_current_context().find_root()
+            if (root.obj or {}).get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+    return wrapper

@@ -1,0 +1,126 @@
+"""`p3bkit prune` and `p3bkit analyze`: P3B on your model, and its Block Performance plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from p3bkit.cli.options import DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs
+from p3bkit.prune.recipes import RECIPES
+
+STRUCTURES = click.Choice(["full", "inner"])
+IO_MODES = click.Choice(["auto", "index", "dense"])
+
+
+@click.command()
+@click.option("--model", default="digits-vit", show_default=True,
+              help="Preset, timm model name or a dense model folder (from p3bkit train).")
+@model_options
+@click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
+@augment_option
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True),
+              help="Keep ratio (0, 1] of all parameters (--budget total) or of block parameters.")
+@click.option("--prune", "prune_rate", type=click.FloatRange(0, 1, max_open=True),
+              help="Pruning rate [0, 1) (= 1 − keep), same scope as --keep.")
+@click.option("--target-latency-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Latency budget instead of --keep: predicted ms on the --latency-table's runtime.")
+@click.option("--target-speedup", type=click.FloatRange(min=1, min_open=True),
+              help="Latency budget instead of --keep: speedup over the table's measured dense model.")
+@click.option("--latency-table", type=click.Path(exists=True, dir_okay=False),
+              help="Table from p3bkit latency-table (same machine, model and runtime).")
+@click.option("--budget", type=click.Choice(["total", "blocks"]), default="total", show_default=True,
+              help="total: fraction of all parameters (the paper's); blocks: of Attention/MLP Linear parameters only.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default="quick", show_default=True,
+              help="paper: Table 5 (3/22/25 epochs, update every 1000 it, lr 5e-4, batch 512); quick: 1/4/4 epochs, "
+                   "update every 10 it, base lr 4e-3, batch 64 (small data). Flags below override it.")
+@click.option("--epochs", nargs=3, type=click.IntRange(min=0), help="Warm-up, sparsify, sharpen epochs [recipe].")
+@click.option("--update-every", type=POSITIVE, help="Iterations between mask updates [recipe].")
+@click.option("--batch-size", type=POSITIVE, help="Global batch size [recipe].")
+@click.option("--alpha", type=RATE, default=0.5, show_default=True, help="Class vs patch importance balance.")
+@click.option("--tau", type=click.FloatRange(min=0), help="Soft-mask sharpness during sparsify [recipe].")
+@click.option("--m-ref", type=click.FloatRange(0.5, 1, min_open=True, max_open=True), default=0.9, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Base model lr at batch 512, scaled by batch/512, constant [recipe].")
+@click.option("--lr-bpi", type=click.FloatRange(min=0, min_open=True), help="Base BPI lr at batch 512, scaled by batch/512 [recipe].")
+@click.option("--allocation", type=click.Choice(["p3b", "uniform", "global-magnitude"]), default="p3b", show_default=True,
+              help="p3b: BPI block budgets; uniform: equal κ; global-magnitude: one weight-magnitude threshold.")
+@click.option("--structure", type=STRUCTURES, default="inner", show_default=True,
+              help="full: the paper's six gates per layer (P3B); inner: head dims + MLP hidden only (P3B-inner).")
+@click.option("--bpi-class-head", type=click.Choice(["linear", "norm-linear"]), default="linear", show_default=True,
+              help="linear: the paper's class head; norm-linear: LayerNorm + Linear.")
+@click.option("--empty-blocks", type=click.Choice(["disable", "regrow"]), default="disable", show_default=True,
+              help="A block emptied at a mask update stays empty (disable) or may be given parameters again.")
+@click.option("--round-to", type=POSITIVE, default=1, show_default=True, help="Round kept widths up to a multiple.")
+@click.option("--io-mode", type=IO_MODES, default="auto", show_default=True)
+@click.option("--frozen/--no-frozen", default=False, show_default=True, help="Frozen ablation (model lr 1e-8).")
+@click.option("--distill-teacher", help="Teacher model for the DeiT hard-distillation loss.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False))
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--bf16/--no-bf16", default=False, show_default=True, help="bf16 autocast.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume/--no-resume", default=False, show_default=True,
+              help="Continue from OUT/checkpoint.pt (the settings must match the interrupted run's).")
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (replaces an earlier run's files, keeps others).")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep OUT/checkpoint.pt after a successful run.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars and per-epoch lines.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder (new or empty).")
+@boundary
+def prune(**kw) -> None:
+    """Prune a ViT with P3B and write OUT/pruned (arch.json + model.safetensors)."""
+    from p3bkit.prune.job import PruneJob, run_prune
+    from p3bkit.prune.pruner import P3BConfig
+    from p3bkit.prune.recipes import resolve_recipe
+
+    budgets = [k for k in ("keep", "prune_rate", "target_latency_ms", "target_speedup") if kw[k] is not None]
+    if len(budgets) != 1:
+        raise click.UsageError("give exactly one of --keep, --prune, --target-latency-ms or --target-speedup")
+    keep = kw["keep"] if kw["keep"] is not None else 1 - (kw["prune_rate"] or 0.0)
+    r = resolve_recipe(kw["recipe"], epochs=kw["epochs"], update_every=kw["update_every"],
+                       batch_size=kw["batch_size"], lr=kw["lr"], lr_bpi=kw["lr_bpi"], tau=kw["tau"])
+    if r["batch_size"] < 1:
+        raise click.UsageError("--batch-size must be ≥ 1")
+    cfg = P3BConfig(keep=keep, budget=kw["budget"], update_every=r["update_every"], alpha=kw["alpha"], tau=r["tau"],
+                    m_ref=kw["m_ref"], lr_model=r["lr"], lr_bpi=r["lr_bpi"], frozen=kw["frozen"],
+                    allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"],
+                    target_ms=kw["target_latency_ms"])
+    job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], model_kwargs=parse_model_kwargs(kw),
+                   pretrained=kw["pretrained"], pretrained_file=kw["pretrained_file"],
+                   checkpoint=kw["checkpoint"], data=kw["data"],
+                   augment="deit" if kw["recipe"] == "paper" and kw["augment"] == "auto" else kw["augment"], epochs=r["epochs"], batch_size=r["batch_size"],
+                   structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
+                   device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
+                   teacher_checkpoint=kw["teacher_checkpoint"], keep_checkpoint=kw["keep_checkpoint"],
+                   progress=kw["progress"], latency_table=kw["latency_table"], target_speedup=kw["target_speedup"],
+                   p3b=cfg)
+    click.echo(f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
+               f"{r['update_every']} it, batch {r['batch_size']}, model lr {r['lr'] * r['batch_size'] / 512:.2e}, "
+               + (f"budget {kw['budget']} keep {keep:.3f}" if budgets[0] in ("keep", "prune_rate") else
+                  f"latency budget from {kw['latency_table']}"))
+    s = run_prune(job, resume=kw["resume"], force=kw["force"])
+    click.echo(f"pruned model: {Path(kw['out']) / 'pruned'}")
+    click.echo(f"kept {100 * s['total_keep']:.1f}% of all parameters ({s['params_kept']:,} of {s['params_dense']:,}) "
+               f"and {100 * s['block_keep_nominal']:.1f}% of block parameters; val top-1 {s['val_acc_pruned']:.2f}%, "
+               f"surgery max abs diff {s['surgery_max_abs_diff']:.2e}")
+    if "latency" in s:
+        lat = s["latency"]
+        click.echo(f"predicted {lat['predicted_ms']:.3f} ms on {lat['backend']} (target {lat['target_ms']:.3f} ms; "
+                   f"{lat['predicted_speedup']:.2f}× over the measured dense {lat['dense_ms_measured']:.3f} ms)")
+    if s["params_stored"] != s["params_kept"]:
+        click.echo(f"the saved model stores {s['params_stored']:,} parameters ({100 * s['total_keep_stored']:.1f}%): "
+                   "widths rounded up (--round-to) or channel selections folded into full-width weights (--io-mode)")
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--data", default="digits", show_default=True, help="For plain models: data to train the BPI on.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="For a plain model: local weights.")
+@click.option("--steps", type=POSITIVE, default=200, show_default=True, help="BPI training steps for plain models.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@boundary
+def analyze(inputs, out, data, checkpoint, steps, device) -> None:
+    """Block Performance plots for prune runs (their logs) or plain models (BPI trained on the frozen model)."""
+    from p3bkit.prune.analyze import measure_model, read_run, write_report
+
+    runs = [read_run(i) if (Path(i) / "log.jsonl").is_file() else
+            measure_model(i, data=data, steps=steps, checkpoint=checkpoint, device=device) for i in inputs]
+    click.echo(f"wrote {write_report(runs, out)}")

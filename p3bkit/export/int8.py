@@ -1,0 +1,67 @@
+"""INT8 post-training quantisation behind an accuracy gate (the runtime-agnostic half).
+
+Calibration images come from the user's data (the train split, evaluation transform); the gate
+compares top-1 of the fp32 graph and of the INT8 artefact on the validation split, both through
+the runtime (the backend's `quantize` measures them and applies its remedy: onnxruntime keeps
+the layers that add the most quantisation error in fp32, OpenVINO uses NNCF's accuracy control).
+Above `max_drop` points the export fails with `ExportError` and writes nothing. What was
+calibrated, both accuracies and what stayed in higher precision go into the export record.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from p3bkit.backends.quantization import Int8Data, QuantResult
+from p3bkit.errors import ExportError
+
+
+@dataclass
+class Int8Config:
+    """What `p3bkit export --precision int8` calibrates on and how strict its gate is."""
+
+    calib_data: str
+    calib_size: int = 300
+    val_data: str | None = None   # default: the validation split of calib_data
+    max_drop: float = 1.0         # top-1 points
+    val_size: int = 2000          # validation images for the gate (a seeded random subset of larger splits)
+    seed: int = 0
+
+    @property
+    def val_name(self) -> str:
+        return self.val_data or self.calib_data
+
+
+@dataclass
+class Int8Images:
+    """The arrays a quantiser works on, and where they came from (for the record)."""
+
+    data: Int8Data
+    config: Int8Config
+    data_classes: int
+    model_classes: int
+
+
+def load_int8_data(cfg: Int8Config, model: torch.nn.Module, static_batch: int | None = None) -> Int8Images:
+    """Calibration and validation images at the model's input size, channels and classes."""
+    from p3bkit.data.arrays import train_images, val_images
+
+    c, (h, _) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+    k = model.num_classes
+    calib = train_images(cfg.calib_data, h, c, k, cfg.calib_size, cfg.seed)
+    val = val_images(cfg.val_name, h, c, k, cfg.val_size, cfg.seed)
+    return Int8Images(Int8Data(calib.x, val.x, val.y, cfg.max_drop, static_batch), cfg, val.num_classes, k)
+
+
+def gate(result: QuantResult, images: Int8Images) -> dict:
+    """The record of a quantisation; raises when its accuracy drop is above the gate's limit."""
+    cfg, data = images.config, images.data
+    drop = result.fp32_top1 - result.int8_top1
+    if drop > cfg.max_drop:
+        raise ExportError(f"INT8 accuracy gate failed: top-1 {result.int8_top1:.2f}% vs {result.fp32_top1:.2f}% in "
+                          f"fp32 (drop {drop:.2f} > --max-drop {cfg.max_drop:g}) after {result.remedy}; nothing was written")
+    return {"calib_data": cfg.calib_data, "calib_size": len(data.calib), "val_data": cfg.val_name,
+            "val_images": len(data.val_x), "val_classes": images.data_classes, "model_classes": images.model_classes,
+            "fp32_top1": result.fp32_top1, "int8_top1": result.int8_top1, "drop": drop, "max_drop": cfg.max_drop,
+            **{k: v for k, v in asdict(result).items() if k not in ("fp32_top1", "int8_top1")}}

@@ -1,0 +1,171 @@
+"""`p3bkit analyze`: Block Performance plots like the paper's Figures 5–8 (Appendix G–I).
+
+For a prune run it reads `log.jsonl` (ΔΨᶜ, ΔΨᵖ and κ of every mask update) and `pruned/arch.json`.
+For a plain model or checkpoint it freezes the model and trains only the BPI heads on the data
+(Appendix I), then measures ΔΨ. Writes `block_performance.png`, `keep_ratios.png`,
+`kept_widths.png` (runs with a pruned model) and `index.html` with the figures and the numbers.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import torch
+
+from p3bkit.errors import P3BError
+
+
+def read_run(run: str | Path) -> dict:
+    """ΔΨ averaged over all mask updates, the final κ, and the kept widths of a prune run."""
+    path = Path(run) / "log.jsonl"
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise P3BError(f"{path}: unreadable prune log ({exc})") from exc
+    updates = [r for r in records if r.get("type") == "mask_update"]
+    if not updates:
+        raise P3BError(f"{path}: no mask updates logged yet")
+    n = len(updates[0]["delta_c"])
+    mean = lambda key: [sum(u[key][i] for u in updates) / len(updates) for i in range(n)]  # noqa: E731
+    out = {"label": Path(run).name, "delta_c": mean("delta_c"), "delta_p": mean("delta_p"),
+           "kappa": updates[-1]["kappa"], "updates": len(updates)}
+    arch = Path(run) / "pruned" / "arch.json"
+    if arch.is_file():
+        out["layers"] = json.loads(arch.read_text())["layers"]
+    summary = Path(run) / "summary.json"
+    if summary.is_file():  # both rates: of all parameters (the paper's) and of block parameters
+        s = json.loads(summary.read_text())
+        out["rates"] = {k: s[k] for k in ("budget", "prune_rate_total", "prune_rate_blocks") if k in s}
+    return out
+
+
+def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_size: int = 64,
+                  checkpoint: str | None = None, device: str = "cpu", seed: int = 0) -> dict:
+    """Train only the BPI heads on the frozen model, then average ΔΨ over the second half of the steps."""
+    from p3bkit.data import load_data, make_loader
+    from p3bkit.models.factory import create_model
+    from p3bkit.prune.bpi import BPI, StateRecorder, ce_loss
+    from p3bkit.train.dist import require_device
+    from p3bkit.train.fit import seed_everything
+
+    require_device(device)
+    seed_everything(seed)
+    model = create_model(model_ref, checkpoint=checkpoint).to(device).eval().requires_grad_(False)
+    bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
+                       in_chans=model.patch_embed.proj.in_channels)
+    bpi = BPI.for_model(model).to(device)
+    opt = torch.optim.AdamW(bpi.parameters(), lr=5e-4, weight_decay=0.0)
+    rec, acc_c, acc_p, count, step = StateRecorder(model), 0.0, 0.0, 0, 0
+    try:
+        while step < steps:
+            for x, y in make_loader(bundle.train, batch_size, True, seed=seed + step):
+                x, y = x.to(device), y.to(device)
+                with torch.no_grad():
+                    model(x)
+                loss, d_c, d_p = bpi(rec.take(), y, ce_loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if step > steps // 2:
+                    acc_c, acc_p, count = acc_c + d_c.cpu(), acc_p + d_p.cpu(), count + 1
+                if step >= steps:
+                    break
+    finally:
+        rec.remove()
+    return {"label": Path(checkpoint or model_ref).name, "delta_c": (acc_c / count).tolist(),
+            "delta_p": (acc_p / count).tolist(), "updates": 0}
+
+
+def _png(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def plot_block_performance(runs: list[dict], out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = {}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6), sharex=True)
+    width = 0.8 / len(runs)
+    for j, run in enumerate(runs):
+        for row, key in enumerate(("delta_c", "delta_p")):
+            for col, kind in enumerate(("Attention", "MLP")):
+                vals = run[key][col::2]
+                axes[row, col].bar([i + j * width for i in range(len(vals))], vals, width, label=run["label"])
+                axes[row, col].set_title(f"{'class' if key == 'delta_c' else 'patch'} BP ΔΨ — {kind} blocks")
+    for ax in axes[1]:
+        ax.set_xlabel("layer")
+    axes[0, 0].legend(fontsize=7)
+    images["block_performance"] = _png(fig, out / "block_performance.png")
+    plt.close(fig)
+    with_kappa = [r for r in runs if "kappa" in r]
+    if with_kappa:
+        fig, ax = plt.subplots(figsize=(11, 3.2))
+        width = 0.8 / len(with_kappa)
+        for j, run in enumerate(with_kappa):
+            ax.bar([i + j * width for i in range(len(run["kappa"]))], run["kappa"], width, label=run["label"])
+        ax.set_xlabel("block (even: Attention, odd: MLP)")
+        ax.set_ylabel("keep ratio κ")
+        ax.legend(fontsize=7)
+        images["keep_ratios"] = _png(fig, out / "keep_ratios.png")
+        plt.close(fig)
+    arch_run = next((r for r in runs if "layers" in r), None)
+    if arch_run:
+        images["kept_widths"] = _heatmap(arch_run, out, plt)
+    return images
+
+
+def _heatmap(run: dict, out: Path, plt) -> str:
+    cols = ["attn.in", "attn.head_dim", "attn.out", "mlp.in", "mlp.hidden", "mlp.out"]
+    rows = []
+    for layer in run["layers"]:
+        row = []
+        for kind, inner in (("attn", "head_dim"), ("mlp", "hidden")):
+            b = layer[kind]
+            row += [len(b[k]) if b else 0 for k in ("in", inner, "out")]
+        rows.append(row)
+    full = [max(r[c] for r in rows) or 1 for c in range(6)]
+    frac = [[r[c] / full[c] for c in range(6)] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(rows) + 1.5))
+    im = ax.imshow(frac, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(6), cols, rotation=30, fontsize=8)
+    ax.set_ylabel("layer")
+    for i, r in enumerate(rows):
+        for c, v in enumerate(r):
+            ax.text(c, i, str(v), ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(im, label="kept fraction (of the widest)")
+    img = _png(fig, out / "kept_widths.png")
+    plt.close(fig)
+    return img
+
+
+def write_report(runs: list[dict], out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = plot_block_performance(runs, out)
+    parts = ["<html><head><meta charset='utf-8'><title>p3bkit block performance</title></head><body>",
+             "<h1>Block Performance (ΔΨ) per Attention and MLP block</h1>"]
+    for name, data in images.items():
+        parts.append(f"<h2>{name.replace('_', ' ')}</h2><img src='data:image/png;base64,{data}'>")
+    for run in runs:
+        parts.append(f"<h2>{html.escape(run['label'])}</h2>")
+        r = run.get("rates", {})
+        if "prune_rate_total" in r:
+            parts.append(f"<p>pruned {100 * r['prune_rate_total']:.1f}% of all parameters, "
+                         f"{100 * r['prune_rate_blocks']:.1f}% of block parameters (budget: {r.get('budget', '?')})</p>")
+        parts.append("<table border=1><tr><th>block</th><th>ΔΨᶜ</th><th>ΔΨᵖ</th><th>κ</th></tr>")
+        for i, (c, p) in enumerate(zip(run["delta_c"], run["delta_p"])):
+            kappa = f"{run['kappa'][i]:.6g}" if "kappa" in run else "–"
+            parts.append(f"<tr><td>{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}</td><td>{c:.6g}</td><td>{p:.6g}</td>"
+                         f"<td>{kappa}</td></tr>")
+        parts.append("</table>")
+    (out / "index.html").write_text("\n".join(parts) + "</body></html>")
+    (out / "block_performance.json").write_text(json.dumps(runs, indent=1))
+    return out / "index.html"

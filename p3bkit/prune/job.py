@@ -1,0 +1,259 @@
+"""`p3bkit prune`: P3B → surgery → a pruned folder, through the run skeleton (`train.run`).
+
+A prune run writes into its output folder: `checkpoint.pt` (atomically, every epoch and on
+SIGTERM/SIGINT; `--resume` continues from it to the same result), `log.jsonl` (every mask update
+and epoch), `pruned/` (arch.json + model.safetensors) and `summary.json`. It runs unchanged under
+torchrun (DDP: `batch_size` is the global batch; accumulators are all-reduced before every mask
+update and every rank checks that its masks equal rank 0's).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from p3bkit.console import notify
+from p3bkit.errors import P3BError
+from p3bkit.prune.pruner import P3BConfig, P3BPruner
+from p3bkit.prune.schedule import Schedule
+from p3bkit.train.dist import DistContext, all_reduce_sum_, check_identical, init_distributed, require_device
+from p3bkit.train.run import CHECKPOINT, LOG, Checkpoints, EpochLoop, RunFolder, RunLog, run_epochs
+
+SUMMARY = "summary.json"
+RESUME_FREE = ("out", "progress", "stop_after_epoch", "device", "keep_checkpoint")  # may change on --resume
+
+
+@dataclass
+class PruneJob:
+    """Everything a `p3bkit prune` run needs (plain data, stored in summary.json)."""
+
+    out: str
+    recipe: str = "quick"  # recorded; the CLI fills unset settings from it (prune.recipes)
+    model: str = "digits-vit"
+    model_kwargs: dict = field(default_factory=dict)  # timm constructor arguments (img_size, num_classes, …)
+    pretrained: bool = False
+    pretrained_file: str | None = None  # local weights through timm's loader (classifier re-initialised if needed)
+    checkpoint: str | None = None
+    data: str = "digits"
+    augment: str = "auto"  # deit | light | none | auto (data.transforms.resolve_augment)
+    epochs: tuple[int, int, int] = (1, 4, 4)  # warm-up, sparsify, sharpen
+    batch_size: int = 64
+    structure: str = "inner"  # head dims + MLP hidden: wins on accuracy and latency (README, results)
+    round_to: int = 1
+    io_mode: str = "auto"
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+    distill_teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    progress: bool = True
+    keep_checkpoint: bool = False  # a finished run removes checkpoint.pt unless asked to keep it
+    latency_table: str | None = None  # latency budget: the table (p3bkit latency-table) and p3b.target_ms …
+    target_speedup: float | None = None  # … or a speedup over the table's measured dense model
+    stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
+    p3b: P3BConfig = field(default_factory=P3BConfig)
+
+
+def _validate(job: PruneJob) -> None:
+    from p3bkit.models.arch import ARCH_FILE, read_arch
+
+    if (Path(job.model) / ARCH_FILE).is_file() and read_arch(job.model).layers:
+        raise P3BError(f"{job.model} is already pruned; pruning it again is not supported: prune its dense model "
+                       "(the source named in its arch.json, with --checkpoint for fine-tuned weights) to the smaller "
+                       "budget instead")
+    if not 0 < job.p3b.keep <= 1:
+        raise P3BError(f"keep ratio must be in (0, 1], got {job.p3b.keep}")
+    if (job.p3b.target_ms is not None or job.target_speedup is not None) and job.latency_table is None:
+        raise P3BError("a latency target needs --latency-table (make one with p3bkit latency-table MODEL --backend ...)")
+    if any(e < 0 for e in job.epochs) or job.epochs[1] + job.epochs[2] == 0:
+        raise P3BError(f"epochs (warm-up, sparsify, sharpen) = {job.epochs}: need ≥ 0 each and sparsify+sharpen ≥ 1")
+    if job.p3b.update_every < 1:
+        raise P3BError("mask update frequency must be ≥ 1")
+    require_device(job.device)
+
+
+def _latency_table(job: PruneJob, gated):
+    """The job's latency table, checked against this machine and model; sets p3b.target_ms from a speedup."""
+    if job.latency_table is None:
+        return None
+    from p3bkit.backends import machine_info
+    from p3bkit.latency.table import LatencyTable, model_dims
+
+    table = LatencyTable.load(job.latency_table)
+    table.check_model(model_dims(gated.spec), job.model)
+    table.check_machine(machine_info(table.threads))
+    if job.target_speedup is not None:
+        job.p3b.target_ms = table.dense_ms / job.target_speedup
+    if job.p3b.target_ms is None:
+        raise P3BError("--latency-table needs a target: --target-latency-ms or --target-speedup")
+    return table
+
+
+def _teacher(job: PruneJob, device: str):
+    from p3bkit.models.factory import create_model
+
+    if job.distill_teacher is None:
+        return None
+    return create_model(job.distill_teacher, checkpoint=job.teacher_checkpoint).to(device).eval()
+
+
+def _warn_sparse_updates(sched: Schedule, every: int, ctx: DistContext) -> None:
+    """A schedule with a handful of mask updates per phase jumps straight to its targets."""
+    for phase, steps in (("sparsify", sched.sparsify_steps), ("sharpen", sched.sharpen_steps)):
+        if steps and steps // every < 3 and ctx.main:
+            notify(f"warning: only {steps // every} mask update(s) during {phase} ({steps} iterations, one update "
+                   f"every {every}); lower --update-every (the paper scales it with the data size)")
+
+
+def _settings(job: PruneJob) -> dict:
+    """The settings a checkpoint must be resumed with, flat (p3b.* for the pruning settings)."""
+    d = asdict(job)
+    flat = {k: v for k, v in d.items() if k not in RESUME_FREE and k != "p3b"}
+    flat.update({f"p3b.{k}": v for k, v in d["p3b"].items()})
+    return flat
+
+
+def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
+    """Prune with P3B, apply surgery, write the pruned folder; return the summary.
+
+    The run folder must be new or empty (`force`: write into it anyway, replacing an earlier
+    run's own files and keeping everything else); `resume` continues from its checkpoint when the
+    settings match. Runs unchanged under `torchrun` (DDP: --batch-size is the global batch).
+    """
+    from p3bkit.data import load_data_for, make_loader
+    from p3bkit.models import add_gates
+    from p3bkit.models.factory import build_user_model
+    from p3bkit.prune.bpi import ce_loss, hard_distillation_loss
+    from p3bkit.train.fit import seed_everything
+
+    _validate(job)
+    folder = RunFolder(Path(job.out), "prune", SUMMARY)
+    resuming = folder.open((job.model,) if Path(job.model).is_dir() else (), resume, force)
+    ctx = init_distributed(job.device)
+    if job.batch_size % ctx.world:
+        raise P3BError(f"batch size {job.batch_size} must be divisible by the {ctx.world} ranks")
+    seed_everything(job.seed + ctx.rank)
+    say = notify if ctx.main else None
+    model = build_user_model(job.model, job.pretrained, job.pretrained_file, job.checkpoint, job.model_kwargs, say)
+    gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
+    data = load_data_for(model, job.data, job.augment, job.pretrained or job.pretrained_file is not None, say)
+    if getattr(model, "dist_token", None) is not None:
+        model.set_distilled_training(True)
+    teacher = _teacher(job, ctx.device)
+    local_batch = job.batch_size // ctx.world
+    spe = len(make_loader(data.train, local_batch, True, rank=ctx.rank, world=ctx.world))
+    if spe == 0:
+        raise P3BError(f"the training set has fewer than {job.batch_size} samples: lower --batch-size")
+    if data.mixup is not None and local_batch % 2:
+        raise P3BError(f"Mixup/CutMix pair up images: the per-rank batch ({local_batch}) must be even")
+    sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
+    _warn_sparse_updates(sched, job.p3b.update_every, ctx)
+    table = _latency_table(job, gated)
+    pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
+                       lr_scale=job.batch_size / 512, latency_table=table).to(ctx.device)
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        pruner.set_forward(DDP(gated, broadcast_buffers=False, find_unused_parameters=True),
+                           DDP(pruner.bpi, find_unused_parameters=True))
+    folder.create(resuming, ctx)  # only now: bad models, data or checkpoints leave no folder behind
+    log = RunLog(folder.path / LOG, ctx)
+    checkpoints = Checkpoints(folder.path / CHECKPOINT, _settings(job), ctx, log)
+    t0 = time.time()
+    start = checkpoints.restore(_loader_of_state(pruner)) if resuming else (0, 0)
+    loop = _epoch_loop(job, pruner, data, teacher, log, ctx)
+    if not run_epochs(loop, ctx, checkpoints, start, job.stop_after_epoch):
+        return {"stopped_after_epoch": job.stop_after_epoch}
+    summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx)
+    folder.finish(job.keep_checkpoint, ctx)
+    return summary
+
+
+def _loader_of_state(pruner: P3BPruner):
+    def load(state: dict) -> None:
+        pruner.load_state_dict(state["pruner"])
+        pruner.load_extra_state(state["extra"])
+    return load
+
+
+def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ctx: DistContext) -> EpochLoop:
+    """One P3B training step per batch; mask updates when due; an evaluation and a log record per epoch."""
+    from p3bkit.data import make_loader
+    from p3bkit.train.fit import evaluate
+
+    dtype = torch.bfloat16 if job.bf16 else None
+    total = sum(job.epochs)
+    soft: dict[int, int] = {}  # steps per epoch that trained on soft (Mixup/CutMix) targets
+
+    def loader(epoch: int, first: int):
+        pruner.gated.train()
+        return make_loader(data.train, job.batch_size // ctx.world, True, seed=job.seed + epoch, rank=ctx.rank,
+                           world=ctx.world, start_batch=first)
+
+    def step(epoch: int, batch) -> dict:
+        x, y = (t.to(ctx.device) for t in batch)
+        if data.mixup is not None:  # the DeiT recipe in every training step (paper, Appendix C)
+            x, y = data.mixup(x, y)
+        t_labels = teacher(x).argmax(-1) if teacher is not None else None
+        stats = pruner.train_step(x, y, t_labels, dtype)
+        soft[epoch] = soft.get(epoch, 0) + int(stats.pop("soft_targets"))
+        if pruner.due():
+            all_reduce_sum_(pruner.accumulators(), ctx)  # every rank computes the same masks
+            record = pruner.update_masks()
+            check_identical(torch.cat([g.mask for g in pruner.gated.gates.values()]), ctx, "the masks")
+            log.append({**record, "type": "mask_update", "epoch": epoch + 1, **stats,
+                        "block_keep": pruner.block_keep_ratio()})
+        return {"loss": f"{stats['loss']:.3f}", "keep": f"{pruner.block_keep_ratio():.3f}"}
+
+    def end_epoch(epoch: int, batches: int) -> None:
+        acc = evaluate(pruner.gated, data.val, device=ctx.device, ctx=ctx)
+        log.append({"type": "epoch", "epoch": epoch + 1, "val_acc": acc, "soft_target_steps": soft.pop(epoch, 0),
+                    "block_keep": pruner.block_keep_ratio(), "total_keep": pruner.total_keep_ratio()})
+        if job.progress and ctx.main:
+            notify(f"epoch {epoch + 1}/{total}: val top-1 {acc:.2f}%, keeping "
+                   f"{100 * pruner.total_keep_ratio():.1f}% of all parameters")
+
+    def state() -> dict:
+        return {"pruner": pruner.state_dict(), "extra": pruner.extra_state()}
+
+    return EpochLoop(total, loader, step, end_epoch, state, "prune", job.progress)
+
+
+def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, ctx: DistContext) -> dict:
+    from p3bkit.fileio import write_json_atomic
+    from p3bkit.models import save
+    from p3bkit.surgery import apply_surgery, check_surgery
+    from p3bkit.train.dist import barrier
+    from p3bkit.train.fit import evaluate
+
+    gated = pruner.gated.eval()
+    masked_acc = evaluate(gated, data.val, device=ctx.device, ctx=ctx)
+    pruned = apply_surgery(gated, round_to=job.round_to, io_mode=job.io_mode)
+    diff = check_surgery(gated, pruned)  # the reference uses the arch's (rounded) indices: exact for any round_to
+    pruned_acc = evaluate(pruned, data.val, device=ctx.device, ctx=ctx)
+    full, kept = float(pruner.params.full.sum()), float(pruner.params.kept().sum())
+    eff = sum(p.numel() for n, p in pruned.named_parameters() if ".fn." in n)
+    params = sum(p.numel() for p in pruned.parameters())
+    nominal = pruner.total_keep_ratio()
+    total = pruner.params.total_params
+    summary = {"job": asdict(job), "val_acc_masked": masked_acc, "val_acc_pruned": pruned_acc, "world": ctx.world,
+               "budget": job.p3b.budget, "keep_target": job.p3b.keep, "block_keep_target": pruner.block_keep,
+               "params_dense": total, "params_kept": round(nominal * total),
+               "total_keep": nominal, "prune_rate_total": 1 - nominal,
+               # tensors in the saved model: a read/write folded into full-width weights (io-mode) or
+               # widths rounded up (round-to) store more than the kept parameters
+               "params_stored": params, "total_keep_stored": params / total,
+               "block_params_full": full, "block_params_kept": kept, "block_keep_nominal": kept / full,
+               "prune_rate_blocks": 1 - kept / full, "block_params_effective": eff,
+               "lr_model": pruner.optimizer.param_groups[0]["lr"], "lr_bpi": pruner.optimizer.param_groups[-1]["lr"],
+               "surgery_max_abs_diff": diff, "seconds": seconds, "kappa": pruner.kappa.tolist(),
+               "disabled_blocks": [i for i, d in enumerate(pruner.disabled.tolist()) if d]}
+    if pruner.costs is not pruner.params:
+        summary["latency"] = pruner.costs.report(pruned.p3b_arch.layers)
+    if ctx.main:
+        save(pruned, out / "pruned")  # save() copies tensors to the CPU; the model stays on its device
+        write_json_atomic(out / SUMMARY, summary)
+    barrier(ctx)
+    return summary

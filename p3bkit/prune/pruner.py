@@ -1,0 +1,250 @@
+"""The P3B pruner: one training step, mask updates, in order (paper §3, Appendix A–C).
+
+`P3BPruner` owns the gated model, the BPI, the optimizer and the accumulators between mask
+updates; what it allocates is an `Allocation` (`prune.allocation`: the paper's, uniform, global
+magnitude, fixed) over a cost model (`prune.costs`: parameters, or predicted ms). Every
+`update_every` steps after warm-up it turns the accumulated ΔΨ into branch keep ratios and the
+accumulated Taylor scores into new soft masks. Masks are buffers: AdamW never sees them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from p3bkit.models.gates import GatedViT
+from p3bkit.prune.allocation import Allocation, AllocationInput, make_allocation, ramp
+from p3bkit.prune.bpi import BPI, ClassHead, Criterion, StateRecorder, ce_loss
+from p3bkit.prune.costs import LatencyCosts, ParameterCosts
+from p3bkit.prune.importance import GATE_FACTORS
+from p3bkit.prune.masks import soft_mask_values, threshold_count
+from p3bkit.prune.schedule import Schedule
+
+AllocationName = Literal["p3b", "uniform", "global-magnitude"]
+BudgetScope = Literal["total", "blocks"]
+EmptyBlocks = Literal["disable", "regrow"]
+
+
+@dataclass
+class P3BConfig:
+    """Pruning hyper-parameters; defaults are the paper's Table 5 (epochs set by the trainer)."""
+
+    keep: float = 0.5
+    budget: BudgetScope = "total"  # keep is a fraction of all parameters (the paper's), or of branch parameters
+    update_every: int = 1000
+    alpha: float = 0.5
+    tau: float = 0.1
+    m_ref: float = 0.9
+    smoothing: float = 10.0
+    ema_momentum: float = 0.2
+    lr_model: float = 5e-4
+    lr_bpi: float = 5e-4
+    weight_decay: float = 0.05
+    frozen: bool = False  # Appendix G: model lr 1e-8, so Taylor scores still get gradients
+    empty_blocks: EmptyBlocks = "disable"  # an emptied branch stays empty, or may regrow (prune.allocation)
+    bpi_class_head: ClassHead = "linear"  # the paper's Linear, or LayerNorm + Linear
+    allocation: AllocationName = "p3b"
+    keep_ratios: list[float] | None = None  # handcrafted per-branch κ (ablations)
+    target_ms: float | None = None  # latency budget (needs a LatencyTable; `keep` is then unused)
+    gate_factors: dict[str, float] = field(default_factory=lambda: dict(GATE_FACTORS))
+
+
+class P3BPruner(nn.Module):
+    """Trains a gated ViT while pruning it with P3B."""
+
+    def __init__(self, gated: GatedViT, cfg: P3BConfig, schedule: Schedule, criterion: Criterion = ce_loss,
+                 lr_scale: float = 1.0, latency_table=None) -> None:
+        """`lr_scale` multiplies both learning rates (the DeiT rule: batch size / 512).
+
+        With `cfg.target_ms` and a `latency_table`, every branch's cost is its predicted milliseconds
+        on the table's runtime instead of its parameter count.
+        """
+        super().__init__()
+        self.gated, self.cfg, self.schedule, self.criterion = gated, cfg, schedule, criterion
+        self.bpi = BPI.for_model(gated.model, cfg.bpi_class_head)
+        self.branches = [b for _, b in gated.branches()]
+        self.params = ParameterCosts(gated, cfg.keep, cfg.budget)
+        self.costs = LatencyCosts(gated, latency_table, cfg.target_ms) if cfg.target_ms else self.params
+        self.allocation: Allocation = make_allocation(cfg)
+        n = len(self.branches)
+        self.register_buffer("delta_c", torch.zeros(n))
+        self.register_buffer("delta_p", torch.zeros(n))
+        self.register_buffer("delta_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("kappa", torch.ones(n))
+        self.register_buffer("disabled", torch.zeros(n, dtype=torch.bool))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.optimizer = torch.optim.AdamW(self._param_groups(lr_scale))
+        for gate in gated.gates.values():
+            gate.track = True
+        self._fwd = {"model": gated, "bpi": self.bpi}  # DDP wrappers under torchrun (not submodules)
+
+    @property
+    def block_keep(self) -> float:
+        """The fraction of total branch cost (parameters or predicted ms) the allocation keeps."""
+        return self.costs.block_keep
+
+    def _param_groups(self, lr_scale: float) -> list[dict]:
+        """Model (decay on weights only, timm's rule) and BPI groups; the frozen ablation uses lr 1e-8."""
+        from timm.optim import param_groups_weight_decay
+
+        model = self.gated.model
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        lr_model = 1e-8 if self.cfg.frozen else self.cfg.lr_model * lr_scale
+        groups = [dict(g, lr=lr_model) for g in param_groups_weight_decay(model, self.cfg.weight_decay, no_weight_decay_list=skip)]
+        return groups + [{"params": list(self.bpi.parameters()), "lr": self.cfg.lr_bpi * lr_scale, "weight_decay": 0.0}]
+
+    def set_forward(self, model: nn.Module, bpi: nn.Module) -> None:
+        """Run the model and BPI forward through these (e.g. DistributedDataParallel) wrappers."""
+        self._fwd = {"model": model, "bpi": bpi}
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None,
+                   autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+        """Forward, backward (model + BPI), optimizer step; accumulates ΔΨ and Taylor scores.
+
+        `y` is class indices or, with Mixup/CutMix, soft targets (B, K); the losses take both.
+        Accumulation restarts when warm-up ends, so the first mask update averages pruning-time
+        steps only (the BPI heads are still untrained during warm-up).
+        """
+        recorder = StateRecorder(self.gated.model)
+        try:
+            with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = self._fwd["model"](x)
+                cls, dist = (out if isinstance(out, tuple) else (out, None))
+                loss = self.criterion(cls, dist, y, teacher)
+                bpi_loss, d_c, d_p = self._fwd["bpi"](recorder.take(), y, self.criterion, teacher)
+        finally:
+            recorder.remove()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss + bpi_loss).backward()
+        self.optimizer.step()
+        self.delta_c += d_c.float()
+        self.delta_p += d_p.float()
+        self.delta_count += 1
+        self.step += 1
+        if int(self.step) == self.schedule.warmup_steps:
+            self.reset_accumulators()
+        labels = y.argmax(-1) if y.dim() == 2 else y
+        correct = (cls.argmax(-1) == labels).float().mean()
+        return {"loss": loss.item(), "bpi_loss": bpi_loss.item(), "acc": correct.item(), "soft_targets": y.dim() == 2}
+
+    def accumulators(self) -> list[torch.Tensor]:
+        """Every tensor summed between mask updates (ΔΨ and Taylor scores): what DDP all-reduces."""
+        tensors = [self.delta_c, self.delta_p, self.delta_count]
+        for g in self.gated.gates.values():
+            tensors += [g.score_sum, g.grad_sum, g.score_count]
+        return tensors
+
+    def reset_accumulators(self) -> None:
+        """Forget ΔΨ and Taylor scores accumulated so far."""
+        self.delta_c.zero_(), self.delta_p.zero_(), self.delta_count.zero_()
+        for gate in self.gated.gates.values():
+            gate.reset_scores()
+
+    def due(self) -> bool:
+        """A mask update is due after this step (never during warm-up; always on the last step)."""
+        step = int(self.step)
+        phase, _, _ = self.schedule.at(step - 1)
+        last = step == self.schedule.total
+        return phase != "warmup" and (step % self.cfg.update_every == 0 or last)
+
+    # ---- mask updates --------------------------------------------------------------------------
+
+    def _order(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(local scores, their descending order, cost of keeping the top k) of branch `i`."""
+        gates = self.branches[i].gates()
+        scores = self.allocation.local_scores(self.branches[i])
+        gate_id = torch.cat([torch.full((g.size,), j) for j, g in enumerate(gates.values())])
+        order = torch.argsort(scores, descending=True, stable=True)
+        return scores, order, self.costs.curve(i, gate_id[order])
+
+    def allocation_input(self) -> AllocationInput:
+        count = self.delta_count.clamp(min=1)
+
+        def curves():
+            return [(scores[order], cost) for scores, order, cost in map(self._order, range(len(self.branches)))]
+        return AllocationInput((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.costs.kept(),
+                               self.costs.full, self.costs.unit, self.disabled.cpu(), self.block_keep, curves)
+
+    @torch.no_grad()
+    def record_measurements(self, delta_c: torch.Tensor, delta_p: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
+        """Measurements from outside the training loop (latency checks, tests): one step's ΔΨ per
+        branch and Taylor scores per gate (`scores`, keyed like `gated.gates`)."""
+        self.delta_c += delta_c.to(self.delta_c)
+        self.delta_p += delta_p.to(self.delta_p)
+        self.delta_count += 1
+        for name, gate in self.gated.gates.items():
+            gate.record(scores[name].to(gate.score_sum), torch.zeros_like(gate.grad_sum))
+
+    @torch.no_grad()
+    def update_masks(self, step: int | None = None) -> dict:
+        """Recompute κ and all soft masks from the accumulators, then reset them.
+
+        `step`: the schedule position the update is for (default: after the current training step);
+        `schedule.total` gives the final, hard masks at the targets.
+        """
+        step = int(self.step) if step is None else step
+        phase, progress, tau = self.schedule.at(step - 1)
+        tau = 0.0 if step >= self.schedule.total else tau
+        disables = self.allocation.disables_empty
+        if disables:
+            self._disable_empty_branches()
+        target = self.allocation.targets(self.allocation_input())
+        self.kappa.copy_(ramp(target, progress, self.disabled.cpu() if disables else None))
+        carry = 0.0  # rounding to whole units is carried to the next branch, so the sum meets the budget
+        for i, kappa in enumerate(self.kappa.tolist()):
+            carry = self._update_branch(i, kappa, tau, carry if kappa > 0 else 0.0)
+        count = self.delta_count.clamp(min=1)
+        record = {"step": step, "phase": phase, "tau": tau,
+                  "delta_c": (self.delta_c / count).tolist(), "delta_p": (self.delta_p / count).tolist(),
+                  "kappa_target": target.tolist(), "kappa": self.kappa.tolist(), "disabled": self.disabled.tolist(),
+                  "kept_params": self.params.kept().tolist(), "full_params": self.params.full.tolist(),
+                  **self.costs.log_fields()}
+        self.reset_accumulators()
+        return record
+
+    def _disable_empty_branches(self) -> None:
+        """Take emptied branches out of the allocation for good (`prune.allocation` says why).
+
+        A dead branch (some gate exactly 0 everywhere) has measured nothing since the last update:
+        no ΔΨ, no Taylor scores, no gradients; regrowing it would pick units by index order, so it
+        is disabled under either policy. With `empty_blocks="disable"` a branch whose masks keep no
+        element (all < 0.5) is disabled too, although its soft tail still passes a little signal.
+        """
+        for i, branch in enumerate(self.branches):
+            dead = any(not bool((g.mask > 0).any()) for g in branch.gates().values())
+            if dead or (branch.widths().empty and self.cfg.empty_blocks == "disable"):
+                self.disabled[i] = True
+
+    def _update_branch(self, i: int, kappa: float, tau: float, carry: float = 0.0) -> float:
+        """New soft masks for κ·cost (+ `carry`) of branch `i`; returns the shortfall to carry on."""
+        gates = self.branches[i].gates()
+        scores, order, cost = self._order(i)
+        n = scores.numel()
+        target = kappa * float(cost[-1]) + carry
+        keep_count = threshold_count(cost, target)
+        values = torch.empty(n)
+        values[order.flip(0)] = soft_mask_values(n, n - keep_count, tau, self.cfg.m_ref)
+        for gate, part in zip(gates.values(), values.split([g.size for g in gates.values()])):
+            gate.mask.copy_(part.to(gate.mask.device))
+        return target - float(cost[keep_count])
+
+    # ---- reporting and state ---------------------------------------------------------------------
+
+    def block_keep_ratio(self) -> float:
+        """Kept branch parameters (mask ≥ 0.5) over all branch parameters."""
+        return float(self.params.kept().sum() / self.params.full.sum())
+
+    def total_keep_ratio(self) -> float:
+        """Kept parameters of the whole model (unprunable ones included) over all its parameters."""
+        return float((self.params.kept().sum() + self.params.other_params) / self.params.total_params)
+
+    def extra_state(self) -> dict:
+        return {"allocation": self.allocation.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.allocation.load_state_dict(state["allocation"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,135 @@
+"""Plain supervised training and evaluation (dense pre-training and the DeiT-style fine-tune).
+
+`fit` is AdamW (timm's weight-decay groups) with a linear warm-up and cosine decay, label
+smoothing or Mixup/CutMix when the data brings it, under torchrun when launched by it, and runs
+through the run skeleton (`train.run`): checkpoints every epoch and on SIGTERM/SIGINT, exact resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from p3bkit.data import DataBundle, make_loader
+from p3bkit.train.dist import DistContext, all_reduce_sum_
+from p3bkit.train.run import Checkpoints, EpochLoop, run_epochs
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # timm's Mixup/CutMix draw from numpy
+    torch.manual_seed(seed)
+
+
+def logits_of(out: torch.Tensor | tuple) -> torch.Tensor:
+    """Class logits of a model output (distilled models in train mode return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 256, device: str = "cpu",
+             ctx: DistContext | None = None) -> float:
+    """Top-1 accuracy in percent (each rank scores its shard; counts are summed over ranks)."""
+    ctx = ctx or DistContext(device=device)
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64)
+    for x, y in make_loader(ds, batch_size, shuffle=False, rank=ctx.rank, world=ctx.world):
+        pred = logits_of(model(x.to(device))).argmax(-1)
+        counts += torch.tensor([float((pred.cpu() == y).sum()), float(len(y))], dtype=torch.float64)
+    all_reduce_sum_([counts], ctx)
+    model.train(was_training)
+    return float(100.0 * counts[0] / counts[1].clamp(min=1))
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
+    """AdamW (no decay on biases, norms, tokens: timm's rule) + linear warm-up + cosine decay."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip), lr=cfg.lr)
+    total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
+        ctx: DistContext | None = None, checkpoints: Checkpoints | None = None, resume: bool = False) -> list[dict]:
+    """Train `model` on `data` (see module doc); returns the per-epoch history (loss, val top-1).
+
+    Under torchrun (`ctx.active`) the model is wrapped in DistributedDataParallel and
+    `cfg.batch_size` is the global batch, split over the ranks. With `checkpoints`, `resume`
+    continues from its file when there is one.
+    """
+    ctx = ctx or DistContext(device=cfg.device)
+    seed_everything(cfg.seed + ctx.rank)
+    model.to(ctx.device).train()
+    net = model
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model)
+    local = cfg.batch_size // ctx.world
+    opt, sched = _optimizer(model, cfg, len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world)))
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if data.mixup else cfg.label_smoothing)
+    run = {"running": 0.0, "history": []}
+
+    def load(state: dict) -> None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        run.update(running=state["running"], history=json.loads(state["history"]))
+
+    def step(epoch: int, batch) -> dict:
+        x, y = (t.to(ctx.device) for t in batch)
+        if data.mixup is not None:
+            x, y = data.mixup(x, y)
+        loss = criterion(logits_of(net(x)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        run["running"] += loss.item()
+        return {"loss": f"{loss.item():.3f}"}
+
+    def end_epoch(epoch: int, batches: int) -> None:
+        acc = evaluate(model, data.val, device=ctx.device, ctx=ctx)
+        run["history"].append({"epoch": epoch + 1, "loss": run["running"] / max(batches, 1), "val_acc": acc})
+        run["running"] = 0.0
+
+    def state() -> dict:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "running": run["running"], "history": json.dumps(run["history"])}
+
+    def loader(epoch: int, first: int):
+        return make_loader(data.train, local, True, seed=cfg.seed + epoch, rank=ctx.rank, world=ctx.world,
+                           start_batch=first)
+
+    start = checkpoints.restore(load) if checkpoints and resume and checkpoints.path.is_file() else (0, 0)
+    run_epochs(EpochLoop(cfg.epochs, loader, step, end_epoch, state, desc, cfg.progress), ctx, checkpoints, start)
+    model.eval()
+    return run["history"]

@@ -1,0 +1,94 @@
+"""The training commands besides pruning: `train` (a dense model, e.g. a pretrained DeiT on your
+classes → a model folder that `prune --model` takes) and `finetune` (a pruned folder → the DeiT
+recipe → a fine-tuned folder). Both run through the run skeleton (`train.run`): output-folder
+rules, checkpoints every epoch and on SIGTERM/SIGINT, resume with the same settings only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from p3bkit.console import notify
+from p3bkit.errors import P3BError
+from p3bkit.fileio import write_json_atomic
+from p3bkit.train.dist import init_distributed, require_device
+from p3bkit.train.run import CHECKPOINT, Checkpoints, RunFolder
+
+
+def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64,
+                 lr: float = 5e-4, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
+                 progress: bool = True, force: bool = False, resume: bool = False,
+                 keep_checkpoint: bool = False, augment: str = "auto") -> dict:
+    """Fine-tune a pruned folder with the DeiT recipe (lr = base·batch/512) and save it to `out`."""
+    import torch.nn as nn
+    from timm.layers import DropPath
+
+    from p3bkit.data import load_data_for
+    from p3bkit.models import load
+    from p3bkit.models.pruned import PrunedBranch
+    from p3bkit.train.fit import FitConfig, fit
+
+    if epochs < 1 or batch_size < 1:
+        raise P3BError(f"fine-tuning needs epochs ≥ 1 and batch size ≥ 1 (got {epochs} and {batch_size})")
+    require_device(device)
+    folder = RunFolder(Path(out), "finetune", "finetune.json")
+    resuming = folder.open((pruned,), resume, force)
+    ctx = init_distributed(device)
+    model = load(pruned)
+    branches = [m for m in model.modules() if isinstance(m, PrunedBranch)]
+    for i, br in enumerate(branches):  # stochastic depth, linearly increasing with depth
+        rate = drop_path * i / max(len(branches) - 1, 1)
+        br.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
+    bundle = load_data_for(model, data, augment, pretrained=True, say=notify if ctx.main else None)
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
+                    progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
+    settings = {"source": str(Path(pruned).resolve()), "data": data, "epochs": epochs, "batch_size": batch_size,
+                "lr": lr, "drop_path": drop_path, "seed": seed, "augment": augment, "world": ctx.world}
+    folder.create(resuming, ctx)
+    history = fit(model, bundle, cfg, desc="finetune", ctx=ctx,
+                  checkpoints=Checkpoints(folder.path / CHECKPOINT, settings, ctx), resume=resuming)
+    for br in branches:
+        br.drop_path = nn.Identity()
+    summary = {"source": str(pruned), "history": history, "val_acc": history[-1]["val_acc"] if history else None,
+               "world": ctx.world}
+    return _write(model, folder, "finetune.json", summary, keep_checkpoint, ctx)
+
+
+def run_train(model: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64, lr: float = 5e-4,
+              model_kwargs: dict | None = None, pretrained: bool = False, pretrained_file: str | None = None,
+              checkpoint: str | None = None, device: str = "cpu", seed: int = 0, progress: bool = True,
+              force: bool = False, resume: bool = False, keep_checkpoint: bool = False, augment: str = "auto") -> dict:
+    """Train or fine-tune a dense model (e.g. an ImageNet DeiT on your classes) into a model folder
+    (a dense `arch.json` + `model.safetensors` that `p3bkit prune --model` takes)."""
+    from p3bkit.data import load_data_for
+    from p3bkit.models.factory import build_user_model
+    from p3bkit.train.fit import FitConfig, fit, seed_everything
+
+    require_device(device)
+    folder = RunFolder(Path(out), "train", "train.json")
+    resuming = folder.open((model, data), resume, force)
+    ctx = init_distributed(device)
+    seed_everything(seed)  # the initialisation of whatever is not loaded (e.g. a new classifier)
+    say = notify if ctx.main else None
+    net = build_user_model(model, pretrained, pretrained_file, checkpoint, model_kwargs or {}, say)
+    bundle = load_data_for(net, data, augment, pretrained or pretrained_file is not None, say)
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
+                    progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
+    settings = {"model": model, "kwargs": model_kwargs or {}, "pretrained": pretrained,
+                "pretrained_file": pretrained_file, "checkpoint": checkpoint, "data": data, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "seed": seed, "augment": augment, "world": ctx.world}
+    folder.create(resuming, ctx)
+    history = fit(net, bundle, cfg, desc="train", ctx=ctx,
+                  checkpoints=Checkpoints(folder.path / CHECKPOINT, settings, ctx), resume=resuming)
+    summary = {"model": model, "history": history, "val_acc": history[-1]["val_acc"], "world": ctx.world}
+    return _write(net, folder, "train.json", summary, keep_checkpoint, ctx)
+
+
+def _write(model, folder: RunFolder, record: str, summary: dict, keep_checkpoint: bool, ctx) -> dict:
+    """Save the model folder and its JSON record (rank 0), then drop the checkpoint unless kept."""
+    from p3bkit.models import save
+
+    if ctx.main:
+        save(model, folder.path)
+        write_json_atomic(folder.path / record, summary)
+    folder.finish(keep_checkpoint, ctx)
+    return summary

@@ -1,0 +1,198 @@
+"""One training run in an output folder: the skeleton prune, train, finetune and the demo share.
+
+- `RunFolder`: the output rules. A folder is new or empty, or `--force` writes into it replacing
+  only this command's own files (a fresh run drops an earlier run's checkpoint, log and summary;
+  its model is replaced atomically when the new one is written); it never is, contains or lies inside the command's input; it is
+  checked for writability before any work, and created only once the model and data are built
+  (bad input leaves no folder behind). `--resume` continues a checkpoint, refuses a finished run
+  and says so when there is nothing to resume.
+- `Checkpoints`: the run's state, position (epochs done, batches into the next) and every rank's
+  RNG states, written atomically every epoch and on SIGTERM/SIGINT; a resume must use the same
+  settings and continues to the same result.
+- `RunLog`: JSON lines; a resume drops the records written after its checkpoint.
+- `run_epochs`: the epoch/batch loop — progress bars, stop signals (a checkpoint at the current
+  batch, then `Interrupted`), a checkpoint after every epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from p3bkit.console import notify, progress
+from p3bkit.errors import Interrupted, P3BError
+from p3bkit.fileio import check_output_folder
+from p3bkit.train.checkpoint import check_resume_settings, gather_rng, read_checkpoint, set_rng_state, write_checkpoint
+from p3bkit.train.dist import DistContext, all_reduce_sum_, barrier
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class RunFolder:
+    """An output folder and the files a command writes into it."""
+
+    path: Path
+    command: str
+    done: str | None = None  # the record a finished run leaves behind (its summary)
+
+    def open(self, inputs: tuple = (), resume: bool = False, force: bool = False) -> bool:
+        """Check the folder before any work; True when a checkpoint will be resumed."""
+        inputs = tuple(p for p in inputs if p and Path(p).exists())
+        if resume and (self.path / CHECKPOINT).is_file():
+            check_output_folder(self.path, self.command, inputs, force=True)  # its own run folder
+            return True
+        if resume and self.done and (self.path / self.done).is_file():
+            raise P3BError(f"{self.path} holds a finished run ({self.done}) and no checkpoint: nothing to resume")
+        if resume:
+            notify(f"note: no {CHECKPOINT} in {self.path}: starting from scratch")
+        check_output_folder(self.path, self.command, inputs, force=force)
+        return False
+
+    def create(self, resuming: bool, ctx: DistContext) -> None:
+        """Make the folder; a fresh run first removes an earlier run's state (checkpoint, log, summary),
+        so two runs never mix. Models are replaced atomically when the new one is written, so a run
+        that fails keeps the previous model."""
+        if ctx.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not resuming:
+                for f in (CHECKPOINT, LOG, self.done):
+                    if f:
+                        (self.path / f).unlink(missing_ok=True)
+        barrier(ctx)
+
+    def finish(self, keep_checkpoint: bool, ctx: DistContext) -> None:
+        """A complete run removes its checkpoint (often 10–30× the model) unless asked to keep it."""
+        if ctx.main and not keep_checkpoint:
+            (self.path / CHECKPOINT).unlink(missing_ok=True)
+        barrier(ctx)
+
+
+class RunLog:
+    """JSON-lines records of a run, written by rank 0."""
+
+    def __init__(self, path: Path | None, ctx: DistContext) -> None:
+        self.path, self.ctx = path, ctx
+
+    def append(self, record: dict) -> None:
+        if self.path is not None and self.ctx.main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def count(self) -> int:
+        return len(self.path.read_text().splitlines()) if self.path is not None and self.path.is_file() else 0
+
+    def trim(self, count: int) -> None:
+        """Keep the first `count` records (a killed run logged steps it will replay)."""
+        if self.path is None or not self.ctx.main or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()[:count]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+        os.replace(tmp, self.path)
+
+
+class Checkpoints:
+    """Where a run's checkpoint goes, and what a resume must match."""
+
+    def __init__(self, path: Path, settings: dict, ctx: DistContext, log: RunLog | None = None) -> None:
+        self.path, self.ctx, self.log = path, ctx, log
+        self.settings = json.loads(json.dumps(settings))  # JSON-normalised (tuples → lists)
+
+    def save(self, epoch: int, batch: int, state: dict) -> None:
+        rng = gather_rng(self.ctx)  # a collective: every rank takes part
+        if self.ctx.main:
+            write_checkpoint(self.path, {"epoch": epoch, "batch": batch, "state": state, "rng": rng,
+                                         "world": self.ctx.world, "log_records": self.log.count() if self.log else 0,
+                                         "settings": json.dumps(self.settings, sort_keys=True)})
+        barrier(self.ctx)
+
+    def restore(self, load: Callable[[dict], None]) -> tuple[int, int]:
+        """Load the checkpoint's state through `load`; returns (epochs done, batches into the next)."""
+        ck = read_checkpoint(self.path)
+        check_resume_settings(self.path, json.loads(ck["settings"]) if "settings" in ck else None, self.settings)
+        if ck.get("world", 1) != self.ctx.world:
+            raise P3BError(f"{self.path} was written by {ck.get('world', 1)} ranks; resume with the same number")
+        try:
+            load(ck["state"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise P3BError(f"{self.path} does not fit this run ({str(exc).splitlines()[0]}); delete it to start over") from exc
+        set_rng_state(ck["rng"][self.ctx.rank])
+        if self.log is not None:
+            self.log.trim(int(ck.get("log_records", 0)))
+        return int(ck["epoch"]), int(ck["batch"])
+
+
+def install_stop_handlers(flag: dict) -> dict:
+    """SIGTERM/SIGINT set `flag["signal"]` instead of killing; returns the old handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        old[sig] = signal.signal(sig, lambda num, frame: flag.update(signal=signal.Signals(num).name))
+    return old
+
+
+def restore_handlers(old: dict) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+def stop_requested(flag: dict, ctx: DistContext) -> bool:
+    """True on every rank once any rank got a stop signal (so all ranks checkpoint the same batch)."""
+    stop = torch.tensor([1.0 if flag else 0.0])
+    all_reduce_sum_([stop], ctx)
+    return bool(stop.item() > 0)
+
+
+@dataclass
+class EpochLoop:
+    """What a run does per batch and per epoch; `run_epochs` does the rest."""
+
+    epochs: int
+    loader: Callable[[int, int], Iterable]  # (epoch, first batch) → the epoch's remaining batches
+    step: Callable[[int, Any], dict]  # (epoch, batch) → stats for the progress bar
+    end_epoch: Callable[[int, int], None]  # (epoch, batches in it) → evaluate, log
+    state: Callable[[], dict]  # what a checkpoint holds
+    desc: str = "train"
+    progress: bool = True
+
+
+def run_epochs(loop: EpochLoop, ctx: DistContext, checkpoints: Checkpoints | None = None,
+               start: tuple[int, int] = (0, 0), stop_after_epoch: int | None = None) -> bool:
+    """Run the remaining epochs from `start`; False when stopped early by `stop_after_epoch`.
+
+    With `checkpoints`: a checkpoint after every epoch, and on SIGTERM/SIGINT one at the current
+    batch followed by `Interrupted` (a one-line message naming `--resume`).
+    """
+    flag: dict = {}
+    old = install_stop_handlers(flag) if checkpoints else {}
+    epoch, first = start
+    try:
+        while epoch < loop.epochs:
+            bar = progress(loop.loader(epoch, first), desc=f"{loop.desc} {epoch + 1}/{loop.epochs}",
+                           enabled=loop.progress and ctx.main)
+            done = first
+            for done, batch in enumerate(bar, start=first + 1):
+                bar.set_postfix(loop.step(epoch, batch))
+                if checkpoints and stop_requested(flag, ctx):
+                    checkpoints.save(epoch, done, loop.state())
+                    raise Interrupted(f"stopped by {flag.get('signal', 'a signal on another rank')} at epoch "
+                                      f"{epoch + 1}, batch {done}; checkpoint written to {checkpoints.path}, "
+                                      "continue with --resume")
+            loop.end_epoch(epoch, done)
+            epoch, first = epoch + 1, 0
+            if checkpoints:
+                checkpoints.save(epoch, 0, loop.state())
+            if stop_after_epoch is not None and stop_after_epoch <= epoch < loop.epochs:
+                return False
+    finally:
+        restore_handlers(old)
+    return True
