@@ -1,5 +1,5 @@
 # `make demo`: set up and run the main job on the embedded digits data set.
-# `make test`: set up and run the test suite (what CI runs).
+# `make test`: set up, check the import layering (import-linter contracts in pyproject.toml), run the tests (what CI runs).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,6 +16,7 @@ demo: setup
 	$(BIN)/p3bkit demo -o runs/demo --target-speedup 2
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 .PHONY: setup demo test

@@ -1,7 +1,7 @@
 """p3bkit: prune timm Vision Transformers with P3B (Pruning by Block Benefit) and ship them."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from p3bkit.version import __version__
 
 __all__ = ["add_gates", "apply_surgery", "load", "save", "create_model", "__version__"]
 

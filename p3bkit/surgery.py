@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from p3bkit.errors import SurgeryError
-from p3bkit.models.arch import ModelSource, PrunedArch, apply_arch
+from p3bkit.models.arch import ModelSource, PrunedArch, apply_arch, versions
 from p3bkit.models.gates import GatedAttention, GatedMlp, GatedViT
 
 IoMode = Literal["auto", "index", "dense"]
@@ -69,15 +69,7 @@ def masks_to_arch(gated: GatedViT, round_to: int = 1, io_mode: IoMode = "auto") 
                "mlp": _branch_arch(blk.mlp, dim, round_to, io_mode)} for blk in gated.model.blocks]
     source = gated.source or ModelSource(name=type(gated.model).__name__)
     return PrunedArch(source=source, layers=layers, structure=gated.structure, round_to=round_to,
-                      versions=_versions())
-
-
-def _versions() -> dict[str, str]:
-    import timm
-
-    from p3bkit import __version__
-
-    return {"p3bkit": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]}
+                      versions=versions())
 
 
 def harden_masks(gated: GatedViT, arch: PrunedArch) -> None:

@@ -167,16 +167,21 @@ def _timm_names() -> set[str]:
 
 def _dense_arch(model: nn.Module) -> PrunedArch:
     """The architecture file of an unpruned model (no layers: the stock blocks stay)."""
-    import timm
-    import torch
-
-    from p3bkit import __version__
     from p3bkit.models.source import infer_source
 
     inspect_vit(model)
     source = getattr(model, "p3b_source", None) or infer_source(model)
-    return PrunedArch(source=source, layers=[], structure="dense",
-                      versions={"p3bkit": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]})
+    return PrunedArch(source=source, layers=[], structure="dense", versions=versions())
+
+
+def versions() -> dict[str, str]:
+    """The versions an architecture file records (p3bkit, timm, torch)."""
+    import timm
+    import torch
+
+    from p3bkit.version import __version__
+
+    return {"p3bkit": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]}
 
 
 def _check_rebuilds(model: nn.Module, folder: Path) -> None:
