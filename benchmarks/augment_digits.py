@@ -11,7 +11,9 @@ Writes benchmarks/results/augment_digits.{json,md}.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=8e-3, help="base lr at batch 512 (1e-3 at batch 64)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="p3bkit-augment-"))
+    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     data = digits_image_folder(work / "data")
     rows = []
     for aug in args.augments:

@@ -9,7 +9,9 @@ Writes benchmarks/results/empty_blocks.md.
 """
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,6 +29,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="p3bkit-empty-"))
+    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     seed_everything(0)
     dense = create_model("digits-vit-cls")
     fit(dense, load_data("digits"), FitConfig(epochs=30, lr=2e-3, seed=0, progress=False))

@@ -7,9 +7,11 @@ ONNX graph's op types in benchmarks/results/export_deit.md.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import subprocess
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,7 @@ HERE = Path(__file__).parent
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="export-deit-"))
+    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     refs = {"deit_s dense": "deit_small_patch16_224"}
     for structure in ("full", "inner"):
         f = HERE / "results" / "allocations" / f"deit_s_{structure}_75.json"

@@ -14,8 +14,10 @@ Writes benchmarks/results/latency_budget_digits.{json,md} and results/latency/di
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import statistics
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=300)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="latency-digits-"))
+    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     lut = RESULTS / "latency" / f"digits_{args.backend}.json"
     lut.parent.mkdir(parents=True, exist_ok=True)
     table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",

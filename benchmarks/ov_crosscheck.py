@@ -10,6 +10,7 @@ Writes benchmarks/results/ov_crosscheck.{json,md}.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--allocation", default=str(HERE / "results" / "allocations" / "deit_s_full_75.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ov-cross-"))
+    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     arch = PrunedArch.from_json(json.loads(Path(args.allocation).read_text()))
     pruned = save(apply_arch(create_stock_model(arch.source), arch), work / "pruned")
     rows = {}

@@ -12,8 +12,10 @@ Writes benchmarks/results/residual_io.{json,md}.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,6 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     arch = PrunedArch.from_json(json.loads(Path(args.allocation).read_text()))
     work = Path(tempfile.mkdtemp(prefix="residual-io-"))
+    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     dim = create_stock_model(arch.source).embed_dim
     refs = {"dense": arch.source.name}  # the unpruned timm model (random weights)
     for mode in ("index", "dense", "auto"):

@@ -20,8 +20,10 @@ shows the table's prediction.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -70,6 +72,7 @@ def run(args) -> None:
     report = {"device": args.device, "machine_label": machine, "runs": args.runs, "models": {},
               "budget": "fractions of all parameters (the paper's)", "precision": "fp32"}
     work = Path(tempfile.mkdtemp(prefix="table7-"))
+    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     for key in args.models:
         refs, params = build_models(Path(args.allocations), work, key, args.structures)
         for backend in args.backends:
@@ -97,6 +100,7 @@ def run_one(args) -> None:
     report = {"device": "cpu", "machine_label": machine, "runs": args.runs, "models": {}, "one_run": True,
               "budget": "fractions of all parameters (the paper's)", "precision": "fp32"}
     work = Path(tempfile.mkdtemp(prefix="table7-"))
+    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     for key in args.models:
         refs, params = build_models(Path(args.allocations), work, key, args.structures)
         labels, bench_refs = ["dense"], [refs["dense"]]

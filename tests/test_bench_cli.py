@@ -18,6 +18,24 @@ def test_latency_stats_hand_values():
     assert DEVICE_PRESETS["cpu"]["batch"] == 1 and DEVICE_PRESETS["gpu"]["batch"] == 1024
 
 
+def test_the_device_chooses_the_batch_and_keeps_its_index(monkeypatch):
+    """cpu runs batch 1, a GPU batch 1024 (the paper's protocols); cuda:N reaches the runner as cuda:N."""
+    import p3bkit.bench.prepare as prepare_module
+    from p3bkit.bench import run_bench
+
+    seen = []
+
+    def fake_prepare(ref, backend, batch, device, *args, **kwargs):
+        seen.append((batch, device))
+        return Timed(ref, "fake", lambda: None, source=ref)
+
+    monkeypatch.setattr(prepare_module, "prepare", fake_prepare)
+    cfg = BenchConfig(runs=2, warmup=0, warmup_seconds=0)
+    batches = [run_bench(["digits-vit"], device=d, cfg=cfg)["results"][0]["batch"] for d in ("cpu", "gpu", "cuda:1")]
+    assert batches == [1, 1024, 1024] and seen == [(1, "cpu"), (1024, "cuda"), (1024, "cuda:1")]
+    assert run_bench(["digits-vit"], device="cuda:1", batch=8, cfg=cfg)["results"][0]["batch"] == 8
+
+
 def test_models_are_interleaved_and_duration_stops():
     calls: list[str] = []
     models = [Timed(n, "fake", lambda n=n: calls.append(n)) for n in "ab"]

@@ -52,7 +52,10 @@ def test_analyze_writes_figures_with_the_logs_numbers(runs, tmp_path):
 
 
 def test_analyze_plain_model_trains_bpi_only(tmp_path):
-    res = CliRunner().invoke(main, ["analyze", "digits-vit", "--steps", "6", "-o", str(tmp_path)])
+    res = CliRunner().invoke(main, ["analyze", "digits-vit", "--steps", "30", "-o", str(tmp_path)])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "block_performance.json").read_text())
     assert len(data[0]["delta_c"]) == 12 and (tmp_path / "block_performance.png").is_file()
+    first, last = data[0]["bpi_loss"]
+    assert last < first  # the indicators learned ...
+    assert data[0]["model_change"] == 0.0  # ... and the model they measure did not move

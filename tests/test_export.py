@@ -109,12 +109,106 @@ def test_trt_graph_preparation(pruned_folder, tmp_path):
     assert TrtProfile().shapes((3, 224, 224)) == ((1, 3, 224, 224), (1024, 3, 224, 224), (1024, 3, 224, 224))
     with pytest.raises(ExportError):
         TrtProfile(8, 4, 16).shapes((3, 8, 8))
-    assert precision_plan("fp32")["clear"] == ["TF32"]
-    assert precision_plan("fp16")["pin_fp32"] == ["NORMALIZATION", "SOFTMAX"]
     with pytest.raises(ExportError):
         precision_plan("int4")
 
 
+def _fake_tensorrt(layer_types: list[str]):
+    """A stand-in for the `tensorrt` module that records what the engine build asks of it."""
+    import types
+
+    seen: dict = {"set": [], "cleared": [], "pinned": [], "shapes": None, "cache_in": None}
+
+    class Layer:
+        def __init__(self, kind):
+            self.type, self.precision, self.outputs = kind, None, {}
+
+        def set_output_type(self, i, dtype):
+            self.outputs[i] = dtype
+            seen["pinned"].append(self.type)
+
+    class Network:
+        num_layers = len(layer_types)
+        layers = [Layer(t) for t in layer_types]
+
+        def get_layer(self, i):
+            return self.layers[i]
+
+        def get_input(self, i):
+            return types.SimpleNamespace(name="pixel_values")
+
+    class Cache:
+        def serialize(self):
+            return b"timing-cache"
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size): seen["workspace"] = size
+        def set_flag(self, flag): seen["set"].append(flag)
+        def clear_flag(self, flag): seen["cleared"].append(flag)
+        def add_optimization_profile(self, prof): seen["profiles"] = seen.get("profiles", 0) + 1
+        def create_timing_cache(self, data): seen.update(cache_in=data); return Cache()
+        def set_timing_cache(self, cache, ignore_mismatch): pass
+        def get_timing_cache(self): return Cache()
+
+    class Profile:
+        def set_shape(self, name, *shapes): seen["shapes"] = (name, shapes)
+
+    class Builder:
+        def __init__(self, logger): pass
+        def create_network(self, flags): return Network()
+        def create_builder_config(self): return Config()
+        def create_optimization_profile(self): return Profile()
+        def build_serialized_network(self, network, config): return b"serialized-engine"
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger): pass
+        def parse(self, data): return bool(data)
+
+    names = ("FP16", "BF16", "INT8", "TF32", "OBEY_PRECISION_CONSTRAINTS")
+    trt = types.ModuleType("tensorrt")
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(**{n: n for n in names})
+    trt.LayerType = types.SimpleNamespace(**{t: t for t in set(layer_types) | {"NORMALIZATION", "SOFTMAX"}})
+    trt.float32 = "float32"
+    return trt, seen
+
+
+@pytest.mark.parametrize("precision,flags,cleared", [("fp32", [], ["TF32"]),
+                                                    ("fp16", ["FP16", "OBEY_PRECISION_CONSTRAINTS"], [])])
+def test_trt_engine_build_follows_the_precision_plan(tmp_path, monkeypatch, precision, flags, cleared):
+    """The engine build, run against a recording stand-in for TensorRT: the precision's builder flags,
+    LayerNorm/Softmax pinned to fp32 outside fp32, the batch profile, the engine and timing cache written."""
+    import sys
+
+    import torch
+
+    from p3bkit.backends.tensorrt import TrtProfile, build_trt_engine
+
+    trt, seen = _fake_tensorrt(["NORMALIZATION", "MATRIX_MULTIPLY", "SOFTMAX"])
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (tmp_path / "m.onnx").write_bytes(b"graph")
+    cache = tmp_path / "cache.bin"
+    engine = build_trt_engine(tmp_path / "m.onnx", tmp_path / "m.plan", (3, 8, 8), TrtProfile(1, 4, 8), precision, cache)
+    assert engine.read_bytes() == b"serialized-engine" and cache.read_bytes() == b"timing-cache"
+    assert seen["set"] == flags and seen["cleared"] == cleared
+    assert seen["pinned"] == ([] if precision == "fp32" else ["NORMALIZATION", "SOFTMAX"])
+    assert seen["shapes"] == ("pixel_values", ((1, 3, 8, 8), (4, 3, 8, 8), (8, 3, 8, 8)))
+
+
 def test_doctor_lists_backends():
+    import importlib.metadata as md
+    import importlib.util
+
     res = CliRunner().invoke(main, ["doctor"])
     assert res.exit_code == 0 and "onnxruntime" in res.output and "tensorrt" in res.output
+    rows = {line.split()[1]: line for line in res.output.splitlines()}
+    assert rows["onnxruntime"].startswith("ok ") and md.version("onnxruntime") in rows["onnxruntime"]
+    assert rows["openvino"].startswith("ok ") and "precisions fp32,fp16,bf16,int8" in rows["openvino"]
+    trt_here = importlib.util.find_spec("tensorrt") is not None
+    assert rows["tensorrt"].startswith("ok " if trt_here and __import__("torch").cuda.is_available() else "no ")
+    assert "CUDA:" in rows["torch"]

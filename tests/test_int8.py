@@ -9,8 +9,6 @@ is one registered class.
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -179,7 +177,7 @@ def test_cli_choices_come_from_the_registry():
         assert name in out and ",".join(get_backend(name).precisions) in out
 
 
-def test_every_runner_honours_a_precision_or_refuses_it():
+def test_every_runner_honours_a_precision_or_refuses_it(tmp_path):
     """For each registered runtime × precision: bench either runs at exactly that precision or says
     why not; nothing is silently coerced."""
     from p3bkit.bench.prepare import prepare
@@ -188,7 +186,8 @@ def test_every_runner_honours_a_precision_or_refuses_it():
     honoured = {}
     for name in runtimes():
         for prec in PRECISIONS:
-            workdir = Path(tempfile.mkdtemp(prefix="p3bkit-test-"))
+            workdir = tmp_path / f"{name}-{prec}"
+            workdir.mkdir()
             try:
                 p = prepare("digits-vit", name, 1, "cuda" if get_backend(name).device == "cuda" else "cpu", prec, 1,
                             workdir)

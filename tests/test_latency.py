@@ -44,11 +44,20 @@ def test_table_grid_and_prediction_of_the_dense_model(ort_table):
 
 
 def test_validation_times_unseen_pruned_models(ort_table):
+    from p3bkit.latency.measure import random_layers
+    from p3bkit.models.adapter import inspect_vit
+
     rows = validate_table(user_vit(), ort_table, TableConfig(backend="onnxruntime", **QUICK), count=4)
     assert len(rows) == 4
-    for r in rows:
+    rng = np.random.default_rng(1000)  # the validation's seed: the same unseen architectures, rebuilt here
+    archs = [random_layers(inspect_vit(user_vit()), rng) for _ in rows]
+    for r, layers in zip(rows, archs):
         assert r["measured_ms"] > 0 and r["predicted_ms"] > 0
         assert abs(r["error"]) < 1.0  # sanity: the right order of magnitude (the benchmark reports the real error)
+        assert r["predicted_ms"] == pytest.approx(ort_table.predict(layers))  # the table's own prediction ...
+        assert r["error"] == pytest.approx((r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"])  # ... vs timed
+        assert r["head_dims"] == [len(l["attn"]["head_dim"]) if l["attn"] else 0 for l in layers]
+    assert len({r["measured_ms"] for r in rows}) == len(rows)  # each architecture timed on its own
 
 
 def test_prediction_interpolates_and_counts_emptied_branches():

@@ -136,6 +136,21 @@ def test_recipes():
     assert set(RECIPES) == {"paper", "quick"}
 
 
+def test_quick_recipe_is_what_prune_runs_by_default(tmp_path):
+    """Without flags, `p3bkit prune` trains with the quick recipe's batch, learning rates and cadence."""
+    quick = RECIPES["quick"]
+    res = CliRunner().invoke(main, ["prune", "--epochs", "0", "1", "1", "--keep", "0.5", "--no-progress",
+                                    "-o", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["job"]["batch_size"] == quick.batch_size and s["job"]["p3b"]["update_every"] == quick.update_every
+    assert s["lr_model"] == pytest.approx(quick.lr * quick.batch_size / 512)
+    assert s["lr_bpi"] == pytest.approx(quick.lr_bpi * quick.batch_size / 512)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "mask_update"]
+    assert steps and all(st % quick.update_every == 0 for st in steps[:-1])  # the last update ends the schedule
+
+
 def test_cli_paper_recipe_total_budget(tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["prune", "--recipe", "paper", "--epochs", "0", "1", "1", "--update-every", "5",

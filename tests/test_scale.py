@@ -35,19 +35,29 @@ def _cli(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "p3bkit.cli", *args]
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+def _wait_for(ready, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Poll until `ready()` (a state of the run, never a time) while the process is alive."""
     t0 = time.time()
-    while not path.exists():
+    while not ready():
         assert proc.poll() is None, proc.stderr.read()
         assert time.time() - t0 < timeout
         time.sleep(0.05)
 
 
+def _in_epoch_2(out: Path):
+    """True once the run has logged a mask update of its second epoch (and so is past a checkpoint)."""
+    def ready() -> bool:
+        log = out / "log.jsonl"
+        lines = log.read_text().splitlines() if log.is_file() else []
+        return (out / "checkpoint.pt").is_file() and any(
+            '"mask_update"' in x and json.loads(x).get("epoch") == 2 for x in lines)
+    return ready
+
+
 def test_sigkill_mid_epoch_then_resume_matches(reference, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli([*PRUNE, "-o", str(out)]), stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "checkpoint.pt", proc)
-    time.sleep(1.0)  # into epoch 2
+    _wait_for(_in_epoch_2(out), proc)  # mid-epoch 2, after epoch 1's checkpoint
     proc.kill()
     proc.wait()
     assert not (out / "pruned").exists()
@@ -63,8 +73,7 @@ def test_sigkill_mid_epoch_then_resume_matches(reference, tmp_path):
 def test_sigterm_writes_checkpoint_and_resume_matches(reference, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli([*PRUNE, "-o", str(out)]), stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "checkpoint.pt", proc)
-    time.sleep(0.5)
+    _wait_for(_in_epoch_2(out), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "stopped by SIGTERM" in err and "Traceback" not in err

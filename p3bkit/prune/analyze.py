@@ -57,7 +57,8 @@ def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_
                        in_chans=model.patch_embed.proj.in_channels)
     bpi = BPI.for_model(model).to(device)
     opt = torch.optim.AdamW(bpi.parameters(), lr=5e-4, weight_decay=0.0)
-    rec, acc_c, acc_p, count, step = StateRecorder(model), 0.0, 0.0, 0, 0
+    before = [p.detach().clone() for p in model.parameters()]
+    rec, acc_c, acc_p, count, step, losses = StateRecorder(model), 0.0, 0.0, 0, 0, []
     try:
         while step < steps:
             for x, y in make_loader(bundle.train, batch_size, True, seed=seed + step):
@@ -68,6 +69,7 @@ def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                losses.append(loss.item())
                 step += 1
                 if step > steps // 2:
                     acc_c, acc_p, count = acc_c + d_c.cpu(), acc_p + d_p.cpu(), count + 1
@@ -75,8 +77,11 @@ def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_
                     break
     finally:
         rec.remove()
+    k = max(1, len(losses) // 5)  # the BPI loss at the start and the end, each averaged over a fifth of the steps
+    change = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
     return {"label": Path(checkpoint or model_ref).name, "delta_c": (acc_c / count).tolist(),
-            "delta_p": (acc_p / count).tolist(), "updates": 0}
+            "delta_p": (acc_p / count).tolist(), "updates": 0,
+            "bpi_loss": [sum(losses[:k]) / k, sum(losses[-k:]) / k], "model_change": change}
 
 
 def _png(fig, path: Path) -> str:
