@@ -1,4 +1,4 @@
-"""How a pruned block should read and write the residual stream (DESIGN.md §6), per backend.
+"""How a pruned block should read and write the residual stream, per backend.
 
 Takes one P3B allocation (default: DeiT-S, six-gate structure, 75% pruned) and builds the same
 function four ways: gather + ScatterND(add) writes, gather + Concat/Gather writes, everything

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from p3bkit.backends.registry import FP32, INT8
 from p3bkit.errors import P3BError
 from p3bkit.fileio import check_output_folder, write_json_atomic
 from p3bkit.models import load, save
@@ -131,20 +132,20 @@ def speed_table(out_dir: Path, runs: int) -> dict:
     refs, int8 = [str(out_dir / "dense"), str(out_dir / "pruned")], {}
     cpu_formats = [b.format for b in cpu_backends() if b.format]  # onnx, openvino
     for fmt in cpu_formats:
-        for precision in ("fp32", "int8"):
-            folder = out_dir / "export" / (fmt if precision == "fp32" else f"{fmt}-int8")
-            calib = Int8Config("digits") if precision == "int8" else None
+        for precision in (FP32, INT8):
+            folder = out_dir / "export" / (fmt if precision == FP32 else f"{fmt}-{INT8}")
+            calib = Int8Config("digits") if precision == INT8 else None
             try:
                 rec = export_model(str(out_dir / "pruned"), fmt, folder, precision=precision, int8=calib)
             except BackendUnavailable:
                 continue
             except P3BError as exc:  # INT8 that fails its gate or parity check is reported, not shipped
-                if precision == "fp32":
+                if precision == FP32:
                     raise
                 int8[get_backend(fmt).name] = {"error": str(exc)}
                 continue
             refs.append(str(folder / artefact_name(fmt)))
-            if precision == "int8":
+            if precision == INT8:
                 int8[get_backend(fmt).name] = rec.extra["int8"]
     report = run_bench(refs, cfg=BenchConfig(runs=runs, warmup=20, block=20), dense_baselines=True,
                        json_out=str(out_dir / "speed.json"))
@@ -199,7 +200,7 @@ def format_speed(speed: dict) -> str:
              "| runtime | precision | dense ms | pruned ms | speedup (same runtime) | vs fastest dense |",
              "|---|---|---|---|---|---|"]
     for key, ms in sorted(pruned.items(), key=lambda kv: kv[1]):
-        backend, precision = key.rsplit(" ", 1) if " " in key else (key, "fp32")
+        backend, precision = key.rsplit(" ", 1) if " " in key else (key, FP32)
         same = dense.get(backend)
         lines.append(f"| {backend} | {precision} | {same:.3f} | {ms:.3f} | {same / ms:.2f}× | "
                      f"{dense[fastest_dense] / ms:.2f}× |")

@@ -1,4 +1,4 @@
-"""Latency tables and latency budgets (issue 12): measured through real runtimes, on the user's path."""
+"""Latency tables and latency budgets: measured through real runtimes, on the user's path."""
 from __future__ import annotations
 
 import dataclasses

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from p3bkit.backends import PRECISIONS, formats, runtimes
+from p3bkit.backends import BF16, FP16, FP32, INT8, PRECISIONS, formats, get_backend, runtimes
 from p3bkit.cli.options import DEVICE, POSITIVE, boundary
 
 
@@ -47,8 +47,8 @@ def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_d
     if fp16 or bf16:
         if precision:
             raise click.UsageError("give --precision or --fp16/--bf16, not both")
-        precision = "fp16" if fp16 else "bf16"
-    if (val_data or calib_data) and precision not in ("int8", "i8"):
+        precision = FP16 if fp16 else BF16
+    if (val_data or calib_data) and get_backend(fmt).precision(precision) != INT8:
         raise click.UsageError("--calib-data/--val-data are for --precision int8")
     int8 = Int8Config(calib_data, calib_size, val_data, max_drop, val_size) if calib_data else None
     rec = export_model(model, fmt, out, precision=precision, static_batch=static_batch, verify=verify,
@@ -56,7 +56,7 @@ def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_d
                        int8=int8)
     worst = max((s["max_abs_diff"] for b in rec.parity.values() for s in b.values()), default=None)
     parity = f"max abs diff vs torch {worst:.2e}" if verify and worst is not None else "not verified against torch"
-    if verify and rec.precision != "fp32":
+    if verify and rec.precision != FP32:
         stats = [s for b in rec.parity.values() for s in b.values()]
         parity = (f"vs torch on {rec.parity_inputs}: top-1 agreement {min(s['top1_agreement'] for s in stats):.3f}, "
                   f"cosine mean {min(s.get('cosine_mean', 1.0) for s in stats):.4f} / worst "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from p3bkit.backends import all_backends, backend_for_artefact, get_backend
+from p3bkit.backends import FP32, all_backends, backend_for_artefact, get_backend
 from p3bkit.errors import P3BError
 from p3bkit.models.arch import ARCH_FILE
 
@@ -31,7 +31,7 @@ def artefact_precision(path: str | Path) -> str:
     backend = backend_for_artefact(path)
     stored = read_record(path).get("precision")
     if backend is None:
-        return "fp32"
+        return FP32
     return backend.precision(stored) if stored else backend.detect_precision(path)
 
 

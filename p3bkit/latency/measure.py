@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from p3bkit.backends import get_backend
+from p3bkit.backends import FP32, get_backend
 from p3bkit.backends.timing import Timed, time_in_passes, torch_threads
 from p3bkit.console import progress as progress_bar
 from p3bkit.errors import BackendUnavailable, P3BError
@@ -100,7 +100,7 @@ def measure_latency_table(model: nn.Module, name: str, cfg: TableConfig, isolate
     dense_ms, fixed_ms, *calib_ms = run(time_whole_models, model, cfg, [None, []] + calib)
     here = machine_info(cfg.threads)
     table = LatencyTable(model=name, dims=model_dims(spec), backend=cfg.backend, device=cfg.device, batch=cfg.batch,
-                         precision="fp32", threads=here["threads"], machine=here, fixed_ms=fixed_ms, dense_ms=dense_ms,
+                         precision=FP32, threads=here["threads"], machine=here, fixed_ms=fixed_ms, dense_ms=dense_ms,
                          **grid["table"],
                          protocol={"design": "isolated branches, fitted to whole models timed in another process",
                                    "copies": cfg.copies, "runs": cfg.runs, "statistic": "lowest median of 3 passes",
