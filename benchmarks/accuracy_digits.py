@@ -60,7 +60,7 @@ def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> 
                     alpha=m.get("alpha", 0.5), bpi_class_head=m.get("bpi_class_head", "linear"), lr_model=QUICK.lr,
                     lr_bpi=QUICK.lr_bpi)
     epochs = (m.get("warmup", args.epochs[0]), *args.epochs[1:])
-    job = PruneJob(out=str(work / f"{method}_{rate}_{seed}"), model="digits-vit", checkpoint=str(ckpt),
+    job = PruneJob(out=str(work / f"{method}_{rate}_{seed}"), model="digits-vit", weights=str(ckpt),
                    epochs=epochs, structure=m["structure"], seed=seed, progress=False, p3b=cfg)
     s = run_prune(job)
     pruned = load(Path(job.out) / "pruned")

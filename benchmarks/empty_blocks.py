@@ -43,7 +43,7 @@ def main() -> None:
     for keep in (0.5, 0.25, 0.1):
         for policy in ("disable", "regrow"):
             out = work / f"{keep}_{policy}"
-            s = run_prune(PruneJob(out=str(out), model="digits-vit-cls", checkpoint=str(ckpt), epochs=(1, 4, 4),
+            s = run_prune(PruneJob(out=str(out), model="digits-vit-cls", weights=str(ckpt), epochs=(1, 4, 4),
                                    structure="full", progress=False,
                                    p3b=P3BConfig(keep=keep, update_every=5, lr_model=quick.lr, lr_bpi=quick.lr_bpi,
                                                  empty_blocks=policy)))

@@ -43,7 +43,7 @@ FORMAT = {b: get_backend(b).format for b in ("onnxruntime", "openvino")}
 
 
 def prune_and_finetune(work: Path, ckpt: Path, seed: int, name: str, cfg: P3BConfig, table: str | None, finetune: int):
-    job = PruneJob(out=str(work / f"{name}_{seed}"), model="digits-vit", checkpoint=str(ckpt), epochs=(1, 4, 4),
+    job = PruneJob(out=str(work / f"{name}_{seed}"), model="digits-vit", weights=str(ckpt), epochs=(1, 4, 4),
                    structure="inner", seed=seed, progress=False, latency_table=table, p3b=cfg)
     s = run_prune(job)
     pruned = load(Path(job.out) / "pruned")

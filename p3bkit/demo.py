@@ -85,7 +85,7 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
         _save_weights_atomic(dense, ckpt)
         (out_dir / "dense_checkpoint.pt").unlink(missing_ok=True)
     table = _latency_table(out_dir, resume, progress) if target_speedup else None
-    job = PruneJob(out=str(out_dir / "prune"), model="digits-vit", checkpoint=str(ckpt), epochs=prune_epochs,
+    job = PruneJob(out=str(out_dir / "prune"), model="digits-vit", weights=str(ckpt), epochs=prune_epochs,
                    seed=seed, progress=progress, latency_table=table, target_speedup=target_speedup,
                    p3b=P3BConfig(keep=keep, update_every=5, lr_model=RECIPES["quick"].lr, lr_bpi=RECIPES["quick"].lr_bpi))
     done = out_dir / "prune" / "summary.json"
@@ -111,10 +111,9 @@ def _latency_table(out_dir: Path, resume: bool, progress: bool) -> str:
     path = out_dir / "latency.json"
     if resume and path.is_file():
         return str(path)
-    backend = default_table_backend()  # the fastest CPU runtime installed here
-    if not get_backend(backend).format:
-        raise P3BError("a latency budget needs an exporting CPU runtime (onnxruntime or OpenVINO): "
-                       "pip install 'p3bkit[onnx]'")
+    backend = default_table_backend()  # the fastest exporting CPU runtime installed here
+    if not get_backend(backend).status()[0]:
+        raise P3BError("a latency budget needs onnxruntime or OpenVINO: pip install 'p3bkit[onnx]'")
     run_latency_table("digits-vit", path, {"backend": backend, "progress": progress}, force=True)
     return str(path)
 

@@ -53,6 +53,10 @@ def _branch_arch(branch: GatedAttention | GatedMlp, dim: int, round_to: int, io_
         out[key] = kept_indices(gate.mask, mags[key], round_to) if gate is not None else list(range(dim))
         if not out[key]:
             return None  # nothing kept on one axis: the whole branch is an identity residual
+    if "heads" in gates:  # whole heads: a count, not a GEMM width, so never rounded up
+        out["heads"] = kept_indices(gates["heads"].mask, mags["heads"])
+        if not out["heads"]:
+            return None
     out["read"] = _io_mode(len(out["in"]), dim, io_mode, "gather")
     out["write"] = _io_mode(len(out["out"]), dim, io_mode, "scatter")
     return out

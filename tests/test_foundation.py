@@ -64,7 +64,7 @@ def test_save_load_round_trip(tmp_path, sample):
     assert (loaded(sample) - pruned(sample)).abs().max().item() == 0.0
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in pruned.parameters())
     arch = json.loads((tmp_path / "m" / "arch.json").read_text())
-    assert arch["schema"] == 1 and arch["source"]["name"] == "vit_tiny_patch16_224"
+    assert arch["schema"] == 2 and arch["source"]["name"] == "vit_tiny_patch16_224"
     assert arch["versions"]["timm"] == timm.__version__
 
 
@@ -116,3 +116,41 @@ def test_info_counts_match_parameters(tmp_path):
         assert res.exit_code == 0, res.output
         assert json.loads(res.output)["params"] == sum(p.numel() for p in model.parameters())
     assert describe(timm.create_model("deit_small_patch16_224"))["flops"] == pytest.approx(4.6e9, rel=0.01)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_whole_heads_are_removed_exactly(config, fused, sample, tmp_path):
+    """Structure `heads`: a gate over whole heads; surgery keeps the chosen heads' q/k/v rows and proj
+    columns in a timm Attention with that many heads (≤ 1e-5 vs the hard-masked model), saves and reloads."""
+    model = tiny_model(config)
+    ref = model(sample)
+    gated = p3bkit.add_gates(model, "heads")
+    assert (gated(sample) - ref).abs().max().item() == 0.0 and len(gated.gates) == 3 * 3
+    for _, br in gated.branches():
+        br.fused_attn = fused if hasattr(br, "fused_attn") else None
+    random_masks(gated, 0.4, seed=2, empty=("blocks.1.attn.heads",))
+    gated.gates["blocks.0.attn.heads"].mask.copy_(torch.tensor([0.0, 1.0, 1.0]))
+    pruned = apply_surgery(gated)
+    assert check_surgery(gated, pruned) <= 1e-5
+    assert pruned.blocks[0].attn.fn.num_heads == 2 and isinstance(pruned.blocks[1].attn, torch.nn.Identity)
+    assert pruned.p3b_arch.layers[0]["attn"]["heads"] == [1, 2]
+    p3bkit.save(pruned, tmp_path / "m")
+    with torch.no_grad():
+        assert (p3bkit.load(tmp_path / "m")(sample) - pruned(sample)).abs().max().item() == 0.0
+
+
+def test_schema_1_folders_still_load(tmp_path, sample):
+    """A folder written before heads could be pruned (schema 1, no `heads` key) loads with every head."""
+    gated = p3bkit.add_gates(tiny_model())
+    random_masks(gated, 0.5)
+    pruned = apply_surgery(gated)
+    folder = p3bkit.save(pruned, tmp_path / "m")
+    arch = json.loads((folder / "arch.json").read_text())
+    assert all("heads" not in (layer["attn"] or {}) for layer in arch["layers"])  # inner: all heads kept
+    arch["schema"] = 1
+    (folder / "arch.json").write_text(json.dumps(arch))
+    loaded = p3bkit.load(folder)
+    with torch.no_grad():
+        assert (loaded(sample) - pruned(sample)).abs().max().item() == 0.0
+    assert loaded.blocks[0].attn.fn.num_heads == 3

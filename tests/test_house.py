@@ -119,3 +119,16 @@ def test_bench_json_says_which_runtime_ran_each_model(tmp_path):
     rows = json.loads((tmp_path / "b.json").read_text())["results"]
     runtimes = [r["runtime"] for r in rows]
     assert runtimes[0] == "torch" and "onnxruntime (transformer-optimised)" in runtimes and "openvino" in runtimes
+
+
+def test_allocation_choices_are_the_registry():
+    """The CLI lists exactly the registered allocations (the registry is the one place they are named)."""
+    from p3bkit.cli import prune
+    from p3bkit.prune.allocation import ALLOCATIONS
+    from p3bkit.prune.pruner import P3BConfig
+    from p3bkit.prune.allocation import make_allocation
+
+    choices = list(next(p for p in prune.params if p.name == "allocation").type.choices)
+    assert choices == list(ALLOCATIONS) == ["p3b", "uniform", "global-magnitude"]
+    with pytest.raises(P3BError, match="unknown allocation 'nope'"):
+        make_allocation(P3BConfig(allocation="nope"))

@@ -20,6 +20,7 @@ from p3bkit.backends.registry import (
     backend_status,
     cpu_backends,
     default_table_backend,
+    eager_backend,
     formats,
     get_backend,
     register,
@@ -29,4 +30,4 @@ from p3bkit.backends.timing import BenchConfig, Timed, machine_info
 
 __all__ = ["BF16", "FP16", "FP32", "INT8", "PRECISIONS", "Backend", "BenchConfig", "PrecisionError", "Runner", "Timed",
            "all_backends", "artefact_suffixes", "backend_for_artefact", "backend_status", "cpu_backends",
-           "default_table_backend", "formats", "get_backend", "machine_info", "register", "runtimes"]
+           "default_table_backend", "eager_backend", "formats", "get_backend", "machine_info", "register", "runtimes"]

@@ -56,10 +56,13 @@ class OnnxRuntimeBackend(Backend):
     def detect_precision(self, path) -> str:
         from p3bkit.backends.onnx import op_types
 
+        import onnx
+
         ops = op_types(path)
         if ops.get("QuantizeLinear") or ops.get("DequantizeLinear"):
             return INT8
-        return FP16 if _input_dtype(ort_session(path)) == np.float16 else FP32
+        graph_input = onnx.load(str(path), load_external_data=False).graph.input[0]
+        return FP16 if graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else FP32
 
     def export(self, model, tmp, sample, precision, static_batch, opts) -> tuple[list[str], dict]:
         from p3bkit.backends.onnx import export_onnx, op_types

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from p3bkit.errors import ExportError
+
 
 def fixed_batches(x: np.ndarray, size: int) -> list[np.ndarray]:
     """`x` cut into batches of exactly `size` for a static-batch graph, the last one filled by
@@ -68,6 +70,17 @@ class QuantResult:
     kept_in_fp32: list[str] = field(default_factory=list)
     remedy: str = "nothing (within the gate)"
     attempts: list[dict] = field(default_factory=list)
+
+    @property
+    def drop(self) -> float:
+        return self.fp32_top1 - self.int8_top1
+
+    def check(self, max_drop: float) -> None:
+        """The accuracy gate: raise when the drop is above `max_drop` top-1 points (nothing is written)."""
+        if self.drop > max_drop:
+            raise ExportError(f"INT8 accuracy gate failed: top-1 {self.int8_top1:.2f}% vs {self.fp32_top1:.2f}% in "
+                              f"fp32 (drop {self.drop:.2f} > --max-drop {max_drop:g}) after {self.remedy}; "
+                              "nothing was written")
 
 
 @contextlib.contextmanager

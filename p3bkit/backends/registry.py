@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from p3bkit.backends.tolerances import Tolerance, tolerance_for
 from p3bkit.errors import BackendUnavailable, ExportError, P3BError
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from p3bkit.backends.quantization import Int8Data, QuantResult
     from p3bkit.backends.timing import Timed
 
-Precision = Literal["fp32", "fp16", "bf16", "int8"]  # the canonical names, for annotations
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 FP32, FP16, BF16, INT8 = PRECISIONS
 Runner = Callable[["np.ndarray"], "dict[str, np.ndarray]"]  # images in, named outputs (logits) out
@@ -220,6 +219,11 @@ def formats() -> list[str]:
 
 def all_backends() -> list[Backend]:
     return list(_loaded().values())
+
+
+def eager_backend() -> Backend:
+    """The backend that runs model references themselves (no export): the default for models."""
+    return next(b for b in _loaded().values() if not b.format)
 
 
 def cpu_backends() -> list[Backend]:

@@ -18,12 +18,12 @@ import numpy as np
 from p3bkit.backends.quantization import Int8Data, QuantResult
 from p3bkit.backends.registry import BF16, FP16, FP32, INT8, Backend, Runner, register, require
 from p3bkit.backends.timing import Timed
-from p3bkit.errors import BackendUnavailable, ExportError
+from p3bkit.errors import BackendUnavailable, ExportError, P3BError
 
 TRT_SUPPORTED_OPS: frozenset[str] = frozenset({
-    "Abs", "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Erf", "Expand",
+    "Abs", "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "DequantizeLinear", "Div", "Erf", "Expand",
     "Flatten", "Gather", "GatherElements", "Gemm", "Identity", "LayerNormalization", "MatMul", "Mul",
-    "Neg", "Pow", "ReduceMean", "Relu", "Reshape", "ScatterND", "ScatterElements", "Shape", "Sigmoid",
+    "Neg", "Pow", "QuantizeLinear", "ReduceMean", "Relu", "Reshape", "ScatterND", "ScatterElements", "Shape", "Sigmoid",
     "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
 })
 # ScatterND's `reduction` attribute was ignored by older ONNX-parser releases (onnx-tensorrt issue
@@ -180,7 +180,8 @@ class TensorRTBackend(Backend):
         check_trt_available()
 
     def detect_precision(self, path) -> str:
-        return "as built"  # a serialized engine does not say; its export record does
+        raise P3BError(f"{path} has no export record, and a serialized TensorRT engine does not say its precision: "
+                       "build engines with p3bkit export --format trt (which writes the record)")
 
     def status(self) -> tuple[bool, str]:
         import importlib.util
@@ -198,6 +199,7 @@ class TensorRTBackend(Backend):
         info: dict = {}
         if precision == INT8:  # explicit quantization: calibrated, symmetric Q/DQ scales in the graph itself
             info["int8"] = self.quantize(tmp / "model.onnx", tmp / "model.qdq.onnx", opts["int8"])
+            info["int8"].check(opts["int8"].max_drop)  # the QDQ graph first: no engine build for a failed gate
             (tmp / "model.qdq.onnx").replace(tmp / "model.onnx")
         ops = check_trt_ops(str(tmp / "model.onnx"))
         prof = TrtProfile(*(opts["trt_profile"] if not static_batch else (static_batch,) * 3))
@@ -226,9 +228,11 @@ class TensorRTBackend(Backend):
     def timer(self, ref, batch, precision, threads=None, device=None, compile=False) -> Timed:
         import torch
 
+        device = self.check_device(device)
+        torch.cuda.set_device(torch.device(device))  # the engine is deserialized on the current device
         runner = self.runner(ref, precision, threads, device)
         shape = tuple(runner.engine.get_tensor_shape(runner.input))[1:]
-        x = torch.randn(batch, *shape, device="cuda")
+        x = torch.randn(batch, *shape, device=device)
         return Timed(str(ref), self.name, lambda: runner.run_device(x), torch.cuda.synchronize, str(ref),
                      precision=precision)
 

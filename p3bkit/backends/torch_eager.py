@@ -3,11 +3,7 @@ from __future__ import annotations
 
 from p3bkit.backends.registry import BF16, FP16, FP32, Backend, Runner, register
 from p3bkit.backends.timing import Timed
-
-
-def _logits(out):
-    """Class logits of a model output (distilled models in train mode return a tuple)."""
-    return out[0] if isinstance(out, tuple) else out
+from p3bkit.models.adapter import logits_of
 
 
 def _autocast(device: str, precision: str):
@@ -55,7 +51,7 @@ class TorchBackend(Backend):
         @torch.inference_mode()
         def run(x) -> dict:
             with _autocast(device, run_precision):
-                return {"logits": _logits(model(torch.from_numpy(x).to(device))).float().cpu().numpy()}
+                return {"logits": logits_of(model(torch.from_numpy(x).to(device))).float().cpu().numpy()}
         run.input_shape = [None, model.patch_embed.proj.in_channels, *model.patch_embed.img_size]
         return run
 

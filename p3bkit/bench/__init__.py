@@ -12,7 +12,7 @@ from pathlib import Path
 
 from p3bkit.backends.timing import DEVICE_PRESETS, BenchConfig, latency_stats, time_interleaved
 from p3bkit.bench.report import BenchResult, compare_table, results_json, timing_warnings
-from p3bkit.errors import P3BError
+from p3bkit.errors import P3BError, first_line
 from p3bkit.fileio import write_json_atomic
 
 # written into every report: how the numbers were taken
@@ -29,8 +29,8 @@ def _flops(ref: str, notes: list[str]) -> int | None:
 
     try:
         return describe(create_model(ref))["flops"]
-    except P3BError as exc:  # e.g. an artefact without its export record: its source is unknown
-        notes.append(f"no FLOP ratio for {ref}: {exc}")
+    except Exception as exc:  # e.g. an artefact without its export record: its source is unknown
+        notes.append(f"no FLOP ratio for {ref}: {type(exc).__name__}: {first_line(exc)}")
         return None
 
 

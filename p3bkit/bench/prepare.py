@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from p3bkit.backends import FP32, INT8, Backend, Timed, artefact_suffixes, backend_for_artefact, cpu_backends, get_backend
+from p3bkit.backends import (FP32, INT8, Backend, Timed, artefact_suffixes, backend_for_artefact, cpu_backends,
+                             eager_backend, get_backend)
 from p3bkit.errors import BackendUnavailable, P3BError
 from p3bkit.export.records import artefact_in_folder, artefact_precision, source_of
 
@@ -53,7 +54,10 @@ def prepare(ref: str, backend: str | None, batch: int, device: str, precision: s
     if suffix and not owner and not Path(ref).is_dir():
         raise P3BError(f"{ref}: unknown artefact type {suffix!r} (expected a pruned folder, a model name, "
                        f"or one of {', '.join(artefact_suffixes())})")
-    be = get_backend(backend) if backend else owner or get_backend("torch")
+    be = get_backend(backend) if backend else owner or eager_backend()
+    if owner is None and be.device == "cuda" and be.format:  # an engine is built for one GPU and batch profile
+        raise P3BError(f"the {be.name} backend runs built artefacts: p3bkit export {ref} --format {be.format} "
+                       f"(--min-batch/--opt-batch/--max-batch {batch}), then bench {be.artefact}")
     if compile and be.format:
         raise P3BError(f"--compile is torch.compile: it applies to the torch backend, not to {be.name}")
     run = run_precision(be, ref, owner is not None, precision)

@@ -14,7 +14,7 @@ from p3bkit.cli.options import boundary
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @boundary
 def info(model, as_json) -> None:
-    """Parameters, FLOPs and per-block widths of a timm model, preset or pruned folder."""
+    """Parameters, FLOPs, pruning rates, per-branch widths, heads and removed branches of a model."""
     from p3bkit.models.arch import ARCH_FILE, create_stock_model, read_arch
     from p3bkit.models.factory import create_model
     from p3bkit.models.report import describe, pruning_rates
@@ -32,6 +32,13 @@ def info(model, as_json) -> None:
         click.echo(f"pruned {100 * r['prune_rate_total']:.1f}% of all parameters ({r['dense_params']:,} → "
                    f"{r['params']:,}) and {100 * r['prune_rate_blocks']:.1f}% of block parameters "
                    f"({r['dense_block_params']:,} → {r['block_params']:,})")
-    click.echo(f"{'block':>9} {'c_in':>6} {'inner':>6} {'c_out':>6} {'params':>10}")
+    removed = sum(r["removed"] for r in d["blocks"])
+    if removed:
+        click.echo(f"{removed} of {len(d['blocks'])} branches removed (identity residuals)")
+    click.echo(f"{'branch':>9} {'heads':>6} {'c_in':>6} {'inner':>6} {'c_out':>6} {'params':>10}")
     for r in d["blocks"]:
-        click.echo(f"{r['block']:>9} {r['c_in']:>6} {r['inner']:>6} {r['c_out']:>6} {r['params']:>10,}")
+        if r["removed"]:
+            click.echo(f"{r['block']:>9} {'removed':>38}")
+            continue
+        heads = r["heads"] if r["block"].endswith("attn") else "-"
+        click.echo(f"{r['block']:>9} {heads:>6} {r['c_in']:>6} {r['inner']:>6} {r['c_out']:>6} {r['params']:>10,}")

@@ -50,15 +50,16 @@ def architecture_options(fn):
 
 
 def model_options(fn):
-    """--pretrained/--pretrained-file/--checkpoint and the timm constructor arguments."""
+    """--pretrained/--pretrained-file/--weights and the timm constructor arguments."""
     for option in reversed([
         click.option("--pretrained/--no-pretrained", default=False, show_default=True,
                      help="timm pretrained weights (hub or local cache)."),
         click.option("--pretrained-file", type=click.Path(dir_okay=False),
                      help="Local pretrained weights loaded through timm (position embeddings resampled; a "
                           "classifier for another class count is re-initialised)."),
-        click.option("--checkpoint", type=click.Path(dir_okay=False),
-                     help="Local weights of exactly this model (.safetensors or torch file), loaded strictly."),
+        click.option("--weights", "--checkpoint", "weights", type=click.Path(dir_okay=False),
+                     help="Local weights of exactly this model (.safetensors or torch state dict), loaded strictly "
+                          "(--checkpoint is the older spelling)."),
     ]):
         fn = option(fn)
     return architecture_options(fn)

@@ -8,7 +8,7 @@ import click
 from p3bkit.cli.options import DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs
 from p3bkit.prune.recipes import RECIPES
 
-STRUCTURES = click.Choice(["full", "inner"])
+STRUCTURES = click.Choice(["full", "inner", "heads"])
 IO_MODES = click.Choice(["auto", "index", "dense"])
 
 
@@ -44,7 +44,13 @@ IO_MODES = click.Choice(["auto", "index", "dense"])
 @click.option("--allocation", type=click.Choice(["p3b", "uniform", "global-magnitude"]), default="p3b", show_default=True,
               help="p3b: BPI block budgets; uniform: equal κ; global-magnitude: one weight-magnitude threshold.")
 @click.option("--structure", type=STRUCTURES, default="inner", show_default=True,
-              help="full: the paper's six gates per layer (P3B); inner: head dims + MLP hidden only (P3B-inner).")
+              help="full: the paper's six gates per layer (P3B); inner: head dims + MLP hidden only (P3B-inner); "
+                   "heads: whole heads + head dims + MLP hidden.")
+@click.option("--remove-below", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Remove a whole branch when P3B's share for it (γ per full cost) falls below this fraction of its "
+                   "cost for --removal-patience mask updates; 0: never remove.")
+@click.option("--removal-patience", type=POSITIVE, default=2, show_default=True,
+              help="Consecutive mask updates a branch must be below --remove-below before it is removed.")
 @click.option("--bpi-class-head", type=click.Choice(["linear", "norm-linear"]), default="linear", show_default=True,
               help="linear: the paper's class head; norm-linear: LayerNorm + Linear.")
 @click.option("--empty-blocks", type=click.Choice(["disable", "regrow"]), default="disable", show_default=True,
@@ -53,7 +59,8 @@ IO_MODES = click.Choice(["auto", "index", "dense"])
 @click.option("--io-mode", type=IO_MODES, default="auto", show_default=True)
 @click.option("--frozen/--no-frozen", default=False, show_default=True, help="Frozen ablation (model lr 1e-8).")
 @click.option("--distill-teacher", help="Teacher model for the DeiT hard-distillation loss.")
-@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False))
+@click.option("--teacher-weights", "--teacher-checkpoint", "teacher_weights", type=click.Path(dir_okay=False),
+              help="Local weights of the teacher (strict).")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--bf16/--no-bf16", default=False, show_default=True, help="bf16 autocast.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -81,14 +88,15 @@ def prune(**kw) -> None:
     cfg = P3BConfig(keep=keep, budget=kw["budget"], update_every=r["update_every"], alpha=kw["alpha"], tau=r["tau"],
                     m_ref=kw["m_ref"], lr_model=r["lr"], lr_bpi=r["lr_bpi"], frozen=kw["frozen"],
                     allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"],
-                    target_ms=kw["target_latency_ms"])
+                    target_ms=kw["target_latency_ms"], remove_below=kw["remove_below"],
+                    removal_patience=kw["removal_patience"])
     job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], model_kwargs=parse_model_kwargs(kw),
                    pretrained=kw["pretrained"], pretrained_file=kw["pretrained_file"],
-                   checkpoint=kw["checkpoint"], data=kw["data"],
+                   weights=kw["weights"], data=kw["data"],
                    augment="deit" if kw["recipe"] == "paper" and kw["augment"] == "auto" else kw["augment"], epochs=r["epochs"], batch_size=r["batch_size"],
                    structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
                    device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
-                   teacher_checkpoint=kw["teacher_checkpoint"], keep_checkpoint=kw["keep_checkpoint"],
+                   teacher_weights=kw["teacher_weights"], keep_checkpoint=kw["keep_checkpoint"],
                    progress=kw["progress"], latency_table=kw["latency_table"], target_speedup=kw["target_speedup"],
                    p3b=cfg)
     click.echo(f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
@@ -113,14 +121,15 @@ def prune(**kw) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--data", default="digits", show_default=True, help="For plain models: data to train the BPI on.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="For a plain model: local weights.")
+@click.option("--weights", "--checkpoint", "weights", type=click.Path(dir_okay=False),
+              help="For a plain model: its local weights file.")
 @click.option("--steps", type=POSITIVE, default=200, show_default=True, help="BPI training steps for plain models.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @boundary
-def analyze(inputs, out, data, checkpoint, steps, device) -> None:
+def analyze(inputs, out, data, weights, steps, device) -> None:
     """Block Performance plots for prune runs (their logs) or plain models (BPI trained on the frozen model)."""
     from p3bkit.prune.analyze import measure_model, read_run, write_report
 
     runs = [read_run(i) if (Path(i) / "log.jsonl").is_file() else
-            measure_model(i, data=data, steps=steps, checkpoint=checkpoint, device=device) for i in inputs]
+            measure_model(i, data=data, steps=steps, weights=weights, device=device) for i in inputs]
     click.echo(f"wrote {write_report(runs, out)}")

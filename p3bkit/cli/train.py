@@ -29,7 +29,7 @@ def train(**kw) -> None:
 
     s = run_train(kw["model"], kw["out"], data=kw["data"], epochs=kw["epochs"], batch_size=kw["batch_size"],
                   lr=kw["lr"], model_kwargs=parse_model_kwargs(kw), pretrained=kw["pretrained"],
-                  pretrained_file=kw["pretrained_file"], checkpoint=kw["checkpoint"], device=kw["device"],
+                  pretrained_file=kw["pretrained_file"], weights=kw["weights"], device=kw["device"],
                   seed=kw["seed"], progress=kw["progress"], force=kw["force"], resume=kw["resume"],
                   keep_checkpoint=kw["keep_checkpoint"], augment=kw["augment"])
     click.echo(f"trained model: {kw['out']} (val top-1 {s['val_acc']:.2f}%); prune it with --model {kw['out']}")

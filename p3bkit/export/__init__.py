@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from p3bkit.backends import FP32, INT8, formats, get_backend
+from p3bkit.backends.onnx import OPSET
 from p3bkit.errors import ExportError, P3BError, first_line
 from p3bkit.export.int8 import Int8Config, Int8Images
+from p3bkit.export.records import record_path
 from p3bkit.fileio import write_json_atomic
-
-OPSET = 18
-
 
 def artefact_name(fmt: str) -> str:
     """The file an export of this format writes (model.onnx, model.xml, model.plan)."""
@@ -55,8 +54,10 @@ class ExportRecord:
 def _versions(backend) -> dict[str, str]:
     import importlib.metadata as md
 
+    from p3bkit.backends.registry import runtime_packages
+
     out = {"python": platform.python_version()}
-    for n in dict.fromkeys(["torch", "timm", "onnx", "onnxscript", *backend.packages]):
+    for n in dict.fromkeys(["torch", "timm", *backend.packages, *runtime_packages()]):
         try:
             out[n] = md.version(n)
         except md.PackageNotFoundError:
@@ -79,9 +80,10 @@ def _parity_images(model, precision: str, static_batch: int | None, images: Int8
     val = digits_images(h, c, n) if precision != FP32 and h == w else None
     if val is None:
         return None, "seeded noise"
-    if static_batch:  # a fixed batch takes exactly n images
+    seen = f"{len(val)} images of sklearn's digits"
+    if static_batch:  # a fixed batch takes exactly n images (repeated to fill it)
         val = fixed_batches(val, n)[0]
-    return [val], f"{min(n, len(val))} images of sklearn's digits"
+    return [val], seen
 
 
 def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str | None = None,
@@ -144,7 +146,7 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in files:
             os.replace(tmp / f, out_dir / f)
-        write_json_atomic(out_dir / f"{backend.artefact}.json", asdict(record))
+        write_json_atomic(record_path(out_dir / backend.artefact), asdict(record))
         return record
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

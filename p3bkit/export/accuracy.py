@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p3bkit.backends import FP32, backend_for_artefact, get_backend
+from p3bkit.backends import FP32, backend_for_artefact, eager_backend, get_backend
 from p3bkit.backends.quantization import run_logits
 from p3bkit.errors import P3BError
 from p3bkit.export.records import artefact_in_folder, artefact_precision, read_record, record_path
@@ -34,7 +34,7 @@ def _resolve(ref: str, backend: str | None, precision: str | None) -> tuple[str,
     inferred = owner.name if owner else None
     if backend and inferred and backend != inferred:
         raise P3BError(f"{ref} is a {Path(ref).suffix} artefact, which {backend} cannot run (use {inferred})")
-    name = backend or inferred or get_backend("torch").name
+    name = backend or inferred or eager_backend().name
     if owner is None:
         if get_backend(name).format:
             raise P3BError(f"--backend {name} runs exported artefacts: export {ref} first (p3bkit export)")

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from p3bkit.backends.quantization import Int8Data, QuantResult
-from p3bkit.errors import ExportError
 
 
 @dataclass
@@ -57,10 +56,8 @@ def load_int8_data(cfg: Int8Config, model: torch.nn.Module, static_batch: int | 
 def gate(result: QuantResult, images: Int8Images) -> dict:
     """The record of a quantisation; raises when its accuracy drop is above the gate's limit."""
     cfg, data = images.config, images.data
-    drop = result.fp32_top1 - result.int8_top1
-    if drop > cfg.max_drop:
-        raise ExportError(f"INT8 accuracy gate failed: top-1 {result.int8_top1:.2f}% vs {result.fp32_top1:.2f}% in "
-                          f"fp32 (drop {drop:.2f} > --max-drop {cfg.max_drop:g}) after {result.remedy}; nothing was written")
+    result.check(cfg.max_drop)
+    drop = result.drop
     return {"calib_data": cfg.calib_data, "calib_size": len(data.calib), "val_data": cfg.val_name,
             "val_images": len(data.val_x), "val_classes": images.data_classes, "model_classes": images.model_classes,
             "fp32_top1": result.fp32_top1, "int8_top1": result.int8_top1, "drop": drop, "max_drop": cfg.max_drop,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from p3bkit.backends import FP32, get_backend
+from p3bkit.backends import FP32, default_table_backend, get_backend
 from p3bkit.backends.timing import Timed, time_in_passes, torch_threads
 from p3bkit.console import progress as progress_bar
 from p3bkit.errors import BackendUnavailable, P3BError
@@ -32,7 +32,7 @@ from p3bkit.latency.table import LatencyTable, model_dims
 
 @dataclass
 class TableConfig:
-    backend: str = "openvino"
+    backend: str = field(default_factory=default_table_backend)  # the fastest CPU runtime installed
     device: str = "cpu"
     batch: int = 1
     threads: int | None = None
@@ -70,7 +70,11 @@ def _grid(full: int, step: int, small: tuple[int, ...]) -> list[int]:
 
 
 def _check_backend(cfg: TableConfig) -> None:
+    from p3bkit.backends.registry import Backend
+
     backend = get_backend(cfg.backend)
+    if type(backend).timer is Backend.timer:
+        raise P3BError(f"the {backend.name} backend cannot time models, so it has no latency tables")
     gpu = cfg.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise BackendUnavailable("--device gpu asked for, but no CUDA GPU is visible here")

@@ -80,6 +80,18 @@ class LatencyTable:
         raw = [self.branch_ms(kind, k) for k in range(n + 1)]
         return np.maximum.accumulate(np.asarray(raw, dtype=np.float64))
 
+    @property
+    def has_head_axis(self) -> bool:
+        """Measured over head counts (`--heads all`), not only at the model's own."""
+        return len(self.heads) > 1
+
+    def attn_grid(self) -> np.ndarray:
+        """Cost of an attention branch keeping h = 0..H heads of d = 0..head_dim dims, [H+1, d+1];
+        non-decreasing along both axes (a dip is noise), 0 for a removed branch."""
+        H, d = self.dims["num_heads"], self.dims["head_dim"]
+        grid = np.array([[self.branch_ms("attn", k, h) for k in range(d + 1)] for h in range(H + 1)])
+        return np.maximum.accumulate(np.maximum.accumulate(grid, axis=0), axis=1)
+
     def predict(self, layers: list[dict] | None = None) -> float:
         """Predicted ms of a model: `layers` as in `PrunedArch.layers` (None or [] = dense)."""
         raw, kept = self.branch_sum(layers)
@@ -96,17 +108,20 @@ class LatencyTable:
             for branch in (attn, mlp):
                 if branch and (len(branch["in"]) < self.dims["dim"] or len(branch["out"]) < self.dims["dim"]):
                     raise P3BError(f"layer {i} reads or writes a subset of the residual channels; latency tables "
-                                   "model head-dim and hidden pruning only (--structure inner)")
-            total += self.attn(self.dims["num_heads"], len(attn["head_dim"])) if attn else 0.0
+                                   "model heads, head dims and hidden units only (--structure inner or heads)")
+            heads = len(attn["heads"]) if attn and "heads" in attn else self.dims["num_heads"]
+            total += self.attn(heads, len(attn["head_dim"])) if attn else 0.0
             total += self.mlp(len(mlp["hidden"])) if mlp else 0.0
             kept += bool(attn) + bool(mlp)
         return total, kept
 
-    def branch_ms(self, kind: str, width: int) -> float:
-        """What one branch adds to the whole model's time (calibrated): 0 when emptied."""
-        if width <= 0:
+    def branch_ms(self, kind: str, width: int, heads: int | None = None) -> float:
+        """What one branch adds to the whole model's time (calibrated): 0 when removed. `heads`:
+        attention heads kept (default: the model's head count)."""
+        heads = self.dims["num_heads"] if heads is None else heads
+        if width <= 0 or heads <= 0:
             return 0.0
-        raw = self.attn(self.dims["num_heads"], width) if kind == "attn" else self.mlp(width)
+        raw = self.attn(heads, width) if kind == "attn" else self.mlp(width)
         return self.scale * raw + self.per_branch_ms
 
     def check_model(self, dims: dict, name: str = "the model") -> None:
@@ -123,7 +138,9 @@ class LatencyTable:
         for key in ("cpu", "gpu", "cores"):
             if self.machine.get(key) != here.get(key):
                 diff.append(f"{key}: table {self.machine.get(key)!r}, here {here.get(key)!r}")
-        pkg = self.backend  # the runtime's package name (torch, onnxruntime, openvino, tensorrt)
+        from p3bkit.backends import get_backend
+
+        pkg = get_backend(self.backend).packages[0].split(".")[0]  # the runtime's own package
         mine, theirs = self.machine.get("versions", {}).get(pkg), here.get("versions", {}).get(pkg)
         if mine != theirs:
             diff.append(f"{pkg}: table {mine}, here {theirs}")

@@ -16,13 +16,15 @@ from typing import Any
 
 import torch.nn as nn
 
-from p3bkit.errors import ArchError
+from p3bkit.errors import ArchError, first_line
 from p3bkit.models.adapter import ViTSpec, inspect_vit
 from p3bkit.models.pruned import PrunedLayer, build_attn_branch, build_mlp_branch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: an attention branch may keep a subset of its heads ("heads"); 1 kept them all
+READABLE_SCHEMAS = (1, 2)
 ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
 BRANCH_KEYS = {"attn": ("in", "head_dim", "out"), "mlp": ("in", "hidden", "out")}
+OPTIONAL_KEYS = {"attn": ("heads",), "mlp": ()}
 
 
 @dataclass
@@ -35,9 +37,10 @@ class ModelSource:
 
 @dataclass
 class PrunedArch:
-    """Kept indices per layer. A branch is None when emptied (identity residual), else a dict with
-    `in`/`head_dim`|`hidden`/`out` index lists and `read` ('gather'|'dense'), `write`
-    ('scatter'|'dense'): 'dense' folds the channel selection into zero weight rows/columns."""
+    """Kept indices per layer. A branch is None when removed (identity residual), else a dict with
+    `in`/`head_dim`|`hidden`/`out` index lists, for attention optionally `heads` (the kept heads;
+    absent: all of them), and `read` ('gather'|'dense'), `write` ('scatter'|'dense'): 'dense'
+    folds the channel selection into zero weight rows/columns."""
 
     source: ModelSource
     layers: list[dict[str, dict | None]]
@@ -51,9 +54,10 @@ class PrunedArch:
 
     @classmethod
     def from_json(cls, data: dict, where: str = ARCH_FILE) -> PrunedArch:
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
+        if not isinstance(data, dict) or data.get("schema") not in READABLE_SCHEMAS:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise ArchError(f"{where}: unsupported schema version {found!r} (this p3bkit reads {SCHEMA_VERSION})")
+            raise ArchError(f"{where}: unsupported schema version {found!r} (this p3bkit reads "
+                            f"{', '.join(map(str, READABLE_SCHEMAS))})")
         try:
             src = ModelSource(**data["source"])
             arch = cls(source=src, layers=data["layers"], structure=data["structure"],
@@ -71,6 +75,8 @@ class PrunedArch:
                     continue
                 if not isinstance(branch, dict) or any(not isinstance(branch.get(k), list) for k in keys):
                     raise ArchError(f"{where}: layer {i} {kind} must be null or have index lists {keys}")
+                if any(k in branch and not isinstance(branch[k], list) for k in OPTIONAL_KEYS[kind]):
+                    raise ArchError(f"{where}: layer {i} {kind}: {OPTIONAL_KEYS[kind]} must be index lists")
 
 
 def apply_arch(model: nn.Module, arch: PrunedArch, spec: ViTSpec | None = None) -> nn.Module:
@@ -95,10 +101,11 @@ def apply_arch(model: nn.Module, arch: PrunedArch, spec: ViTSpec | None = None) 
 
 
 def _check_ranges(i: int, layer: dict, spec) -> None:
-    limits = {"in": spec.dim, "out": spec.dim, "head_dim": spec.head_dim, "hidden": spec.mlp_hidden}
+    limits = {"in": spec.dim, "out": spec.dim, "head_dim": spec.head_dim, "hidden": spec.mlp_hidden,
+              "heads": spec.num_heads}
     for kind in ("attn", "mlp"):
         branch = layer[kind]
-        for key in BRANCH_KEYS[kind] if branch else ():
+        for key in (*BRANCH_KEYS[kind], *(k for k in OPTIONAL_KEYS[kind] if k in (branch or {}))) if branch else ():
             idx = branch[key]
             if not idx or len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= limits[key]:
                 raise ArchError(f"layer {i} {kind}.{key}: indices must be distinct, in [0, {limits[key]}), non-empty")
@@ -115,8 +122,7 @@ def create_stock_model(source: ModelSource, pretrained: bool = False, overlay: d
     try:
         model = timm.create_model(source.name, pretrained=pretrained, **source.kwargs, **extra)
     except (RuntimeError, TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ArchError(f"cannot create timm model {source.name!r}: {first}") from exc
+        raise ArchError(f"cannot create timm model {source.name!r}: {first_line(exc)}") from exc
     model.p3b_source = source
     return model
 

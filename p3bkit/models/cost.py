@@ -20,21 +20,24 @@ class BranchWidths:
     c_in: int
     inner: int  # head dims (per head) for attention, hidden units for the MLP
     c_out: int
+    heads: int | None = None  # attention heads kept (None: the model's head count)
 
     @property
     def empty(self) -> bool:
-        return min(self.c_in, self.inner, self.c_out) == 0
+        return min(self.c_in, self.inner, self.c_out, 1 if self.heads is None else self.heads) == 0
 
 
 def branch_params(w: BranchWidths, num_heads: int, bias_in: bool, bias_out: bool):
-    """Parameters of the branch's Linear layers (an emptied branch has none).
+    """Parameters of the branch's Linear layers (an emptied branch has none); `num_heads` is the
+    model's head count, used when `w.heads` is None.
 
     Works elementwise when the widths are integer tensors (a cost curve over many k at once).
     """
-    inner = 3 * num_heads * w.inner if w.kind == "attn" else w.inner
-    mid = num_heads * w.inner if w.kind == "attn" else w.inner
+    heads = num_heads if w.heads is None else w.heads
+    inner = 3 * heads * w.inner if w.kind == "attn" else w.inner
+    mid = heads * w.inner if w.kind == "attn" else w.inner
     params = w.c_in * inner + inner * int(bias_in) + mid * w.c_out + w.c_out * int(bias_out)
-    return params * (w.c_in > 0) * (w.inner > 0) * (w.c_out > 0)
+    return params * (w.c_in > 0) * (w.inner > 0) * (w.c_out > 0) * (heads > 0)
 
 
 def branch_flops(w: BranchWidths, num_heads: int, num_tokens: int) -> int:
@@ -43,6 +46,6 @@ def branch_flops(w: BranchWidths, num_heads: int, num_tokens: int) -> int:
         return 0
     n = num_tokens
     if w.kind == "attn":
-        hd = num_heads * w.inner
+        hd = (num_heads if w.heads is None else w.heads) * w.inner
         return n * w.c_in * 3 * hd + 2 * n * n * hd + n * hd * w.c_out
     return n * w.c_in * w.inner + n * w.inner * w.c_out

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from p3bkit.errors import ArchError
+from p3bkit.errors import ArchError, first_line
 from p3bkit.models.arch import ARCH_FILE, ModelSource, create_stock_model, load
 from p3bkit.models.presets import MODEL_PRESETS
 
@@ -45,7 +45,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local weights file strictly (.safetensors, or a torch file read with weights_only=True)."""
     path = Path(path)
     if not path.is_file():
-        raise ArchError(f"checkpoint {path} does not exist")
+        raise ArchError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -54,13 +54,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe files
-            raise ArchError(f"checkpoint {path} is unreadable or not a weights-only torch file "
-                            f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+            raise ArchError(f"weights file {path} is unreadable: not a .safetensors file nor a torch state dict "
+                            f"that loads with weights_only=True ({type(exc).__name__})") from exc
         state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as exc:
-        raise ArchError(f"checkpoint {path} does not fit the model: {str(exc).splitlines()[0][:300]}") from exc
+        raise ArchError(f"weights file {path} does not fit the model: {first_line(exc)}") from exc
 
 
 def _classifier_rows(path: Path) -> int | None:
@@ -73,7 +73,8 @@ def _classifier_rows(path: Path) -> int | None:
                 return f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else None
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, unsafe or foreign files raise many types
-        raise ArchError(f"pretrained file {path} is unreadable ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise ArchError(f"pretrained file {path} is unreadable: not a .safetensors file nor a torch state dict that "
+                        f"loads with weights_only=True ({type(exc).__name__})") from exc
     state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else {}
     head = state.get("head.weight") if isinstance(state, dict) else None
     return int(head.shape[0]) if head is not None else None
@@ -88,13 +89,13 @@ def pretrained_overlay(pretrained_file: str | os.PathLike) -> dict:
     return {"file": str(path), **({"num_classes": rows} if rows else {})}
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint: str | None = None,
+def create_model(name: str, pretrained: bool = False, weights: str | None = None,
                  pretrained_file: str | None = None, **kwargs) -> nn.Module:
     """Build a model from a pruned folder, a preset or a timm name (+ optional local weights).
 
     `pretrained=True` uses timm's own loader (hub or local cache); `pretrained_file` loads a local
     file through the same loader (position embeddings resampled; a classifier for another class
-    count is dropped and re-initialised); `checkpoint` loads a state dict strictly.
+    count is dropped and re-initialised); `weights` loads a state dict strictly.
     """
     from p3bkit.models.adapter import inspect_vit
 
@@ -110,19 +111,19 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | None = N
     model = create_stock_model(resolve_source(name, **kwargs), pretrained=pretrained or overlay is not None,
                                overlay=overlay)
     inspect_vit(model)  # refuse what p3bkit cannot prune, export or measure, before any work
-    if checkpoint:
-        load_weights(model, checkpoint)
+    if weights:
+        load_weights(model, weights)
     return model
 
 
 def build_user_model(name: str, pretrained: bool = False, pretrained_file: str | None = None,
-                     checkpoint: str | None = None, kwargs: dict | None = None, say=None) -> nn.Module:
+                     weights: str | None = None, kwargs: dict | None = None, say=None) -> nn.Module:
     """`create_model` for a command's --model and its options, saying (through `say`) when a
     pretrained classifier was dropped for another class count."""
     kwargs = kwargs or {}
     if (Path(name) / ARCH_FILE).is_file() and kwargs:
         raise ArchError(f"{name} is a saved model: its constructor arguments are fixed ({', '.join(kwargs)} given)")
-    model = create_model(name, pretrained=pretrained, checkpoint=checkpoint, pretrained_file=pretrained_file, **kwargs)
+    model = create_model(name, pretrained=pretrained, weights=weights, pretrained_file=pretrained_file, **kwargs)
     rows = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
     if say is not None and pretrained_file and rows and rows != model.num_classes:
         say(f"note: {pretrained_file} has a {rows}-class classifier; the model's {model.num_classes}-class "

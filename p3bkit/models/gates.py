@@ -21,20 +21,22 @@ from p3bkit.errors import ArchError
 from p3bkit.models.adapter import ViTSpec, inspect_vit
 from p3bkit.models.cost import BranchWidths
 
-Structure = Literal["full", "inner"]
+Structure = Literal["full", "inner", "heads"]
 STRUCTURE_GATES: dict[str, dict[str, tuple[str, ...]]] = {
-    # full: all six gates; inner: only head dims and MLP hidden units (no residual-channel pruning)
+    # full: all six gates; inner: only head dims and MLP hidden units (no residual-channel pruning);
+    # heads: inner plus whole heads (a head's q/k/v rows and proj columns leave together)
     "full": {"attn": ("in", "head_dim", "out"), "mlp": ("in", "hidden", "out")},
     "inner": {"attn": ("head_dim",), "mlp": ("hidden",)},
+    "heads": {"attn": ("heads", "head_dim"), "mlp": ("hidden",)},
 }
 
 
 class Gate(nn.Module):
-    """Multiplies the last axis by `mask`; optionally accumulates Taylor scores."""
+    """Multiplies one axis (the last by default) by `mask`; optionally accumulates Taylor scores."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, axis: int = -1) -> None:
         super().__init__()
-        self.size = size
+        self.size, self.axis = size, axis
         self.register_buffer("mask", torch.ones(size))
         self.register_buffer("score_sum", torch.zeros(size))
         self.register_buffer("grad_sum", torch.zeros(size))
@@ -69,11 +71,11 @@ class Gate(nn.Module):
         self.score_count += 1
 
     def _accumulate(self, x: torch.Tensor, grad: torch.Tensor) -> None:
-        dl_dm = (grad.float() * x.float()).flatten(0, -2).sum(0)
+        dl_dm = (grad.float() * x.float()).movedim(self.axis, -1).flatten(0, -2).sum(0)
         self.record((self.mask * dl_dm).pow(2), dl_dm.pow(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x * self.mask.to(x.dtype)
+        y = x * self.mask.to(x.dtype).view(self.size, *([1] * (-1 - self.axis)))
         if self.track and y.requires_grad:
             y.register_hook(partial(self._accumulate, x.detach()))
         return y
@@ -105,11 +107,14 @@ class GatedAttention(nn.Module):
         dim, dim_out = attn.qkv.in_features, attn.proj.out_features
         self.qkv, self.attn_drop, self.proj, self.proj_drop = attn.qkv, attn.attn_drop, attn.proj, attn.proj_drop
         self.gate_in = _gate_or_identity(names, "in", dim)
+        # whole heads: on each head's attention output (B, N, H, d), so a zero removes the head's
+        # q, k, v rows and proj columns together (its softmax no longer matters)
+        self.gate_heads = Gate(self.num_heads, axis=-2) if "heads" in names else nn.Identity()
         self.gate_head_dim = Gate(self.head_dim)
         self.gate_out = _gate_or_identity(names, "out", dim_out)
 
     def gates(self) -> dict[str, Gate]:
-        named = {"in": self.gate_in, "head_dim": self.gate_head_dim, "out": self.gate_out}
+        named = {"in": self.gate_in, "heads": self.gate_heads, "head_dim": self.gate_head_dim, "out": self.gate_out}
         return {k: g for k, g in named.items() if isinstance(g, Gate)}
 
     @torch.no_grad()
@@ -120,12 +125,15 @@ class GatedAttention(nn.Module):
         p = self.proj.weight.reshape(-1, H, d).pow(2)
         red = torch.mean if mean else torch.sum
         head = (red(q, (0, 2)) + red(p, (0, 1))) / (2 if mean else 1)
-        return {"in": red(self.qkv.weight.pow(2), 0), "head_dim": head, "out": red(self.proj.weight.pow(2), 1)}
+        heads = (red(q.reshape(3, H, d, -1), (0, 2, 3)) + red(p, (0, 2))) / (2 if mean else 1)
+        return {"in": red(self.qkv.weight.pow(2), 0), "heads": heads, "head_dim": head,
+                "out": red(self.proj.weight.pow(2), 1)}
 
     def widths(self) -> BranchWidths:
         c_in = self.gate_in.kept() if isinstance(self.gate_in, Gate) else self.qkv.in_features
         c_out = self.gate_out.kept() if isinstance(self.gate_out, Gate) else self.proj.out_features
-        return BranchWidths("attn", c_in, self.gate_head_dim.kept(), c_out)
+        heads = self.gate_heads.kept() if isinstance(self.gate_heads, Gate) else self.num_heads
+        return BranchWidths("attn", c_in, self.gate_head_dim.kept(), c_out, heads)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
@@ -141,7 +149,7 @@ class GatedAttention(nn.Module):
             if attn_mask is not None:
                 attn = attn + attn_mask
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = self.proj(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
+        x = self.proj(self.gate_heads(x.transpose(1, 2)).reshape(B, N, self.num_heads * self.head_dim))
         return self.gate_out(self.proj_drop(x)) * alive
 
 

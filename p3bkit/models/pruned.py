@@ -161,20 +161,22 @@ def build_attn_branch(blk: nn.Module, attn: Attention, arch: dict, dim: int) -> 
     H, d = attn.num_heads, attn.head_dim
     io = _io_plan(arch, dim)
     hd = torch.tensor(arch["head_dim"], dtype=torch.long)
-    dp = len(hd)
-    rows = (torch.arange(3 * H).unsqueeze(1) * d + hd.unsqueeze(0)).reshape(-1)  # (q|k|v, head, dim)
-    new = Attention(io.c_in, num_heads=H, attn_head_dim=dp, dim_out=io.c_out,
+    heads = torch.tensor(arch.get("heads", range(H)), dtype=torch.long)  # kept heads (all, schema 1)
+    dp, hp = len(hd), len(heads)
+    qkv_heads = (torch.arange(3).unsqueeze(1) * H + heads.unsqueeze(0)).reshape(-1)  # (q|k|v, kept head)
+    rows = (qkv_heads.unsqueeze(1) * d + hd.unsqueeze(0)).reshape(-1)  # (q|k|v, kept head, kept dim)
+    new = Attention(io.c_in, num_heads=hp, attn_head_dim=dp, dim_out=io.c_out,
                     qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None)
     new.attn_drop, new.proj_drop = copy.deepcopy(attn.attn_drop), copy.deepcopy(attn.proj_drop)
     # keep the original 1/sqrt(d_h) attention scale: SDPA uses 1/sqrt(d'), so scale q by sqrt(d'/d_h)
-    q_scale = torch.ones(3 * H * dp)
-    q_scale[: H * dp] = (dp / d) ** 0.5
+    q_scale = torch.ones(3 * hp * dp)
+    q_scale[: hp * dp] = (dp / d) ** 0.5
     with torch.no_grad():
         new.qkv.weight.zero_()
         new.qkv.weight[:, io.dst_in] = attn.qkv.weight[rows][:, io.src_in] * q_scale[:, None]
         if attn.qkv.bias is not None:
             new.qkv.bias.copy_(attn.qkv.bias[rows] * q_scale)
-        proj_cols = (torch.arange(H).unsqueeze(1) * d + hd.unsqueeze(0)).reshape(-1)
+        proj_cols = (heads.unsqueeze(1) * d + hd.unsqueeze(0)).reshape(-1)
         _copy_output_layer(new.proj, attn.proj, io, proj_cols)
     ls = _sliced_layerscale(blk.ls1, torch.arange(dim) if io.c_out == dim else io.src_out)
     return PrunedBranch(blk.norm1, _reader(arch["in"], dim, arch["read"]), new, ls, blk.drop_path1,

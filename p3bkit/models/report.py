@@ -1,4 +1,4 @@
-"""Parameters, FLOPs and per-block widths of stock, gated and pruned ViTs (`p3bkit info`)."""
+"""Parameters, FLOPs and per-branch widths (and heads) of stock, gated and pruned ViTs (`p3bkit info`)."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -14,7 +14,7 @@ def _branch_widths(branch: nn.Module, kind: str) -> BranchWidths:
         return BranchWidths(kind, 0, 0, 0)
     fn = getattr(branch, "fn", branch)
     if kind == "attn":
-        return BranchWidths(kind, fn.qkv.in_features, fn.head_dim, fn.proj.out_features)
+        return BranchWidths(kind, fn.qkv.in_features, fn.head_dim, fn.proj.out_features, fn.num_heads)
     return BranchWidths(kind, fn.fc1.in_features, fn.fc1.out_features, fn.fc2.out_features)
 
 
@@ -29,12 +29,11 @@ def block_widths(model: nn.Module) -> list[BranchWidths]:
 
 
 def _heads(model: nn.Module) -> int:
+    """The most heads any attention branch has (the stock model's head count unless all were pruned)."""
     inner = model.model if isinstance(model, GatedViT) else model
-    for blk in inner.blocks:
-        attn = blk.attn.fn if isinstance(blk, PrunedLayer) and not isinstance(blk.attn, nn.Identity) else blk.attn
-        if hasattr(attn, "num_heads"):
-            return attn.num_heads
-    return 1
+    counts = [getattr(blk.attn.fn if isinstance(blk, PrunedLayer) and not isinstance(blk.attn, nn.Identity)
+                      else blk.attn, "num_heads", 0) for blk in inner.blocks]
+    return max(counts, default=0) or 1
 
 
 def _kept_params(model: nn.Module, w: BranchWidths, branch: nn.Module, heads: int) -> int:
@@ -63,7 +62,9 @@ def describe(model: nn.Module) -> dict:
                      if isinstance(m, nn.Linear))
     branches = [b for blk in inner.blocks for b in (blk.attn, blk.mlp)]
     rows = [{"block": f"{i // 2}.{w.kind}", "c_in": w.c_in, "inner": w.inner, "c_out": w.c_out,
-             "params": _kept_params(model, w, br, heads)} for i, (w, br) in enumerate(zip(widths, branches))]
+             "heads": (heads if w.heads is None else w.heads) if w.kind == "attn" and not w.empty else 0,
+             "removed": w.empty, "params": _kept_params(model, w, br, heads)}
+            for i, (w, br) in enumerate(zip(widths, branches))]
     return {"params": sum(p.numel() for p in inner.parameters()), "flops": int(blocks_flops + embed_flops + head_flops),
             "block_flops": int(blocks_flops), "num_tokens": num_tokens, "num_heads": heads,
             "full_head_dim": full_attn.inner, "blocks": rows}

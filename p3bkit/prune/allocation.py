@@ -17,34 +17,47 @@ from typing import Callable, ClassVar
 
 import torch
 
+from p3bkit.errors import P3BError
 from p3bkit.prune.importance import GATE_FACTORS, ImportanceEMA, block_importance, magnitude_scores, taylor_scores
 
 
 def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: float,
-                         disabled: torch.Tensor | None = None) -> torch.Tensor:
-    """κ = clip(λ·I, 0, 1) with Σ κ·|W| = keep·Σ|W|; saturated branches fixed at 1, the rest re-solved.
+                         disabled: torch.Tensor | None = None, cap: torch.Tensor | None = None,
+                         floor: torch.Tensor | None = None) -> torch.Tensor:
+    """κ = clip(λ·I, 0, cap) with Σ κ·|W| = keep·Σ|W|; saturated branches fixed at their cap (1 by
+    default), the rest re-solved until valid (Appendix A).
 
-    Disabled branches are fixed at κ = 0; their share goes to the others.
+    Disabled branches are fixed at κ = 0; their share goes to the others. `floor` (a cost per
+    branch) mirrors the clip at the cap: a branch whose κ·|W| falls below it is fixed at κ = 0 and
+    the others are re-solved — it is removed rather than kept at a width too small to be useful.
     """
     importance, sizes = importance.double().clamp(min=0), sizes.double()
+    cap = torch.ones_like(sizes) if cap is None else cap.double()
     budget = keep * sizes.sum()
     kappa = torch.zeros_like(importance)
     free = sizes > 0
     if disabled is not None:
         free &= ~disabled.bool()
-    for _ in range(len(importance) + 1):
+    for _ in range(2 * len(importance) + 2):
         rest = budget - (kappa * sizes)[~free].sum()
         weight = (importance * sizes)[free].sum()
         if weight <= 0:  # no signal left: spread the rest uniformly over the free branches
-            kappa[free] = (rest / sizes[free].sum()).clamp(0, 1)
+            kappa[free] = (rest / sizes[free].sum()).clamp(0, 1) if free.any() else kappa[free]
             break
         kappa[free] = rest / weight * importance[free]
-        over = free & (kappa > 1)
-        if not over.any():
+        over = free & (kappa > cap)
+        if over.any():
+            kappa[over] = cap[over]
+            free &= ~over
+            continue
+        under = free & (kappa * sizes < floor) if floor is not None else torch.zeros_like(free)
+        if not under.any():
             break
-        kappa[over] = 1.0
-        free &= ~over
-    return kappa.clamp(0, 1).float()
+        smallest = torch.where(under, kappa * sizes / floor.clamp(min=1e-12), torch.full_like(kappa, float("inf")))
+        worst = int(torch.argmin(smallest))  # one at a time: removing one frees budget for the others
+        kappa[worst] = 0.0
+        free[worst] = False
+    return kappa.clamp(min=0).minimum(cap).float()
 
 
 def ramp(target: torch.Tensor, progress: float, disabled: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,6 +82,8 @@ class AllocationInput:
     disabled: torch.Tensor  # bool: branches out of the allocation for good
     budget: float  # fraction of Σ full to keep
     curves: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]  # per branch: (scores best first, cost of top k)
+    useful: torch.Tensor | None = None  # the smallest useful cost of each branch (below it: removed)
+    full_window: bool = True  # the measurements average a whole update window
 
 
 class Allocation:
@@ -80,9 +95,19 @@ class Allocation:
     def __init__(self, gate_factors: dict[str, float] | None = None) -> None:
         self.gate_factors = dict(gate_factors or GATE_FACTORS)
 
+    @classmethod
+    def from_config(cls, cfg) -> Allocation:
+        """This allocation with the settings of a `P3BConfig`."""
+        return cls(cfg.gate_factors)
+
     def local_scores(self, branch) -> torch.Tensor:
         """I_cat: the branch's gate elements, higher = keep first (Taylor ranks × gate factors)."""
         return taylor_scores(branch.gates(), self.gate_factors)
+
+    def gate_masses(self, branch) -> dict[str, torch.Tensor]:
+        """Each gate element's importance as an additive amount (√ of its mean Taylor score, the
+        magnitude of its first-order loss change), to weigh whole heads against head dims."""
+        return {k: g.scores().double().cpu().sqrt() for k, g in branch.gates().items()}
 
     def targets(self, inp: AllocationInput) -> torch.Tensor:
         raise NotImplementedError
@@ -104,24 +129,64 @@ def register(cls: type[Allocation]) -> type[Allocation]:
 
 @register
 class P3BAllocation(Allocation):
-    """The paper's: γ(ΔΨ) per unit of cost, α-merged, EMA-smoothed, κ solved with clipping."""
+    """The paper's: γ(ΔΨ) per unit of cost, α-merged, EMA-smoothed, κ solved with clipping.
+
+    With `remove_below` > 0 a branch may be removed (κ = 0): the decision uses γ per *full* cost
+    (importance per kept cost rises as a branch shrinks, which keeps every branch alive), solved
+    with a floor at each branch's smallest useful cost, and needs `patience` consecutive mask
+    updates below it, so one noisy window does not remove a branch for good. A removed branch
+    ramps down like any other during sparsify. An emptied branch that may regrow
+    (`--empty-blocks regrow`) comes back at most at its smallest useful width per update.
+    """
 
     name = "p3b"
 
-    def __init__(self, gate_factors=None, alpha: float = 0.5, smoothing: float = 10.0, ema_momentum: float = 0.2) -> None:
+    @classmethod
+    def from_config(cls, cfg) -> Allocation:
+        return cls(cfg.gate_factors, cfg.alpha, cfg.smoothing, cfg.ema_momentum, cfg.remove_below, cfg.removal_patience)
+
+    def __init__(self, gate_factors=None, alpha: float = 0.5, smoothing: float = 10.0, ema_momentum: float = 0.2,
+                 remove_below: float = 0.0, patience: int = 2) -> None:
         super().__init__(gate_factors)
-        self.alpha, self.smoothing = alpha, smoothing
+        self.alpha, self.smoothing, self.remove_below, self.patience = alpha, smoothing, remove_below, patience
         self.ema = ImportanceEMA(ema_momentum)
+        self.ema_full = ImportanceEMA(ema_momentum)  # γ per full cost: the removal decision
+        self.streak: torch.Tensor | None = None  # consecutive updates each branch was below its useful width
+        self.removed: torch.Tensor | None = None
+
+    def _smoothed(self, ema: ImportanceEMA, imp: torch.Tensor, full_window: bool) -> torch.Tensor:
+        """EMA of importance; a partial window (fewer steps than an update) never seeds it."""
+        if ema.value is None and not full_window:
+            return imp.double()
+        return ema.update(imp.double())
 
     def targets(self, inp: AllocationInput) -> torch.Tensor:
-        imp = block_importance(inp.delta_c, inp.delta_p, inp.kept, self.alpha, self.smoothing, inp.unit, ~inp.disabled)
-        return allocate_keep_ratios(self.ema.update(imp.double()), inp.full, inp.budget, inp.disabled)
+        active = ~inp.disabled
+        imp = block_importance(inp.delta_c, inp.delta_p, inp.kept, self.alpha, self.smoothing, inp.unit, active)
+        imp = self._smoothed(self.ema, imp, inp.full_window)
+        n = len(inp.full)
+        if self.removed is None:
+            self.streak, self.removed = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
+        if self.remove_below > 0 and inp.useful is not None:
+            per_full = block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
+            per_full = self._smoothed(self.ema_full, per_full, inp.full_window)
+            k_full = allocate_keep_ratios(per_full, inp.full, inp.budget, inp.disabled | self.removed, floor=inp.useful)
+            below = (k_full == 0) & active & ~self.removed
+            self.streak = torch.where(below, self.streak + 1, torch.zeros_like(self.streak))
+            self.removed |= self.streak >= self.patience
+        regrowing = (inp.kept == 0) & active & ~self.removed
+        cap = torch.where(regrowing, (inp.useful if inp.useful is not None else inp.unit) / inp.full,
+                          torch.ones_like(inp.full))
+        return allocate_keep_ratios(imp, inp.full, inp.budget, inp.disabled | self.removed, cap=cap)
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema.state_dict()}
+        return {"ema": self.ema.state_dict(), "ema_full": self.ema_full.state_dict(), "streak": self.streak,
+                "removed": self.removed}
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.load_state_dict(state["ema"])
+        self.ema_full.load_state_dict(state["ema_full"])
+        self.streak, self.removed = state["streak"], state["removed"]
 
 
 @register
@@ -142,6 +207,10 @@ class GlobalMagnitudeAllocation(Allocation):
 
     def local_scores(self, branch) -> torch.Tensor:
         return magnitude_scores(branch, branch.gates())
+
+    def gate_masses(self, branch) -> dict[str, torch.Tensor]:
+        mags = branch.magnitudes()
+        return {k: mags[k].double().cpu() for k in branch.gates()}
 
     def targets(self, inp: AllocationInput) -> torch.Tensor:
         curves = inp.curves()
@@ -174,9 +243,9 @@ class FixedAllocation(Allocation):
 
 
 def make_allocation(cfg) -> Allocation:
-    """The allocation a `P3BConfig` asks for."""
+    """The allocation a `P3BConfig` asks for (handcrafted keep ratios take precedence)."""
     if cfg.keep_ratios is not None:
         return FixedAllocation(cfg.keep_ratios, cfg.gate_factors)
-    if cfg.allocation == "p3b":
-        return P3BAllocation(cfg.gate_factors, cfg.alpha, cfg.smoothing, cfg.ema_momentum)
-    return ALLOCATIONS[cfg.allocation](cfg.gate_factors)
+    if cfg.allocation not in ALLOCATIONS:
+        raise P3BError(f"unknown allocation {cfg.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+    return ALLOCATIONS[cfg.allocation].from_config(cfg)

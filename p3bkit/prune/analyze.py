@@ -1,7 +1,7 @@
 """`p3bkit analyze`: Block Performance plots like the paper's Figures 5–8 (Appendix G–I).
 
 For a prune run it reads `log.jsonl` (ΔΨᶜ, ΔΨᵖ and κ of every mask update) and `pruned/arch.json`.
-For a plain model or checkpoint it freezes the model and trains only the BPI heads on the data
+For a plain model (or its weights file) it freezes the model and trains only the BPI heads on the data
 (Appendix I), then measures ΔΨ. Writes `block_performance.png`, `keep_ratios.png`,
 `kept_widths.png` (runs with a pruned model) and `index.html` with the figures and the numbers.
 """
@@ -42,7 +42,7 @@ def read_run(run: str | Path) -> dict:
 
 
 def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_size: int = 64,
-                  checkpoint: str | None = None, device: str = "cpu", seed: int = 0) -> dict:
+                  weights: str | None = None, device: str = "cpu", seed: int = 0) -> dict:
     """Train only the BPI heads on the frozen model, then average ΔΨ over the second half of the steps."""
     from p3bkit.data import load_data, make_loader
     from p3bkit.models.factory import create_model
@@ -52,7 +52,7 @@ def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_
 
     require_device(device)
     seed_everything(seed)
-    model = create_model(model_ref, checkpoint=checkpoint).to(device).eval().requires_grad_(False)
+    model = create_model(model_ref, weights=weights).to(device).eval().requires_grad_(False)
     bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
                        in_chans=model.patch_embed.proj.in_channels)
     bpi = BPI.for_model(model).to(device)
@@ -79,7 +79,7 @@ def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_
         rec.remove()
     k = max(1, len(losses) // 5)  # the BPI loss at the start and the end, each averaged over a fifth of the steps
     change = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
-    return {"label": Path(checkpoint or model_ref).name, "delta_c": (acc_c / count).tolist(),
+    return {"label": Path(weights or model_ref).name, "delta_c": (acc_c / count).tolist(),
             "delta_p": (acc_p / count).tolist(), "updates": 0,
             "bpi_loss": [sum(losses[:k]) / k, sum(losses[-k:]) / k], "model_change": change}
 

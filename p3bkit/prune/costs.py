@@ -1,14 +1,18 @@
 """Cost models: what the allocation counts per branch — parameters (the paper's) or predicted ms.
 
 P3B's allocation divides block importance by a branch's kept cost and solves the keep ratios κ
-against a budget of total cost. `ParameterCosts` counts the branch's Linear parameters (|wᵢ|,
-Appendix A) and turns a budget over all parameters into one over branch parameters; the
-parameters P3B never prunes (patch embedding, tokens, norms, head) count against it.
-`LatencyCosts` counts the branch's predicted milliseconds on a latency table's runtime:
-importance per ms, κ as a fraction of the branch's full-width time, the budget (target − the
-branch-free model's time) / Σ full-width branch times. Both give, for a branch and an order of its
-gate elements, the cost of keeping the top k for every k (`curve`), which the soft masks use to
-find their threshold.
+against a budget of total cost. `ParameterCosts` counts the branch's parameters (|wᵢ|, Appendix A)
+and turns a budget over all parameters into one over branch parameters; the parameters P3B never
+prunes (patch embedding, tokens, final norm, head) count against it. `LatencyCosts` counts the
+branch's predicted milliseconds on a latency table's runtime: importance per ms, κ as a fraction
+of the branch's full-width time, the budget (target − the branch-free model's time) / Σ
+full-width branch times.
+
+A branch costs its Linear layers plus what leaves with it when it is removed: its LayerNorm and
+LayerScale (under the total-parameter budget), or its fixed per-branch time (latency). Each
+cost model gives the cost of keeping the top k elements of a branch along any order of its gate
+elements (`curve`), for attention with whole heads the cost of every (heads, head dims) pair
+(`grid`), and the smallest useful width below which a branch is removed instead (`useful`).
 """
 from __future__ import annotations
 
@@ -40,56 +44,90 @@ def block_keep_ratio(keep: float, block_params: float, other_params: float, scop
     return min(ratio, 1.0)
 
 
+def _counts(order_gate: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """[n+1, gates]: how many elements of each gate the top k of the order keep, k = 0..n."""
+    n = order_gate.numel()
+    counts = torch.zeros(n + 1, len(names), dtype=torch.long)
+    counts[1:] = torch.nn.functional.one_hot(order_gate, len(names)).cumsum(0)
+    return counts
+
+
 def kept_cost_curve(order_gate: torch.Tensor, names: list[str], kind: str,
                     num_heads: int, bias: tuple[bool, bool], full: dict[str, int]) -> torch.Tensor:
-    """Branch parameters when keeping the top-k elements, for every k = 0..n (vectorised).
+    """Branch Linear parameters when keeping the top-k elements, for every k = 0..n (vectorised).
 
     `order_gate[p]` is the gate id (index into `names`) of the p-th most important element.
     Gates absent from `names` (not pruned) stay at their `full` width.
     """
-    n = order_gate.numel()
-    counts = torch.zeros(n + 1, len(names), dtype=torch.long)
-    counts[1:] = torch.nn.functional.one_hot(order_gate, len(names)).cumsum(0)
+    counts = _counts(order_gate, names)
+    col = {name: counts[:, names.index(name)] if name in names else torch.full((len(counts),), full[name])
+           for name in full}
     inner_key = "head_dim" if kind == "attn" else "hidden"
-    col = {name: counts[:, names.index(name)] if name in names else torch.full((n + 1,), full[name]) for name in full}
-    return branch_params(BranchWidths(kind, col["in"], col[inner_key], col["out"]), num_heads, *bias).long()
+    heads = col["heads"] if kind == "attn" and "heads" in names else None
+    return branch_params(BranchWidths(kind, col["in"], col[inner_key], col["out"], heads), num_heads, *bias).long()
 
 
 class ParameterCosts:
-    """Branch costs in parameters; `block_keep` is the fraction of branch parameters to keep."""
+    """Branch costs in parameters; `block_keep` is the fraction of branch cost to keep."""
 
-    def __init__(self, gated: GatedViT, keep: float, scope: str) -> None:
+    def __init__(self, gated: GatedViT, keep: float, scope: str, remove_below: float = 0.0) -> None:
         self.gated, self.spec = gated, gated.spec
         self.branches = [b for _, b in gated.branches()]
-        self.full = torch.tensor([self._params(b, full=True) for b in self.branches], dtype=torch.float64)
-        self.unit = torch.tensor([self._params(b, unit=True) for b in self.branches], dtype=torch.float64)
+        # a branch's norm and LayerScale leave with it: part of its cost under the total budget
+        self.fixed = torch.tensor([self._norm_params(i) if scope == "total" else 0 for i in range(len(self.branches))],
+                                  dtype=torch.float64)
+        self.linear_full = torch.tensor([self._params(b, full=True) for b in self.branches], dtype=torch.float64)
+        self.full = self.linear_full + self.fixed
+        self.unit = torch.tensor([self._params(b, unit=True) for b in self.branches], dtype=torch.float64) + self.fixed
+        self.useful = torch.maximum(remove_below * self.full, self.unit)
         self.total_params = sum(p.numel() for p in gated.model.parameters())
         self.other_params = self.total_params - float(self.full.sum())
         self.block_keep = block_keep_ratio(keep, float(self.full.sum()), self.other_params, scope)
+
+    def _norm_params(self, i: int) -> int:
+        blk = self.gated.model.blocks[i // 2]
+        norm, ls = (blk.norm1, blk.ls1) if i % 2 == 0 else (blk.norm2, blk.ls2)
+        return sum(p.numel() for m in (norm, ls) for p in m.parameters())
 
     def _bias(self, kind: str) -> tuple[bool, bool]:
         s = self.spec
         return (s.qkv_bias, s.proj_bias) if kind == "attn" else (s.fc1_bias, s.fc2_bias)
 
     def _params(self, branch, full: bool = False, unit: bool = False) -> int:
-        """Kept branch parameters; `full`: unpruned; `unit`: one head dim / hidden unit at full width."""
+        """Kept Linear parameters; `full`: unpruned; `unit`: one head dim (of one head when heads are
+        pruned, of every head otherwise) or one hidden unit, at full width."""
         s = self.spec
         w = branch.widths()
         if full or unit:
             inner = 1 if unit else (s.head_dim if w.kind == "attn" else s.mlp_hidden)
-            w = BranchWidths(w.kind, s.dim, inner, s.dim)
+            heads = (1 if unit else s.num_heads) if "heads" in branch.gates() else None
+            w = BranchWidths(w.kind, s.dim, inner, s.dim, heads)
         return int(branch_params(w, s.num_heads, *self._bias(w.kind)))
 
-    def kept(self) -> torch.Tensor:
-        """Kept parameters (mask ≥ 0.5) of every branch."""
+    def linear_kept(self) -> torch.Tensor:
+        """Kept Linear parameters (mask ≥ 0.5) of every branch (what `--budget blocks` counts)."""
         return torch.tensor([self._params(b) for b in self.branches], dtype=torch.float64)
 
+    def kept(self) -> torch.Tensor:
+        """Kept cost of every branch: its Linear parameters, and its norm while it is not removed."""
+        linear = self.linear_kept()
+        return linear + self.fixed * (linear > 0)
+
     def curve(self, i: int, order_gate: torch.Tensor) -> torch.Tensor:
-        """Parameters of branch `i` when keeping its top-k gate elements (`order_gate`: gate ids, best first)."""
+        """Cost of branch `i` when keeping its top-k gate elements (`order_gate`: gate ids, best first)."""
         branch, s = self.branches[i], self.spec
-        kind = "attn" if branch.widths().kind == "attn" else "mlp"
-        full = {"in": s.dim, "out": s.dim, "head_dim": s.head_dim, "hidden": s.mlp_hidden}
-        return kept_cost_curve(order_gate, list(branch.gates()), kind, s.num_heads, self._bias(kind), full)
+        kind = branch.widths().kind
+        full = {"in": s.dim, "out": s.dim, "head_dim": s.head_dim, "hidden": s.mlp_hidden, "heads": s.num_heads}
+        linear = kept_cost_curve(order_gate, list(branch.gates()), kind, s.num_heads, self._bias(kind), full)
+        return linear.double() + self.fixed[i] * (linear > 0)
+
+    def grid(self, i: int) -> torch.Tensor:
+        """Cost of attention branch `i` keeping h = 0..H heads of d = 0..head_dim dims, [H+1, d+1]."""
+        s = self.spec
+        h = torch.arange(s.num_heads + 1).unsqueeze(1)
+        d = torch.arange(s.head_dim + 1).unsqueeze(0)
+        linear = branch_params(BranchWidths("attn", s.dim, d, s.dim, h), s.num_heads, *self._bias("attn")).double()
+        return linear + self.fixed[i] * (linear > 0)
 
     def log_fields(self) -> dict:
         return {}
@@ -98,23 +136,33 @@ class ParameterCosts:
 class LatencyCosts:
     """Branch costs in predicted milliseconds, from a latency table (`p3bkit.latency.table`).
 
-    Each branch's cost curve over kept units is non-decreasing, so the width chosen for a cost is
-    the widest one at that cost: widths land at the right edge of the runtime's latency steps.
+    Cost curves are non-decreasing, so the width chosen for a cost is the widest one at that cost:
+    widths land at the right edge of the runtime's latency steps. Whole heads need a table measured
+    over head counts (`p3bkit latency-table --heads all`).
     """
 
-    def __init__(self, gated: GatedViT, table, target_ms: float) -> None:
+    def __init__(self, gated: GatedViT, table, target_ms: float, remove_below: float = 0.0) -> None:
         from p3bkit.latency.table import model_dims
 
         if table is None:
             raise P3BError("a latency budget needs a latency table (--latency-table, made by p3bkit latency-table)")
-        if gated.structure != "inner":
-            raise P3BError("latency budgets prune head dims and MLP hidden units: use --structure inner")
+        if gated.structure not in ("inner", "heads"):
+            raise P3BError("latency budgets prune heads, head dims and MLP hidden units: use --structure inner or heads")
+        if gated.structure == "heads" and not table.has_head_axis:
+            raise P3BError("pruning whole heads for milliseconds needs a table over head counts: "
+                           "p3bkit latency-table MODEL --heads all")
         table.check_model(model_dims(gated.spec))
         self.table, self.fixed_ms, self.target_ms = table, table.fixed_ms, target_ms
         self.branches = [b for _, b in gated.branches()]
-        self.curves = [torch.from_numpy(table.branch_curve(b.widths().kind, _only_gate(b).size)) for b in self.branches]
-        self.full = torch.stack([c[-1] for c in self.curves]).double()
-        self.unit = torch.stack([c[1] for c in self.curves]).double()
+        self._grid = torch.from_numpy(table.attn_grid()) if gated.structure == "heads" else None
+        self.curves = [None if "heads" in b.gates() else
+                       torch.from_numpy(table.branch_curve(b.widths().kind, b.gates()[_inner(b)].size))
+                       for b in self.branches]
+        self.full = torch.tensor([float(c[-1]) if c is not None else float(self._grid[-1, -1]) for c in self.curves],
+                                 dtype=torch.float64)
+        self.unit = torch.tensor([float(c[1]) if c is not None else float(self._grid[1, 1]) for c in self.curves],
+                                 dtype=torch.float64)
+        self.useful = torch.maximum(remove_below * self.full, self.unit)
         dense = self.fixed_ms + float(self.full.sum())
         if target_ms <= self.fixed_ms:
             raise P3BError(f"a target of {target_ms:.3f} ms is not above the {self.fixed_ms:.3f} ms the model takes on "
@@ -127,10 +175,21 @@ class LatencyCosts:
 
     def kept(self) -> torch.Tensor:
         """Predicted ms of every branch at its current kept width (mask ≥ 0.5)."""
-        return torch.stack([c[_only_gate(b).kept()] for c, b in zip(self.curves, self.branches)]).double()
+        out = []
+        for c, b in zip(self.curves, self.branches):
+            gates = b.gates()
+            out.append(float(c[gates[_inner(b)].kept()]) if c is not None else
+                       float(self._grid[gates["heads"].kept(), gates["head_dim"].kept()]))
+        return torch.tensor(out, dtype=torch.float64)
 
     def curve(self, i: int, order_gate: torch.Tensor) -> torch.Tensor:
+        if self.curves[i] is None:
+            counts = _counts(order_gate, list(self.branches[i].gates()))
+            return torch.cummax(self._grid[counts[:, 0], counts[:, 1]], 0).values
         return self.curves[i]
+
+    def grid(self, i: int) -> torch.Tensor:
+        return self._grid
 
     def log_fields(self) -> dict:
         return {"predicted_ms": self.fixed_ms + float(self.kept().sum())}
@@ -144,6 +203,6 @@ class LatencyCosts:
                 "predicted_speedup": t.dense_ms / predicted, "target_speedup": t.dense_ms / self.target_ms}
 
 
-def _only_gate(branch):
-    (gate,) = branch.gates().values()  # structure "inner": one gate per branch (head dims or hidden units)
-    return gate
+def _inner(branch) -> str:
+    """The inner gate of an `inner`/`heads` branch: head dims or hidden units."""
+    return "head_dim" if "head_dim" in branch.gates() else "hidden"

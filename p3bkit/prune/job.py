@@ -35,7 +35,7 @@ class PruneJob:
     model_kwargs: dict = field(default_factory=dict)  # timm constructor arguments (img_size, num_classes, …)
     pretrained: bool = False
     pretrained_file: str | None = None  # local weights through timm's loader (classifier re-initialised if needed)
-    checkpoint: str | None = None
+    weights: str | None = None  # a weights file of exactly this model, loaded strictly
     data: str = "digits"
     augment: str = "auto"  # deit | light | none | auto (data.transforms.resolve_augment)
     epochs: tuple[int, int, int] = (1, 4, 4)  # warm-up, sparsify, sharpen
@@ -47,7 +47,7 @@ class PruneJob:
     device: str = "cpu"
     bf16: bool = False
     distill_teacher: str | None = None
-    teacher_checkpoint: str | None = None
+    teacher_weights: str | None = None
     progress: bool = True
     keep_checkpoint: bool = False  # a finished run removes checkpoint.pt unless asked to keep it
     latency_table: str | None = None  # latency budget: the table (p3bkit latency-table) and p3b.target_ms …
@@ -61,7 +61,7 @@ def _validate(job: PruneJob) -> None:
 
     if (Path(job.model) / ARCH_FILE).is_file() and read_arch(job.model).layers:
         raise P3BError(f"{job.model} is already pruned; pruning it again is not supported: prune its dense model "
-                       "(the source named in its arch.json, with --checkpoint for fine-tuned weights) to the smaller "
+                       "(the source named in its arch.json, with --weights for fine-tuned weights) to the smaller "
                        "budget instead")
     if not 0 < job.p3b.keep <= 1:
         raise P3BError(f"keep ratio must be in (0, 1], got {job.p3b.keep}")
@@ -96,7 +96,7 @@ def _teacher(job: PruneJob, device: str):
 
     if job.distill_teacher is None:
         return None
-    return create_model(job.distill_teacher, checkpoint=job.teacher_checkpoint).to(device).eval()
+    return create_model(job.distill_teacher, weights=job.teacher_weights).to(device).eval()
 
 
 def _warn_sparse_updates(sched: Schedule, every: int, ctx: DistContext) -> None:
@@ -129,14 +129,14 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
     from p3bkit.train.fit import seed_everything
 
     _validate(job)
-    folder = RunFolder(Path(job.out), "prune", SUMMARY)
+    folder = RunFolder(Path(job.out), "prune", SUMMARY, ("pruned/arch.json", "pruned/model.safetensors"))
     resuming = folder.open((job.model,) if Path(job.model).is_dir() else (), resume, force)
     ctx = init_distributed(job.device)
     if job.batch_size % ctx.world:
         raise P3BError(f"batch size {job.batch_size} must be divisible by the {ctx.world} ranks")
     seed_everything(job.seed + ctx.rank)
     say = notify if ctx.main else None
-    model = build_user_model(job.model, job.pretrained, job.pretrained_file, job.checkpoint, job.model_kwargs, say)
+    model = build_user_model(job.model, job.pretrained, job.pretrained_file, job.weights, job.model_kwargs, say)
     gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
     data = load_data_for(model, job.data, job.augment, job.pretrained or job.pretrained_file is not None, say)
     if getattr(model, "dist_token", None) is not None:
@@ -164,8 +164,9 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
     t0 = time.time()
     start = checkpoints.restore(_loader_of_state(pruner)) if resuming else (0, 0)
     loop = _epoch_loop(job, pruner, data, teacher, log, ctx)
-    if not run_epochs(loop, ctx, checkpoints, start, job.stop_after_epoch):
-        return {"stopped_after_epoch": job.stop_after_epoch}
+    stopped = run_epochs(loop, ctx, checkpoints, start, job.stop_after_epoch)
+    if stopped is not None:
+        return {"stopped_after_epoch": stopped}
     summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx)
     folder.finish(job.keep_checkpoint, ctx)
     return summary
@@ -233,7 +234,7 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
     pruned = apply_surgery(gated, round_to=job.round_to, io_mode=job.io_mode)
     diff = check_surgery(gated, pruned)  # the reference uses the arch's (rounded) indices: exact for any round_to
     pruned_acc = evaluate(pruned, data.val, device=ctx.device, ctx=ctx)
-    full, kept = float(pruner.params.full.sum()), float(pruner.params.kept().sum())
+    full, kept = float(pruner.params.linear_full.sum()), float(pruner.params.linear_kept().sum())
     eff = sum(p.numel() for n, p in pruned.named_parameters() if ".fn." in n)
     params = sum(p.numel() for p in pruned.parameters())
     nominal = pruner.total_keep_ratio()

@@ -22,7 +22,7 @@ from p3bkit.prune.importance import GATE_FACTORS
 from p3bkit.prune.masks import soft_mask_values, threshold_count
 from p3bkit.prune.schedule import Schedule
 
-AllocationName = Literal["p3b", "uniform", "global-magnitude"]
+AllocationName = str  # a name in prune.allocation.ALLOCATIONS (p3b, uniform, global-magnitude)
 BudgetScope = Literal["total", "blocks"]
 EmptyBlocks = Literal["disable", "regrow"]
 
@@ -49,6 +49,8 @@ class P3BConfig:
     keep_ratios: list[float] | None = None  # handcrafted per-branch κ (ablations)
     target_ms: float | None = None  # latency budget (needs a LatencyTable; `keep` is then unused)
     gate_factors: dict[str, float] = field(default_factory=lambda: dict(GATE_FACTORS))
+    remove_below: float = 0.0  # remove a branch whose share would be below this fraction of its full cost
+    removal_patience: int = 2  # ... for this many consecutive mask updates
 
 
 class P3BPruner(nn.Module):
@@ -65,8 +67,8 @@ class P3BPruner(nn.Module):
         self.gated, self.cfg, self.schedule, self.criterion = gated, cfg, schedule, criterion
         self.bpi = BPI.for_model(gated.model, cfg.bpi_class_head)
         self.branches = [b for _, b in gated.branches()]
-        self.params = ParameterCosts(gated, cfg.keep, cfg.budget)
-        self.costs = LatencyCosts(gated, latency_table, cfg.target_ms) if cfg.target_ms else self.params
+        self.params = ParameterCosts(gated, cfg.keep, cfg.budget, cfg.remove_below)
+        self.costs = LatencyCosts(gated, latency_table, cfg.target_ms, cfg.remove_below) if cfg.target_ms else self.params
         self.allocation: Allocation = make_allocation(cfg)
         n = len(self.branches)
         self.register_buffer("delta_c", torch.zeros(n))
@@ -145,11 +147,11 @@ class P3BPruner(nn.Module):
             gate.reset_scores()
 
     def due(self) -> bool:
-        """A mask update is due after this step (never during warm-up; always on the last step)."""
+        """A mask update is due after this step: every `update_every` steps counted from the end of
+        warm-up (so every window is whole), and on the last step."""
         step = int(self.step)
-        phase, _, _ = self.schedule.at(step - 1)
-        last = step == self.schedule.total
-        return phase != "warmup" and (step % self.cfg.update_every == 0 or last)
+        since = step - self.schedule.warmup_steps
+        return since > 0 and (since % self.cfg.update_every == 0 or step == self.schedule.total)
 
     # ---- mask updates --------------------------------------------------------------------------
 
@@ -167,7 +169,8 @@ class P3BPruner(nn.Module):
         def curves():
             return [(scores[order], cost) for scores, order, cost in map(self._order, range(len(self.branches)))]
         return AllocationInput((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.costs.kept(),
-                               self.costs.full, self.costs.unit, self.disabled.cpu(), self.block_keep, curves)
+                               self.costs.full, self.costs.unit, self.disabled.cpu(), self.block_keep, curves,
+                               self.costs.useful, int(self.delta_count) >= self.cfg.update_every)
 
     @torch.no_grad()
     def record_measurements(self, delta_c: torch.Tensor, delta_p: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
@@ -194,14 +197,15 @@ class P3BPruner(nn.Module):
             self._disable_empty_branches()
         target = self.allocation.targets(self.allocation_input())
         self.kappa.copy_(ramp(target, progress, self.disabled.cpu() if disables else None))
-        carry = 0.0  # rounding to whole units is carried to the next branch, so the sum meets the budget
+        carry = 0.0  # rounding to whole units is carried on, through removed branches, so the sum meets the budget
         for i, kappa in enumerate(self.kappa.tolist()):
-            carry = self._update_branch(i, kappa, tau, carry if kappa > 0 else 0.0)
+            carry = self._update_branch(i, kappa, tau, carry)
         count = self.delta_count.clamp(min=1)
         record = {"step": step, "phase": phase, "tau": tau,
                   "delta_c": (self.delta_c / count).tolist(), "delta_p": (self.delta_p / count).tolist(),
                   "kappa_target": target.tolist(), "kappa": self.kappa.tolist(), "disabled": self.disabled.tolist(),
-                  "kept_params": self.params.kept().tolist(), "full_params": self.params.full.tolist(),
+                  "kept_params": self.params.linear_kept().tolist(), "full_params": self.params.linear_full.tolist(),
+                  "heads": [b.widths().heads if b.widths().kind == "attn" else None for b in self.branches],
                   **self.costs.log_fields()}
         self.reset_accumulators()
         return record
@@ -220,23 +224,49 @@ class P3BPruner(nn.Module):
                 self.disabled[i] = True
 
     def _update_branch(self, i: int, kappa: float, tau: float, carry: float = 0.0) -> float:
-        """New soft masks for κ·cost (+ `carry`) of branch `i`; returns the shortfall to carry on."""
+        """New soft masks for κ·cost (+ `carry`) of branch `i`; returns the shortfall to carry on.
+
+        A branch at κ = 0 (removed or disabled) keeps nothing and passes the carry on untouched.
+        """
         gates = self.branches[i].gates()
+        if "heads" in gates:
+            return self._update_heads(i, kappa, tau, carry)
         scores, order, cost = self._order(i)
         n = scores.numel()
-        target = kappa * float(cost[-1]) + carry
+        target = kappa * float(cost[-1]) + carry if kappa > 0 else 0.0
         keep_count = threshold_count(cost, target)
         values = torch.empty(n)
         values[order.flip(0)] = soft_mask_values(n, n - keep_count, tau, self.cfg.m_ref)
         for gate, part in zip(gates.values(), values.split([g.size for g in gates.values()])):
             gate.mask.copy_(part.to(gate.mask.device))
-        return target - float(cost[keep_count])
+        return target - float(cost[keep_count]) if kappa > 0 else carry
+
+    def _update_heads(self, i: int, kappa: float, tau: float, carry: float) -> float:
+        """Attention with whole heads: the (heads, head dims) pair within κ·cost (+ `carry`) that keeps
+        the most importance — the product of the fractions of each gate's importance kept, the top
+        heads and the top dims by their Taylor scores (or magnitudes) — then a soft mask per gate."""
+        gates = self.branches[i].gates()
+        scores = self.allocation.local_scores(self.branches[i]).split([g.size for g in gates.values()])
+        mass = self.allocation.gate_masses(self.branches[i])
+        grid = self.costs.grid(i)
+        target = kappa * float(grid[-1, -1]) + carry if kappa > 0 else 0.0
+        orders = {name: torch.argsort(s, descending=True, stable=True) for name, s in zip(gates, scores)}
+        kept = {name: _kept_fraction(mass[name][orders[name]]) for name in gates}
+        value = kept["heads"].unsqueeze(1) * kept["head_dim"].unsqueeze(0)
+        value = torch.where(grid <= target + 1e-9, value - 1e-12 * grid / grid[-1, -1], torch.full_like(value, -1.0))
+        h, d = divmod(int(torch.argmax(value)), value.shape[1])  # ties: the cheaper pair
+        for name, count in (("heads", h), ("head_dim", d)):
+            n = gates[name].size
+            values = torch.empty(n)
+            values[orders[name].flip(0)] = soft_mask_values(n, n - count, tau, self.cfg.m_ref)
+            gates[name].mask.copy_(values.to(gates[name].mask.device))
+        return target - float(grid[h, d]) if kappa > 0 else carry
 
     # ---- reporting and state ---------------------------------------------------------------------
 
     def block_keep_ratio(self) -> float:
-        """Kept branch parameters (mask ≥ 0.5) over all branch parameters."""
-        return float(self.params.kept().sum() / self.params.full.sum())
+        """Kept branch Linear parameters (mask ≥ 0.5) over all branch Linear parameters."""
+        return float(self.params.linear_kept().sum() / self.params.linear_full.sum())
 
     def total_keep_ratio(self) -> float:
         """Kept parameters of the whole model (unprunable ones included) over all its parameters."""
@@ -248,3 +278,13 @@ class P3BPruner(nn.Module):
     def load_extra_state(self, state: dict) -> None:
         self.allocation.load_state_dict(state["allocation"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _kept_fraction(mass: torch.Tensor) -> torch.Tensor:
+    """Fraction of a gate's importance kept by its top k elements (`mass` best first), k = 0..n;
+    k/n when nothing was measured."""
+    total = float(mass.sum())
+    n = mass.numel()
+    if total <= 0:
+        return torch.arange(n + 1, dtype=torch.float64) / n
+    return torch.cat([torch.zeros(1, dtype=torch.float64), mass.double().cumsum(0) / total])

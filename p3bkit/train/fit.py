@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from p3bkit.data import DataBundle, make_loader
+from p3bkit.models.adapter import logits_of
 from p3bkit.train.dist import DistContext, all_reduce_sum_
 from p3bkit.train.run import Checkpoints, EpochLoop, run_epochs
 
@@ -25,11 +26,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # timm's Mixup/CutMix draw from numpy
     torch.manual_seed(seed)
-
-
-def logits_of(out: torch.Tensor | tuple) -> torch.Tensor:
-    """Class logits of a model output (distilled models in train mode return a tuple)."""
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()

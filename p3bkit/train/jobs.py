@@ -55,7 +55,7 @@ def run_finetune(pruned: str, out: str, data: str = "digits", epochs: int = 10, 
 
 def run_train(model: str, out: str, data: str = "digits", epochs: int = 10, batch_size: int = 64, lr: float = 5e-4,
               model_kwargs: dict | None = None, pretrained: bool = False, pretrained_file: str | None = None,
-              checkpoint: str | None = None, device: str = "cpu", seed: int = 0, progress: bool = True,
+              weights: str | None = None, device: str = "cpu", seed: int = 0, progress: bool = True,
               force: bool = False, resume: bool = False, keep_checkpoint: bool = False, augment: str = "auto") -> dict:
     """Train or fine-tune a dense model (e.g. an ImageNet DeiT on your classes) into a model folder
     (a dense `arch.json` + `model.safetensors` that `p3bkit prune --model` takes)."""
@@ -69,12 +69,12 @@ def run_train(model: str, out: str, data: str = "digits", epochs: int = 10, batc
     ctx = init_distributed(device)
     seed_everything(seed)  # the initialisation of whatever is not loaded (e.g. a new classifier)
     say = notify if ctx.main else None
-    net = build_user_model(model, pretrained, pretrained_file, checkpoint, model_kwargs or {}, say)
+    net = build_user_model(model, pretrained, pretrained_file, weights, model_kwargs or {}, say)
     bundle = load_data_for(net, data, augment, pretrained or pretrained_file is not None, say)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 512, seed=seed, device=device,
                     progress=progress, warmup_epochs=min(5, max(epochs // 10, 0)))
     settings = {"model": model, "kwargs": model_kwargs or {}, "pretrained": pretrained,
-                "pretrained_file": pretrained_file, "checkpoint": checkpoint, "data": data, "epochs": epochs,
+                "pretrained_file": pretrained_file, "weights": weights, "data": data, "epochs": epochs,
                 "batch_size": batch_size, "lr": lr, "seed": seed, "augment": augment, "world": ctx.world}
     folder.create(resuming, ctx)
     history = fit(net, bundle, cfg, desc="train", ctx=ctx,

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from p3bkit.console import notify, progress
-from p3bkit.errors import Interrupted, P3BError
+from p3bkit.errors import Interrupted, P3BError, first_line
 from p3bkit.fileio import check_output_folder
 from p3bkit.train.checkpoint import check_resume_settings, gather_rng, read_checkpoint, set_rng_state, write_checkpoint
 from p3bkit.train.dist import DistContext, all_reduce_sum_, barrier
@@ -42,6 +42,7 @@ class RunFolder:
     path: Path
     command: str
     done: str | None = None  # the record a finished run leaves behind (its summary)
+    outputs: tuple[str, ...] = ()  # what else a fresh run replaces (a prune run's pruned model)
 
     def open(self, inputs: tuple = (), resume: bool = False, force: bool = False) -> bool:
         """Check the folder before any work; True when a checkpoint will be resumed."""
@@ -57,13 +58,13 @@ class RunFolder:
         return False
 
     def create(self, resuming: bool, ctx: DistContext) -> None:
-        """Make the folder; a fresh run first removes an earlier run's state (checkpoint, log, summary),
-        so two runs never mix. Models are replaced atomically when the new one is written, so a run
-        that fails keeps the previous model."""
+        """Make the folder; a fresh run first removes an earlier run's state (checkpoint, log, summary
+        and `outputs`), so two runs never mix. A model folder that is the run's output itself is
+        replaced atomically when the new one is written, so a failed run keeps the previous model."""
         if ctx.main:
             self.path.mkdir(parents=True, exist_ok=True)
             if not resuming:
-                for f in (CHECKPOINT, LOG, self.done):
+                for f in (CHECKPOINT, LOG, self.done, *self.outputs):
                     if f:
                         (self.path / f).unlink(missing_ok=True)
         barrier(ctx)
@@ -123,10 +124,10 @@ class Checkpoints:
         try:
             load(ck["state"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise P3BError(f"{self.path} does not fit this run ({str(exc).splitlines()[0]}); delete it to start over") from exc
+            raise P3BError(f"{self.path} does not fit this run ({first_line(exc)}); delete it to start over") from exc
         set_rng_state(ck["rng"][self.ctx.rank])
-        if self.log is not None:
-            self.log.trim(int(ck.get("log_records", 0)))
+        if self.log is not None and "log_records" in ck:
+            self.log.trim(int(ck["log_records"]))
         return int(ck["epoch"]), int(ck["batch"])
 
 
@@ -166,8 +167,9 @@ class EpochLoop:
 
 
 def run_epochs(loop: EpochLoop, ctx: DistContext, checkpoints: Checkpoints | None = None,
-               start: tuple[int, int] = (0, 0), stop_after_epoch: int | None = None) -> bool:
-    """Run the remaining epochs from `start`; False when stopped early by `stop_after_epoch`.
+               start: tuple[int, int] = (0, 0), stop_after_epoch: int | None = None) -> int | None:
+    """Run the remaining epochs from `start`; None when all ran, else the epoch `stop_after_epoch`
+    (a testing hook that ends the run early, as a crash would) stopped it after.
 
     With `checkpoints`: a checkpoint after every epoch, and on SIGTERM/SIGINT one at the current
     batch followed by `Interrupted` (a one-line message naming `--resume`).
@@ -192,7 +194,7 @@ def run_epochs(loop: EpochLoop, ctx: DistContext, checkpoints: Checkpoints | Non
             if checkpoints:
                 checkpoints.save(epoch, 0, loop.state())
             if stop_after_epoch is not None and stop_after_epoch <= epoch < loop.epochs:
-                return False
+                return epoch
     finally:
         restore_handlers(old)
-    return True
+    return None
