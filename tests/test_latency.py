@@ -230,3 +230,47 @@ def test_latency_bad_inputs(args, code, msg, tmp_path):
     r = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
     assert r.exit_code == code and msg in r.output, r.output
     assert not (tmp_path / "t.json").exists()
+
+
+def test_prediction_counts_kept_heads_and_removed_branches():
+    t = LatencyTable(model="m", dims={"dim": 8, "depth": 2, "num_heads": 2, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
+                     backend="torch", device="cpu", batch=1, precision="fp32", threads=1, machine={}, fixed_ms=1.0,
+                     dense_ms=9.0, heads=[1, 2], head_dims=[1, 4], attn_ms=[[0.5, 1.0], [1.0, 2.0]], hidden=[1, 8],
+                     mlp_ms=[0.2, 1.6], scale=1.0, per_branch_ms=0.1)
+    full = list(range(8))
+    one_head = [{"attn": {"in": full, "out": full, "head_dim": [0, 1, 2, 3], "heads": [1]}, "mlp": None},
+                {"attn": None, "mlp": None}]
+    assert t.predict(one_head) == pytest.approx(1.0 + 1.0 + 0.1)  # one head of 4 dims, everything else removed
+    grid = t.attn_grid()
+    assert grid.shape == (3, 5) and grid[0].sum() == 0 and grid[:, 0].sum() == 0
+    assert np.all(np.diff(grid, axis=0) >= 0) and np.all(np.diff(grid, axis=1) >= 0)
+    assert grid[1, 4] == pytest.approx(1.1) and grid[2, 4] == pytest.approx(2.1)
+
+
+def test_prune_whole_heads_and_branches_for_a_latency_target(tmp_path):
+    """`--structure heads --remove-below` against a table measured over head counts: the predicted
+    time meets the target to within one branch, with fewer heads where they were dropped."""
+    from p3bkit.models.factory import create_model
+
+    table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
+                                  TableConfig(backend="torch", heads="all", **{**QUICK, "hidden_step": 128}),
+                                  isolate=False)
+    assert table.has_head_axis and table.heads == [1, 2, 3, 4]
+    lut = tmp_path / "lut.json"
+    table.save(lut)
+    base = ["prune", "--model", "digits-vit", "--target-speedup", "3", "--latency-table", str(lut), "--epochs", "0", "1", "1",
+            "--update-every", "4", "--no-progress"]
+    r = CliRunner().invoke(main, [*base, "--structure", "heads", "--remove-below", "0.1", "-o", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    lat = s["latency"]
+    one_branch = max(table.branch_ms("attn", 16), table.branch_ms("mlp", 256))
+    assert abs(lat["predicted_ms"] - lat["target_ms"]) <= one_branch
+    layers = json.loads((tmp_path / "run" / "pruned" / "arch.json").read_text())["layers"]
+    assert table.predict(layers) == pytest.approx(lat["predicted_ms"])
+    assert any(l["attn"] and len(l["attn"]["heads"]) < 4 for l in layers) or any(not l["attn"] for l in layers)
+    inner_only = dataclasses.replace(table, heads=[4], attn_ms=[table.attn_ms[-1]])
+    inner_only.save(tmp_path / "inner.json")
+    r = CliRunner().invoke(main, [*base[:6], str(tmp_path / "inner.json"), *base[7:], "--structure", "heads",
+                                  "-o", str(tmp_path / "refused")])
+    assert r.exit_code == 1 and "--heads all" in r.output

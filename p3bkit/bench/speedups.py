@@ -19,15 +19,18 @@ from p3bkit.latency.measure import TableConfig, time_module
 from p3bkit.latency.table import LatencyTable
 
 
-def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, seed: int) -> nn.Module:
-    """P3B's latency allocation for `speedup` over the table's dense model, from random measurements."""
+def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, seed: int,
+                         structure: str = "inner", remove_below: float = 0.0) -> nn.Module:
+    """P3B's latency allocation for `speedup` over the table's dense model, from random measurements
+    (`structure` heads and `remove_below` > 0: whole heads and branches too)."""
     from p3bkit.models import add_gates
     from p3bkit.prune.pruner import P3BConfig, P3BPruner
     from p3bkit.prune.schedule import Schedule
     from p3bkit.surgery import apply_surgery
 
-    gated = add_gates(copy.deepcopy(model), "inner")
-    pruner = P3BPruner(gated, P3BConfig(target_ms=table.dense_ms / speedup), Schedule(0, 1, 0), latency_table=table)
+    gated = add_gates(copy.deepcopy(model), structure)
+    cfg = P3BConfig(target_ms=table.dense_ms / speedup, remove_below=remove_below, removal_patience=1)
+    pruner = P3BPruner(gated, cfg, Schedule(0, 1, 0), latency_table=table)
     gen = torch.Generator().manual_seed(seed)
     n = len(pruner.branches)
     delta_c, delta_p = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
@@ -37,10 +40,11 @@ def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, 
     return apply_surgery(gated.eval(), io_mode="auto")
 
 
-def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, speedups: list[float]) -> list[dict]:
+def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, speedups: list[float],
+                   structure: str = "inner", remove_below: float = 0.0) -> list[dict]:
     """Allocate for each asked speedup, then time dense and pruned models interleaved."""
     image = torch.randn(cfg.batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    pruned = [allocate_for_speedup(model, table, s, i) for i, s in enumerate(speedups)]
+    pruned = [allocate_for_speedup(model, table, s, i, structure, remove_below) for i, s in enumerate(speedups)]
     with torch_threads(cfg.threads), tempfile.TemporaryDirectory() as tmp:
         timed = [time_module(m, image, cfg, Path(tmp), whole=True) for m in [model] + pruned]
         dense, *times = time_in_passes(timed, cfg.runs * 2, passes=3)
@@ -50,5 +54,7 @@ def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, spee
         rows.append({"asked": s, "measured_speedup": dense / t, "predicted_ms": predicted, "measured_ms": t,
                      "dense_ms": dense, "miss": (dense / t - s) / s,
                      "head_dims": [len(l["attn"]["head_dim"]) if l["attn"] else 0 for l in m.p3b_arch.layers],
+                     "heads": [len(l["attn"].get("heads", [])) or model.blocks[0].attn.num_heads if l["attn"] else 0
+                               for l in m.p3b_arch.layers],
                      "hidden": [len(l["mlp"]["hidden"]) if l["mlp"] else 0 for l in m.p3b_arch.layers]})
     return rows

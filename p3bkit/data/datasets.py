@@ -66,7 +66,6 @@ def load_synthetic_data(num_classes: int, img_size: int, in_chans: int = 3, n: i
 
 def load_image_folder(root: Path, img_size: int, num_classes: int | None, augment: str = "deit") -> DataBundle:
     """ImageFolder train/ and val/; with `augment="deit"` also Mixup/CutMix (0.8 / 1.0) + smoothing 0.1."""
-    from timm.data import Mixup
     from torchvision.datasets import ImageFolder
 
     for split in ("train", "val"):
@@ -80,12 +79,19 @@ def load_image_folder(root: Path, img_size: int, num_classes: int | None, augmen
     k = len(train.classes)
     if num_classes is not None and num_classes != k:
         raise DataError(f"{root}: {k} classes but the model has {num_classes} (set --num-classes {k})")
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=k) if augment == "deit" else None
-    return DataBundle(train, val, k, img_size, 3, mixup)
+    return DataBundle(train, val, k, img_size, 3, deit_mixup(k) if augment == "deit" else None)
+
+
+def deit_mixup(num_classes: int):
+    """The DeiT recipe's Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (applied to each training batch)."""
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=num_classes)
 
 
 def load_cifar100(root: Path, img_size: int, augment: str = "deit") -> DataBundle:
-    """CIFAR-100 from its standard `cifar-100-python` folder (no download)."""
+    """CIFAR-100 from its standard `cifar-100-python` folder (no download); with `augment="deit"` also
+    Mixup/CutMix, as for an ImageFolder."""
     from torchvision.datasets import CIFAR100
 
     try:
@@ -93,7 +99,7 @@ def load_cifar100(root: Path, img_size: int, augment: str = "deit") -> DataBundl
         val = CIFAR100(str(root), train=False, download=False, transform=eval_transform(img_size))
     except RuntimeError as exc:
         raise DataError(f"{root}: no readable cifar-100-python folder ({exc})") from exc
-    return DataBundle(train, val, 100, img_size, 3)
+    return DataBundle(train, val, 100, img_size, 3, deit_mixup(100) if augment == "deit" else None)
 
 
 def load_data(name: str, img_size: int | None = None, num_classes: int | None = None,

@@ -20,11 +20,12 @@ def validate_table(model: nn.Module, table: LatencyTable, cfg: TableConfig, coun
 
     spec = inspect_vit(model)
     rng = np.random.default_rng(seed)
-    archs = [random_layers(spec, rng) for _ in range(count)]
+    archs = [random_layers(spec, rng, table.has_head_axis) for _ in range(count)]
     out = []
     for layers, ms in zip(archs, time_whole_models(model, cfg, archs)):
         pred = table.predict(layers)
         out.append({"measured_ms": ms, "predicted_ms": pred, "error": (pred - ms) / ms,
                     "head_dims": [len(l["attn"]["head_dim"]) if l["attn"] else 0 for l in layers],
+                    "heads": [len(l["attn"].get("heads", range(spec.num_heads))) if l["attn"] else 0 for l in layers],
                     "hidden": [len(l["mlp"]["hidden"]) if l["mlp"] else 0 for l in layers]})
     return out

@@ -115,7 +115,7 @@ def measure_latency_table(model: nn.Module, name: str, cfg: TableConfig, isolate
 
 def _calibration_archs(spec, cfg: TableConfig) -> list[list[dict]]:
     rng = np.random.default_rng(cfg.seed)
-    return [random_layers(spec, rng) for _ in range(cfg.calibration)]
+    return [random_layers(spec, rng, cfg.heads == "all") for _ in range(cfg.calibration)]
 
 
 def time_branch_grid(model: nn.Module, cfg: TableConfig) -> dict:
@@ -189,8 +189,10 @@ def calibrate(table: LatencyTable, models: list[list[dict] | None], measured_ms:
     return table
 
 
-def random_layers(spec, rng: np.random.Generator) -> list[dict]:
-    """A random head-dim + hidden pruned architecture (some branches emptied), as `PrunedArch.layers`."""
+def random_layers(spec, rng: np.random.Generator, heads: bool = False) -> list[dict]:
+    """A random pruned architecture as `PrunedArch.layers`: head dims and hidden units thinned, some
+    branches removed; with `heads`, also whole heads removed and more branches (as P3B's `heads`
+    structure with branch removal produces them)."""
     level = rng.uniform(0.03, 0.9)  # overall keep level of this architecture
     full = list(range(spec.dim))
 
@@ -200,8 +202,20 @@ def random_layers(spec, rng: np.random.Generator) -> list[dict]:
             return None
         kept = sorted(rng.choice(n, size=k, replace=False).tolist())
         return {"in": full, key: kept, "out": full, "read": "dense", "write": "dense"}
-    return [{"attn": branch(spec.head_dim, "head_dim"), "mlp": branch(spec.mlp_hidden, "hidden")}
-            for _ in range(spec.depth)]
+
+    def attention() -> dict | None:
+        out = branch(spec.head_dim, "head_dim")
+        if heads and out is not None:
+            if rng.random() < 0.15:
+                return None
+            h = int(rng.integers(1, spec.num_heads + 1))
+            out["heads"] = sorted(rng.choice(spec.num_heads, size=h, replace=False).tolist())
+        return out
+
+    def mlp() -> dict | None:
+        out = branch(spec.mlp_hidden, "hidden")
+        return None if heads and out is not None and rng.random() < 0.15 else out
+    return [{"attn": attention(), "mlp": mlp()} for _ in range(spec.depth)]
 
 
 def in_fresh_process(fn: Callable, *args):

@@ -128,24 +128,26 @@ def plot_block_performance(runs: list[dict], out: Path) -> dict[str, str]:
 
 
 def _heatmap(run: dict, out: Path, plt) -> str:
-    cols = ["attn.in", "attn.head_dim", "attn.out", "mlp.in", "mlp.hidden", "mlp.out"]
+    """Kept widths per layer (heads too, where whole heads were pruned); removed branches are 0."""
+    heads = any(b and "heads" in b for layer in run["layers"] for b in (layer["attn"],))
+    cols = ["attn.in", *(["attn.heads"] if heads else []), "attn.head_dim", "attn.out", "mlp.in", "mlp.hidden", "mlp.out"]
     rows = []
     for layer in run["layers"]:
-        row = []
-        for kind, inner in (("attn", "head_dim"), ("mlp", "hidden")):
-            b = layer[kind]
-            row += [len(b[k]) if b else 0 for k in ("in", inner, "out")]
+        a, m = layer["attn"], layer["mlp"]
+        row = [len(a["in"]) if a else 0, *([len(a.get("heads", [])) if a else 0] if heads else []),
+               len(a["head_dim"]) if a else 0, len(a["out"]) if a else 0]
+        row += [len(m[k]) if m else 0 for k in ("in", "hidden", "out")]
         rows.append(row)
-    full = [max(r[c] for r in rows) or 1 for c in range(6)]
-    frac = [[r[c] / full[c] for c in range(6)] for r in rows]
+    full = [max(r[c] for r in rows) or 1 for c in range(len(cols))]
+    frac = [[r[c] / full[c] for c in range(len(cols))] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(rows) + 1.5))
     im = ax.imshow(frac, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(6), cols, rotation=30, fontsize=8)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, fontsize=8)
     ax.set_ylabel("layer")
     for i, r in enumerate(rows):
         for c, v in enumerate(r):
             ax.text(c, i, str(v), ha="center", va="center", fontsize=7, color="w")
-    fig.colorbar(im, label="kept fraction (of the widest)")
+    fig.colorbar(im, label="kept fraction (of the widest); 0: removed")
     img = _png(fig, out / "kept_widths.png")
     plt.close(fig)
     return img
@@ -165,6 +167,11 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
         if "prune_rate_total" in r:
             parts.append(f"<p>pruned {100 * r['prune_rate_total']:.1f}% of all parameters, "
                          f"{100 * r['prune_rate_blocks']:.1f}% of block parameters (budget: {r.get('budget', '?')})</p>")
+        if "layers" in run:
+            removed = [f"{i}.{k}" for i, layer in enumerate(run["layers"]) for k in ("attn", "mlp") if not layer[k]]
+            heads = [len(layer["attn"]["heads"]) for layer in run["layers"] if layer["attn"] and "heads" in layer["attn"]]
+            parts.append(f"<p>branches removed: {', '.join(removed) or 'none'}"
+                         + (f"; heads kept per attention branch: {heads}" if heads else "") + "</p>")
         parts.append("<table border=1><tr><th>block</th><th>ΔΨᶜ</th><th>ΔΨᵖ</th><th>κ</th></tr>")
         for i, (c, p) in enumerate(zip(run["delta_c"], run["delta_p"])):
             kappa = f"{run['kappa'][i]:.6g}" if "kappa" in run else "–"

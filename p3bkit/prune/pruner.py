@@ -253,7 +253,11 @@ class P3BPruner(nn.Module):
         orders = {name: torch.argsort(s, descending=True, stable=True) for name, s in zip(gates, scores)}
         kept = {name: _kept_fraction(mass[name][orders[name]]) for name in gates}
         value = kept["heads"].unsqueeze(1) * kept["head_dim"].unsqueeze(0)
-        value = torch.where(grid <= target + 1e-9, value - 1e-12 * grid / grid[-1, -1], torch.full_like(value, -1.0))
+        # like `threshold_count`: the cost closest to the target may lie one step above it (the carry
+        # evens it out over the model); within that cost, the pair that keeps the most importance
+        closest = float(grid.flatten()[torch.argmin((grid - target).abs())])
+        limit = max(target, closest) + 1e-9
+        value = torch.where(grid <= limit, value - 1e-12 * grid / grid[-1, -1], torch.full_like(value, -1.0))
         h, d = divmod(int(torch.argmax(value)), value.shape[1])  # ties: the cheaper pair
         for name, count in (("heads", h), ("head_dim", d)):
             n = gates[name].size
