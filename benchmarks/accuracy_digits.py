@@ -22,11 +22,12 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from p3bkit.models import load
-from p3bkit.models.factory import create_model
+from p3bkit.models.factory import create_model, load_weights
 from p3bkit.models.report import describe
 from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
@@ -48,8 +49,17 @@ METHODS = {
     "p3b-inner-every20": {"structure": "inner", "allocation": "p3b", "update_every": 20},
     "p3b-inner-alpha1": {"structure": "inner", "allocation": "p3b", "alpha": 1.0},
     "p3b-inner-norm-head": {"structure": "inner", "allocation": "p3b", "bpi_class_head": "norm-linear"},
+    # whole heads and whole branches: structure heads, --remove-below 0.05 (p3b-heads); its indicators
+    # on every image of each batch, as in the paper (p3b-heads-fullbpi; the default sees 1/8 of it)
+    "p3b-heads": {"structure": "heads", "allocation": "p3b", "remove_below": 0.05},
+    "p3b-heads-fullbpi": {"structure": "heads", "allocation": "p3b", "remove_below": 0.05, "bpi_fraction": 1.0},
+    "p3b-heads-noremove": {"structure": "heads", "allocation": "p3b"},
+    "p3b-heads-hw2": {"structure": "heads", "allocation": "p3b", "remove_below": 0.05, "head_weight": 2.0},
+    "p3b-heads-hw4": {"structure": "heads", "allocation": "p3b", "remove_below": 0.05, "head_weight": 4.0},
+    "p3b-heads-remove10": {"structure": "heads", "allocation": "p3b", "remove_below": 0.10},
+    "p3b-inner-remove10": {"structure": "inner", "allocation": "p3b", "remove_below": 0.10},
 }
-DEFAULT_METHODS = ["p3b", "p3b-inner", "uniform", "global-magnitude", "frozen"]
+DEFAULT_METHODS = ["p3b-heads", "p3b-inner", "p3b", "uniform", "global-magnitude", "p3b-heads-fullbpi"]
 QUICK = RECIPES["quick"]
 
 
@@ -57,7 +67,9 @@ def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> 
     m = METHODS[method]
     cfg = P3BConfig(keep=1 - rate / 100, budget="total", update_every=m.get("update_every", args.update_every),
                     allocation=m["allocation"], frozen=m.get("frozen", False), ema_momentum=m.get("ema_momentum", 0.2),
-                    alpha=m.get("alpha", 0.5), bpi_class_head=m.get("bpi_class_head", "linear"), lr_model=QUICK.lr,
+                    alpha=m.get("alpha", 0.5), bpi_class_head=m.get("bpi_class_head", "linear"),
+                    remove_below=m.get("remove_below", 0.0), bpi_fraction=m.get("bpi_fraction", 0.125),
+                    head_weight=m.get("head_weight", 1.0), lr_model=QUICK.lr,
                     lr_bpi=QUICK.lr_bpi)
     epochs = (m.get("warmup", args.epochs[0]), *args.epochs[1:])
     job = PruneJob(out=str(work / f"{method}_{rate}_{seed}"), model="digits-vit", weights=str(ckpt),
@@ -70,6 +82,9 @@ def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> 
     return {"method": method, "rate": rate, "seed": seed, "acc_pruned": s["val_acc_pruned"],
             "acc_finetuned": evaluate(pruned, data.val), "params": d["params"], "flops": d["flops"],
             "total_keep": s["total_keep"], "block_keep": s["block_keep_nominal"], "kappa": s["kappa"],
+            "removed": [i for i, layer in enumerate(pruned.p3b_arch.layers) for k in ("attn", "mlp") if not layer[k]],
+            "heads": [len(l["attn"].get("heads", range(pruned.p3b_arch.source.kwargs.get("num_heads", 4))))
+                      if l["attn"] else 0 for l in pruned.p3b_arch.layers],
             "disabled_blocks": s["disabled_blocks"]}
 
 
@@ -85,7 +100,38 @@ def summarize(rows: list[dict], dense: list[float]) -> str:
             f = lambda k: f"{statistics.mean(r[k] for r in sel):.2f} ± {statistics.pstdev(r[k] for r in sel):.2f}"  # noqa: E731
             lines.append(f"| {method} | {rate}% | {f('acc_pruned')} | {f('acc_finetuned')} | "
                          f"{statistics.mean(r['params'] for r in sel):,.0f} | {statistics.mean(r['flops'] for r in sel) / 1e6:.2f} M |")
-    return "\n".join(lines) + "\n\n" + paired(rows)
+    return "\n".join(lines) + "\n\n" + paired(rows) + "\n" + structure(rows) + "\n" + kappa_agreement(rows)
+
+
+def structure(rows: list[dict]) -> str:
+    """What each method kept: branches removed (of 12) and heads per kept attention branch (of 4)."""
+    lines = ["Structure of the pruned models (mean over seeds):\n", "| method | pruned | branches removed | heads per kept attention |",
+             "|---|---|---|---|"]
+    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+        for rate in sorted({r["rate"] for r in rows}):
+            sel = [r for r in rows if r["method"] == method and r["rate"] == rate and "removed" in r]
+            if sel:
+                heads = [h for r in sel for h in r["heads"] if h]
+                lines.append(f"| {method} | {rate}% | {statistics.mean(len(r['removed']) for r in sel):.1f} | "
+                             f"{statistics.mean(heads) if heads else 0:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def kappa_agreement(rows: list[dict]) -> str:
+    """The indicators on 1/8 of each batch (p3b-heads) vs on all of it (p3b-heads-fullbpi): final κ per branch."""
+    by = {(r["method"], r["rate"], r["seed"]): r for r in rows}
+    pairs = [(by[k], by[("p3b-heads-fullbpi", *k[1:])]) for k in by if k[0] == "p3b-heads" and ("p3b-heads-fullbpi", *k[1:]) in by]
+    if not pairs:
+        return ""
+    lines = ["Indicators on 1/8 of each batch (p3b-heads) vs all of it (p3b-heads-fullbpi), per rate:\n",
+             "| pruned | mean abs Δκ per branch | κ correlation | top-1 diff (1/8 − all) | per seed |", "|---|---|---|---|---|"]
+    for rate in sorted({a["rate"] for a, _ in pairs}):
+        sel = [(a, b) for a, b in pairs if a["rate"] == rate]
+        dk = statistics.mean(abs(x - y) for a, b in sel for x, y in zip(a["kappa"], b["kappa"]))
+        corr = statistics.mean(float(np.corrcoef(a["kappa"], b["kappa"])[0, 1]) for a, b in sel)
+        d = [a["acc_finetuned"] - b["acc_finetuned"] for a, b in sel]
+        lines.append(f"| {rate}% | {dk:.3f} | {corr:.2f} | {statistics.mean(d):+.2f} | {' '.join(f'{x:+.1f}' for x in d)} |")
+    return "\n".join(lines) + "\n"
 
 
 def paired(rows: list[dict]) -> str:
@@ -93,9 +139,10 @@ def paired(rows: list[dict]) -> str:
     acc = {(r["method"], r["rate"], r["seed"]): r["acc_finetuned"] for r in rows}
     lines = ["Paired per seed, top-1 after fine-tune (points; wins = seeds where the first is higher):\n",
              "| comparison | pruned | mean diff | per seed | wins |", "|---|---|---|---|---|"]
-    variants = sorted({m for (m, _, _) in acc if m.startswith("p3b-") and m != "p3b-inner"})
-    pairs = {"p3b": ("uniform", "global-magnitude"), "p3b-inner": ("uniform", "global-magnitude", "p3b"),
-             **{v: ("global-magnitude", "p3b-inner") for v in variants}}
+    variants = sorted({m for (m, _, _) in acc if m.startswith("p3b-") and m not in ("p3b-inner", "p3b-heads")})
+    pairs = {"p3b-heads": ("p3b-inner", "global-magnitude", "uniform", "p3b"),
+             "p3b": ("uniform", "global-magnitude"), "p3b-inner": ("uniform", "global-magnitude", "p3b"),
+             **{v: ("global-magnitude", "p3b-inner", "p3b-heads") for v in variants}}
     for a, bs in pairs.items():
         for b in bs:
             for rate in sorted({r["rate"] for r in rows}):
@@ -141,6 +188,7 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=8)
     ap.add_argument("--threads", type=int, help="torch threads (one per process when running parts in parallel)")
     ap.add_argument("--work", default="/tmp/p3bkit-accuracy")
+    ap.add_argument("--dense-from", help="a --work folder of an earlier run: reuse its dense models (dense_SEED.safetensors)")
     ap.add_argument("--part", help="write rows to this JSON after every run instead of the results folder")
     ap.add_argument("--merge", nargs="+", help="merge --part files and write the results")
     ap.add_argument("--machine", default="this 2-core CPU", help="recorded with the results")
@@ -172,10 +220,14 @@ def main() -> None:
         seed_everything(seed)  # the dense initialisation is part of the seed
         model = create_model("digits-vit")
         data = load_data("digits")
-        fit(model, data, FitConfig(epochs=30, lr=2e-3, seed=seed, progress=False))
+        ckpt = Path(args.dense_from) / f"dense_{seed}.safetensors" if args.dense_from else \
+            work / f"dense_{seed}.safetensors"
+        if args.dense_from:  # the same seed's dense model from an earlier run (same training, read back)
+            load_weights(model, ckpt)
+        else:
+            fit(model, data, FitConfig(epochs=30, lr=2e-3, seed=seed, progress=False))
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
         meta["dense"][str(seed)] = evaluate(model, data.val)
-        ckpt = work / f"dense_{seed}_{'_'.join(map(str, args.rates))}.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
         for method in args.methods:
             for rate in args.rates:
                 meta["rows"].append(run_one(work, ckpt, method, rate, seed, args))

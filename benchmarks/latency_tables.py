@@ -51,6 +51,11 @@ def main() -> None:
     ap.add_argument("--archs", type=int, default=20)
     ap.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0, 6.0])
     ap.add_argument("--heads", choices=["full", "all"], default="all")
+    ap.add_argument("--structure", choices=["inner", "heads"], default="heads",
+                    help="what --target-speedup prunes (heads: whole heads and branches too, with --remove-below)")
+    ap.add_argument("--remove-below", type=float, default=0.05)
+    ap.add_argument("--head-dim-step", type=int, default=4)
+    ap.add_argument("--hidden-step", type=int, default=32)
     ap.add_argument("--recheck-speedups", action="store_true",
                     help="only re-run the --target-speedup check with the stored tables (the earlier run is kept "
                          "in the JSON as speedups_earlier)")
@@ -59,16 +64,19 @@ def main() -> None:
     model = create_model(args.model).eval()
     (RESULTS / "latency").mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"latency_tables_{args.tag}"
-    report = {"machine": machine_info(args.threads), "model": args.model, "backends": {}}
+    report = {"machine": machine_info(args.threads), "model": args.model, "backends": {},
+              "num_heads": model.blocks[0].attn.num_heads}
     if stem.with_suffix(".json").is_file():  # keep the other backends' results of an earlier run
         report["backends"] = json.loads(stem.with_suffix(".json").read_text())["backends"]
     for backend in args.backends:
-        cfg = TableConfig(backend=backend, threads=args.threads, heads=args.heads)
+        cfg = TableConfig(backend=backend, threads=args.threads, heads=args.heads, head_dim_step=args.head_dim_step,
+                          hidden_step=args.hidden_step)
+        speed_args = (args.structure, args.remove_below if args.structure == "heads" else 0.0)
         if args.recheck_speedups:
             entry = report["backends"][backend]
             table = LatencyTable.load(RESULTS / entry["table"])
             entry.setdefault("speedups_earlier", []).append(entry["speedups"])
-            entry["speedups"] = in_fresh_process(check_speedups, model, table, cfg, args.speedups)
+            entry["speedups"] = in_fresh_process(check_speedups, model, table, cfg, args.speedups, *speed_args)
             for c in entry["speedups"]:
                 print(f"  {backend} asked {c['asked']:.1f}×: measured {c['measured_speedup']:.2f}× "
                       f"(miss {100 * c['miss']:+.1f}%)", flush=True)
@@ -80,10 +88,11 @@ def main() -> None:
         err = np.abs([r["error"] for r in rows])
         print(f"{backend}: dense {table.dense_ms:.2f} ms (predicted {table.predict():.2f}); prediction error on "
               f"{len(rows)} unseen archs: median {100 * np.median(err):.1f}%, max {100 * err.max():.1f}%", flush=True)
-        checks = in_fresh_process(check_speedups, model, table, cfg, args.speedups)
+        checks = in_fresh_process(check_speedups, model, table, cfg, args.speedups, *speed_args)
         for c in checks:
             print(f"  asked {c['asked']:.1f}×: measured {c['measured_speedup']:.2f}× (miss {100 * c['miss']:+.1f}%)", flush=True)
         report["backends"][backend] = {"table": f"latency/{args.tag}_{backend}.json", "validation": rows,
+                                       "speedup_structure": {"structure": args.structure, "remove_below": speed_args[1]},
                                        "median_abs_error": float(np.median(err)), "max_abs_error": float(err.max()),
                                        "speedups": checks, "heads_axis": heads_axis(table) if len(table.heads) > 1 else [],
                                        "dense_ms": table.dense_ms, "fixed_ms": table.fixed_ms}
@@ -100,16 +109,26 @@ def render(report: dict) -> str:
              "Command: `python benchmarks/latency_tables.py` (see its docstring). Protocol: one graph at a time, "
              "untimed warm-up, lowest median of 3 passes; onnxruntime threads do not spin.", "",
              "## Prediction error on unseen random pruned architectures (whole models, exported like p3bkit export)", "",
-             "| backend | archs | median abs error | max abs error | dense ms (measured) | branch-free ms |", "|---|---|---|---|---|---|"]
+             "| backend | archs | with fewer heads | with removed branches | median abs error | max abs error | "
+             "dense ms (measured) | branch-free ms |", "|---|---|---|---|---|---|---|---|"]
     for be, r in report["backends"].items():
-        lines.append(f"| {be} | {len(r['validation'])} | {100 * r['median_abs_error']:.1f}% | {100 * r['max_abs_error']:.1f}% | "
-                     f"{r['dense_ms']:.2f} | {r['fixed_ms']:.2f} |")
+        v = r["validation"]
+        full_heads = report.get("num_heads")
+        fewer = sum(any(0 < h < full_heads for h in a.get("heads", [])) for a in v) if full_heads else 0
+        removed = sum(any(h == 0 for h in a["head_dims"] + a["hidden"]) for a in v)
+        lines.append(f"| {be} | {len(v)} | {fewer} | {removed} | {100 * r['median_abs_error']:.1f}% | "
+                     f"{100 * r['max_abs_error']:.1f}% | {r['dense_ms']:.2f} | {r['fixed_ms']:.2f} |")
     lines += ["", "## --target-speedup: P3B latency allocation (random ΔΨ) vs measured speedup over dense, same runtime", "",
-              "| backend | asked | measured | miss | pruned ms | predicted ms |", "|---|---|---|---|---|---|"]
+              "| backend | structure | asked | measured | miss | pruned ms | predicted ms | branches removed | heads kept |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for be, r in report["backends"].items():
+        st = r.get("speedup_structure", {"structure": "inner", "remove_below": 0.0})
         for c in r["speedups"]:
-            lines.append(f"| {be} | {c['asked']:.1f}× | {c['measured_speedup']:.2f}× | {100 * c['miss']:+.1f}% | "
-                         f"{c['measured_ms']:.2f} | {c['predicted_ms']:.2f} |")
+            removed = sum(h == 0 for h in c.get("head_dims", [])) + sum(h == 0 for h in c.get("hidden", []))
+            heads = [h for h in c.get("heads", []) if h]
+            lines.append(f"| {be} | {st['structure']} (remove below {st['remove_below']:g}) | {c['asked']:.1f}× | "
+                         f"{c['measured_speedup']:.2f}× | {100 * c['miss']:+.1f}% | {c['measured_ms']:.2f} | "
+                         f"{c['predicted_ms']:.2f} | {removed} | {sum(heads) / max(len(heads), 1):.1f} |")
     for be, r in report["backends"].items():
         for earlier in r.get("speedups_earlier", []):
             lines += ["", f"Earlier run of the {be} check (replaced by `--recheck-speedups`; every model, dense included, "

@@ -1,15 +1,19 @@
-"""Per-block widths for the Table 7 models from short, real P3B pruning runs.
+"""Per-branch widths for the Table 7 models from short, real P3B pruning runs.
 
-Throughput depends only on the architecture, so Table 7 may use random weights; the per-block
-widths must still come from the P3B engine. This runs P3B (BPI, budget, Taylor-ranked soft
-masks, sharpening, surgery) on random-init DeiT-S/B (1000-class heads, as in Table 7) for both
-structures (`full`: the paper's six gates, P3B; `inner`: head dims + MLP hidden, P3B-inner) at
-75% and 90% of *all* parameters pruned (the paper's budget), and keeps each pruned model's
-arch.json. Data: the embedded digits set upsampled to 224×224 (gray repeated to RGB; real
-images with a class signal, no download) — not ImageNet, so the allocation is P3B's response to
-digits at DeiT width; `--data synthetic` gives random images.
+Throughput depends only on the architecture, so Table 7 may use random weights; the per-branch
+widths (and heads, and which branches are removed) must still come from the P3B engine. This runs
+P3B (BPI, budget, Taylor-ranked soft masks, sharpening, surgery) on random-init DeiT-S/B
+(1000-class heads, as in Table 7) for the asked structures — `heads` (whole heads + head dims +
+MLP hidden, with branch removal: P3B-heads, the default), `inner` (head dims + MLP hidden,
+P3B-inner), `full` (the paper's six gates, P3B) — at 75% and 90% of *all* parameters pruned (the
+paper's budget), and keeps each pruned model's arch.json. Data: the embedded digits set upsampled
+to 224×224 (gray repeated to RGB; real images with a class signal, no download) — not ImageNet, so
+the allocation is P3B's response to digits at DeiT width. `--train-images N` prunes on the first N
+training digits (fewer steps per epoch: a CPU run).
 
     python benchmarks/p3b_allocations.py --device cuda --bf16 -o benchmarks/results/allocations
+    python benchmarks/p3b_allocations.py --structures heads --train-images 320 --batch-size 16 --epochs 1 2 1 \
+        --update-every 3 --threads 2                         # this 2-core CPU
 """
 from __future__ import annotations
 
@@ -19,11 +23,28 @@ import shutil
 import time
 from pathlib import Path
 
+from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
-from p3bkit.prune.job import PruneJob, run_prune
 
-MODELS = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
+STRUCTURES = {"heads": {"structure": "heads", "remove_below": 0.05}, "inner": {"structure": "inner"},
+              "full": {"structure": "full"}}
+
+
+def _digits_subset(n: int) -> None:
+    """Make the embedded digits set its first `n` training and first 100 validation images (fewer
+    steps per epoch: a CPU run); labels stay 0–9 for the 1000-class heads."""
+    from torch.utils.data import Subset
+
+    import p3bkit.data.datasets as datasets
+
+    whole = datasets.load_digits_data
+
+    def subset(*args, **kwargs):
+        bundle = whole(*args, **kwargs)
+        bundle.train, bundle.val = Subset(bundle.train, range(n)), Subset(bundle.val, range(100))
+        return bundle
+    datasets.load_digits_data = subset
 
 
 def main() -> None:
@@ -31,16 +52,25 @@ def main() -> None:
     ap.add_argument("-o", "--out", default="benchmarks/results/allocations")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--structures", nargs="+", default=["inner", "full"])
+    ap.add_argument("--structures", nargs="+", default=["heads", "inner", "full"], choices=list(STRUCTURES))
     ap.add_argument("--epochs", nargs=3, type=int, default=(1, 5, 4))
     ap.add_argument("--update-every", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--data", default="digits")
     ap.add_argument("--rates", nargs="+", type=int, default=[90, 75])
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--train-images", type=int, help="prune on the first N training digits as a 224-px ImageFolder")
+    ap.add_argument("--threads", type=int, help="torch threads (CPU)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    data = args.data
+    if args.train_images:
+        _digits_subset(args.train_images)
     for key in args.models:
         for prune in args.rates:
             for structure in args.structures:
@@ -48,18 +78,21 @@ def main() -> None:
                 run_dir = Path("/tmp/p3b-alloc") / f"{key}_{structure}_{prune}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 quick = RECIPES["quick"]
-                job = PruneJob(out=str(run_dir), model=MODELS[key], data=args.data, epochs=tuple(args.epochs),
-                               batch_size=args.batch_size, structure=structure, device=args.device, progress=False,
-                               bf16=args.bf16, p3b=P3BConfig(keep=1 - prune / 100, budget="total",
-                                                             update_every=args.update_every, lr_model=quick.lr,
-                                                             lr_bpi=quick.lr_bpi))
+                job = PruneJob(out=str(run_dir), model=MODELS[key], data=data, epochs=tuple(args.epochs),
+                               batch_size=args.batch_size, structure=STRUCTURES[structure]["structure"],
+                               device=args.device, progress=False, bf16=args.bf16, augment="none",
+                               p3b=P3BConfig(keep=1 - prune / 100, budget="total", update_every=args.update_every,
+                                             lr_model=quick.lr, lr_bpi=quick.lr_bpi,
+                                             remove_below=STRUCTURES[structure].get("remove_below", 0.0)))
                 s = run_prune(job)
                 arch = json.loads((run_dir / "pruned" / "arch.json").read_text())
                 arch["p3b_run"] = {k: s[k] for k in ("budget", "total_keep", "block_keep_nominal", "params_dense",
                                                      "params_kept", "kappa", "disabled_blocks", "val_acc_pruned",
                                                      "surgery_max_abs_diff")}
                 arch["p3b_run"].update(seconds=time.time() - t0, device=args.device, epochs=list(args.epochs),
-                                       data=args.data, update_every=args.update_every, bf16=args.bf16)
+                                       data=args.data if not args.train_images else f"digits, first {args.train_images} "
+                                       "training images", update_every=args.update_every,
+                                       bf16=args.bf16, batch_size=args.batch_size, **STRUCTURES[structure])
                 (out / f"{key}_{structure}_{prune}.json").write_text(json.dumps(arch))
                 print(f"{key} {structure} {prune}%: kept {s['total_keep']:.4f} of all ({s['params_kept']:,}), "
                       f"{s['block_keep_nominal']:.4f} of blocks, digits top-1 {s['val_acc_pruned']:.1f}, "

@@ -37,7 +37,7 @@ PAPER = {  # Table 7: speedup over dense (CPU i9-12900K batch 1; GPU RTX 3090 ba
 }
 PAPER_PARAMS_M = {"deit_s": {0: 22.1, 75: 5.4, 90: 2.2}, "deit_b": {0: 86.6, 75: 21.5, 90: 8.7}}
 DENSE = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
-NAMES = {"full": "P3B", "inner": "P3B-inner"}  # the paper's six gates; head dims + MLP hidden only
+NAMES = {"full": "P3B", "inner": "P3B-inner", "heads": "P3B-heads"}  # six gates; head dims + MLP hidden; + whole heads/branches
 
 
 def variant_name(label: str) -> str:
@@ -48,42 +48,53 @@ def variant_name(label: str) -> str:
     return f"{NAMES.get(structure, structure)} {prune}%"
 
 
-def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -> tuple[dict[str, str], dict[str, int]]:
-    """Bench references (timm name or pruned folder) and parameter counts per row label."""
+def shape_of(layers: list[dict], num_heads: int) -> str:
+    """'removed 5/24, heads 2.3' — what a pruned architecture kept, for the table."""
+    removed = sum(not layer[k] for layer in layers for k in ("attn", "mlp"))
+    heads = [len(l["attn"].get("heads", range(num_heads))) for l in layers if l["attn"]]
+    return f"removed {removed}/{2 * len(layers)}, heads {sum(heads) / max(len(heads), 1):.1f}"
+
+
+def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -> tuple[dict, dict, dict]:
+    """Bench references (timm name or pruned folder), parameter counts and shapes per row label."""
     from p3bkit.models.arch import ModelSource
 
     refs = {"dense": DENSE[key]}
     params = {"dense": sum(p.numel() for p in create_stock_model(ModelSource(DENSE[key], {})).parameters())}
+    shapes = {"dense": ""}
     for structure in structures:
         for prune in (75, 90):
             f = alloc_dir / f"{key}_{structure}_{prune}.json"
             if not f.is_file():
                 continue
             arch = PrunedArch.from_json(json.loads(f.read_text()), str(f))
-            model = apply_arch(create_stock_model(arch.source), arch)
+            stock = create_stock_model(arch.source)
+            shapes[f"{structure}_{prune}"] = shape_of(arch.layers, stock.blocks[0].attn.num_heads)
+            model = apply_arch(stock, arch)
             refs[f"{structure}_{prune}"] = str(save(model, work / f"{key}_{structure}_{prune}"))
             params[f"{structure}_{prune}"] = sum(p.numel() for p in model.parameters())
-    return refs, params
+    return refs, params, shapes
 
 
 def run(args) -> None:
     machine = args.machine or platform.node()
-    out = HERE / "results" / f"table7_{machine}_{args.device}.json"
-    report = {"device": args.device, "machine_label": machine, "runs": args.runs, "models": {},
-              "budget": "fractions of all parameters (the paper's)", "precision": "fp32"}
+    out = HERE / "results" / f"table7_{machine}{'-compile' if args.compile else ''}_{args.device}.json"
+    report = {"device": args.device, "machine_label": machine + (" torch.compile" if args.compile else ""),
+              "runs": args.runs, "models": {}, "budget": "fractions of all parameters (the paper's)", "precision": "fp32"}
     work = Path(tempfile.mkdtemp(prefix="table7-"))
     atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     for key in args.models:
-        refs, params = build_models(Path(args.allocations), work, key, args.structures)
+        refs, params, shapes = build_models(Path(args.allocations), work, key, args.structures)
         for backend in args.backends:
             rep = run_bench(list(refs.values()), backend, "gpu" if args.device == "cuda" else "cpu",
-                            cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads))
+                            cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads),
+                            compile=args.compile and backend == "torch")
             report["machine"] = rep["machine"]
             rows = {}
             for label, r in zip(refs, rep["results"]):
                 rows[label] = {"median_ms": r["stats"]["median_ms"], "images_per_s": r["stats"]["images_per_s"],
                                "flops": r["flops"], "batch": r["batch"], "params": params[label],
-                               "latencies_ms": r["latencies_ms"]}
+                               "shape": shapes[label], "latencies_ms": r["latencies_ms"]}
             report["models"].setdefault(key, {})[backend] = rows
             print(f"{key} {backend}\n{rep['table']}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +113,7 @@ def run_one(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="table7-"))
     atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     for key in args.models:
-        refs, params = build_models(Path(args.allocations), work, key, args.structures)
+        refs, params, shapes = build_models(Path(args.allocations), work, key, args.structures)
         labels, bench_refs = ["dense"], [refs["dense"]]
         for label, ref in list(refs.items())[1:]:
             labels.append(label)
@@ -122,7 +133,7 @@ def run_one(args) -> None:
             rows.setdefault(backend, {})[label] = {
                 "median_ms": r["stats"]["median_ms"], "images_per_s": r["stats"]["images_per_s"], "flops": r["flops"],
                 "batch": r["batch"], "params": params[label], "predicted_ms": r.get("predicted_ms"),
-                "latencies_ms": r["latencies_ms"]}
+                "shape": shapes[label], "latencies_ms": r["latencies_ms"]}
         report["models"][key] = rows
         print(f"{key}\n{rep['table']}", flush=True)
         for w in rep["warnings"]:
@@ -164,7 +175,8 @@ def report_md(results_dir: Path) -> None:
                     if one:
                         pred = r.get("predicted_ms")
                         extra = f" {fastest / r['median_ms']:.2f}× | {f'{pred:.2f}' if pred else ''} |"
-                    lines.append(f"| {key} | {variant_name(label)} | {backend} | {r['params'] / 1e6:.2f} | "
+                    shape = f" ({r['shape']})" if r.get("shape") else ""
+                    lines.append(f"| {key} | {variant_name(label)}{shape} | {backend} | {r['params'] / 1e6:.2f} | "
                                  f"{PAPER_PARAMS_M[key][prune]:.1f} | {r['median_ms']:.2f} | {r['images_per_s']:.1f} | "
                                  f"{speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} | {f'{paper:.2f}×' if paper else '1.00×'} |"
                                  + extra)
@@ -188,11 +200,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backends", nargs="+", default=["torch", "onnxruntime", "openvino"])
     ap.add_argument("--models", nargs="+", default=["deit_s", "deit_b"])
-    ap.add_argument("--structures", nargs="+", default=["full", "inner"])
+    ap.add_argument("--structures", nargs="+", default=["full", "inner", "heads"])
     ap.add_argument("--allocations", default=str(HERE / "results" / "allocations"))
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the torch backend's models")
     ap.add_argument("--machine", help="label for the result file name")
     ap.add_argument("--report", action="store_true", help="only (re)write table7.md/png from the JSONs")
     ap.add_argument("--one-run", action="store_true", help="CPU: all runtimes of a model in one interleaved run")

@@ -57,11 +57,13 @@ def _save_weights_atomic(model: torch.nn.Module, path: Path) -> None:
 
 def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: tuple[int, int, int] = (1, 6, 6),
              finetune_epochs: int = 20, seed: int = 0, progress: bool = True, force: bool = False,
-             resume: bool = False, speed_runs: int = 300, target_speedup: float | None = None) -> dict:
+             resume: bool = False, speed_runs: int = 300, target_speedup: float | None = None,
+             table_settings: dict | None = None) -> dict:
     """Run the demo into `out` (new, empty, or an earlier demo's folder; `force` for anything else).
 
     Every stage checkpoints (each epoch and on SIGTERM/SIGINT); `resume` skips finished stages and
-    continues the interrupted one exactly. `target_speedup`: prune to a latency budget instead of
+    continues the interrupted one exactly. `table_settings` (`TableConfig` fields, e.g. fewer timed
+    runs) shape the latency table the demo measures. `target_speedup`: prune to a latency budget instead of
     `keep`, with a latency table of the model measured here on the fastest CPU runtime installed.
     """
     if not 0 < keep < 1:
@@ -84,7 +86,7 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
             checkpoints=Checkpoints(out_dir / "dense_checkpoint.pt", settings, ctx), resume=resume)
         _save_weights_atomic(dense, ckpt)
         (out_dir / "dense_checkpoint.pt").unlink(missing_ok=True)
-    table = _latency_table(out_dir, resume, progress) if target_speedup else None
+    table = _latency_table(out_dir, resume, progress, table_settings or {}) if target_speedup else None
     job = PruneJob(out=str(out_dir / "prune"), model="digits-vit", weights=str(ckpt), epochs=prune_epochs,
                    seed=seed, progress=progress, latency_table=table, target_speedup=target_speedup,
                    p3b=P3BConfig(keep=keep, update_every=5, lr_model=RECIPES["quick"].lr, lr_bpi=RECIPES["quick"].lr_bpi))
@@ -103,7 +105,7 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     return _compare(out_dir, keep, dense, pruned, prune_summary, data, time.time() - t0, speed)
 
 
-def _latency_table(out_dir: Path, resume: bool, progress: bool) -> str:
+def _latency_table(out_dir: Path, resume: bool, progress: bool, settings: dict) -> str:
     """out/latency.json: digits-vit's latency table on OpenVINO (onnxruntime without it), batch 1."""
     from p3bkit.backends import default_table_backend, get_backend
     from p3bkit.latency.job import run_latency_table
@@ -114,7 +116,7 @@ def _latency_table(out_dir: Path, resume: bool, progress: bool) -> str:
     backend = default_table_backend()  # the fastest exporting CPU runtime installed here
     if not get_backend(backend).status()[0]:
         raise P3BError("a latency budget needs onnxruntime or OpenVINO: pip install 'p3bkit[onnx]'")
-    run_latency_table("digits-vit", path, {"backend": backend, "progress": progress}, force=True)
+    run_latency_table("digits-vit", path, {"backend": backend, "progress": progress, **settings}, force=True)
     return str(path)
 
 
@@ -165,6 +167,9 @@ def _compare(out_dir: Path, keep: float, dense, pruned, prune_summary: dict, dat
         rows[name] = {"val_acc": evaluate(model, data.val), "params": d["params"], "flops": d["flops"],
                       "cpu_ms_batch1": cpu_latency_ms(model, shape)}
     rows["pruned"]["val_acc_before_finetune"] = prune_summary["val_acc_pruned"]
+    blocks = describe(pruned)["blocks"]
+    rows["pruned"]["branches_removed"] = [r["block"] for r in blocks if r["removed"]]
+    rows["pruned"]["heads"] = [r["heads"] for r in blocks if r["block"].endswith("attn") and not r["removed"]]
     summary = {"keep": keep, "budget": prune_summary["budget"], "total_keep": prune_summary["total_keep"],
                "latency": prune_summary.get("latency"),
                "block_keep_nominal": prune_summary["block_keep_nominal"], "results": rows,
@@ -185,6 +190,10 @@ def format_table(summary: dict) -> str:
     lines.append(f"\nKept {100 * summary['total_keep']:.1f}% of all parameters ({target}) and {100 * summary['block_keep_nominal']:.1f}% of block parameters; "
                  f"pruned before fine-tune: {p['val_acc_before_finetune']:.2f}%; eager-torch speedup {d['cpu_ms_batch1'] / p['cpu_ms_batch1']:.2f}×; "
                  f"FLOP ratio {d['flops'] / p['flops']:.2f}×; total {summary['seconds']:.0f} s on {summary['threads']} threads.")
+    if "heads" in p:
+        removed = p["branches_removed"]
+        lines.append(f"Structure: branches removed: {', '.join(removed) or 'none'}; heads kept per attention branch: "
+                     f"{', '.join(map(str, p['heads'])) or '–'}.")
     if summary.get("speed"):
         lines.append("\n" + format_speed(summary["speed"]))
     return "\n".join(lines) + "\n"

@@ -132,3 +132,12 @@ def test_allocation_choices_are_the_registry():
     assert choices == list(ALLOCATIONS) == ["p3b", "uniform", "global-magnitude"]
     with pytest.raises(P3BError, match="unknown allocation 'nope'"):
         make_allocation(P3BConfig(allocation="nope"))
+
+
+def test_the_command_line_starts_without_torch_or_a_runtime():
+    """`p3bkit --help` stays fast: the CLI, the registry's choices and the defaults it shows import
+    neither torch nor any runtime."""
+    code = ("import sys, p3bkit.cli; heavy = [m for m in ('torch', 'timm', 'onnxruntime', 'openvino') if m in sys.modules]; "
+            "sys.exit(1 if heavy else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

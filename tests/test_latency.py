@@ -15,7 +15,7 @@ from p3bkit.cli import main
 from p3bkit.errors import P3BError
 from p3bkit.latency.table import LatencyTable
 
-QUICK = dict(head_dim_step=4, hidden_step=64, runs=5, calibration=3, progress=False, threads=1)
+QUICK = dict(head_dim_step=4, hidden_step=64, runs=5, calibration=3, progress=False, threads=1, heads="full")
 
 
 def user_vit():
@@ -110,7 +110,8 @@ def _digits_table(tmp_path, **changes) -> str:
     from p3bkit.models.factory import create_model
 
     table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
-                                  TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "threads": None}),
+                                  TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "threads": None,
+                                                                  "heads": "all"}),
                                   isolate=False)
     data = {**dataclasses.asdict(table), **changes}
     path = tmp_path / "digits_lut.json"
@@ -188,34 +189,40 @@ def test_bench_shows_fastest_dense_and_table_prediction(tmp_path):
     assert "allow_spinning" in rep["protocol"]
 
 
-def test_demo_ends_with_a_speed_table(tmp_path):
+@pytest.fixture(scope="module")
+def latency_demo(tmp_path_factory):
+    """`make demo`'s path, small: the demo measures the latency table itself, prunes to a speedup,
+    exports fp32 and INT8 and ends with the speed table."""
+    pytest.importorskip("openvino")
     from p3bkit.demo import run_demo
 
-    s = run_demo(str(tmp_path / "demo"), dense_epochs=1, prune_epochs=(0, 1, 1), finetune_epochs=1, progress=False,
-                 speed_runs=10)
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    s = run_demo(str(out), dense_epochs=1, prune_epochs=(0, 1, 1), finetune_epochs=1, progress=False, speed_runs=10,
+                 target_speedup=2.0, table_settings={"runs": 8, "calibration": 4, "hidden_step": 64})
+    return out, s
+
+
+def test_demo_ends_with_a_speed_table(latency_demo):
+    out, s = latency_demo
     speed = s["speed"]
     assert {"torch fp32", "onnxruntime fp32", "openvino fp32"} <= set(speed["pruned_ms"]) and "torch" in speed["dense_ms"]
     for backend in ("onnxruntime", "openvino"):  # INT8 next to fp32, or the gate's reason why not
         gate = speed["int8"][backend]
         assert "error" in gate or f"{backend} int8" in speed["pruned_ms"] and gate["drop"] <= gate["max_drop"]
     assert "onnxruntime (transformer-optimised)" in speed["dense_ms"]
-    table = (tmp_path / "demo" / "table.md").read_text()
+    table = (out / "table.md").read_text()
     assert "vs fastest dense" in table and "Best: the pruned model on" in table
-    assert (tmp_path / "demo" / "export" / "onnx" / "model.onnx").is_file()
+    assert (out / "export" / "onnx" / "model.onnx").is_file()
 
 
-def test_demo_with_a_latency_budget(tmp_path):
+def test_demo_with_a_latency_budget(latency_demo):
     """`make demo`'s path: the demo measures the latency table itself and prunes to a speedup."""
-    pytest.importorskip("openvino")
-    from p3bkit.demo import run_demo
-
-    out = tmp_path / "demo"
-    s = run_demo(str(out), dense_epochs=1, prune_epochs=(0, 1, 1), finetune_epochs=1, progress=False, speed_runs=5,
-                 target_speedup=2.0)
+    out, s = latency_demo
     table = LatencyTable.load(out / "latency.json")
     assert table.backend == "openvino" and s["latency"]["target_ms"] == pytest.approx(table.dense_ms / 2)
     assert "latency budget: 2.0× the dense model on openvino" in (out / "table.md").read_text()
     assert s["speed"]["pruned_ms"]
+    assert table.has_head_axis and "Structure: branches removed:" in (out / "table.md").read_text()
 
 
 @pytest.mark.parametrize("args,code,msg", [
@@ -253,7 +260,7 @@ def test_prune_whole_heads_and_branches_for_a_latency_target(tmp_path):
     from p3bkit.models.factory import create_model
 
     table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
-                                  TableConfig(backend="torch", heads="all", **{**QUICK, "hidden_step": 128}),
+                                  TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "heads": "all"}),
                                   isolate=False)
     assert table.has_head_axis and table.heads == [1, 2, 3, 4]
     lut = tmp_path / "lut.json"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from p3bkit.backends.registry import BF16, FP16, FP32, Backend, Runner, register
 from p3bkit.backends.timing import Timed
-from p3bkit.models.adapter import logits_of
+from p3bkit.models.outputs import logits_of
 
 
 def _autocast(device: str, precision: str):

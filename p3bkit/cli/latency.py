@@ -17,8 +17,8 @@ from p3bkit.cli.options import DEVICE, POSITIVE, architecture_options, boundary,
 @click.option("--threads", type=POSITIVE, help="Runtime threads [all cores].")
 @click.option("--head-dim-step", type=POSITIVE, default=4, show_default=True, help="Grid step over head dims.")
 @click.option("--hidden-step", type=POSITIVE, default=32, show_default=True, help="Grid step over MLP hidden units.")
-@click.option("--heads", type=click.Choice(["full", "all"]), default="full", show_default=True,
-              help="full: the model's head count only; all: every head count 1..H (for head pruning studies).")
+@click.option("--heads", type=click.Choice(["full", "all"]), default="all", show_default=True,
+              help="all: every head count 1..H (what --structure heads needs); full: the model's head count only.")
 @click.option("--runs", type=POSITIVE, default=25, show_default=True, help="Timed runs per graph and pass.")
 @click.option("--calibration", type=click.IntRange(min=0), default=12, show_default=True,
               help="Whole random pruned models the branch costs are fitted to.")

@@ -7,6 +7,7 @@ import click
 
 from p3bkit.cli.options import DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs
 from p3bkit.prune.recipes import RECIPES
+from p3bkit.prune.config import P3BConfig
 
 STRUCTURES = click.Choice(["full", "inner", "heads"])
 IO_MODES = click.Choice(["auto", "index", "dense"])
@@ -43,14 +44,18 @@ IO_MODES = click.Choice(["auto", "index", "dense"])
 @click.option("--lr-bpi", type=click.FloatRange(min=0, min_open=True), help="Base BPI lr at batch 512, scaled by batch/512 [recipe].")
 @click.option("--allocation", type=click.Choice(["p3b", "uniform", "global-magnitude"]), default="p3b", show_default=True,
               help="p3b: BPI block budgets; uniform: equal κ; global-magnitude: one weight-magnitude threshold.")
-@click.option("--structure", type=STRUCTURES, default="inner", show_default=True,
+@click.option("--structure", type=STRUCTURES, default="heads", show_default=True,
               help="full: the paper's six gates per layer (P3B); inner: head dims + MLP hidden only (P3B-inner); "
                    "heads: whole heads + head dims + MLP hidden.")
-@click.option("--remove-below", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--remove-below", type=click.FloatRange(0, 1, max_open=True), default=P3BConfig.remove_below,
+              show_default=True,
               help="Remove a whole branch when P3B's share for it (γ per full cost) falls below this fraction of its "
                    "cost for --removal-patience mask updates; 0: never remove.")
 @click.option("--removal-patience", type=POSITIVE, default=2, show_default=True,
               help="Consecutive mask updates a branch must be below --remove-below before it is removed.")
+@click.option("--bpi-fraction", type=click.FloatRange(0, 1, min_open=True), default=P3BConfig.bpi_fraction,
+              show_default=True, help="Share of each batch the block performance indicators see (1: all, the "
+                                      "paper's; they cost several times the model's own forward).")
 @click.option("--bpi-class-head", type=click.Choice(["linear", "norm-linear"]), default="linear", show_default=True,
               help="linear: the paper's class head; norm-linear: LayerNorm + Linear.")
 @click.option("--empty-blocks", type=click.Choice(["disable", "regrow"]), default="disable", show_default=True,
@@ -89,7 +94,7 @@ def prune(**kw) -> None:
                     m_ref=kw["m_ref"], lr_model=r["lr"], lr_bpi=r["lr_bpi"], frozen=kw["frozen"],
                     allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"],
                     target_ms=kw["target_latency_ms"], remove_below=kw["remove_below"],
-                    removal_patience=kw["removal_patience"])
+                    removal_patience=kw["removal_patience"], bpi_fraction=kw["bpi_fraction"])
     job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], model_kwargs=parse_model_kwargs(kw),
                    pretrained=kw["pretrained"], pretrained_file=kw["pretrained_file"],
                    weights=kw["weights"], data=kw["data"],

@@ -38,7 +38,7 @@ class TableConfig:
     threads: int | None = None
     head_dim_step: int = 4
     hidden_step: int = 32
-    heads: str = "full"  # "full": the model's head count only; "all": 1..H (the head-count axis)
+    heads: str = "all"  # "all": every head count 1..H (what whole-head pruning needs); "full": the model's only
     copies: int = 4
     runs: int = 25
     calibration: int = 12  # whole random pruned models the branch costs are fitted to

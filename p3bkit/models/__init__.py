@@ -1,7 +1,17 @@
-"""Model adapters, gates, pruned blocks and the architecture file (shared by every stage)."""
-from p3bkit.models.adapter import ViTSpec, inspect_vit
-from p3bkit.models.arch import ModelSource, PrunedArch, apply_arch, create_stock_model, load, read_arch, save
-from p3bkit.models.gates import Gate, GatedViT, add_gates
+"""Models: the ViT adapter, gates, pruned branches and layers, the architecture file, costs and
+reports (shared by every stage)."""
+from __future__ import annotations
 
-__all__ = ["Gate", "GatedViT", "ModelSource", "PrunedArch", "ViTSpec", "add_gates", "apply_arch",
-           "create_stock_model", "inspect_vit", "load", "read_arch", "save"]
+_EXPORTS = {"ViTSpec": "adapter", "inspect_vit": "adapter", "ModelSource": "arch", "PrunedArch": "arch",
+            "apply_arch": "arch", "create_stock_model": "arch", "load": "arch", "read_arch": "arch", "save": "arch",
+            "Gate": "gates", "GatedViT": "gates", "add_gates": "gates"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # lazy: importing a light module of this package (outputs, presets) does not import timm or torch
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"p3bkit.models.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'p3bkit.models' has no attribute {name!r}")

@@ -33,11 +33,6 @@ class ViTSpec:
     num_prefix_tokens: int
 
 
-def logits_of(out):
-    """Class logits of a model output (distilled models in train mode return a tuple)."""
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _model_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or type(model).__name__

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock
 
-ClassHead = Literal["linear", "norm-linear"]
+from p3bkit.prune.config import ClassHead
+
 Criterion = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -94,13 +95,12 @@ class BPI(nn.Module):
         """
         losses_c, losses_p = [], []
         for i, head in enumerate(self.heads):
-            lc, lp = [], []
-            for x in (states[i].detach(), states[i + 1].detach()):
-                c, d, p = self._logits(head, x)
-                lc.append(criterion(c, d, y, teacher))
-                lp.append(criterion(p, p, y, teacher))
-            losses_c.append(torch.stack(lc))
-            losses_p.append(torch.stack(lp))
+            # before and after in one call: half the head calls (the patch heads' BatchNorm then
+            # normalises both states with the same statistics, which is what their difference compares)
+            c, d, p = self._logits(head, torch.cat([states[i].detach(), states[i + 1].detach()]))
+            halves = [(t.chunk(2) if t is not None else (None, None)) for t in (c, d, p)]
+            losses_c.append(torch.stack([criterion(halves[0][j], halves[1][j], y, teacher) for j in (0, 1)]))
+            losses_p.append(torch.stack([criterion(halves[2][j], halves[2][j], y, teacher) for j in (0, 1)]))
         lc, lp = torch.stack(losses_c), torch.stack(losses_p)  # (2·depth, 2): before / after
         total = lc.sum() + lp.sum()
         return total, (lc[:, 0] - lc[:, 1]).detach(), (lp[:, 0] - lp[:, 1]).detach()

@@ -23,21 +23,23 @@ from p3bkit.models.cost import BranchWidths, branch_params
 from p3bkit.models.gates import GatedViT
 
 
-def block_keep_ratio(keep: float, block_params: float, other_params: float, scope: str) -> float:
+def block_keep_ratio(keep: float, block_params: float, other_params: float, scope: str,
+                     smallest: float = 0.0) -> float:
     """The fraction of branch parameters to keep so that `keep` holds for the chosen scope.
 
     scope "total": keep·(branches + other) − other over branches (the paper's definition, where the
     unprunable parameters count against the budget); "blocks": `keep` itself.
 
     Raises:
-        P3BError: when the unprunable parameters alone exceed the total budget.
+        P3BError: when the unprunable parameters alone exceed the total budget, or leave less than
+            `smallest` (the cost of the smallest branch width) for the branches.
     """
     if scope == "blocks":
         return keep
     if scope != "total":
         raise P3BError(f"budget scope must be 'total' or 'blocks', got {scope!r}")
     ratio = (keep * (block_params + other_params) - other_params) / block_params
-    if ratio <= 0:
+    if ratio * block_params < max(smallest, 1e-12):
         raise P3BError(f"keeping {100 * keep:.1f}% of all {block_params + other_params:,.0f} parameters leaves nothing "
                        f"for the blocks: {other_params:,.0f} parameters (patch embedding, tokens, norms, head) are "
                        f"never pruned; raise --keep or use --budget blocks")
@@ -82,7 +84,8 @@ class ParameterCosts:
         self.useful = torch.maximum(remove_below * self.full, self.unit)
         self.total_params = sum(p.numel() for p in gated.model.parameters())
         self.other_params = self.total_params - float(self.full.sum())
-        self.block_keep = block_keep_ratio(keep, float(self.full.sum()), self.other_params, scope)
+        self.block_keep = block_keep_ratio(keep, float(self.full.sum()), self.other_params, scope,
+                                           float(self.unit.min()))
 
     def _norm_params(self, i: int) -> int:
         blk = self.gated.model.blocks[i // 2]

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from p3bkit.prune.config import GATE_FACTORS
+
 EPS = 1e-8
-# upstream defaults: favour keeping residual writes, prune MLP hidden units first
-GATE_FACTORS: dict[str, float] = {"in": 1.0, "heads": 1.0, "head_dim": 1.0, "out": 1.5, "hidden": 0.75}
 
 
 def gamma(x: torch.Tensor, s: float = 10.0) -> torch.Tensor:

@@ -40,7 +40,7 @@ class PruneJob:
     augment: str = "auto"  # deit | light | none | auto (data.transforms.resolve_augment)
     epochs: tuple[int, int, int] = (1, 4, 4)  # warm-up, sparsify, sharpen
     batch_size: int = 64
-    structure: str = "inner"  # head dims + MLP hidden: wins on accuracy and latency (README, results)
+    structure: str = "heads"  # whole heads + head dims + MLP hidden (with branch removal): README, results
     round_to: int = 1
     io_mode: str = "auto"
     seed: int = 0

@@ -8,50 +8,16 @@ accumulated Taylor scores into new soft masks. Masks are buffers: AdamW never se
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 import torch.nn as nn
 
 from p3bkit.models.gates import GatedViT
 from p3bkit.prune.allocation import Allocation, AllocationInput, make_allocation, ramp
-from p3bkit.prune.bpi import BPI, ClassHead, Criterion, StateRecorder, ce_loss
+from p3bkit.prune.bpi import BPI, Criterion, StateRecorder, ce_loss
 from p3bkit.prune.costs import LatencyCosts, ParameterCosts
-from p3bkit.prune.importance import GATE_FACTORS
+from p3bkit.prune.config import P3BConfig
 from p3bkit.prune.masks import soft_mask_values, threshold_count
 from p3bkit.prune.schedule import Schedule
-
-AllocationName = str  # a name in prune.allocation.ALLOCATIONS (p3b, uniform, global-magnitude)
-BudgetScope = Literal["total", "blocks"]
-EmptyBlocks = Literal["disable", "regrow"]
-
-
-@dataclass
-class P3BConfig:
-    """Pruning hyper-parameters; defaults are the paper's Table 5 (epochs set by the trainer)."""
-
-    keep: float = 0.5
-    budget: BudgetScope = "total"  # keep is a fraction of all parameters (the paper's), or of branch parameters
-    update_every: int = 1000
-    alpha: float = 0.5
-    tau: float = 0.1
-    m_ref: float = 0.9
-    smoothing: float = 10.0
-    ema_momentum: float = 0.2
-    lr_model: float = 5e-4
-    lr_bpi: float = 5e-4
-    weight_decay: float = 0.05
-    frozen: bool = False  # Appendix G: model lr 1e-8, so Taylor scores still get gradients
-    empty_blocks: EmptyBlocks = "disable"  # an emptied branch stays empty, or may regrow (prune.allocation)
-    bpi_class_head: ClassHead = "linear"  # the paper's Linear, or LayerNorm + Linear
-    allocation: AllocationName = "p3b"
-    keep_ratios: list[float] | None = None  # handcrafted per-branch κ (ablations)
-    target_ms: float | None = None  # latency budget (needs a LatencyTable; `keep` is then unused)
-    gate_factors: dict[str, float] = field(default_factory=lambda: dict(GATE_FACTORS))
-    remove_below: float = 0.0  # remove a branch whose share would be below this fraction of its full cost
-    removal_patience: int = 2  # ... for this many consecutive mask updates
-
 
 class P3BPruner(nn.Module):
     """Trains a gated ViT while pruning it with P3B."""
@@ -77,7 +43,7 @@ class P3BPruner(nn.Module):
         self.register_buffer("kappa", torch.ones(n))
         self.register_buffer("disabled", torch.zeros(n, dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.optimizer = torch.optim.AdamW(self._param_groups(lr_scale))
+        self.optimizer = torch.optim.AdamW(self._param_groups(lr_scale), foreach=True)  # one op per group, not per tensor
         for gate in gated.gates.values():
             gate.track = True
         self._fwd = {"model": gated, "bpi": self.bpi}  # DDP wrappers under torchrun (not submodules)
@@ -109,7 +75,9 @@ class P3BPruner(nn.Module):
 
         `y` is class indices or, with Mixup/CutMix, soft targets (B, K); the losses take both.
         Accumulation restarts when warm-up ends, so the first mask update averages pruning-time
-        steps only (the BPI heads are still untrained during warm-up).
+        steps only (the BPI heads are still untrained during warm-up). The indicators see the
+        first `cfg.bpi_fraction` of the (shuffled) batch: their patch heads, a ResNet block over the
+        token grid before and after every branch, cost several times the model's own forward.
         """
         recorder = StateRecorder(self.gated.model)
         try:
@@ -117,7 +85,10 @@ class P3BPruner(nn.Module):
                 out = self._fwd["model"](x)
                 cls, dist = (out if isinstance(out, tuple) else (out, None))
                 loss = self.criterion(cls, dist, y, teacher)
-                bpi_loss, d_c, d_p = self._fwd["bpi"](recorder.take(), y, self.criterion, teacher)
+                m = max(1, round(len(x) * self.cfg.bpi_fraction))  # the batch is shuffled: its first m images
+                states = [s[:m] for s in recorder.take()]
+                bpi_loss, d_c, d_p = self._fwd["bpi"](states, y[:m], self.criterion,
+                                                      None if teacher is None else teacher[:m])
         finally:
             recorder.remove()
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,7 +223,7 @@ class P3BPruner(nn.Module):
         target = kappa * float(grid[-1, -1]) + carry if kappa > 0 else 0.0
         orders = {name: torch.argsort(s, descending=True, stable=True) for name, s in zip(gates, scores)}
         kept = {name: _kept_fraction(mass[name][orders[name]]) for name in gates}
-        value = kept["heads"].unsqueeze(1) * kept["head_dim"].unsqueeze(0)
+        value = kept["heads"].pow(self.cfg.head_weight).unsqueeze(1) * kept["head_dim"].unsqueeze(0)
         # like `threshold_count`: the cost closest to the target may lie one step above it (the carry
         # evens it out over the model); within that cost, the pair that keeps the most importance
         closest = float(grid.flatten()[torch.argmin((grid - target).abs())])

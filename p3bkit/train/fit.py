@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from p3bkit.data import DataBundle, make_loader
-from p3bkit.models.adapter import logits_of
+from p3bkit.models.outputs import logits_of
 from p3bkit.train.dist import DistContext, all_reduce_sum_
 from p3bkit.train.run import Checkpoints, EpochLoop, run_epochs
 
@@ -62,7 +62,8 @@ def _optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
     from timm.optim import param_groups_weight_decay
 
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    opt = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip), lr=cfg.lr,
+                            foreach=True)  # one op per group, not per tensor
     total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:
