@@ -27,6 +27,7 @@ from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
 
+MODELS = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
 STRUCTURES = {"heads": {"structure": "heads", "remove_below": 0.05}, "inner": {"structure": "inner"},
               "full": {"structure": "full"}}
 

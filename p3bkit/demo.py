@@ -17,7 +17,7 @@ import torch
 
 from p3bkit.backends.registry import FP32, INT8
 from p3bkit.errors import P3BError
-from p3bkit.fileio import check_output_folder, write_json_atomic
+from p3bkit.fileio import check_output_folder, folder_lock, write_json_atomic
 from p3bkit.models import load, save
 from p3bkit.models.factory import create_model, load_weights
 from p3bkit.models.report import describe
@@ -70,7 +70,14 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
         raise P3BError(f"keep ratio must be in (0, 1), got {keep}")
     out_dir = Path(out)
     check_output_folder(out_dir, "demo", force=force, allowed=DEMO_FILES)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir):
+        return _run_demo(out_dir, keep, dense_epochs, prune_epochs, finetune_epochs, seed, progress, resume,
+                         speed_runs, target_speedup, table_settings)
+
+
+def _run_demo(out_dir: Path, keep: float, dense_epochs: int, prune_epochs: tuple[int, int, int], finetune_epochs: int,
+              seed: int, progress: bool, resume: bool, speed_runs: int, target_speedup: float | None,
+              table_settings: dict | None) -> dict:
     t0 = time.time()
     data = load_data("digits")
     settings = {"keep": keep, "dense_epochs": dense_epochs, "prune_epochs": list(prune_epochs),
@@ -98,9 +105,9 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
     pruned = load(out_dir / "prune" / "pruned")
     fit(pruned, data, FitConfig(epochs=finetune_epochs, lr=5e-4, warmup_epochs=0, seed=seed, progress=progress),
         desc="finetune", checkpoints=Checkpoints(out_dir / "finetune_checkpoint.pt", settings, ctx), resume=resume)
-    save(pruned, out_dir / "pruned")
+    save(pruned, out_dir / "pruned", overwrite=True)  # the demo's own folder
     (out_dir / "finetune_checkpoint.pt").unlink(missing_ok=True)
-    save(dense, out_dir / "dense")
+    save(dense, out_dir / "dense", overwrite=True)
     speed = speed_table(out_dir, speed_runs) if speed_runs else None
     return _compare(out_dir, keep, dense, pruned, prune_summary, data, time.time() - t0, speed)
 
@@ -137,7 +144,8 @@ def speed_table(out_dir: Path, runs: int) -> dict:
             folder = out_dir / "export" / (fmt if precision == FP32 else f"{fmt}-{INT8}")
             calib = Int8Config("digits") if precision == INT8 else None
             try:
-                rec = export_model(str(out_dir / "pruned"), fmt, folder, precision=precision, int8=calib)
+                rec = export_model(str(out_dir / "pruned"), fmt, folder, precision=precision, int8=calib,
+                                   force=True)  # the demo's own folder
             except BackendUnavailable:
                 continue
             except P3BError as exc:  # INT8 that fails its gate or parity check is reported, not shipped

@@ -2,10 +2,13 @@
 
 A command never deletes or overwrites what it did not write: output folders must be new or
 empty, or `--force` is given (which overwrites only the command's own files and never its
-input), and they are checked for writability before any work starts.
+input), and they are checked for writability before any work starts. While a command writes into
+a folder it holds the folder's lock (`folder_lock`): a second run into the same folder is refused
+instead of interleaving its files; the lock of a run that was killed is taken over.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -56,6 +59,54 @@ def check_writable(folder: str | os.PathLike) -> None:
         raise P3BError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
 
 
+LOCK = ".p3bkit.lock"
+
+
+def _holder(path: Path) -> int | None:
+    """The pid of the live process holding lock file `path`, or None (no lock, or its process is gone)."""
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _in_use(folder: Path) -> None:
+    pid = _holder(folder / LOCK)
+    if pid is not None and pid != os.getpid():
+        raise P3BError(f"{folder} is in use by another p3bkit run (pid {pid}): wait for it to end or choose another folder")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike):
+    """Hold `folder`'s lock while writing into it (the folder is created)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _in_use(folder)
+            path.unlink(missing_ok=True)  # its run was killed: take the lock over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        break
+    else:
+        _in_use(folder)
+    try:
+        yield folder
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
@@ -76,7 +127,9 @@ def check_output_folder(out: str | os.PathLike, command: str, inputs: tuple[str 
                            "choose another output folder")
     if out.exists() and not out.is_dir():
         raise P3BError(f"{out} exists and is not a folder")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if out.is_dir():
+        _in_use(out)
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     foreign = [e for e in entries if e not in allowed]
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")

@@ -78,8 +78,22 @@ def test_failed_export_keeps_previous_artefact(pruned_folder, tmp_path, monkeypa
 
     monkeypatch.setattr(verify, "verify_runner", lambda *a, **kw: (_ for _ in ()).throw(
         p3bkit.errors.ToleranceError("forced")))
-    res = CliRunner().invoke(main, ["export", str(pruned_folder), "--format", "onnx", "-o", str(out)])
+    res = CliRunner().invoke(main, ["export", str(pruned_folder), "--format", "onnx", "-o", str(out), "--force"])
     assert res.exit_code == 1 and (out / "model.onnx").read_bytes() == before
+
+
+def test_export_into_a_non_empty_folder_needs_force(pruned_folder, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(main, ["export", str(pruned_folder), "--format", "onnx", "-o", str(out)])
+    assert res.exit_code == 1 and "is not empty (notes.txt)" in res.output and "--force" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(main, ["export", str(pruned_folder), "--format", "onnx", "-o", str(out), "--force"])
+    assert res.exit_code == 0, res.output
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.onnx").is_file()
+    res = CliRunner().invoke(main, ["export", str(pruned_folder), "--format", "onnx", "-o", str(pruned_folder)])
+    assert res.exit_code == 1 and "over its input" in res.output
 
 
 def test_trt_export_fails_fast_without_tensorrt(pruned_folder, tmp_path):

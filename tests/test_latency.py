@@ -155,7 +155,8 @@ def test_latency_budget_refusals(tmp_path):
     assert r.exit_code == 1 and "needs --latency-table" in r.output
     r = CliRunner().invoke(main, base + ["--keep", "0.5", "--target-speedup", "2", "-o", str(tmp_path / "e")])
     assert r.exit_code == 2 and "exactly one of" in r.output
-    r = CliRunner().invoke(main, ["prune", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--target-speedup", "2",
+    r = CliRunner().invoke(main, ["prune", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--data", "digits",
+                                  "--target-speedup", "2",
                                   "--latency-table", good, "--no-progress", "-o", str(tmp_path / "f")])
     assert r.exit_code == 1 and "does not fit" in r.output
     (tmp_path / "junk.json").write_text("{}")

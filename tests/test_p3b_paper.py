@@ -16,7 +16,7 @@ from p3bkit.prune.costs import block_keep_ratio
 from p3bkit.prune.importance import token_importance
 from p3bkit.prune.pruner import P3BConfig, P3BPruner
 from p3bkit.prune.importance import normalised_ranks
-from p3bkit.prune.recipes import RECIPES, resolve_recipe
+from p3bkit.prune.recipes import RECIPES, SCRATCH_LR, resolve_recipe
 from p3bkit.prune.schedule import Schedule
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -142,13 +142,29 @@ def test_quick_recipe_is_what_prune_runs_by_default(tmp_path):
     res = CliRunner().invoke(main, ["prune", "--epochs", "0", "1", "1", "--keep", "0.5", "--no-progress",
                                     "-o", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
+    assert "(no weights loaded: from scratch)" in res.output
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["job"]["batch_size"] == quick.batch_size and s["job"]["p3b"]["update_every"] == quick.update_every
-    assert s["lr_model"] == pytest.approx(quick.lr * quick.batch_size / 512)
+    assert s["lr_model"] == pytest.approx(SCRATCH_LR * quick.batch_size / 512)  # random init: the scratch lr
     assert s["lr_bpi"] == pytest.approx(quick.lr_bpi * quick.batch_size / 512)
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
              if json.loads(x)["type"] == "mask_update"]
     assert steps and all(st % quick.update_every == 0 for st in steps[:-1])  # the last update ends the schedule
+
+
+def test_quick_recipe_with_loaded_weights_keeps_its_lr(tmp_path):
+    from safetensors.torch import save_file
+
+    from p3bkit.models.factory import create_model
+
+    quick = RECIPES["quick"]
+    save_file(create_model("digits-vit").state_dict(), str(tmp_path / "w.safetensors"))
+    res = CliRunner().invoke(main, ["prune", "--weights", str(tmp_path / "w.safetensors"), "--epochs", "0", "1", "0",
+                                    "--keep", "0.5", "--no-progress", "-o", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "from scratch" not in res.output
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["lr_model"] == pytest.approx(quick.lr * quick.batch_size / 512)
 
 
 def test_cli_paper_recipe_total_budget(tmp_path):

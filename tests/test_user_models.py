@@ -139,7 +139,8 @@ def test_model_options_refuse_bad_values(imagenet_like, tmp_path, args, code, ms
 def test_eval_measures_the_deployed_artefact_through_its_runtime(pruned_folder, tmp_path):
     res = _cli(["eval", pruned_folder, "--json", "--no-progress"])
     assert res.exit_code == 0, res.output
-    ref = json.loads(res.output)
+    assert "data: the embedded digits set" in res.stderr  # a digits preset's model: the embedded set, named
+    ref = json.loads(res.stdout)
     assert ref["backend"] == "torch" and ref["images"] == 360 and 0 <= ref["top1"] <= ref["top5"] <= 100
     res = _cli(["export", pruned_folder, "--format", "onnx", "--eval-data", "digits", "-o", tmp_path / "onnx"])
     assert res.exit_code == 0, res.output
@@ -149,7 +150,7 @@ def test_eval_measures_the_deployed_artefact_through_its_runtime(pruned_folder, 
     for artefact in (tmp_path / "onnx", tmp_path / "ov" / "model.xml"):
         res = _cli(["eval", artefact, "--json", "--no-progress"])
         assert res.exit_code == 0, res.output
-        got = json.loads(res.output)
+        got = json.loads(res.stdout)
         assert got["top1"] == pytest.approx(ref["top1"]) and got["top5"] == pytest.approx(ref["top5"])
 
 
@@ -172,7 +173,7 @@ def test_attention_pool_model_prunes_with_a_mean_token_class_head(tmp_path):
     kw = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 48, "depth": 2,
           "num_heads": 3, "global_pool": "map", "class_token": False}
     s = run_prune(PruneJob(out=str(tmp_path / "r"), model="vit_tiny_patch16_224", model_kwargs=kw, epochs=(0, 1, 1),
-                           progress=False, p3b=P3BConfig(keep=0.6, update_every=5)))
+                           data="digits", progress=False, p3b=P3BConfig(keep=0.6, update_every=5)))
     assert s["surgery_max_abs_diff"] <= 1e-5 and s["total_keep"] == pytest.approx(0.6, abs=0.01)
     pruned = p3bkit.load(tmp_path / "r" / "pruned")
     assert pruned.attn_pool is not None  # the pooling head is kept whole

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from p3bkit.backends import BF16, FP16, FP32, INT8, PRECISIONS, formats, get_backend, runtimes
-from p3bkit.cli.options import DEVICE, POSITIVE, boundary
+from p3bkit.cli.options import data_option, DEVICE, POSITIVE, boundary
 
 
 @click.command()
@@ -20,7 +20,8 @@ from p3bkit.cli.options import DEVICE, POSITIVE, boundary
 @click.option("--bf16", is_flag=True, help="Shorthand for --precision bf16.")
 @click.option("--calib-data", help="INT8: calibration images (digits, ImageFolder or CIFAR-100 folder; train split).")
 @click.option("--calib-size", type=POSITIVE, default=300, show_default=True, help="INT8: calibration images used.")
-@click.option("--val-data", help="INT8 gate: validation split to measure top-1 on [default: --calib-data's].")
+@click.option("--gate-data", "--val-data", "val_data",
+              help="INT8 gate only: the data whose validation split the gate measures top-1 on [--calib-data's].")
 @click.option("--val-size", type=POSITIVE, default=2000, show_default=True,
               help="INT8 gate: validation images used (a seeded random subset of a larger split).")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
@@ -33,11 +34,13 @@ from p3bkit.cli.options import DEVICE, POSITIVE, boundary
 @click.option("--opt-batch", type=POSITIVE, default=1024, show_default=True, help="TensorRT profile.")
 @click.option("--max-batch", type=POSITIVE, default=1024, show_default=True, help="TensorRT profile.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read + updated).")
-@click.option("--eval-data", help="Also measure top-1 of the artefact on this data's validation split (stored in the record).")
+@click.option("--eval-data", help="After export: top-1 of the artefact through its runtime on this data's validation "
+                                  "split, stored in the record (any precision).")
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (replaces this export's own files, keeps others).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @boundary
 def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_data, val_size, max_drop, static_batch,
-           verify, write_op, min_batch, opt_batch, max_batch, timing_cache, eval_data, progress) -> None:
+           verify, write_op, min_batch, opt_batch, max_batch, timing_cache, eval_data, force, progress) -> None:
     """Export MODEL (pruned folder, timm name or preset) and verify it against PyTorch."""
     from p3bkit.export import export_model
     from p3bkit.export.int8 import Int8Config
@@ -49,16 +52,19 @@ def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_d
             raise click.UsageError("give --precision or --fp16/--bf16, not both")
         precision = FP16 if fp16 else BF16
     if (val_data or calib_data) and get_backend(fmt).precision(precision) != INT8:
-        raise click.UsageError("--calib-data/--val-data are for --precision int8")
+        raise click.UsageError("--calib-data/--gate-data are for --precision int8")
     int8 = Int8Config(calib_data, calib_size, val_data, max_drop, val_size) if calib_data else None
     rec = export_model(model, fmt, out, precision=precision, static_batch=static_batch, verify=verify,
                        write_op=write_op, trt_profile=(min_batch, opt_batch, max_batch), timing_cache=timing_cache,
-                       int8=int8)
+                       int8=int8, force=force)
     worst = max((s["max_abs_diff"] for b in rec.parity.values() for s in b.values()), default=None)
     parity = f"max abs diff vs torch {worst:.2e}" if verify and worst is not None else "not verified against torch"
     if verify and rec.precision != FP32:
         stats = [s for b in rec.parity.values() for s in b.values()]
-        parity = (f"vs torch on {rec.parity_inputs}: top-1 agreement {min(s['top1_agreement'] for s in stats):.3f}, "
+        agree = [s["top1_agreement"] for s in stats if s.get("top1_agreement") is not None]
+        top1 = (f"top-1 agreement {min(agree):.3f} on {sum(s.get('confident_images', 0) for s in stats)} confident "
+                "images" if agree else "no image with a confident top-1 (judged by cosine)")
+        parity = (f"vs torch on {rec.parity_inputs}: {top1}, "
                   f"cosine mean {min(s.get('cosine_mean', 1.0) for s in stats):.4f} / worst "
                   f"{min(s['cosine_min'] for s in stats):.4f}")
     click.echo(f"wrote {', '.join(str(Path(out) / f) for f in rec.files)} ({rec.precision}, {rec.seconds:.1f} s); {parity}")
@@ -80,7 +86,7 @@ def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_d
 
 @click.command(name="eval")
 @click.argument("model")
-@click.option("--data", default="digits", show_default=True, help="digits, ImageFolder or CIFAR-100 folder (val split).")
+@data_option
 @click.option("--backend", type=click.Choice(runtimes()),
               help="Default: from the artefact suffix, else torch.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)

@@ -23,7 +23,8 @@ from p3bkit.cli.options import DEVICE, POSITIVE, architecture_options, boundary,
 @click.option("--calibration", type=click.IntRange(min=0), default=12, show_default=True,
               help="Whole random pruned models the branch costs are fitted to.")
 @click.option("--check", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Then time this many other random pruned models and report the prediction error.")
+              help="Then time this many other random pruned models and report the prediction error (stored in the "
+                   "table; prune refuses a table whose median error is above 15%).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing table file.")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Table file (.json).")
@@ -32,6 +33,7 @@ def latency_table(model, backend, device, batch, threads, head_dim_step, hidden_
                   check, progress, force, out, **kw) -> None:
     """Measure a latency table of MODEL (a timm name, preset or dense folder; random weights) on this machine."""
     from p3bkit.latency.job import run_latency_table
+    from p3bkit.latency.table import MAX_CHECK_ERROR
 
     cfg_kw = dict(backend=backend, device=device, batch=batch, threads=threads, head_dim_step=head_dim_step,
                   hidden_step=hidden_step, heads=heads, runs=runs, calibration=calibration, progress=progress)
@@ -44,4 +46,8 @@ def latency_table(model, backend, device, batch, threads, head_dim_step, hidden_
 
         e = np.abs(np.asarray(errors)) * 100
         click.echo(f"prediction error on {len(e)} random pruned models: median {np.median(e):.1f}%, max {e.max():.1f}%")
+        if table.check_error > MAX_CHECK_ERROR:
+            click.echo(f"warning: a median prediction error of {np.median(e):.1f}% (> {100 * MAX_CHECK_ERROR:.0f}%) "
+                       "makes latency budgets from this table unreliable: measure it again on an idle machine with "
+                       "more --runs and --calibration; prune refuses it unless given --accept-table-error", err=True)
     click.echo(f"latency table: {out}")

@@ -31,6 +31,22 @@ POSITIVE = click.IntRange(min=1)
 RATE = click.FloatRange(0.0, 1.0)
 
 
+data_option = click.option(
+    "--data", help="Your data: an ImageFolder (train/ and val/ with one folder per class) or a CIFAR-100 folder; "
+                   "`digits` is the embedded set, the default for the digits presets and models made from them.")
+
+def train_recipe_options(fn):
+    """--recipe and --lr of `train` and `finetune`."""
+    from p3bkit.train.recipes import RECIPE_CHOICES
+
+    fn = click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+                      help="Base lr at batch 512, scaled by batch/512 [the recipe's: scratch 1.6e-2, finetune 4e-3, "
+                           "i.e. 2e-3 / 5e-4 at batch 64].")(fn)
+    return click.option("--recipe", type=click.Choice(RECIPE_CHOICES), default="auto", show_default=True,
+                        help="Learning-rate defaults: scratch (no weights loaded) or finetune (weights loaded); "
+                             "auto picks by whether weights were loaded. The settings are printed at start.")(fn)
+
+
 augment_option = click.option(
     "--augment", type=click.Choice(list(AUGMENTS)), default="auto", show_default=True,
     help="Training augmentation for ImageFolder/CIFAR data. deit: RandAugment, random erasing, Mixup/CutMix; light: "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from p3bkit.cli.options import DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs
+from p3bkit.cli.options import data_option, DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs
 from p3bkit.prune.recipes import RECIPES
 from p3bkit.prune.config import P3BConfig
 
@@ -17,7 +17,7 @@ IO_MODES = click.Choice(["auto", "index", "dense"])
 @click.option("--model", default="digits-vit", show_default=True,
               help="Preset, timm model name or a dense model folder (from p3bkit train).")
 @model_options
-@click.option("--data", default="digits", show_default=True, help="digits, synthetic, ImageFolder or CIFAR-100 folder.")
+@data_option
 @augment_option
 @click.option("--keep", type=click.FloatRange(0, 1, min_open=True),
               help="Keep ratio (0, 1] of all parameters (--budget total) or of block parameters.")
@@ -29,6 +29,8 @@ IO_MODES = click.Choice(["auto", "index", "dense"])
               help="Latency budget instead of --keep: speedup over the table's measured dense model.")
 @click.option("--latency-table", type=click.Path(exists=True, dir_okay=False),
               help="Table from p3bkit latency-table (same machine, model and runtime).")
+@click.option("--accept-table-error", is_flag=True,
+              help="Use a latency table whose own check found a median prediction error above 15%.")
 @click.option("--budget", type=click.Choice(["total", "blocks"]), default="total", show_default=True,
               help="total: fraction of all parameters (the paper's); blocks: of Attention/MLP Linear parameters only.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default="quick", show_default=True,
@@ -86,7 +88,10 @@ def prune(**kw) -> None:
     if len(budgets) != 1:
         raise click.UsageError("give exactly one of --keep, --prune, --target-latency-ms or --target-speedup")
     keep = kw["keep"] if kw["keep"] is not None else 1 - (kw["prune_rate"] or 0.0)
-    r = resolve_recipe(kw["recipe"], epochs=kw["epochs"], update_every=kw["update_every"],
+    from p3bkit.models.factory import loads_weights
+
+    scratch = not loads_weights(kw["model"], kw["pretrained"], kw["pretrained_file"], kw["weights"])
+    r = resolve_recipe(kw["recipe"], scratch=scratch, epochs=kw["epochs"], update_every=kw["update_every"],
                        batch_size=kw["batch_size"], lr=kw["lr"], lr_bpi=kw["lr_bpi"], tau=kw["tau"])
     if r["batch_size"] < 1:
         raise click.UsageError("--batch-size must be ≥ 1")
@@ -103,12 +108,14 @@ def prune(**kw) -> None:
                    device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
                    teacher_weights=kw["teacher_weights"], keep_checkpoint=kw["keep_checkpoint"],
                    progress=kw["progress"], latency_table=kw["latency_table"], target_speedup=kw["target_speedup"],
+                   accept_table_error=kw["accept_table_error"],
                    p3b=cfg)
-    click.echo(f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
-               f"{r['update_every']} it, batch {r['batch_size']}, model lr {r['lr'] * r['batch_size'] / 512:.2e}, "
-               + (f"budget {kw['budget']} keep {keep:.3f}" if budgets[0] in ("keep", "prune_rate") else
-                  f"latency budget from {kw['latency_table']}"))
-    s = run_prune(job, resume=kw["resume"], force=kw["force"])
+    from_scratch = " (no weights loaded: from scratch)" if scratch and kw["lr"] is None and kw["recipe"] == "quick" else ""
+    plan = (f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
+            f"{r['update_every']} it, batch {r['batch_size']}, model lr {r['lr'] * r['batch_size'] / 512:.2e}"
+            f"{from_scratch}, " + (f"budget {kw['budget']} keep {keep:.3f}" if budgets[0] in ("keep", "prune_rate") else
+                                   f"latency budget from {kw['latency_table']}"))
+    s = run_prune(job, resume=kw["resume"], force=kw["force"], plan=plan)
     click.echo(f"pruned model: {Path(kw['out']) / 'pruned'}")
     click.echo(f"kept {100 * s['total_keep']:.1f}% of all parameters ({s['params_kept']:,} of {s['params_dense']:,}) "
                f"and {100 * s['block_keep_nominal']:.1f}% of block parameters; val top-1 {s['val_acc_pruned']:.2f}%, "
@@ -116,16 +123,28 @@ def prune(**kw) -> None:
     if "latency" in s:
         lat = s["latency"]
         click.echo(f"predicted {lat['predicted_ms']:.3f} ms on {lat['backend']} (target {lat['target_ms']:.3f} ms; "
-                   f"{lat['predicted_speedup']:.2f}× over the measured dense {lat['dense_ms_measured']:.3f} ms)")
-    if s["params_stored"] != s["params_kept"]:
-        click.echo(f"the saved model stores {s['params_stored']:,} parameters ({100 * s['total_keep_stored']:.1f}%): "
-                   "widths rounded up (--round-to) or channel selections folded into full-width weights (--io-mode)")
+                   f"{lat['predicted_speedup']:.2f}× over the measured dense {lat['dense_ms_measured']:.3f} ms; "
+                   + ("table error unknown: made without --check)" if lat.get("table_check_error") is None else
+                      f"the table's checked median error {100 * lat['table_check_error']:.1f}%)"))
+    click.echo(stored_note(s["params_stored"], s["params_kept"], s["total_keep_stored"]) or "", nl=False)
+
+
+def stored_note(stored: int, kept: int, ratio: float) -> str | None:
+    """Why the saved model stores more or fewer parameters than the budget kept (None: the same)."""
+    if stored == kept:
+        return None
+    head = f"the saved model stores {stored:,} parameters ({100 * ratio:.1f}%), {abs(stored - kept):,} "
+    if stored > kept:
+        return (head + "more than kept: widths rounded up (--round-to) or channel selections folded into "
+                "full-width weights (--io-mode)\n")
+    return (head + "fewer than kept: a branch emptied on one axis is written as an identity residual, and the "
+            "parameters its other axes still counted (biases, its norm) go with it\n")
 
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
-@click.option("--data", default="digits", show_default=True, help="For plain models: data to train the BPI on.")
+@data_option
 @click.option("--weights", "--checkpoint", "weights", type=click.Path(dir_okay=False),
               help="For a plain model: its local weights file.")
 @click.option("--steps", type=POSITIVE, default=200, show_default=True, help="BPI training steps for plain models.")

@@ -64,22 +64,28 @@ def load_synthetic_data(num_classes: int, img_size: int, in_chans: int = 3, n: i
     return DataBundle(TensorDataset(x, y), TensorDataset(x[: n // 4], y[: n // 4]), num_classes, img_size, in_chans)
 
 
-def load_image_folder(root: Path, img_size: int, num_classes: int | None, augment: str = "deit") -> DataBundle:
-    """ImageFolder train/ and val/; with `augment="deit"` also Mixup/CutMix (0.8 / 1.0) + smoothing 0.1."""
+def load_image_folder(root: Path, img_size: int, num_classes: int | None, augment: str = "deit",
+                      in_chans: int = 3) -> DataBundle:
+    """ImageFolder train/ and val/, checked first (`data.folders`), read with `in_chans` channels;
+    with `augment="deit"` also Mixup/CutMix (0.8 / 1.0) + smoothing 0.1."""
     from torchvision.datasets import ImageFolder
+
+    from p3bkit.data.folders import check_image_folder, image_loader
 
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DataError(f"{root}: expected an ImageFolder tree with {split}/ inside")
-    t_val = eval_transform(img_size)
+    loader = image_loader("L" if in_chans == 1 else "RGB")
     try:
-        train, val = ImageFolder(root / "train", train_transform(img_size, augment)), ImageFolder(root / "val", t_val)
+        train = ImageFolder(root / "train", train_transform(img_size, augment, in_chans), loader=loader)
+        val = ImageFolder(root / "val", eval_transform(img_size, in_chans), loader=loader)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"{root}: {exc}") from exc
+    check_image_folder(root, train, val, in_chans)
     k = len(train.classes)
     if num_classes is not None and num_classes != k:
         raise DataError(f"{root}: {k} classes but the model has {num_classes} (set --num-classes {k})")
-    return DataBundle(train, val, k, img_size, 3, deit_mixup(k) if augment == "deit" else None)
+    return DataBundle(train, val, k, img_size, in_chans, deit_mixup(k) if augment == "deit" else None)
 
 
 def deit_mixup(num_classes: int):
@@ -127,7 +133,20 @@ def _load(name: str, img_size: int | None, num_classes: int | None, in_chans: in
         raise DataError(f"data {name!r} is neither 'digits', 'synthetic' nor an existing folder")
     if (root / "cifar-100-python").is_dir():
         return load_cifar100(root, img_size or 224, augment)
-    return load_image_folder(root, img_size or 224, num_classes, augment)
+    return load_image_folder(root, img_size or 224, num_classes, augment, in_chans or 3)
+
+
+def check_batch(bundle: DataBundle, batch_size: int, world: int = 1, mixup: bool = False) -> int:
+    """Training batches per epoch and rank; refuses a batch larger than the data (nothing would train)
+    and an odd per-rank batch under Mixup/CutMix (they pair images up)."""
+    local = batch_size // world
+    steps = (len(bundle.train) // world) // local if local else 0
+    if steps == 0:
+        raise DataError(f"the training set has {len(bundle.train)} images, fewer than one batch of {batch_size}: "
+                        "lower --batch-size")
+    if mixup and local % 2:
+        raise DataError(f"Mixup/CutMix pair up images: the per-rank batch ({local}) must be even")
+    return steps
 
 
 def load_data_for(model, name: str, augment: str, pretrained: bool, say=None) -> DataBundle:

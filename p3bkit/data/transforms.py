@@ -23,24 +23,32 @@ def resolve_augment(augment: str, pretrained: bool, img_size: int) -> str:
     return "deit" if pretrained and img_size >= 128 else "light"
 
 
-def eval_transform(img_size: int):
-    """Resize, centre crop (timm's evaluation transform), tensor, ImageNet normalisation."""
+def normalisation(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean/std for colour images; 0.5/0.5 for one channel (as the embedded digits)."""
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+
+
+def eval_transform(img_size: int, in_chans: int = 3):
+    """Resize, centre crop (timm's evaluation transform), tensor, normalisation."""
     from timm.data import create_transform
 
-    return create_transform(img_size, is_training=False, interpolation="bicubic")
+    mean, std = normalisation(in_chans)
+    return create_transform(img_size, is_training=False, interpolation="bicubic", mean=mean, std=std)
 
 
-def train_transform(img_size: int, augment: str):
+def train_transform(img_size: int, augment: str, in_chans: int = 3):
     """deit: RandomResizedCrop + RandAugment + random erasing (Mixup/CutMix come with the data);
     light: resize, ±10% shifts, small crops and flips; none: the evaluation transform."""
     from timm.data import create_transform
-    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from torchvision import transforms as T
 
+    mean, std = normalisation(in_chans)
     if augment == "deit":
         return create_transform(img_size, is_training=True, auto_augment=DEIT_RAND_AUGMENT, re_prob=0.25,
-                                interpolation="bicubic")
+                                interpolation="bicubic", mean=mean, std=std)
     if augment == "none":
-        return eval_transform(img_size)
+        return eval_transform(img_size, in_chans)
     return T.Compose([T.Resize((img_size, img_size)), T.RandomAffine(0, translate=(0.1, 0.1), scale=(0.9, 1.1)),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])

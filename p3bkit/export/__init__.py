@@ -3,7 +3,9 @@ against PyTorch, with its record (format, precision, input shape, parity, tolera
 
 `export_model` writes into a temporary folder beside the output, verifies the artefact (and, for
 INT8, gates its accuracy), and only then moves it into place with its JSON record: a failed
-export leaves nothing behind and never overwrites a previous good artefact. Runtime-agnostic:
+export leaves nothing behind and never overwrites a previous good artefact. The output folder
+follows the rule of every writer: new or empty, or `force` (then only this export's own files are
+replaced), never the model it exports, and locked while the export writes into it. Runtime-agnostic:
 everything runtime-specific is the backend's (`p3bkit.backends`).
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from p3bkit.backends import FP32, INT8, formats, get_backend
@@ -21,7 +23,7 @@ from p3bkit.backends.onnx import OPSET
 from p3bkit.errors import ExportError, P3BError, first_line
 from p3bkit.export.int8 import Int8Config, Int8Images
 from p3bkit.export.records import record_path
-from p3bkit.fileio import write_json_atomic
+from p3bkit.fileio import check_output_folder, folder_lock, write_json_atomic
 
 def artefact_name(fmt: str) -> str:
     """The file an export of this format writes (model.onnx, model.xml, model.plan)."""
@@ -89,7 +91,7 @@ def _parity_images(model, precision: str, static_batch: int | None, images: Int8
 def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str | None = None,
                  static_batch: int | None = None, verify: bool = True, write_op: str | None = None,
                  trt_profile: tuple[int, int, int] = (1, 1024, 1024), timing_cache: str | None = None,
-                 int8: Int8Config | None = None) -> ExportRecord:
+                 int8: Int8Config | None = None, force: bool = False) -> ExportRecord:
     """Export a pruned folder / timm name / preset to `out_dir` and verify it (see module doc).
 
     INT8 needs `int8` (calibration data and the accuracy gate); its parity check runs on real
@@ -108,6 +110,8 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
         raise ExportError("INT8 export needs calibration images: give --calib-data (digits, an ImageFolder, ...)")
     if precision != INT8 and int8 is not None:
         raise ExportError(f"calibration data is for --precision int8, not {precision}")
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, "export", (model_ref,) if Path(model_ref).exists() else (), force=force)
     backend.check_dependencies(precision)  # fail fast: nothing is built and nothing written on a machine that can't
     if verify:
         backend.run_precision(precision)  # e.g. OpenVINO bf16 on a CPU without bf16 units: before any work
@@ -115,7 +119,6 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
     model = set_write_op(create_model(model_ref).eval(), write_op)
     sample = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     images = load_int8_data(int8, model, static_batch) if int8 else None  # bad data fails here, before any export work
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     t0 = time.time()
@@ -129,8 +132,9 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
         except Exception as exc:  # the runtimes' own converters and quantisers raise many types
             raise ExportError(f"{backend.name} {precision} export failed: {type(exc).__name__}: {first_line(exc)}") from exc
         extra = dict(info.get("extra", {}))
-        if "int8" in info:
-            extra["int8"] = gate(info["int8"], images)
+        if "int8" in info:  # the gate judges the artefact as written: the number its record and `eval` show
+            written = images.data.top1(backend.runner(tmp / files[0], precision))
+            extra["int8"] = gate(replace(info["int8"], int8_top1=written), images)
         parity, seen = {}, "seeded noise"
         if verify:
             inputs, seen = _parity_images(model, precision, static_batch, images)
@@ -143,10 +147,10 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
                               tolerance=asdict(backend.tolerance(precision)), op_types=info.get("op_types", {}),
                               seconds=time.time() - t0, versions=_versions(backend), extra=extra,
                               native_precision=backend.precisions[precision], parity_inputs=seen)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            os.replace(tmp / f, out_dir / f)
-        write_json_atomic(record_path(out_dir / backend.artefact), asdict(record))
+        with folder_lock(out_dir):  # another export or run writing here is refused, not interleaved
+            for f in files:
+                os.replace(tmp / f, out_dir / f)
+            write_json_atomic(record_path(out_dir / backend.artefact), asdict(record))
         return record
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -44,7 +44,7 @@ def _resolve(ref: str, backend: str | None, precision: str | None) -> tuple[str,
     return ref, name, get_backend(name).run_precision(artefact_precision(ref), precision)
 
 
-def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 64, threads: int | None = None,
+def run_eval(ref: str, data: str | None = None, backend: str | None = None, batch_size: int = 64, threads: int | None = None,
              device: str | None = None, progress: bool = True, precision: str | None = None) -> dict:
     """Top-1 (and top-5 with ≥ 5 classes) in percent on the validation split of `data`.
 
@@ -55,7 +55,13 @@ def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 
 
     ref, backend, precision = _resolve(ref, backend, precision)
     be = get_backend(backend)
-    run = be.runner(ref, precision, threads, device)
+    run = be.runner(ref, precision, threads, device)  # a model that is not a ViT is refused here, before data
+    if data is None:
+        from p3bkit.console import notify
+        from p3bkit.models.factory import source_of
+        from p3bkit.models.presets import default_data
+
+        data = default_data(source_of(read_record(ref).get("source", ref)), notify)
     fixed, (c, h, w) = _input_dims(ref, run)
     num_classes = run_logits(run, np.zeros((1, c, h, w), dtype=np.float32), 1, fixed).shape[-1]
     val = load_data(data, img_size=h, num_classes=num_classes, in_chans=c).val
@@ -63,7 +69,7 @@ def run_eval(ref: str, data: str, backend: str | None = None, batch_size: int = 
     total = 0
     for x, y in bar(make_loader(val, batch_size, shuffle=False), desc=f"eval {backend}", enabled=progress):
         logits = run_logits(run, x.numpy().astype(np.float32), batch_size, fixed)
-        top = np.argsort(-logits, axis=-1)[:, :5]
+        top = np.argsort(-logits, axis=-1, kind="stable")[:, :5]  # ties (common in INT8 logits) as argmax breaks them
         hits += [(top[:, 0] == y.numpy()).sum(), (top == y.numpy()[:, None]).any(-1).sum()]
         total += len(y)
     out = {"model": ref, "backend": backend, "precision": precision, "data": data, "images": total,

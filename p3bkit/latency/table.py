@@ -27,6 +27,7 @@ import numpy as np
 from p3bkit.errors import P3BError
 
 TABLE_SCHEMA = 1
+MAX_CHECK_ERROR = 0.15  # a table whose checked median error is above this warns when made; prune refuses it
 
 
 @dataclass
@@ -60,6 +61,12 @@ class LatencyTable:
         # replaced by its least-squares non-decreasing fit (pool adjacent violators)
         self._attn = [isotonic(r) for r in self.attn_ms]
         self._mlp = isotonic(self.mlp_ms)
+
+    @property
+    def check_error(self) -> float | None:
+        """The median absolute prediction error its `--check` measured (a fraction), None when unchecked."""
+        check = self.protocol.get("check")
+        return None if not check else float(check["median_abs_error"])
 
     def attn(self, heads: int, head_dim: int) -> float:
         """One attention branch with `heads` heads of width `head_dim` (0 when either is 0)."""

@@ -127,12 +127,13 @@ def create_stock_model(source: ModelSource, pretrained: bool = False, overlay: d
     return model
 
 
-def save(model: nn.Module, folder: str | os.PathLike) -> Path:
+def save(model: nn.Module, folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write `arch.json` + `model.safetensors` into `folder`, each file atomically.
 
-    Both files are written to a temp folder beside the target first. A new folder is renamed into
-    place whole; into an existing folder the two files are moved one by one (weights first), and
-    nothing else in it is touched. Files get the usual permissions (rw-r--r-- under umask 022).
+    `folder` must be new or empty unless `overwrite` (then its two model files are replaced and
+    nothing else in it is touched). Both files are written to a temp folder beside the target
+    first, and the model is rebuilt from them and compared before anything moves into place. Files
+    get the usual permissions (rw-r--r-- under umask 022).
     """
     from safetensors.torch import save_file
 
@@ -145,6 +146,9 @@ def save(model: nn.Module, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ArchError(f"cannot save a model to {folder}: it exists and is not a folder")
+    if not overwrite and folder.is_dir() and any(p.name != ".p3bkit.lock" for p in folder.iterdir()):
+        raise ArchError(f"cannot save a model to {folder}: it is not empty (save(..., overwrite=True) replaces "
+                        "its arch.json and model.safetensors)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

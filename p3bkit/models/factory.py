@@ -12,6 +12,7 @@ from p3bkit.models.arch import ARCH_FILE, ModelSource, create_stock_model, load
 from p3bkit.models.presets import MODEL_PRESETS
 
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".onnx", ".xml", ".plan", ".engine")
+VIT_MODULES = ("vision_transformer", "deit")  # the timm modules whose models `inspect_vit` can accept
 
 
 def check_model_kwargs(kwargs: dict) -> None:
@@ -38,6 +39,9 @@ def resolve_source(name: str, **kwargs) -> ModelSource:
     if not timm.is_model(name):
         raise ArchError(f"unknown model {name!r}: not a p3bkit preset ({', '.join(MODEL_PRESETS)}), "
                         "a timm model name or a pruned model folder")
+    if not timm.models.is_model_in_modules(name, VIT_MODULES):  # before its constructor sees ViT arguments
+        raise ArchError(f"model {name!r} is not a timm VisionTransformer (p3bkit prunes the ViTs of timm's "
+                        f"{' and '.join(VIT_MODULES)} modules)")
     return ModelSource(name, dict(kwargs))
 
 
@@ -111,9 +115,41 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
     model = create_stock_model(resolve_source(name, **kwargs), pretrained=pretrained or overlay is not None,
                                overlay=overlay)
     inspect_vit(model)  # refuse what p3bkit cannot prune, export or measure, before any work
+    _check_patch_grid(model, name)
     if weights:
         load_weights(model, weights)
     return model
+
+
+def _check_patch_grid(model: nn.Module, name: str) -> None:
+    """Refuse an input size the patches do not tile: the rest of every row and column would be dropped."""
+    pe = model.patch_embed
+    size, patch = tuple(pe.img_size), tuple(pe.patch_size)
+    if any(s % p for s, p in zip(size, patch)):
+        fit = patch[0] * max(1, round(size[0] / patch[0]))
+        raise ArchError(f"{name}: image size {size[0] if size[0] == size[1] else size} is not a multiple of the patch "
+                        f"size {patch[0] if patch[0] == patch[1] else patch}; use e.g. --img-size {fit}")
+
+
+def source_of(ref: str) -> ModelSource | None:
+    """What a model reference was built from, without building it: a model folder's source, a preset's
+    or timm name's own; None for anything else (an artefact, a file)."""
+    if (Path(ref) / ARCH_FILE).is_file():
+        from p3bkit.models.arch import read_arch
+
+        return read_arch(ref).source
+    if Path(ref).exists():
+        return None
+    try:
+        return resolve_source(ref)
+    except ArchError:
+        return None
+
+
+def loads_weights(name: str, pretrained: bool = False, pretrained_file: str | None = None,
+                  weights: str | None = None) -> bool:
+    """Whether `build_user_model` with these options loads trained weights (else: random init)."""
+    return bool(pretrained or pretrained_file or weights) or (Path(name) / ARCH_FILE).is_file()
 
 
 def build_user_model(name: str, pretrained: bool = False, pretrained_file: str | None = None,

@@ -41,7 +41,7 @@ def read_run(run: str | Path) -> dict:
     return out
 
 
-def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_size: int = 64,
+def measure_model(model_ref: str, data: str | None = None, steps: int = 200, batch_size: int = 64,
                   weights: str | None = None, device: str = "cpu", seed: int = 0) -> dict:
     """Train only the BPI heads on the frozen model, then average ΔΨ over the second half of the steps."""
     from p3bkit.data import load_data, make_loader
@@ -53,7 +53,10 @@ def measure_model(model_ref: str, data: str = "digits", steps: int = 200, batch_
     require_device(device)
     seed_everything(seed)
     model = create_model(model_ref, weights=weights).to(device).eval().requires_grad_(False)
-    bundle = load_data(data, img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
+    from p3bkit.console import notify
+    from p3bkit.models.presets import default_data, model_source
+
+    bundle = load_data(data or default_data(model_source(model), notify), img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
                        in_chans=model.patch_embed.proj.in_channels)
     bpi = BPI.for_model(model).to(device)
     opt = torch.optim.AdamW(bpi.parameters(), lr=5e-4, weight_decay=0.0)

@@ -203,7 +203,8 @@ class LatencyCosts:
         predicted = t.predict(layers)
         return {"backend": t.backend, "device": t.device, "batch": t.batch, "threads": t.threads, "cpu": t.machine.get("cpu"),
                 "target_ms": self.target_ms, "predicted_ms": predicted, "dense_ms_measured": t.dense_ms,
-                "predicted_speedup": t.dense_ms / predicted, "target_speedup": t.dense_ms / self.target_ms}
+                "predicted_speedup": t.dense_ms / predicted, "target_speedup": t.dense_ms / self.target_ms,
+                "table_check_error": t.check_error}
 
 
 def _inner(branch) -> str:

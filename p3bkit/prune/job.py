@@ -36,7 +36,7 @@ class PruneJob:
     pretrained: bool = False
     pretrained_file: str | None = None  # local weights through timm's loader (classifier re-initialised if needed)
     weights: str | None = None  # a weights file of exactly this model, loaded strictly
-    data: str = "digits"
+    data: str | None = None  # None: the embedded digits set, for the digits presets only
     augment: str = "auto"  # deit | light | none | auto (data.transforms.resolve_augment)
     epochs: tuple[int, int, int] = (1, 4, 4)  # warm-up, sparsify, sharpen
     batch_size: int = 64
@@ -51,6 +51,7 @@ class PruneJob:
     progress: bool = True
     keep_checkpoint: bool = False  # a finished run removes checkpoint.pt unless asked to keep it
     latency_table: str | None = None  # latency budget: the table (p3bkit latency-table) and p3b.target_ms …
+    accept_table_error: bool = False  # use a table whose checked median error is above MAX_CHECK_ERROR
     target_speedup: float | None = None  # … or a speedup over the table's measured dense model
     stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
     p3b: P3BConfig = field(default_factory=P3BConfig)
@@ -74,16 +75,23 @@ def _validate(job: PruneJob) -> None:
     require_device(job.device)
 
 
-def _latency_table(job: PruneJob, gated):
+def _latency_table(job: PruneJob, gated, ctx: DistContext):
     """The job's latency table, checked against this machine and model; sets p3b.target_ms from a speedup."""
     if job.latency_table is None:
         return None
     from p3bkit.backends import machine_info
-    from p3bkit.latency.table import LatencyTable, model_dims
+    from p3bkit.latency.table import MAX_CHECK_ERROR, LatencyTable, model_dims
 
     table = LatencyTable.load(job.latency_table)
     table.check_model(model_dims(gated.spec), job.model)
     table.check_machine(machine_info(table.threads))
+    error = table.check_error
+    if error is not None and error > MAX_CHECK_ERROR and not job.accept_table_error:
+        raise P3BError(f"{job.latency_table} predicted its check models with a median error of {100 * error:.1f}% "
+                       f"(> {100 * MAX_CHECK_ERROR:.0f}%): measure it again on an idle machine, or pass "
+                       "--accept-table-error to prune to it anyway")
+    if error is None and ctx.main:
+        notify(f"note: {job.latency_table} was made without --check: its prediction error is unknown")
     if job.target_speedup is not None:
         job.p3b.target_ms = table.dense_ms / job.target_speedup
     if job.p3b.target_ms is None:
@@ -115,14 +123,17 @@ def _settings(job: PruneJob) -> dict:
     return flat
 
 
-def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
+def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: str | None = None) -> dict:
     """Prune with P3B, apply surgery, write the pruned folder; return the summary.
 
     The run folder must be new or empty (`force`: write into it anyway, replacing an earlier
     run's own files and keeping everything else); `resume` continues from its checkpoint when the
     settings match. Runs unchanged under `torchrun` (DDP: --batch-size is the global batch).
+    `plan`: a line printed once the model, data and budget passed their checks (what the run does);
+    the notes of loading the model and data come with it, so a refusal stays one line.
     """
     from p3bkit.data import load_data_for, make_loader
+    from p3bkit.data.datasets import check_batch
     from p3bkit.models import add_gates
     from p3bkit.models.factory import build_user_model
     from p3bkit.prune.bpi import ce_loss, hard_distillation_loss
@@ -135,22 +146,22 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
     if job.batch_size % ctx.world:
         raise P3BError(f"batch size {job.batch_size} must be divisible by the {ctx.world} ranks")
     seed_everything(job.seed + ctx.rank)
-    say = notify if ctx.main else None
+    notes: list[str] = []
+    say = notes.append
     model = build_user_model(job.model, job.pretrained, job.pretrained_file, job.weights, job.model_kwargs, say)
     gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
-    data = load_data_for(model, job.data, job.augment, job.pretrained or job.pretrained_file is not None, say)
+    from p3bkit.models.presets import default_data, model_source
+
+    data_name = job.data or default_data(model_source(model), say)
+    data = load_data_for(model, data_name, job.augment, job.pretrained or job.pretrained_file is not None, say)
     if getattr(model, "dist_token", None) is not None:
         model.set_distilled_training(True)
     teacher = _teacher(job, ctx.device)
-    local_batch = job.batch_size // ctx.world
-    spe = len(make_loader(data.train, local_batch, True, rank=ctx.rank, world=ctx.world))
-    if spe == 0:
-        raise P3BError(f"the training set has fewer than {job.batch_size} samples: lower --batch-size")
-    if data.mixup is not None and local_batch % 2:
-        raise P3BError(f"Mixup/CutMix pair up images: the per-rank batch ({local_batch}) must be even")
+    check_batch(data, job.batch_size, ctx.world, data.mixup is not None)
+    spe = len(make_loader(data.train, job.batch_size // ctx.world, True, rank=ctx.rank, world=ctx.world))
     sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
     _warn_sparse_updates(sched, job.p3b.update_every, ctx)
-    table = _latency_table(job, gated)
+    table = _latency_table(job, gated, ctx)
     pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
                        lr_scale=job.batch_size / 512, latency_table=table).to(ctx.device)
     if ctx.active:
@@ -158,17 +169,19 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False) -> dict:
 
         pruner.set_forward(DDP(gated, broadcast_buffers=False, find_unused_parameters=True),
                            DDP(pruner.bpi, find_unused_parameters=True))
-    folder.create(resuming, ctx)  # only now: bad models, data or checkpoints leave no folder behind
-    log = RunLog(folder.path / LOG, ctx)
-    checkpoints = Checkpoints(folder.path / CHECKPOINT, _settings(job), ctx, log)
-    t0 = time.time()
-    start = checkpoints.restore(_loader_of_state(pruner)) if resuming else (0, 0)
-    loop = _epoch_loop(job, pruner, data, teacher, log, ctx)
-    stopped = run_epochs(loop, ctx, checkpoints, start, job.stop_after_epoch)
-    if stopped is not None:
-        return {"stopped_after_epoch": stopped}
-    summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx)
-    folder.finish(job.keep_checkpoint, ctx)
+    for note in [*notes, *([plan] if plan else [])] if ctx.main else ():
+        notify(note)
+    with folder.writing(resuming, ctx):  # only now: bad models, data or checkpoints leave no folder behind
+        log = RunLog(folder.path / LOG, ctx)
+        checkpoints = Checkpoints(folder.path / CHECKPOINT, _settings(job), ctx, log)
+        t0 = time.time()
+        start = checkpoints.restore(_loader_of_state(pruner)) if resuming else (0, 0)
+        loop = _epoch_loop(job, pruner, data, teacher, log, ctx)
+        stopped = run_epochs(loop, ctx, checkpoints, start, job.stop_after_epoch)
+        if stopped is not None:
+            return {"stopped_after_epoch": stopped}
+        summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx)
+        folder.finish(job.keep_checkpoint, ctx)
     return summary
 
 
@@ -206,20 +219,23 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ct
             check_identical(torch.cat([g.mask for g in pruner.gated.gates.values()]), ctx, "the masks")
             log.append({**record, "type": "mask_update", "epoch": epoch + 1, **stats,
                         "block_keep": pruner.block_keep_ratio()})
-        return {"loss": f"{stats['loss']:.3f}", "keep": f"{pruner.block_keep_ratio():.3f}"}
+        return {"loss": float(stats["loss"]), "keep": pruner.block_keep_ratio()}
 
-    def end_epoch(epoch: int, batches: int) -> None:
+    def end_epoch(epoch: int, batches: int) -> str:
         acc = evaluate(pruner.gated, data.val, device=ctx.device, ctx=ctx)
         log.append({"type": "epoch", "epoch": epoch + 1, "val_acc": acc, "soft_target_steps": soft.pop(epoch, 0),
                     "block_keep": pruner.block_keep_ratio(), "total_keep": pruner.total_keep_ratio()})
-        if job.progress and ctx.main:
-            notify(f"epoch {epoch + 1}/{total}: val top-1 {acc:.2f}%, keeping "
-                   f"{100 * pruner.total_keep_ratio():.1f}% of all parameters")
+        return f"val top-1 {acc:.2f}%, keeping {100 * pruner.total_keep_ratio():.1f}% of all parameters"
 
     def state() -> dict:
         return {"pruner": pruner.state_dict(), "extra": pruner.extra_state()}
 
-    return EpochLoop(total, loader, step, end_epoch, state, "prune", job.progress)
+    from p3bkit.models.factory import loads_weights
+
+    lr = job.p3b.lr_model * job.batch_size / 512
+    scratch = not loads_weights(job.model, job.pretrained, job.pretrained_file, job.weights)
+    return EpochLoop(total, loader, step, end_epoch, state, "prune", job.progress,
+                     lr_note=f"model lr {lr:.2e}" if scratch else None)
 
 
 def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, ctx: DistContext) -> dict:
@@ -254,7 +270,7 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
     if pruner.costs is not pruner.params:
         summary["latency"] = pruner.costs.report(pruned.p3b_arch.layers)
     if ctx.main:
-        save(pruned, out / "pruned")  # save() copies tensors to the CPU; the model stays on its device
+        save(pruned, out / "pruned", overwrite=True)  # the run's own folder (tensors are copied to the CPU)
         write_json_atomic(out / SUMMARY, summary)
     barrier(ctx)
     return summary

@@ -8,6 +8,8 @@ batch 512 and are scaled by batch / 512 (the DeiT rule the paper and the authors
   lr 5e-4 for the model and the BPI, τ 0.1, batch 512.
 - `quick`: 1 / 4 / 4 epochs, a mask update every 10 iterations, batch 64, base lr 4e-3 (5e-4
   effective at batch 64): for the embedded digits set and other data of a few thousand images.
+  A model pruned without loaded weights (random init, trained while it is pruned) takes the
+  `scratch` training recipe's model lr instead (`train.recipes`: 2e-3 at batch 64).
 """
 from __future__ import annotations
 
@@ -32,11 +34,16 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def resolve_recipe(name: str, **overrides) -> dict:
-    """The recipe's settings with every non-None override applied."""
+SCRATCH_LR = 1.6e-2  # quick's base model lr without loaded weights: the `scratch` training recipe's
+
+
+def resolve_recipe(name: str, scratch: bool = False, **overrides) -> dict:
+    """The recipe's settings with every non-None override applied (`scratch`: no weights loaded)."""
     if name not in RECIPES:
         raise P3BError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
     values = asdict(RECIPES[name])
+    if scratch and name == "quick":
+        values["lr"] = SCRATCH_LR
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["epochs"] = tuple(values["epochs"])
     return values

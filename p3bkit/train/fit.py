@@ -55,6 +55,7 @@ class FitConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    watch_loss: bool = True  # warn when the loss did not fall in epoch 1 (not for an already trained model)
 
 
 def _optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
@@ -111,12 +112,14 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
         opt.step()
         sched.step()
         run["running"] += loss.item()
-        return {"loss": f"{loss.item():.3f}"}
+        return {"loss": loss.item()}
 
-    def end_epoch(epoch: int, batches: int) -> None:
+    def end_epoch(epoch: int, batches: int) -> str:
         acc = evaluate(model, data.val, device=ctx.device, ctx=ctx)
-        run["history"].append({"epoch": epoch + 1, "loss": run["running"] / max(batches, 1), "val_acc": acc})
+        record = {"epoch": epoch + 1, "loss": run["running"] / max(batches, 1), "val_acc": acc}
+        run["history"].append(record)
         run["running"] = 0.0
+        return f"train loss {record['loss']:.3f}, val top-1 {acc:.2f}%"
 
     def state() -> dict:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -127,6 +130,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
                            start_batch=first)
 
     start = checkpoints.restore(load) if checkpoints and resume and checkpoints.path.is_file() else (0, 0)
-    run_epochs(EpochLoop(cfg.epochs, loader, step, end_epoch, state, desc, cfg.progress), ctx, checkpoints, start)
+    loop = EpochLoop(cfg.epochs, loader, step, end_epoch, state, desc, cfg.progress,
+                      lr_note=f"peak lr {cfg.lr:.2e}" if cfg.watch_loss else None, watch_epochs=cfg.warmup_epochs + 1)
+    run_epochs(loop, ctx, checkpoints, start)
     model.eval()
     return run["history"]

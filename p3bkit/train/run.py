@@ -10,11 +10,13 @@
   RNG states, written atomically every epoch and on SIGTERM/SIGINT; a resume must use the same
   settings and continues to the same result.
 - `RunLog`: JSON lines; a resume drops the records written after its checkpoint.
-- `run_epochs`: the epoch/batch loop — progress bars, stop signals (a checkpoint at the current
-  batch, then `Interrupted`), a checkpoint after every epoch.
+- `run_epochs`: the epoch/batch loop — progress bars, one line per epoch, a time estimate for long
+  runs, a warning when the loss does not fall in the first epoch, stop signals (a checkpoint at
+  the current batch, then `Interrupted`), a checkpoint after every epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +29,7 @@ import torch
 
 from p3bkit.console import notify, progress
 from p3bkit.errors import Interrupted, P3BError, first_line
-from p3bkit.fileio import check_output_folder
+from p3bkit.fileio import check_output_folder, folder_lock
 from p3bkit.train.checkpoint import check_resume_settings, gather_rng, read_checkpoint, set_rng_state, write_checkpoint
 from p3bkit.train.dist import DistContext, all_reduce_sum_, barrier
 
@@ -57,17 +59,19 @@ class RunFolder:
         check_output_folder(self.path, self.command, inputs, force=force)
         return False
 
-    def create(self, resuming: bool, ctx: DistContext) -> None:
-        """Make the folder; a fresh run first removes an earlier run's state (checkpoint, log, summary
-        and `outputs`), so two runs never mix. A model folder that is the run's output itself is
-        replaced atomically when the new one is written, so a failed run keeps the previous model."""
-        if ctx.main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if not resuming:
+    @contextlib.contextmanager
+    def writing(self, resuming: bool, ctx: DistContext):
+        """Make the folder and hold its lock while the run writes (a second run into it is refused);
+        a fresh run first removes an earlier run's state (checkpoint, log, summary and `outputs`), so
+        two runs never mix. A model folder that is the run's output itself is replaced atomically
+        when the new one is written, so a failed run keeps the previous model."""
+        with folder_lock(self.path) if ctx.main else contextlib.nullcontext():
+            if ctx.main and not resuming:
                 for f in (CHECKPOINT, LOG, self.done, *self.outputs):
                     if f:
                         (self.path / f).unlink(missing_ok=True)
-        barrier(ctx)
+            barrier(ctx)
+            yield self.path
 
     def finish(self, keep_checkpoint: bool, ctx: DistContext) -> None:
         """A complete run removes its checkpoint (often 10–30× the model) unless asked to keep it."""
@@ -159,11 +163,68 @@ class EpochLoop:
 
     epochs: int
     loader: Callable[[int, int], Iterable]  # (epoch, first batch) → the epoch's remaining batches
-    step: Callable[[int, Any], dict]  # (epoch, batch) → stats for the progress bar
-    end_epoch: Callable[[int, int], None]  # (epoch, batches in it) → evaluate, log
+    step: Callable[[int, Any], dict]  # (epoch, batch) → stats for the progress bar ("loss" a float)
+    end_epoch: Callable[[int, int], str | None]  # (epoch, batches in it) → evaluate, log; the epoch's line
     state: Callable[[], dict]  # what a checkpoint holds
     desc: str = "train"
     progress: bool = True
+    lr_note: str | None = None  # what the run trains with; None: no warning when the first epochs' loss stays flat
+    watch_epochs: int = 1  # the loss is watched over these first epochs (warm-up epochs and one more)
+
+
+WATCHED_STEPS = 20  # fewer watched steps: too few to tell a flat loss from noise
+ESTIMATE_ABOVE_S = 20.0  # runs estimated to take longer say so after their first steps
+TIMED_STEPS = 10  # steps timed for the estimate (after one untimed step)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _Watch:
+    """The time estimate after the first steps and the warning when the loss did not fall over the
+    first epoch after warm-up (a ramping lr barely moves the loss: those epochs are watched too)."""
+
+    def __init__(self, loop: EpochLoop, epoch: int, first: int, remaining: int | None) -> None:
+        self.loop, self.fresh = loop, epoch == 0 and first == 0
+        self.per_epoch = None if remaining is None else remaining + first
+        self.steps_left = None if remaining is None else remaining + (loop.epochs - epoch - 1) * self.per_epoch
+        self.losses: list[float] = []
+        self.seen, self.t0, self.epoch = 0, None, epoch
+
+    def after_step(self, stats: dict) -> None:
+        import time
+
+        self.seen += 1
+        if self.fresh and self.epoch < self.loop.watch_epochs and isinstance(stats.get("loss"), float):
+            self.losses.append(stats["loss"])
+        if self.seen == 1:
+            self.t0 = time.perf_counter()
+        elif self.seen == TIMED_STEPS + 1 and self.steps_left:
+            per_step = (time.perf_counter() - self.t0) / TIMED_STEPS
+            total = per_step * self.steps_left
+            if total >= ESTIMATE_ABOVE_S:
+                notify(f"{self.loop.desc}: {self.steps_left:,} steps × {per_step:.3f} s/step ≈ {_duration(total)} "
+                       f"(measured on the first steps; evaluations come on top)")
+
+    def after_epoch(self) -> None:
+        self.epoch += 1
+        n = min(self.loop.watch_epochs, self.loop.epochs)
+        if not self.fresh or self.epoch < n:
+            return
+        self.fresh = False
+        if len(self.losses) < WATCHED_STEPS or self.loop.lr_note is None:
+            return
+        k = max(2, len(self.losses) // 5)
+        a, b = sum(self.losses[:k]) / k, sum(self.losses[-k:]) / k
+        if b >= 0.99 * a:
+            when = "in epoch 1" if n == 1 else f"in epochs 1–{n} (warm-up included)"
+            notify(f"warning: the training loss did not fall {when} ({a:.3f} → {b:.3f}): the {self.loop.lr_note} "
+                   "may be too low (or too high) for this model and data; see --lr and --recipe")
 
 
 def run_epochs(loop: EpochLoop, ctx: DistContext, checkpoints: Checkpoints | None = None,
@@ -172,24 +233,36 @@ def run_epochs(loop: EpochLoop, ctx: DistContext, checkpoints: Checkpoints | Non
     (a testing hook that ends the run early, as a crash would) stopped it after.
 
     With `checkpoints`: a checkpoint after every epoch, and on SIGTERM/SIGINT one at the current
-    batch followed by `Interrupted` (a one-line message naming `--resume`).
+    batch followed by `Interrupted` (a one-line message naming `--resume`). The main rank prints
+    each epoch's line (with or without progress bars), an estimate of the run's time after its first
+    steps when it is long, and a warning when the loss did not fall in the first epoch.
     """
     flag: dict = {}
     old = install_stop_handlers(flag) if checkpoints else {}
     epoch, first = start
+    watch = None
     try:
         while epoch < loop.epochs:
-            bar = progress(loop.loader(epoch, first), desc=f"{loop.desc} {epoch + 1}/{loop.epochs}",
-                           enabled=loop.progress and ctx.main)
+            batches = loop.loader(epoch, first)
+            if watch is None and ctx.main:
+                watch = _Watch(loop, epoch, first, len(batches) if hasattr(batches, "__len__") else None)
+            bar = progress(batches, desc=f"{loop.desc} {epoch + 1}/{loop.epochs}", enabled=loop.progress and ctx.main)
             done = first
             for done, batch in enumerate(bar, start=first + 1):
-                bar.set_postfix(loop.step(epoch, batch))
+                stats = loop.step(epoch, batch)
+                bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in stats.items()})
+                if watch is not None:
+                    watch.after_step(stats)
                 if checkpoints and stop_requested(flag, ctx):
                     checkpoints.save(epoch, done, loop.state())
                     raise Interrupted(f"stopped by {flag.get('signal', 'a signal on another rank')} at epoch "
                                       f"{epoch + 1}, batch {done}; checkpoint written to {checkpoints.path}, "
                                       "continue with --resume")
-            loop.end_epoch(epoch, done)
+            line = loop.end_epoch(epoch, done)
+            if ctx.main and line:
+                notify(f"{loop.desc} epoch {epoch + 1}/{loop.epochs}: {line}")
+            if watch is not None:
+                watch.after_epoch()
             epoch, first = epoch + 1, 0
             if checkpoints:
                 checkpoints.save(epoch, 0, loop.state())
