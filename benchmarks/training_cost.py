@@ -122,11 +122,14 @@ def main() -> None:
     report = {"machine": machine_info(args.threads), "command": "python benchmarks/training_cost.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
               "models": {}}
+    earlier = RESULTS / "training_cost.json"
+    if earlier.is_file():  # keep the other models of an earlier run (each row names its command)
+        report["models"] = json.loads(earlier.read_text())["models"]
     for name in args.models:
         steps = step_times(name, args.rounds, fractions)
         folder = _image_folder(work / name, MODELS[name][2])
         loads = load_times(name, folder, args.workers, batches=5)
-        report["models"][name] = {"steps": steps, "load": loads}
+        report["models"][name] = {"steps": steps, "load": loads, "command": report["command"]}
         print(name, json.dumps(report["models"][name]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "training_cost.json").write_text(json.dumps(report, indent=1))
@@ -137,7 +140,8 @@ def main() -> None:
 def render(report: dict, fractions: list[float]) -> str:
     m = report["machine"]
     lines = ["# Training and pruning cost per step", "",
-             f"{m['cpu']}, {m['threads']} threads; `{report['command']}`. Median seconds per step on one fixed random "
+             f"{m['cpu']}, {m['threads']} threads; `python benchmarks/training_cost.py` (each model's command below). "
+             "Median seconds per step on one fixed random "
              "batch, every variant timed interleaved in one process; data loading timed separately from an ImageFolder "
              "of PNGs (light augmentation). P3B runs with structure `heads`; `p3b@f`: the indicators see a share f of "
              "each batch.", "",
@@ -150,6 +154,8 @@ def render(report: dict, fractions: list[float]) -> str:
         lines.append(f"| {name} | {s['batch']} | {s['plain']:.3f} | " + " | ".join(f"{t:.3f}" for t in p3b) + " | "
                      + " | ".join(f"{t / s['plain']:.2f}×" for t in p3b) + f" | {s['batch'] / s['plain']:.1f} | "
                      f"{s['batch'] / p3b[-1]:.1f} | " + " / ".join(f"{v:.3f}" for v in load.values()) + " |")
+    lines += ["", "Commands: " + "; ".join(f"{name}: `{r.get('command', report['command'])}`"
+                                        for name, r in report["models"].items())]
     return "\n".join(lines) + "\n"
 
 
