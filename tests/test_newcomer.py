@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import digit_image_folder
 
@@ -274,3 +275,15 @@ def test_int8_gate_record_and_eval_give_one_number(tmp_path):
     assert gate["val_images"] == ev["images"] == 360
     assert gate["int8_top1"] == pytest.approx(rec["accuracy"]["top1"]) == pytest.approx(ev["top1"])
     assert f"INT8 gate: top-1 {gate['int8_top1']:.2f}%" in res.output
+
+
+def test_loader_processes_give_the_same_training(folders, tmp_path):
+    """--workers moves loading off the training process; without random augmentation the run is the same."""
+    from safetensors.torch import load_file
+
+    for workers in (0, 1):
+        res = _cli(["train", "--model", "digits-vit", "--data", folders["gray"], "--epochs", 1, "--batch-size", 16,
+                    "--augment", "none", "--workers", workers, "--no-progress", "-o", tmp_path / f"w{workers}"])
+        assert res.exit_code == 0, res.output
+    a, b = (load_file(tmp_path / f"w{w}" / "model.safetensors") for w in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -47,6 +47,13 @@ def train_recipe_options(fn):
                              "auto picks by whether weights were loaded. The settings are printed at start.")(fn)
 
 
+workers_option = click.option(
+    "--workers", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Data-loading processes beside training. 0 loads in the training process: on 2 cores a loader process "
+         "competes with the model for them (benchmarks/training_cost.py measures both); with cores to spare and "
+         "large images (ImageFolder decoding, augmentation) 2-8 hide the loading time.")
+
+
 augment_option = click.option(
     "--augment", type=click.Choice(list(AUGMENTS)), default="auto", show_default=True,
     help="Training augmentation for ImageFolder/CIFAR data. deit: RandAugment, random erasing, Mixup/CutMix; light: "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from p3bkit.cli.options import data_option, DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs
+from p3bkit.cli.options import data_option, DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs, workers_option
 from p3bkit.prune.recipes import RECIPES
 from p3bkit.prune.config import P3BConfig
 
@@ -71,6 +71,7 @@ IO_MODES = click.Choice(["auto", "index", "dense"])
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--bf16/--no-bf16", default=False, show_default=True, help="bf16 autocast.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@workers_option
 @click.option("--resume/--no-resume", default=False, show_default=True,
               help="Continue from OUT/checkpoint.pt (the settings must match the interrupted run's).")
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT (replaces an earlier run's files, keeps others).")
@@ -108,7 +109,7 @@ def prune(**kw) -> None:
                    device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
                    teacher_weights=kw["teacher_weights"], keep_checkpoint=kw["keep_checkpoint"],
                    progress=kw["progress"], latency_table=kw["latency_table"], target_speedup=kw["target_speedup"],
-                   accept_table_error=kw["accept_table_error"],
+                   accept_table_error=kw["accept_table_error"], workers=kw["workers"],
                    p3b=cfg)
     from_scratch = " (no weights loaded: from scratch)" if scratch and kw["lr"] is None and kw["recipe"] == "quick" else ""
     plan = (f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "

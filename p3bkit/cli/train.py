@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from p3bkit.cli.options import (DEVICE, POSITIVE, augment_option, boundary, data_option, model_options,
-                                parse_model_kwargs, train_recipe_options)
+                                parse_model_kwargs, train_recipe_options, workers_option)
 
 
 @click.command()
@@ -17,6 +17,7 @@ from p3bkit.cli.options import (DEVICE, POSITIVE, augment_option, boundary, data
 @train_recipe_options
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@workers_option
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT (keeps files it did not write).")
 @click.option("--resume/--no-resume", default=False, show_default=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep OUT/checkpoint.pt after a successful run.")
@@ -32,7 +33,8 @@ def train(**kw) -> None:
                   lr=kw["lr"], model_kwargs=parse_model_kwargs(kw), pretrained=kw["pretrained"],
                   pretrained_file=kw["pretrained_file"], weights=kw["weights"], device=kw["device"],
                   seed=kw["seed"], progress=kw["progress"], force=kw["force"], resume=kw["resume"],
-                  keep_checkpoint=kw["keep_checkpoint"], augment=kw["augment"], recipe=kw["recipe"])
+                  keep_checkpoint=kw["keep_checkpoint"], augment=kw["augment"], recipe=kw["recipe"],
+                  workers=kw["workers"])
     click.echo(f"trained model: {kw['out']} (val top-1 {s['val_acc']:.2f}%); prune it with --model {kw['out']}")
 
 
@@ -46,6 +48,7 @@ def train(**kw) -> None:
 @click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@workers_option
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT (keeps files it did not write).")
 @click.option("--resume/--no-resume", default=False, show_default=True,
               help="Continue from OUT/checkpoint.pt (same settings as the interrupted run).")
@@ -54,7 +57,7 @@ def train(**kw) -> None:
               help="Progress bars (the per-epoch lines are printed either way).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty).")
 @boundary
-def finetune(pruned, data, augment, epochs, batch_size, recipe, lr, drop_path, device, seed, force, resume,
+def finetune(pruned, data, augment, epochs, batch_size, recipe, lr, drop_path, device, seed, workers, force, resume,
              keep_checkpoint, progress, out) -> None:
     """Fine-tune a pruned model: AdamW, warm-up + cosine, label smoothing (Mixup/CutMix with --augment deit),
     stochastic depth; the settings and the augmentation chosen are printed at start."""
@@ -62,5 +65,5 @@ def finetune(pruned, data, augment, epochs, batch_size, recipe, lr, drop_path, d
 
     s = run_finetune(pruned, out, data=data, epochs=epochs, batch_size=batch_size, lr=lr, drop_path=drop_path,
                      device=device, seed=seed, force=force, resume=resume, keep_checkpoint=keep_checkpoint,
-                     progress=progress, augment=augment, recipe=recipe)
+                     progress=progress, augment=augment, recipe=recipe, workers=workers)
     click.echo(f"fine-tuned model: {out} (val top-1 {s['val_acc']:.2f}%)")

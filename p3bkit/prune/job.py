@@ -22,7 +22,7 @@ from p3bkit.train.dist import DistContext, all_reduce_sum_, check_identical, ini
 from p3bkit.train.run import CHECKPOINT, LOG, Checkpoints, EpochLoop, RunFolder, RunLog, run_epochs
 
 SUMMARY = "summary.json"
-RESUME_FREE = ("out", "progress", "stop_after_epoch", "device", "keep_checkpoint")  # may change on --resume
+RESUME_FREE = ("out", "progress", "stop_after_epoch", "device", "keep_checkpoint", "workers")  # may change on --resume
 
 
 @dataclass
@@ -51,6 +51,7 @@ class PruneJob:
     progress: bool = True
     keep_checkpoint: bool = False  # a finished run removes checkpoint.pt unless asked to keep it
     latency_table: str | None = None  # latency budget: the table (p3bkit latency-table) and p3b.target_ms …
+    workers: int = 0  # data-loading processes
     accept_table_error: bool = False  # use a table whose checked median error is above MAX_CHECK_ERROR
     target_speedup: float | None = None  # … or a speedup over the table's measured dense model
     stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
@@ -204,7 +205,7 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ct
     def loader(epoch: int, first: int):
         pruner.gated.train()
         return make_loader(data.train, job.batch_size // ctx.world, True, seed=job.seed + epoch, rank=ctx.rank,
-                           world=ctx.world, start_batch=first)
+                           world=ctx.world, start_batch=first, workers=job.workers)
 
     def step(epoch: int, batch) -> dict:
         x, y = (t.to(ctx.device) for t in batch)

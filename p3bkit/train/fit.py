@@ -56,6 +56,7 @@ class FitConfig:
     device: str = "cpu"
     progress: bool = True
     watch_loss: bool = True  # warn when the loss did not fall in epoch 1 (not for an already trained model)
+    workers: int = 0  # data-loading processes
 
 
 def _optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
@@ -127,7 +128,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
 
     def loader(epoch: int, first: int):
         return make_loader(data.train, local, True, seed=cfg.seed + epoch, rank=ctx.rank, world=ctx.world,
-                           start_batch=first)
+                           start_batch=first, workers=cfg.workers)
 
     start = checkpoints.restore(load) if checkpoints and resume and checkpoints.path.is_file() else (0, 0)
     loop = EpochLoop(cfg.epochs, loader, step, end_epoch, state, desc, cfg.progress,

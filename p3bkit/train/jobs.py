@@ -30,7 +30,7 @@ def _say_all(say, notes: list[str]) -> None:
 def run_finetune(pruned: str, out: str, data: str | None = None, epochs: int = 10, batch_size: int = 64,
                  lr: float | None = None, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
                  progress: bool = True, force: bool = False, resume: bool = False,
-                 keep_checkpoint: bool = False, augment: str = "auto", recipe: str = "auto") -> dict:
+                 keep_checkpoint: bool = False, augment: str = "auto", recipe: str = "auto", workers: int = 0) -> dict:
     """Fine-tune a pruned folder (AdamW, warm-up + cosine, label smoothing or Mixup/CutMix with
     `--augment deit`, stochastic depth) and save it to `out`. `lr` is a base lr at batch 512
     (scaled by batch/512); None takes the recipe's (`train.recipes`: `auto` is `finetune` here)."""
@@ -63,7 +63,7 @@ def run_finetune(pruned: str, out: str, data: str | None = None, epochs: int = 1
     _say_all(say, notes)
     rate = learning_rate(choose_recipe(recipe, weights_loaded=True), batch_size, lr)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=rate.value, seed=seed, device=device,
-                    progress=progress, warmup_epochs=warmup_epochs(epochs), watch_loss=False)
+                    progress=progress, warmup_epochs=warmup_epochs(epochs), watch_loss=False, workers=workers)
     if say:
         say(_plan("finetune", rate, cfg, bundle))
     settings = {"source": str(Path(pruned).resolve()), "data": data, "epochs": epochs, "batch_size": batch_size,
@@ -82,7 +82,7 @@ def run_train(model: str, out: str, data: str | None = None, epochs: int = 10, b
               lr: float | None = None, model_kwargs: dict | None = None, pretrained: bool = False,
               pretrained_file: str | None = None, weights: str | None = None, device: str = "cpu", seed: int = 0,
               progress: bool = True, force: bool = False, resume: bool = False, keep_checkpoint: bool = False,
-              augment: str = "auto", recipe: str = "auto") -> dict:
+              augment: str = "auto", recipe: str = "auto", workers: int = 0) -> dict:
     """Train or fine-tune a dense model (e.g. an ImageNet DeiT on your classes) into a model folder
     (a dense `arch.json` + `model.safetensors` that `p3bkit prune --model` takes). `lr` is a base
     lr at batch 512 (scaled by batch/512); None takes the recipe's (`train.recipes`: `auto` trains
@@ -107,7 +107,7 @@ def run_train(model: str, out: str, data: str | None = None, epochs: int = 10, b
     _say_all(say, notes)
     rate = learning_rate(choose_recipe(recipe, loaded), batch_size, lr)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=rate.value, seed=seed, device=device,
-                    progress=progress, warmup_epochs=warmup_epochs(epochs))
+                    progress=progress, warmup_epochs=warmup_epochs(epochs), workers=workers)
     if say:
         say(_plan("train", rate, cfg, bundle))
     settings = {"model": model, "kwargs": model_kwargs or {}, "pretrained": pretrained,
