@@ -88,7 +88,7 @@ def main() -> None:
         def step(name: str, *cmd) -> str:
             out, seconds = p3bkit(*cmd, env=env)
             times[name] = seconds
-            command = "p3bkit " + " ".join(map(str, cmd)).replace(f"{work}/", "")  # paths inside the work folder
+            command = "p3bkit " + " ".join(map(str, cmd)).replace(f"{work}/", "./")  # paths in the work folder
             steps.append({"step": name, "command": command, "seconds": round(seconds, 1)})
             return out
 
@@ -116,7 +116,7 @@ def main() -> None:
                   "model": {"timm": "vit_tiny_patch16_224", "img_size": 32, "num_classes": 10, **MODEL},
                   "steps": steps, "top1": acc,
                   "params": {"dense": prune["params_dense"], "pruned": prune["params_stored"]},
-                  "bench": [{"name": r["name"].replace(f"{work}/", ""), "backend": r["backend"], "precision": r["precision"],
+                  "bench": [{"name": r["name"].replace(f"{work}/", "./"), "backend": r["backend"], "precision": r["precision"],
                              "median_ms": r["stats"]["median_ms"], "baseline": r["baseline"]}
                             for r in bench["results"]]}
         write(report)

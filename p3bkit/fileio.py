@@ -77,6 +77,11 @@ def _holder(path: Path) -> int | None:
     return pid
 
 
+def check_not_in_use(folder: str | os.PathLike) -> None:
+    """Refuse a folder whose lock a live process other than this one holds."""
+    _in_use(Path(folder))
+
+
 def _in_use(folder: Path) -> None:
     pid = _holder(folder / LOCK)
     if pid is not None and pid != os.getpid():

@@ -158,6 +158,7 @@ def test_finetune_says_its_recipe_and_augmentation(folders, tmp_path, pruned_fol
                 "--no-progress", "-o", tmp_path / "ft"])
     assert res.exit_code == 0, res.output
     assert "augmentation: light" in res.stderr and "(recipe finetune: 0.004 × 8/512)" in res.stderr
+    assert "label smoothing 0.1" in res.stderr and "Mixup" not in res.stderr  # what light augmentation trains with
     assert "finetune epoch 1/1:" in res.stderr
 
 
@@ -200,6 +201,13 @@ def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
             _refused(_cli([*args, *extra]), 1, f"is in use by another p3bkit run (pid {holder.pid})")
             assert _tree(out) == before
         _refused(_cli(["export", "digits-vit", "--format", "onnx", "--force", "-o", out]), 1, "is in use")
+        import p3bkit
+        from p3bkit.errors import P3BError
+        from p3bkit.models.factory import create_model
+
+        with pytest.raises(P3BError, match="is in use"):
+            p3bkit.save(create_model("digits-vit"), out, overwrite=True)
+        assert _tree(out) == before
     finally:
         holder.kill()
         holder.wait()
@@ -287,3 +295,42 @@ def test_loader_processes_give_the_same_training(folders, tmp_path):
         assert res.exit_code == 0, res.output
     a, b = (load_file(tmp_path / f"w{w}" / "model.safetensors") for w in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unreadable_weights_files_are_refused_in_one_line(tmp_path):
+    (tmp_path / "notweights.txt").write_text("hello")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    base = ["train", "--model", "digits-vit", "--data", "digits", "--epochs", 1, "-o", tmp_path / "out"]
+    res = _cli([*base, "--pretrained-file", tmp_path / "notweights.txt"])
+    _refused(res, 1, "is unreadable")
+    assert "weights_only=False" not in res.output  # never the suggestion to load unsafely
+    _refused(_cli([*base, "--weights", tmp_path / "corrupt.safetensors"]), 1, "is unreadable as safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_error_in_a_loader_process_stays_one_line():
+    from torch.utils.data import DataLoader, Dataset
+
+    from p3bkit.cli.options import one_line
+    from p3bkit.errors import DataError
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise DataError("bad.png: unreadable image")
+
+    with pytest.raises(DataError) as info:
+        next(iter(DataLoader(Broken(), batch_size=2, num_workers=1)))
+    assert "Original Traceback" in str(info.value)  # what torch re-raises
+    assert one_line(info.value) == "bad.png: unreadable image"
+
+
+def test_prune_from_scratch_caps_its_rate_like_train():
+    from p3bkit.prune.recipes import SCRATCH_LR, resolve_recipe
+
+    assert resolve_recipe("quick", scratch=True)["lr"] == pytest.approx(SCRATCH_LR)  # batch 64: 2e-3
+    big = resolve_recipe("quick", scratch=True, batch_size=512)
+    assert big["lr"] * 512 / 512 == pytest.approx(2e-3)  # not 1.6e-2
+    assert resolve_recipe("quick", scratch=True, batch_size=512, lr=0.05)["lr"] == 0.05  # the user's, uncapped

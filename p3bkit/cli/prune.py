@@ -76,7 +76,7 @@ IO_MODES = click.Choice(["auto", "index", "dense"])
               help="Continue from OUT/checkpoint.pt (the settings must match the interrupted run's).")
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT (replaces an earlier run's files, keeps others).")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep OUT/checkpoint.pt after a successful run.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars and per-epoch lines.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars (the per-epoch lines are printed either way).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder (new or empty).")
 @boundary
 def prune(**kw) -> None:

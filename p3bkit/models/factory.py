@@ -53,7 +53,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise ArchError(f"weights file {path} is unreadable as safetensors ({type(exc).__name__}: "
+                            f"{first_line(exc)})") from exc
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -35,6 +35,7 @@ RECIPES: dict[str, Recipe] = {
 
 
 SCRATCH_LR = 1.6e-2  # quick's base model lr without loaded weights: the `scratch` training recipe's
+SCRATCH_MAX_LR = 2e-3  # ... and its cap once scaled by batch/512, as for `train`
 
 
 def resolve_recipe(name: str, scratch: bool = False, **overrides) -> dict:
@@ -42,9 +43,9 @@ def resolve_recipe(name: str, scratch: bool = False, **overrides) -> dict:
     if name not in RECIPES:
         raise P3BError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
     values = asdict(RECIPES[name])
-    if scratch and name == "quick":
-        values["lr"] = SCRATCH_LR
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if scratch and name == "quick" and overrides.get("lr") is None:  # a base lr, scaled by batch/512 later
+        values["lr"] = min(SCRATCH_LR, SCRATCH_MAX_LR * 512 / values["batch_size"])
     values["epochs"] = tuple(values["epochs"])
     return values
 

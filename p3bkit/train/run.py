@@ -45,6 +45,7 @@ class RunFolder:
     command: str
     done: str | None = None  # the record a finished run leaves behind (its summary)
     outputs: tuple[str, ...] = ()  # what else a fresh run replaces (a prune run's pruned model)
+    force: bool = False  # set by open(): a fresh run may replace an earlier run's files
 
     def open(self, inputs: tuple = (), resume: bool = False, force: bool = False) -> bool:
         """Check the folder before any work; True when a checkpoint will be resumed."""
@@ -57,6 +58,7 @@ class RunFolder:
         if resume:
             notify(f"note: no {CHECKPOINT} in {self.path}: starting from scratch")
         check_output_folder(self.path, self.command, inputs, force=force)
+        self.force = force
         return False
 
     @contextlib.contextmanager
@@ -67,6 +69,8 @@ class RunFolder:
         when the new one is written, so a failed run keeps the previous model."""
         with folder_lock(self.path) if ctx.main else contextlib.nullcontext():
             if ctx.main and not resuming:
+                # checked again under the lock: a run that wrote here since open() is not replaced without --force
+                check_output_folder(self.path, self.command, force=self.force)
                 for f in (CHECKPOINT, LOG, self.done, *self.outputs):
                     if f:
                         (self.path / f).unlink(missing_ok=True)
