@@ -56,6 +56,10 @@ def main() -> None:
     ap.add_argument("--remove-below", type=float, default=0.05)
     ap.add_argument("--head-dim-step", type=int, default=4)
     ap.add_argument("--hidden-step", type=int, default=32)
+    ap.add_argument("--recheck", action="store_true",
+                    help="re-run the prediction-error check and the --target-speedup check with the stored tables "
+                         "(no new table: e.g. after the random check architectures gained fewer heads and removed "
+                         "branches)")
     ap.add_argument("--recheck-speedups", action="store_true",
                     help="only re-run the --target-speedup check with the stored tables (the earlier run is kept "
                          "in the JSON as speedups_earlier)")
@@ -81,9 +85,11 @@ def main() -> None:
                 print(f"  {backend} asked {c['asked']:.1f}×: measured {c['measured_speedup']:.2f}× "
                       f"(miss {100 * c['miss']:+.1f}%)", flush=True)
             continue
-        # each timing phase in a process of its own (in_fresh_process says why)
-        table = measure_latency_table(model, args.model, cfg)  # each timing phase in a fresh process
-        table.save(RESULTS / "latency" / f"{args.tag}_{backend}.json")
+        if args.recheck:
+            table = LatencyTable.load(RESULTS / report["backends"][backend]["table"])
+        else:  # each timing phase in a process of its own (in_fresh_process says why)
+            table = measure_latency_table(model, args.model, cfg)
+            table.save(RESULTS / "latency" / f"{args.tag}_{backend}.json")
         rows = in_fresh_process(validate_table, model, table, cfg, args.archs)
         err = np.abs([r["error"] for r in rows])
         print(f"{backend}: dense {table.dense_ms:.2f} ms (predicted {table.predict():.2f}); prediction error on "

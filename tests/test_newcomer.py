@@ -334,3 +334,23 @@ def test_prune_from_scratch_caps_its_rate_like_train():
     big = resolve_recipe("quick", scratch=True, batch_size=512)
     assert big["lr"] * 512 / 512 == pytest.approx(2e-3)  # not 1.6e-2
     assert resolve_recipe("quick", scratch=True, batch_size=512, lr=0.05)["lr"] == 0.05  # the user's, uncapped
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["train", "--model", "digits-vit", "--workers", "-1"], "'--workers'"),
+    (["prune", "--workers", "-2"], "'--workers'"),
+    (["finetune", ".", "--workers", "x"], "'--workers'"),
+    (["train", "--model", "digits-vit", "--recipe", "paper"], "'--recipe'"),
+    (["train", "--model", "digits-vit", "--lr", "0"], "'--lr'"),
+])
+def test_new_options_refuse_bad_values(tmp_path, args, msg):
+    res = _cli([*args, "-o", tmp_path / "out"])
+    assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_gate_data_that_does_not_exist_is_refused(tmp_path):
+    res = _cli(["export", "digits-vit", "--format", "onnx", "--precision", "int8", "--calib-data", "digits",
+                "--gate-data", tmp_path / "nowhere", "-o", tmp_path / "q"])
+    _refused(res, 1, "nowhere")
+    assert not (tmp_path / "q").exists()
