@@ -34,6 +34,18 @@ class Interrupted(P3BError):
     """SIGTERM/SIGINT during a run: a checkpoint was written, `--resume` continues."""
 
 
+def message_of(exc: BaseException) -> str:
+    """The message of `exc`; an error re-raised from a data-loading process carries the worker's
+    traceback in its message, whose last line ("module.Type: message") holds the message."""
+    import re
+
+    msg = str(exc)
+    if "Original Traceback" in msg:
+        last = [line for line in msg.splitlines() if line.strip()][-1]
+        return re.sub(r"^[\w.]+: ", "", last)
+    return msg
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for a one-line error (`--debug` shows the rest)."""
     text = str(exc).strip()

@@ -94,22 +94,26 @@ def folder_lock(folder: str | os.PathLike):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    mine = folder / f"{LOCK}.{os.getpid()}"
+    mine.write_text(f"{os.getpid()}\n")  # the lock appears with its pid in it (a link is atomic): never empty
+    try:
+        for _ in range(2):
+            try:
+                os.link(mine, path)
+            except FileExistsError:
+                _in_use(folder)
+                path.unlink(missing_ok=True)  # its run was killed: take the lock over
+                continue
+            break
+        else:
             _in_use(folder)
-            path.unlink(missing_ok=True)  # its run was killed: take the lock over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        break
-    else:
-        _in_use(folder)
+    finally:
+        mine.unlink(missing_ok=True)
     try:
         yield folder
     finally:
-        path.unlink(missing_ok=True)
+        if _holder(path) == os.getpid():  # only our own lock
+            path.unlink(missing_ok=True)
 
 
 def _inside(a: Path, b: Path) -> bool:

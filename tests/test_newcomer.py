@@ -285,14 +285,25 @@ def test_int8_gate_record_and_eval_give_one_number(tmp_path):
     assert f"INT8 gate: top-1 {gate['int8_top1']:.2f}%" in res.output
 
 
-def test_loader_processes_give_the_same_training(folders, tmp_path):
+def test_loader_processes_give_the_same_training(folders, tmp_path, monkeypatch):
     """--workers moves loading off the training process; without random augmentation the run is the same."""
     from safetensors.torch import load_file
+
+    import p3bkit.data.loaders as loaders
+
+    seen, make = [], loaders.DataLoader
+
+    def recording(*args, **kw):
+        seen.append(kw.get("num_workers"))
+        return make(*args, **kw)
+
+    monkeypatch.setattr(loaders, "DataLoader", recording)
 
     for workers in (0, 1):
         res = _cli(["train", "--model", "digits-vit", "--data", folders["gray"], "--epochs", 1, "--batch-size", 16,
                     "--augment", "none", "--workers", workers, "--no-progress", "-o", tmp_path / f"w{workers}"])
         assert res.exit_code == 0, res.output
+    assert 1 in seen and 0 in seen  # the training loader of the second run had a loader process
     a, b = (load_file(tmp_path / f"w{w}" / "model.safetensors") for w in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -311,8 +322,7 @@ def test_unreadable_weights_files_are_refused_in_one_line(tmp_path):
 def test_an_error_in_a_loader_process_stays_one_line():
     from torch.utils.data import DataLoader, Dataset
 
-    from p3bkit.cli.options import one_line
-    from p3bkit.errors import DataError
+    from p3bkit.errors import DataError, message_of
 
     class Broken(Dataset):
         def __len__(self):
@@ -324,15 +334,17 @@ def test_an_error_in_a_loader_process_stays_one_line():
     with pytest.raises(DataError) as info:
         next(iter(DataLoader(Broken(), batch_size=2, num_workers=1)))
     assert "Original Traceback" in str(info.value)  # what torch re-raises
-    assert one_line(info.value) == "bad.png: unreadable image"
+    assert message_of(info.value) == "bad.png: unreadable image"
 
 
 def test_prune_from_scratch_caps_its_rate_like_train():
-    from p3bkit.prune.recipes import SCRATCH_LR, resolve_recipe
+    from p3bkit.prune.recipes import resolve_recipe
+    from p3bkit.train.recipes import TRAIN_RECIPES, learning_rate
 
-    assert resolve_recipe("quick", scratch=True)["lr"] == pytest.approx(SCRATCH_LR)  # batch 64: 2e-3
-    big = resolve_recipe("quick", scratch=True, batch_size=512)
-    assert big["lr"] * 512 / 512 == pytest.approx(2e-3)  # not 1.6e-2
+    for batch in (16, 64, 128, 512):  # the model lr prune trains with (base × batch/512) is train's scratch rate
+        lr = resolve_recipe("quick", scratch=True, batch_size=batch)["lr"] * batch / 512
+        assert lr == pytest.approx(learning_rate(TRAIN_RECIPES["scratch"], batch).value)
+    assert resolve_recipe("quick", scratch=True, batch_size=512)["lr"] == pytest.approx(2e-3)  # capped, not 1.6e-2
     assert resolve_recipe("quick", scratch=True, batch_size=512, lr=0.05)["lr"] == 0.05  # the user's, uncapped
 
 

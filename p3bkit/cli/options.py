@@ -8,7 +8,7 @@ from functools import wraps
 
 import click
 
-from p3bkit.errors import P3BError
+from p3bkit.errors import P3BError, message_of
 from p3bkit.data.transforms import AUGMENTS
 
 
@@ -115,16 +115,7 @@ def boundary(fn):
             root = click.get_current_context().find_root()
             if (root.obj or {}).get("debug"):
                 raise
-            click.echo(f"error: {one_line(exc)}", err=True)
+            click.echo(f"error: {message_of(exc)}", err=True)
             sys.exit(1)
     return wrapper
 
-
-def one_line(exc: Exception) -> str:
-    """The message of `exc`; an error re-raised from a data-loading process carries the worker's
-    traceback in its message: its last line is the message."""
-    msg = str(exc)
-    if "Original Traceback" in msg:
-        last = [line for line in msg.splitlines() if line.strip()][-1]
-        return last.split(": ", 1)[1] if last.startswith(type(exc).__module__) and ": " in last else last
-    return msg

@@ -136,7 +136,7 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     from p3bkit.data import load_data_for, make_loader
     from p3bkit.data.datasets import check_batch
     from p3bkit.models import add_gates
-    from p3bkit.models.factory import build_user_model
+    from p3bkit.models.factory import build_user_model, loads_weights
     from p3bkit.prune.bpi import ce_loss, hard_distillation_loss
     from p3bkit.train.fit import seed_everything
 
@@ -154,7 +154,8 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     from p3bkit.models.presets import default_data, model_source
 
     data_name = job.data or default_data(model_source(model), say)
-    data = load_data_for(model, data_name, job.augment, job.pretrained or job.pretrained_file is not None, say)
+    loaded = loads_weights(job.model, job.pretrained, job.pretrained_file, job.weights)
+    data = load_data_for(model, data_name, job.augment, loaded, say)  # augmentation as `train` picks it
     if getattr(model, "dist_token", None) is not None:
         model.set_distilled_training(True)
     teacher = _teacher(job, ctx.device)

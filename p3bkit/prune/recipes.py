@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from p3bkit.errors import P3BError
+from p3bkit.train.recipes import TRAIN_RECIPES
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-SCRATCH_LR = 1.6e-2  # quick's base model lr without loaded weights: the `scratch` training recipe's
-SCRATCH_MAX_LR = 2e-3  # ... and its cap once scaled by batch/512, as for `train`
+SCRATCH_LR = TRAIN_RECIPES["scratch"].lr  # quick's base model lr without loaded weights: `train`'s scratch recipe
+SCRATCH_MAX_LR = TRAIN_RECIPES["scratch"].max_lr  # ... and its cap once scaled by batch/512
 
 
 def resolve_recipe(name: str, scratch: bool = False, **overrides) -> dict:
