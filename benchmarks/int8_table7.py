@@ -1,4 +1,4 @@
-"""INT8 and bf16 columns for Table 7: DeiT-S/B dense and P3B-inner 90% on the CPU runtimes, batch 1.
+"""INT8 and bf16 columns for Table 7: DeiT-S/B dense, P3B-inner 90% and P3B-heads 90% on the CPU runtimes, batch 1.
 
 Per DeiT, every artefact is timed interleaved in ONE process (`run_bench`), so the ratios come
 from one run: OpenVINO fp32, bf16 (inference hint, on CPUs with bf16 units) and INT8 (NNCF,
@@ -57,7 +57,7 @@ def export_all(refs: dict[str, str], work: Path, calib_size: int) -> list[dict]:
 
 def run(args) -> None:
     report = {"protocol": "", "runs": args.runs, "threads": args.threads, "models": {},
-              "budget": "P3B-inner 90% of all parameters (the paper's budget)", "batch": 1}
+              "budget": "P3B-inner and P3B-heads 90% of all parameters (the paper's budget)", "batch": 1}
     for key in args.models:
         work = Path(tempfile.mkdtemp(prefix=f"int8-{key}-"))
         try:

@@ -119,9 +119,9 @@ def run_one(args) -> None:
             labels.append(label)
             bench_refs.append(ref)
             for fmt in ("onnx", "openvino"):
-                export_model(ref, fmt, work / f"{label}_{fmt}")
+                export_model(ref, fmt, work / f"{key}_{label}_{fmt}")
                 labels.append(label)
-                bench_refs.append(str(work / f"{label}_{fmt}" / artefact_name(fmt)))
+                bench_refs.append(str(work / f"{key}_{label}_{fmt}" / artefact_name(fmt)))
         tables = [str(t) for t in sorted((HERE / "results" / "latency").glob(f"{key}_*.json"))]
         rep = run_bench(bench_refs, None, "cpu", cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads),
                         dense_baselines=True, latency_table=tables or None)
