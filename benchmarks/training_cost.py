@@ -124,7 +124,8 @@ def main() -> None:
               "models": {}}
     earlier = RESULTS / "training_cost.json"
     if earlier.is_file():  # keep the other models of an earlier run (each row names its command)
-        report["models"] = json.loads(earlier.read_text())["models"]
+        old = json.loads(earlier.read_text())
+        report["models"] = {name: {"command": old.get("command"), **r} for name, r in old["models"].items()}
     for name in args.models:
         steps = step_times(name, args.rounds, fractions)
         folder = _image_folder(work / name, MODELS[name][2])
