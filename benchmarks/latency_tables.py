@@ -68,7 +68,10 @@ def main() -> None:
     model = create_model(args.model).eval()
     (RESULTS / "latency").mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"latency_tables_{args.tag}"
+    import sys
+
     report = {"machine": machine_info(args.threads), "model": args.model, "backends": {},
+              "command": "python benchmarks/latency_tables.py " + " ".join(sys.argv[1:]),
               "num_heads": model.blocks[0].attn.num_heads}
     if stem.with_suffix(".json").is_file():  # keep the other backends' results of an earlier run
         report["backends"] = json.loads(stem.with_suffix(".json").read_text())["backends"]
@@ -112,7 +115,8 @@ def render(report: dict) -> str:
     m = report["machine"]
     lines = [f"# Latency tables: {report['model']}", "",
              f"Machine: {m['cpu']}, {m['threads']} threads; fp32, batch 1; versions {m['versions']}.",
-             "Command: `python benchmarks/latency_tables.py` (see its docstring). Protocol: one graph at a time, "
+             f"Command: `{report.get('command', 'python benchmarks/latency_tables.py')}` (see its docstring; "
+             "`--recheck`: the stored tables, checked again). Protocol: one graph at a time, "
              "untimed warm-up, lowest median of 3 passes; onnxruntime threads do not spin.", "",
              "## Prediction error on unseen random pruned architectures (whole models, exported like p3bkit export)", "",
              "| backend | archs | with fewer heads | with removed branches | median abs error | max abs error | "
