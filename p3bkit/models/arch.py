@@ -146,11 +146,11 @@ def save(model: nn.Module, folder: str | os.PathLike, overwrite: bool = False) -
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ArchError(f"cannot save a model to {folder}: it exists and is not a folder")
-    if folder.is_dir():
-        from p3bkit.fileio import check_not_in_use
+    from p3bkit.fileio import LOCK, check_not_in_use
 
+    if folder.is_dir():
         check_not_in_use(folder)  # a folder another run is writing: refused, overwrite or not
-    if not overwrite and folder.is_dir() and any(p.name != ".p3bkit.lock" for p in folder.iterdir()):
+    if not overwrite and folder.is_dir() and any(p.name != LOCK for p in folder.iterdir()):
         raise ArchError(f"cannot save a model to {folder}: it is not empty (save(..., overwrite=True) replaces "
                         "its arch.json and model.safetensors)")
     folder.parent.mkdir(parents=True, exist_ok=True)

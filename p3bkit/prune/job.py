@@ -76,7 +76,7 @@ def _validate(job: PruneJob) -> None:
     require_device(job.device)
 
 
-def _latency_table(job: PruneJob, gated, ctx: DistContext):
+def _latency_table(job: PruneJob, gated, say):
     """The job's latency table, checked against this machine and model; sets p3b.target_ms from a speedup."""
     if job.latency_table is None:
         return None
@@ -91,8 +91,8 @@ def _latency_table(job: PruneJob, gated, ctx: DistContext):
         raise P3BError(f"{job.latency_table} predicted its check models with a median error of {100 * error:.1f}% "
                        f"(> {100 * MAX_CHECK_ERROR:.0f}%): measure it again on an idle machine, or pass "
                        "--accept-table-error to prune to it anyway")
-    if error is None and ctx.main:
-        notify(f"note: {job.latency_table} was made without --check: its prediction error is unknown")
+    if error is None:
+        say(f"note: {job.latency_table} was made without --check: its prediction error is unknown")
     if job.target_speedup is not None:
         job.p3b.target_ms = table.dense_ms / job.target_speedup
     if job.p3b.target_ms is None:
@@ -108,11 +108,11 @@ def _teacher(job: PruneJob, device: str):
     return create_model(job.distill_teacher, weights=job.teacher_weights).to(device).eval()
 
 
-def _warn_sparse_updates(sched: Schedule, every: int, ctx: DistContext) -> None:
+def _warn_sparse_updates(sched: Schedule, every: int, say) -> None:
     """A schedule with a handful of mask updates per phase jumps straight to its targets."""
     for phase, steps in (("sparsify", sched.sparsify_steps), ("sharpen", sched.sharpen_steps)):
-        if steps and steps // every < 3 and ctx.main:
-            notify(f"warning: only {steps // every} mask update(s) during {phase} ({steps} iterations, one update "
+        if steps and steps // every < 3:
+            say(f"warning: only {steps // every} mask update(s) during {phase} ({steps} iterations, one update "
                    f"every {every}); lower --update-every (the paper scales it with the data size)")
 
 
@@ -162,8 +162,8 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     check_batch(data, job.batch_size, ctx.world, data.mixup is not None)
     spe = len(make_loader(data.train, job.batch_size // ctx.world, True, rank=ctx.rank, world=ctx.world))
     sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
-    _warn_sparse_updates(sched, job.p3b.update_every, ctx)
-    table = _latency_table(job, gated, ctx)
+    _warn_sparse_updates(sched, job.p3b.update_every, say)
+    table = _latency_table(job, gated, say)
     pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
                        lr_scale=job.batch_size / 512, latency_table=table).to(ctx.device)
     if ctx.active:
