@@ -1,5 +1,8 @@
 # `make demo`: set up and run the main job on the embedded digits data set.
-# `make test`: set up, check the import layering (import-linter contracts in pyproject.toml), run the tests (what CI runs).
+# `make test`: set up, check the import layering (import-linter contracts in pyproject.toml), run the fast suite
+#              (unit and CLI tests on tiny models, about a minute on 2 cores: the loop while changing code).
+# `make test-all`: the same checks and every test, the slow ones too (demo, torchrun, signals, exports to every
+#              runtime, DeiT-S sized runs; about 10 minutes on 2 cores): what CI runs (bash .ci/run).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,4 +22,8 @@ test: setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
-.PHONY: setup demo test
+test-all: setup
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -m 'slow or not slow'
+
+.PHONY: setup demo test test-all

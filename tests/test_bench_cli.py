@@ -48,6 +48,7 @@ def test_models_are_interleaved_and_duration_stops():
     assert len(res[0]) < 10**6
 
 
+@pytest.mark.slow
 def test_bench_json_schema(tmp_path, pruned_folder):
     out = tmp_path / "b.json"
     res = CliRunner().invoke(main, ["bench", "digits-vit", str(pruned_folder), "--runs", "5", "--warmup", "1",

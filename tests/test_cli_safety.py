@@ -37,6 +37,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,msg", [
     (["finetune", "{run}/pruned", "--epochs", "1", "-o", "{run}"], "over its input"),
     (["finetune", "{run}/pruned", "--epochs", "1", "-o", "{run}/pruned"], "over its input"),
@@ -89,6 +90,7 @@ def test_unwritable_output_fails_before_any_work(run_dir, tmp_path, command):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.slow
 def test_rerun_needs_force_and_then_replaces_only_its_own_run(run_dir, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
@@ -100,6 +102,7 @@ def test_rerun_needs_force_and_then_replaces_only_its_own_run(run_dir, tmp_path)
     assert json.loads((out / "summary.json").read_text())["keep_target"] == 0.3
 
 
+@pytest.mark.slow
 def test_checkpoint_removed_on_success_unless_kept(run_dir, tmp_path):
     assert not (run_dir / "checkpoint.pt").exists()
     res = _invoke([*PRUNE, "--keep-checkpoint", "-o", tmp_path / "kept"])
@@ -107,6 +110,7 @@ def test_checkpoint_removed_on_success_unless_kept(run_dir, tmp_path):
     assert (tmp_path / "kept" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_says_when_it_starts_fresh(tmp_path):
     from p3bkit.prune.pruner import P3BConfig
     from p3bkit.prune.job import PruneJob, run_prune
@@ -129,6 +133,7 @@ def _weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_finetune_resumes_exactly_after_a_stop(run_dir, tmp_path, sig):
     import torch
@@ -215,6 +220,7 @@ def test_analyze_works_on_a_pruned_folder(run_dir, tmp_path):
     assert len(data[0]["delta_c"]) == 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_demo_resumes_after_a_stop(tmp_path, sig):
     from p3bkit.demo import run_demo
@@ -240,6 +246,7 @@ def test_demo_resumes_after_a_stop(tmp_path, sig):
     assert not list(out.glob("*checkpoint.pt"))
 
 
+@pytest.mark.slow
 def test_honest_prune_and_export_messages(tmp_path):
     res = _invoke(["prune", "--keep", "0.5", "--epochs", "0", "1", "1", "--update-every", "1000", "--round-to", "8",
                    "--no-progress", "-o", tmp_path / "p"])
@@ -251,6 +258,7 @@ def test_honest_prune_and_export_messages(tmp_path):
     assert "not verified against torch" in res.output and "nan" not in res.output
 
 
+@pytest.mark.slow
 def test_bench_takes_an_export_folder_and_warns_about_mixed_comparisons(tmp_path):
     res = _invoke(["export", "digits-vit", "--format", "onnx", "-o", tmp_path / "e"])
     assert res.exit_code == 0, res.output

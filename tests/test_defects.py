@@ -43,6 +43,7 @@ def test_every_command_runs_as_a_module():
     assert res.returncode == 0 and "Block Performance" in res.stdout
 
 
+@pytest.mark.slow
 def test_surgery_is_checked_with_rounded_widths(tmp_path):
     from p3bkit.prune.pruner import P3BConfig
     from p3bkit.prune.job import PruneJob, run_prune
@@ -63,6 +64,7 @@ def test_bench_refuses_a_precision_it_would_ignore(args, msg):
     assert res.exit_code == 1 and msg in res.output
 
 
+@pytest.mark.slow
 def test_bench_records_what_ran_and_leaves_no_temp_folders(tmp_path):
     before = set(Path(tempfile.gettempdir()).glob("p3bkit-bench-*"))
     res = CliRunner().invoke(main, ["bench", "digits-vit", "--backend", "onnxruntime", "--runs", "3", "--warmup", "1",

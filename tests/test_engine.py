@@ -104,6 +104,7 @@ def test_pruned_element_comes_back_when_kappa_rises():
     assert torch.all(gate.mask[off] >= 0.5)
 
 
+@pytest.mark.slow
 def test_prune_end_to_end_meets_keep_and_resumes(tmp_path):
     from p3bkit.prune.job import PruneJob, run_prune
 

@@ -23,12 +23,14 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_uniform_gives_equal_kappa(runs):
     _, s = runs["uniform"]
     assert s["kappa"] == pytest.approx([0.4] * len(s["kappa"]), abs=1e-6)
     assert abs(s["block_keep_nominal"] - 0.4) <= 0.02
 
 
+@pytest.mark.slow
 def test_global_magnitude_meets_budget_with_uneven_blocks(runs):
     _, s = runs["global-magnitude"]
     assert abs(s["block_keep_nominal"] - 0.4) <= 0.02
@@ -51,6 +53,7 @@ def test_analyze_writes_figures_with_the_logs_numbers(runs, tmp_path):
     assert [float(c[2]) for c in cells] == pytest.approx(updates[-1]["kappa"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_analyze_plain_model_trains_bpi_only(tmp_path):
     res = CliRunner().invoke(main, ["analyze", "digits-vit", "--steps", "30", "-o", str(tmp_path)])
     assert res.exit_code == 0, res.output

@@ -26,7 +26,7 @@ def models(tmp_path_factory):
             "distilled": str(p3bkit.save(apply_surgery(dist), root / "distilled"))}
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("openvino", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("which", ["dense", "p3b", "emptied", "distilled"])
 def test_export_passes_parity(fmt, which, models, pruned_folder, tmp_path):
     if fmt == "openvino":
@@ -40,12 +40,14 @@ def test_export_passes_parity(fmt, which, models, pruned_folder, tmp_path):
     assert all((tmp_path / "out" / f).is_file() for f in rec.files)
 
 
+@pytest.mark.slow
 def test_onnx_graph_ops_and_static_batch(pruned_folder, tmp_path):
     rec = export_model(str(pruned_folder), "onnx", tmp_path / "o", static_batch=2)
     assert rec.input_shape[0] == 2 and set(rec.parity) == {"batch2"}
     assert "ScatterND" in rec.op_types and "Gather" in rec.op_types  # index_add write, index_select read
 
 
+@pytest.mark.slow
 def test_corrupted_artefact_fails_and_leaves_nothing(pruned_folder, tmp_path, monkeypatch):
     import onnx
     import onnx.numpy_helper as nh
@@ -70,6 +72,7 @@ def test_corrupted_artefact_fails_and_leaves_nothing(pruned_folder, tmp_path, mo
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
 
 
+@pytest.mark.slow
 def test_failed_export_keeps_previous_artefact(pruned_folder, tmp_path, monkeypatch):
     out = tmp_path / "o"
     export_model(str(pruned_folder), "onnx", out)
@@ -82,6 +85,7 @@ def test_failed_export_keeps_previous_artefact(pruned_folder, tmp_path, monkeypa
     assert res.exit_code == 1 and (out / "model.onnx").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_export_into_a_non_empty_folder_needs_force(pruned_folder, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
@@ -109,6 +113,7 @@ def test_trt_export_fails_fast_without_tensorrt(pruned_folder, tmp_path):
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.slow
 def test_trt_graph_preparation(pruned_folder, tmp_path):
     from p3bkit.errors import ExportError
     from p3bkit.backends.tensorrt import TrtProfile, precision_plan

@@ -51,6 +51,7 @@ def onnx_export(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_an_artefact_without_its_record_keeps_its_precision_and_says_what_it_lacks(onnx_export, tmp_path):
     """A bare INT8 graph is run (and labelled) as INT8, read from the graph; a bare graph has no FLOP ratio,
     and the report says why instead of printing nan."""
@@ -71,6 +72,7 @@ def test_an_artefact_without_its_record_keeps_its_precision_and_says_what_it_lac
     assert refused.exit_code == 1 and "cannot run this int8 model at fp32" in refused.output
 
 
+@pytest.mark.slow
 def test_a_runtime_crash_is_not_reported_as_a_parity_failure(monkeypatch, tmp_path):
     from p3bkit.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -113,6 +115,7 @@ def test_nothing_outside_backends_names_a_runtime_package():
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_bench_json_says_which_runtime_ran_each_model(tmp_path):
     res = _cli(["bench", "digits-vit", "--runs", 3, "--warmup", 1, "--dense-baselines", "--json", tmp_path / "b.json"])
     assert res.exit_code == 0, res.output

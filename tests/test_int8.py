@@ -46,6 +46,7 @@ def user_model(tmp_path_factory):
     return root, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_int8_export_passes_the_gate_and_records_it(user_model, fmt):
     root, data = user_model
@@ -69,6 +70,7 @@ def test_int8_export_passes_the_gate_and_records_it(user_model, fmt):
     assert refused.exit_code == 1 and "cannot run this int8 model at fp32" in refused.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_int8_with_a_static_batch(user_model, fmt):
     """A fixed-batch graph is calibrated and gated in batches of exactly that size (the last padded)."""
@@ -81,6 +83,7 @@ def test_int8_with_a_static_batch(user_model, fmt):
     assert rec["input_shape"][0] == 4 and rec["extra"]["int8"]["val_images"] == 90 and set(rec["parity"]) == {"batch4"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_broken_calibration_trips_the_gate_and_leaves_nothing(user_model, fmt):
     root, data = user_model
@@ -93,6 +96,7 @@ def test_broken_calibration_trips_the_gate_and_leaves_nothing(user_model, fmt):
     assert not out.exists() and not list(root.glob(f".bad-{fmt}*"))
 
 
+@pytest.mark.slow
 def test_failed_gate_keeps_the_previous_artefact(user_model):
     root, data = user_model
     out = root / "keep"
@@ -103,6 +107,7 @@ def test_failed_gate_keeps_the_previous_artefact(user_model):
     assert res.exit_code == 1 and (out / "model.onnx").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_remedy_keeps_an_outlier_layer_in_fp32_and_passes(user_model, tmp_path):
     """A transformer-style activation outlier: one channel of the final norm scaled ×1000, its head
     weights zeroed (fp32 logits unchanged). Plain INT8 of the head's input then loses every other
@@ -178,6 +183,7 @@ def test_cli_choices_come_from_the_registry():
         assert name in out and ",".join(get_backend(name).precisions) in out
 
 
+@pytest.mark.slow
 def test_every_runner_honours_a_precision_or_refuses_it(tmp_path):
     """For each registered runtime × precision: bench either runs at exactly that precision or says
     why not; nothing is silently coerced."""
@@ -219,6 +225,7 @@ def test_openvino_bf16_is_honoured_only_where_the_cpu_has_it():
             backend.inference_hint("bf16")
 
 
+@pytest.mark.slow
 def test_a_new_backend_is_one_registered_class(tmp_path):
     """An onnxruntime variant with its own name, suffix and write op: export, record, verify,
     eval and bench all go through the registry without other changes."""
@@ -253,6 +260,7 @@ def test_a_new_backend_is_one_registered_class(tmp_path):
         registry._REGISTRY.pop("ort-gather")
 
 
+@pytest.mark.slow
 def test_eval_runs_at_a_precision_the_runtime_honours_or_refuses(user_model):
     """`p3bkit eval --precision`: an fp32 OpenVINO IR at bf16 where the CPU has bf16 units; an INT8
     artefact only at int8."""

@@ -30,6 +30,7 @@ def ort_table():
     return measure_latency_table(user_vit(), "user-vit", TableConfig(backend="onnxruntime", **QUICK), isolate=False)
 
 
+@pytest.mark.slow
 def test_table_grid_and_prediction_of_the_dense_model(ort_table):
     t = ort_table
     assert t.dims == {"dim": 64, "depth": 3, "num_heads": 4, "head_dim": 16, "mlp_hidden": 256, "num_tokens": 17}
@@ -43,6 +44,7 @@ def test_table_grid_and_prediction_of_the_dense_model(ort_table):
     assert curve[0] == 0 and np.all(np.diff(curve) >= 0) and curve[-1] > 0
 
 
+@pytest.mark.slow
 def test_validation_times_unseen_pruned_models(ort_table):
     from p3bkit.latency.measure import random_layers
     from p3bkit.models.adapter import inspect_vit
@@ -89,6 +91,7 @@ def test_calibration_fits_scale_and_per_branch_cost():
     assert t.scale == pytest.approx(1.5) and t.per_branch_ms == pytest.approx(0.3)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_table_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "lut.json"
     args = ["latency-table", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs",
@@ -119,6 +122,7 @@ def _digits_table(tmp_path, **changes) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_prune_meets_a_latency_target_on_the_tables_curve(tmp_path):
     lut = _digits_table(tmp_path)
     table = LatencyTable.load(lut)
@@ -139,6 +143,7 @@ def test_prune_meets_a_latency_target_on_the_tables_curve(tmp_path):
     assert table.predict(arch["layers"]) == pytest.approx(lat["predicted_ms"])
 
 
+@pytest.mark.slow
 def test_latency_budget_refusals(tmp_path):
     lut = _digits_table(tmp_path, machine={"cpu": "Some Other CPU", "cores": 64, "gpu": None, "versions": {}})
     base = ["prune", "--model", "digits-vit", "--epochs", "0", "1", "1", "--no-progress"]
@@ -165,6 +170,7 @@ def test_latency_budget_refusals(tmp_path):
     assert r.exit_code == 1 and "not a p3bkit latency table" in r.output
 
 
+@pytest.mark.slow
 def test_bench_shows_fastest_dense_and_table_prediction(tmp_path):
     """bench --dense-baselines times the dense model on every CPU runtime here (onnxruntime plain and
     transformer-optimised included) and --latency-table adds the prediction for the table's runtime."""
@@ -203,6 +209,7 @@ def latency_demo(tmp_path_factory):
     return out, s
 
 
+@pytest.mark.slow
 def test_demo_ends_with_a_speed_table(latency_demo):
     out, s = latency_demo
     speed = s["speed"]
@@ -216,6 +223,7 @@ def test_demo_ends_with_a_speed_table(latency_demo):
     assert (out / "export" / "onnx" / "model.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_demo_with_a_latency_budget(latency_demo):
     """`make demo`'s path: the demo measures the latency table itself and prunes to a speedup."""
     out, s = latency_demo
@@ -255,6 +263,7 @@ def test_prediction_counts_kept_heads_and_removed_branches():
     assert grid[1, 4] == pytest.approx(1.1) and grid[2, 4] == pytest.approx(2.1)
 
 
+@pytest.mark.slow
 def test_prune_whole_heads_and_branches_for_a_latency_target(tmp_path):
     """`--structure heads --remove-below` against a table measured over head counts: the predicted
     time meets the target to within one branch, with fewer heads where they were dropped."""

@@ -216,6 +216,7 @@ def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
     assert (out / "pruned" / "arch.json").is_file() and not (out / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_latency_table_with_a_large_check_error_is_refused_by_prune(tmp_path):
     from test_latency import _digits_table
 
@@ -230,6 +231,7 @@ def test_latency_table_with_a_large_check_error_is_refused_by_prune(tmp_path):
     assert "the table's checked median error 47.6%" in res.output
 
 
+@pytest.mark.slow
 def test_latency_table_warns_when_its_check_error_is_large(tmp_path, monkeypatch):
     import p3bkit.latency.measure as measure
 
@@ -270,6 +272,7 @@ def test_stored_and_kept_parameters_are_explained_either_way():
     assert "256 fewer than kept: a branch emptied on one axis" in stored_note(76_206, 76_462, 0.3)
 
 
+@pytest.mark.slow
 def test_int8_gate_record_and_eval_give_one_number(tmp_path):
     """The gate measures the artefact as written: the record's accuracy and `eval` on the same images agree."""
     res = _cli(["train", "--model", "digits-vit", "--epochs", 3, "--no-progress", "-o", tmp_path / "m"])
@@ -285,6 +288,7 @@ def test_int8_gate_record_and_eval_give_one_number(tmp_path):
     assert f"INT8 gate: top-1 {gate['int8_top1']:.2f}%" in res.output
 
 
+@pytest.mark.slow
 def test_loader_processes_give_the_same_training(folders, tmp_path, monkeypatch):
     """--workers moves loading off the training process; without random augmentation the run is the same.
     The runs are CLI processes of their own, as a user starts them (forking a loader from a process that
@@ -325,6 +329,7 @@ def test_unreadable_weights_files_are_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_error_in_a_loader_process_stays_one_line():
     script = """
 from torch.utils.data import DataLoader, Dataset

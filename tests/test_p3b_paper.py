@@ -109,6 +109,7 @@ def test_block_keep_for_the_total_budget():
         block_keep_ratio(0.05, 900.0, 100.0, "total")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope,structure", [("total", "inner"), ("total", "full"), ("blocks", "inner")])
 def test_deit_small_budget_scopes_meet_their_targets(scope, structure):
     import timm
@@ -136,6 +137,7 @@ def test_recipes():
     assert set(RECIPES) == {"paper", "quick"}
 
 
+@pytest.mark.slow
 def test_quick_recipe_is_what_prune_runs_by_default(tmp_path):
     """Without flags, `p3bkit prune` trains with the quick recipe's batch, learning rates and cadence."""
     quick = RECIPES["quick"]
@@ -167,6 +169,7 @@ def test_quick_recipe_with_loaded_weights_keeps_its_lr(tmp_path):
     assert s["lr_model"] == pytest.approx(quick.lr * quick.batch_size / 512)
 
 
+@pytest.mark.slow
 def test_cli_paper_recipe_total_budget(tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["prune", "--recipe", "paper", "--epochs", "0", "1", "1", "--update-every", "5",

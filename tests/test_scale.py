@@ -54,6 +54,7 @@ def _in_epoch_2(out: Path):
     return ready
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches(reference, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli([*PRUNE, "-o", str(out)]), stderr=subprocess.PIPE, text=True)
@@ -70,6 +71,7 @@ def test_sigkill_mid_epoch_then_resume_matches(reference, tmp_path):
     assert keys == [(r["type"], r.get("step"), r.get("epoch")) for r in ref]  # replayed steps logged once
 
 
+@pytest.mark.slow
 def test_sigterm_writes_checkpoint_and_resume_matches(reference, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli([*PRUNE, "-o", str(out)]), stderr=subprocess.PIPE, text=True)
@@ -86,6 +88,7 @@ def test_sigterm_writes_checkpoint_and_resume_matches(reference, tmp_path):
     assert _layers(out) == _layers(reference)  # a mid-epoch resume continues exactly
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_gloo(reference, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -147,6 +150,7 @@ def test_bad_input_matrix(args, code, msg, tampered):
     assert sorted(p.name for p in tampered.iterdir()) == before  # nothing written, nothing removed
 
 
+@pytest.mark.slow
 def test_torchrun_finetune_two_ranks(pruned_folder, tmp_path):
     out = tmp_path / "ft"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -137,6 +137,7 @@ def test_the_carry_passes_through_removed_branches():
     assert abs(float(kept.sum()) - float((torch.tensor(ratios, dtype=torch.float64) * full).sum())) <= step
 
 
+@pytest.mark.slow
 def test_removed_branches_take_their_norms_along(tmp_path):
     """Under the total budget a branch's LayerNorm (and LayerScale) are part of its cost: what the
     pruner reports kept is what the saved model stores, removed branches included."""
@@ -186,6 +187,7 @@ def test_cifar100_gets_mixup_under_the_deit_recipe(tmp_path, monkeypatch):
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs", [
     {"num_classes": 5},
     {"num_classes": 5, "global_pool": "avg", "class_token": False},

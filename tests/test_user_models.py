@@ -21,6 +21,7 @@ def _prune_half(gated) -> None:
         gate.mask[: max(gate.size // 2, 1)] = 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs", [
     ("deit_tiny_patch16_224", {"num_classes": 10}),
     ("vit_tiny_patch16_224", {**SMALL, "num_classes": 5, "global_pool": "avg", "class_token": False}),
@@ -136,6 +137,7 @@ def test_model_options_refuse_bad_values(imagenet_like, tmp_path, args, code, ms
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_eval_measures_the_deployed_artefact_through_its_runtime(pruned_folder, tmp_path):
     res = _cli(["eval", pruned_folder, "--json", "--no-progress"])
     assert res.exit_code == 0, res.output
@@ -182,6 +184,7 @@ def test_attention_pool_model_prunes_with_a_mean_token_class_head(tmp_path):
     assert not BPI.for_model(timm.create_model("vit_tiny_patch16_224", **kw)).has_class_token
 
 
+@pytest.mark.slow
 def test_deit_on_your_classes_pruned_exported_and_evaluated(imagenet_like, tmp_path):
     _, _, data = imagenet_like
     res = _cli(["prune", "--model", "deit_tiny_patch16_224", "--num-classes", "10", "--img-size", "32", "--data", data,
