@@ -29,16 +29,19 @@ def _cli(args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_head_gate_scores_are_the_taylor_scores_of_whole_heads():
-    """(m·∂L/∂m)² of the head gate equals autograd's, with m the mask of a whole head's output."""
+def test_head_gate_scores_are_the_taylor_scores_of_whole_heads_at_full_strength():
+    """The head gate ranks whole heads by (1·∂L/∂m)², autograd's mask gradient at the current masks:
+    the loss change of switching a head fully on or off, whatever its soft mask is now; the
+    other gates keep the paper's (m·∂L/∂m)²."""
     gated = p3bkit.add_gates(tiny_model(), "heads")
-    gate = gated.model.blocks[1].attn.gate_heads
-    gate.track = True
+    gate, dims = gated.model.blocks[1].attn.gate_heads, gated.model.blocks[1].attn.gate_head_dim
+    gate.track = dims.track = True
     m = torch.tensor([1.0, 0.7, 0.3], requires_grad=True)
-    gate.mask = m  # the same buffer, as a leaf autograd can differentiate
+    d = torch.linspace(0.2, 1.0, dims.size).requires_grad_(True)
+    gate.mask, dims.mask = m, d  # the same buffers, as leaves autograd can differentiate
     gated(X).pow(2).sum().backward()
-    assert torch.allclose(gate.scores(), (m * m.grad).detach().pow(2), rtol=1e-4, atol=1e-8)
-    assert torch.allclose(gate.tiebreak(), m.grad.pow(2), rtol=1e-4, atol=1e-8)
+    assert torch.allclose(gate.scores(), m.grad.pow(2), rtol=1e-4, atol=1e-8)
+    assert torch.allclose(dims.scores(), (d * d.grad).detach().pow(2), rtol=1e-4, atol=1e-8)
 
 
 def _heads_pruner(kappa: float) -> P3BPruner:

@@ -55,6 +55,10 @@ def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: fl
             break
         smallest = torch.where(under, kappa * sizes / floor.clamp(min=1e-12), torch.full_like(kappa, float("inf")))
         worst = int(torch.argmin(smallest))  # one at a time: removing one frees budget for the others
+        others = free.clone()
+        others[worst] = False
+        if float((cap * sizes)[others].sum()) < float(rest):
+            break  # the others could not hold the budget: a narrow branch beats missing it (or an empty model)
         kappa[worst] = 0.0
         free[worst] = False
     return kappa.clamp(min=0).minimum(cap).float()
@@ -84,6 +88,7 @@ class AllocationInput:
     curves: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]  # per branch: (scores best first, cost of top k)
     useful: torch.Tensor | None = None  # the smallest useful cost of each branch (below it: removed)
     full_window: bool = True  # the measurements average a whole update window
+    progress: float = 0.0  # of the sparsify ramp; at 1 (sharpen, the last update) removals are frozen
 
 
 class Allocation:
@@ -133,9 +138,14 @@ class P3BAllocation(Allocation):
 
     With `remove_below` > 0 a branch may be removed (κ = 0): the decision uses γ per *full* cost
     (importance per kept cost rises as a branch shrinks, which keeps every branch alive), solved
-    with a floor at each branch's smallest useful cost, and needs `patience` consecutive mask
-    updates below it, so one noisy window does not remove a branch for good. A removed branch
-    ramps down like any other during sparsify. An emptied branch that may regrow
+    with a floor at each branch's smallest useful cost. A window counts against a branch only when
+    both the smoothed importance and this window's own put it below the floor (the EMA alone still
+    carries the first window's weight for several updates), and `patience` such windows in a row
+    remove it. Removal is reversible while sparsify runs: a removed branch still computes (its
+    soft masks ramp down), is measured, and comes back when both put it at `restore_margin` times
+    its useful cost or more. Once the ramp is complete (sharpen, and the last, hard update) the
+    set of removed branches is frozen: no decision is made where no training follows to check it.
+    A removed branch ramps down like any other during sparsify. An emptied branch that may regrow
     (`--empty-blocks regrow`) comes back at most at its smallest useful width per update.
     """
 
@@ -144,6 +154,8 @@ class P3BAllocation(Allocation):
     @classmethod
     def from_config(cls, cfg) -> Allocation:
         return cls(cfg.gate_factors, cfg.alpha, cfg.smoothing, cfg.ema_momentum, cfg.remove_below, cfg.removal_patience)
+
+    restore_margin: ClassVar[float] = 2.0  # hysteresis: back at twice the useful cost, removed below it
 
     def __init__(self, gate_factors=None, alpha: float = 0.5, smoothing: float = 10.0, ema_momentum: float = 0.2,
                  remove_below: float = 0.0, patience: int = 2) -> None:
@@ -167,17 +179,28 @@ class P3BAllocation(Allocation):
         n = len(inp.full)
         if self.removed is None:
             self.streak, self.removed = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
-        if self.remove_below > 0 and inp.useful is not None:
-            per_full = block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
-            per_full = self._smoothed(self.ema_full, per_full, inp.full_window)
-            k_full = allocate_keep_ratios(per_full, inp.full, inp.budget, inp.disabled | self.removed, floor=inp.useful)
-            below = (k_full == 0) & active & ~self.removed
-            self.streak = torch.where(below, self.streak + 1, torch.zeros_like(self.streak))
-            self.removed |= self.streak >= self.patience
+        if self.remove_below > 0 and inp.useful is not None and inp.progress < 1:
+            self._decide_removals(inp, active)
         regrowing = (inp.kept == 0) & active & ~self.removed
         cap = torch.where(regrowing, (inp.useful if inp.useful is not None else inp.unit) / inp.full,
                           torch.ones_like(inp.full))
         return allocate_keep_ratios(imp, inp.full, inp.budget, inp.disabled | self.removed, cap=cap)
+
+    def _decide_removals(self, inp: AllocationInput, active: torch.Tensor) -> None:
+        """Remove a branch after `patience` windows below its useful cost; restore one well above it.
+
+        Removed branches compete in these two allocations like the others (only disabled ones are
+        out), so a branch that became useful again is seen as such.
+        """
+        now = block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
+        smooth = self._smoothed(self.ema_full, now, inp.full_window)
+        kept = [allocate_keep_ratios(imp, inp.full, inp.budget, inp.disabled, floor=inp.useful).double() * inp.full
+                for imp in (smooth, now.double())]
+        below = (kept[0] == 0) & (kept[1] == 0) & active
+        self.streak = torch.where(below & ~self.removed, self.streak + 1, torch.zeros_like(self.streak))
+        self.removed |= self.streak >= self.patience
+        back = self.removed & active & torch.stack([k >= self.restore_margin * inp.useful for k in kept]).all(0)
+        self.removed &= ~back
 
     def state_dict(self) -> dict:
         return {"ema": self.ema.state_dict(), "ema_full": self.ema_full.state_dict(), "streak": self.streak,

@@ -32,6 +32,17 @@ def hard_distillation_loss(cls: torch.Tensor, dist: torch.Tensor | None, y: torc
     return 0.5 * nn.functional.cross_entropy(cls, y) + 0.5 * nn.functional.cross_entropy(dist, teacher)
 
 
+MIN_INDICATOR_IMAGES = 16  # below this ΔΨ per step is a handful of images and the patch heads' BatchNorm degenerates
+
+
+def indicator_images(batch: int, fraction: float) -> int:
+    """How many images of a batch the indicators see: `fraction` of it, at least
+    `MIN_INDICATOR_IMAGES` (or the whole batch when it is smaller). Before and after states go
+    through a patch head's BatchNorm in one call, so it normalises 2·m images: with m = 1 its
+    statistics are two images', and ΔΨ of a window of `update_every` steps averages very few."""
+    return min(batch, max(MIN_INDICATOR_IMAGES, round(batch * fraction)))
+
+
 class PatchHead(nn.Module):
     """One ResNet basic block on the (B, C, h, w) patch grid, global average pool, Linear."""
 

@@ -76,14 +76,15 @@ class ParameterCosts:
         self.gated, self.spec = gated, gated.spec
         self.branches = [b for _, b in gated.branches()]
         # a branch's norm and LayerScale leave with it: part of its cost under the total budget
-        self.fixed = torch.tensor([self._norm_params(i) if scope == "total" else 0 for i in range(len(self.branches))],
-                                  dtype=torch.float64)
+        self.norms = torch.tensor([self._norm_params(i) for i in range(len(self.branches))], dtype=torch.float64)
+        self.fixed = self.norms if scope == "total" else torch.zeros_like(self.norms)
         self.linear_full = torch.tensor([self._params(b, full=True) for b in self.branches], dtype=torch.float64)
         self.full = self.linear_full + self.fixed
         self.unit = torch.tensor([self._params(b, unit=True) for b in self.branches], dtype=torch.float64) + self.fixed
         self.useful = torch.maximum(remove_below * self.full, self.unit)
         self.total_params = sum(p.numel() for p in gated.model.parameters())
-        self.other_params = self.total_params - float(self.full.sum())
+        # never pruned: patch embedding, tokens, final norm, head
+        self.other_params = self.total_params - float((self.linear_full + self.norms).sum())
         self.block_keep = block_keep_ratio(keep, float(self.full.sum()), self.other_params, scope,
                                            float(self.unit.min()))
 
@@ -115,6 +116,12 @@ class ParameterCosts:
         """Kept cost of every branch: its Linear parameters, and its norm while it is not removed."""
         linear = self.linear_kept()
         return linear + self.fixed * (linear > 0)
+
+    def kept_total(self) -> float:
+        """Parameters the model keeps: kept Linear layers, the norms of branches not removed (under
+        either budget scope), and everything never pruned."""
+        linear = self.linear_kept()
+        return float((linear + self.norms * (linear > 0)).sum()) + self.other_params
 
     def curve(self, i: int, order_gate: torch.Tensor) -> torch.Tensor:
         """Cost of branch `i` when keeping its top-k gate elements (`order_gate`: gate ids, best first)."""

@@ -21,9 +21,15 @@ def threshold_count(cost: torch.Tensor, target: float) -> int:
     return below
 
 
-def soft_mask_values(n: int, t: int, tau: float, m_ref: float = 0.9) -> torch.Tensor:
-    """Mask over sorted positions 0..n−1 (ascending importance) with threshold index t."""
+def soft_mask_values(n: int, t: int, tau: float, m_ref: float = 0.9, between: bool = False) -> torch.Tensor:
+    """Mask over sorted positions 0..n−1 (ascending importance) with threshold index t.
+
+    `between`: the 0.5 point lies half an element below t, between the last pruned and the first
+    kept element. For a gate of a few elements (heads) the paper's placement would run the least
+    important kept head at half strength through the whole soft phase (a one-head branch at half
+    its output) and leave the first pruned one at ~σ(−ln 9/(τN)), a few percent.
+    """
     k = torch.arange(n, dtype=torch.float32)
     if tau <= 0:
         return (k >= t).float()
-    return torch.sigmoid(math.log(m_ref / (1 - m_ref)) * (k - t) / (tau * n))
+    return torch.sigmoid(math.log(m_ref / (1 - m_ref)) * (k - t + (0.5 if between else 0.0)) / (tau * n))

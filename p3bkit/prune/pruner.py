@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from p3bkit.models.gates import GatedViT
 from p3bkit.prune.allocation import Allocation, AllocationInput, make_allocation, ramp
-from p3bkit.prune.bpi import BPI, Criterion, StateRecorder, ce_loss
+from p3bkit.prune.bpi import BPI, Criterion, StateRecorder, ce_loss, indicator_images
 from p3bkit.prune.costs import LatencyCosts, ParameterCosts
 from p3bkit.prune.config import P3BConfig
 from p3bkit.prune.masks import soft_mask_values, threshold_count
@@ -85,7 +85,7 @@ class P3BPruner(nn.Module):
                 out = self._fwd["model"](x)
                 cls, dist = (out if isinstance(out, tuple) else (out, None))
                 loss = self.criterion(cls, dist, y, teacher)
-                m = max(1, round(len(x) * self.cfg.bpi_fraction))  # the batch is shuffled: its first m images
+                m = indicator_images(len(x), self.cfg.bpi_fraction)  # the batch is shuffled: its first m images
                 states = [s[:m] for s in recorder.take()]
                 bpi_loss, d_c, d_p = self._fwd["bpi"](states, y[:m], self.criterion,
                                                       None if teacher is None else teacher[:m])
@@ -134,24 +134,26 @@ class P3BPruner(nn.Module):
         order = torch.argsort(scores, descending=True, stable=True)
         return scores, order, self.costs.curve(i, gate_id[order])
 
-    def allocation_input(self) -> AllocationInput:
+    def allocation_input(self, progress: float = 0.0) -> AllocationInput:
+        """What the allocation decides from; `progress` of the sparsify ramp (1: removals frozen)."""
         count = self.delta_count.clamp(min=1)
 
         def curves():
             return [(scores[order], cost) for scores, order, cost in map(self._order, range(len(self.branches)))]
         return AllocationInput((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.costs.kept(),
                                self.costs.full, self.costs.unit, self.disabled.cpu(), self.block_keep, curves,
-                               self.costs.useful, int(self.delta_count) >= self.cfg.update_every)
+                               self.costs.useful, int(self.delta_count) >= self.cfg.update_every, progress)
 
     @torch.no_grad()
     def record_measurements(self, delta_c: torch.Tensor, delta_p: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
         """Measurements from outside the training loop (latency checks, tests): one step's ΔΨ per
-        branch and Taylor scores per gate (`scores`, keyed like `gated.gates`)."""
+        branch and Taylor scores per gate (`scores`, keyed like `gated.gates`), which stand for the
+        scores at full strength too (what a restorable gate ranks by)."""
         self.delta_c += delta_c.to(self.delta_c)
         self.delta_p += delta_p.to(self.delta_p)
         self.delta_count += 1
         for name, gate in self.gated.gates.items():
-            gate.record(scores[name].to(gate.score_sum), torch.zeros_like(gate.grad_sum))
+            gate.record(scores[name].to(gate.score_sum), scores[name].to(gate.grad_sum))
 
     @torch.no_grad()
     def update_masks(self, step: int | None = None) -> dict:
@@ -166,7 +168,7 @@ class P3BPruner(nn.Module):
         disables = self.allocation.disables_empty
         if disables:
             self._disable_empty_branches()
-        target = self.allocation.targets(self.allocation_input())
+        target = self.allocation.targets(self.allocation_input(1.0 if step >= self.schedule.total else progress))
         self.kappa.copy_(ramp(target, progress, self.disabled.cpu() if disables else None))
         carry = 0.0  # rounding to whole units is carried on, through removed branches, so the sum meets the budget
         for i, kappa in enumerate(self.kappa.tolist()):
@@ -197,14 +199,16 @@ class P3BPruner(nn.Module):
     def _update_branch(self, i: int, kappa: float, tau: float, carry: float = 0.0) -> float:
         """New soft masks for κ·cost (+ `carry`) of branch `i`; returns the shortfall to carry on.
 
-        A branch at κ = 0 (removed or disabled) keeps nothing and passes the carry on untouched.
+        A branch at κ = 0 (removed or disabled) keeps nothing and passes the carry on untouched; one
+        at κ > 0 keeps at least its cheapest non-empty width, whatever the carry (only the allocation
+        removes a branch, with its patience).
         """
         gates = self.branches[i].gates()
         if "heads" in gates:
             return self._update_heads(i, kappa, tau, carry)
         scores, order, cost = self._order(i)
         n = scores.numel()
-        target = kappa * float(cost[-1]) + carry if kappa > 0 else 0.0
+        target = max(kappa * float(cost[-1]) + carry, float(cost[cost > 0].min())) if kappa > 0 else 0.0
         keep_count = threshold_count(cost, target)
         values = torch.empty(n)
         values[order.flip(0)] = soft_mask_values(n, n - keep_count, tau, self.cfg.m_ref)
@@ -220,7 +224,7 @@ class P3BPruner(nn.Module):
         scores = self.allocation.local_scores(self.branches[i]).split([g.size for g in gates.values()])
         mass = self.allocation.gate_masses(self.branches[i])
         grid = self.costs.grid(i)
-        target = kappa * float(grid[-1, -1]) + carry if kappa > 0 else 0.0
+        target = max(kappa * float(grid[-1, -1]) + carry, float(grid[1, 1])) if kappa > 0 else 0.0
         orders = {name: torch.argsort(s, descending=True, stable=True) for name, s in zip(gates, scores)}
         kept = {name: _kept_fraction(mass[name][orders[name]]) for name in gates}
         value = kept["heads"].pow(self.cfg.head_weight).unsqueeze(1) * kept["head_dim"].unsqueeze(0)
@@ -233,7 +237,8 @@ class P3BPruner(nn.Module):
         for name, count in (("heads", h), ("head_dim", d)):
             n = gates[name].size
             values = torch.empty(n)
-            values[orders[name].flip(0)] = soft_mask_values(n, n - count, tau, self.cfg.m_ref)
+            # a handful of heads: the 0.5 point between the last kept head and the first pruned one
+            values[orders[name].flip(0)] = soft_mask_values(n, n - count, tau, self.cfg.m_ref, between=name == "heads")
             gates[name].mask.copy_(values.to(gates[name].mask.device))
         return target - float(grid[h, d]) if kappa > 0 else carry
 
@@ -245,7 +250,7 @@ class P3BPruner(nn.Module):
 
     def total_keep_ratio(self) -> float:
         """Kept parameters of the whole model (unprunable ones included) over all its parameters."""
-        return float((self.params.kept().sum() + self.params.other_params) / self.params.total_params)
+        return float(self.params.kept_total() / self.params.total_params)
 
     def extra_state(self) -> dict:
         return {"allocation": self.allocation.state_dict(), "optimizer": self.optimizer.state_dict()}
