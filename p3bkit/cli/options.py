@@ -47,6 +47,24 @@ def train_recipe_options(fn):
                              "auto picks by whether weights were loaded. The settings are printed at start.")(fn)
 
 
+def distill_options(fn):
+    """--teacher, --kd-weight and --kd-temperature of `finetune` (defaults: `train.distill`)."""
+    from p3bkit.train.distill import AUTO, KD_TEMPERATURE, KD_WEIGHT
+
+    for option in reversed([
+        click.option("--teacher", default=AUTO, show_default=True, metavar="auto|none|PATH",
+                     help="Distil from a dense model (logit distillation): auto, the one the pruned folder was pruned "
+                          "from (recorded in its teacher.json) when it can be rebuilt here; none; or a dense model "
+                          "folder or weights file of the pruned model's architecture."),
+        click.option("--kd-weight", type=RATE, default=KD_WEIGHT, show_default=True,
+                     help="Share w of the distillation term: (1 - w)·CE + w·T²·KL(teacher ‖ student)."),
+        click.option("--kd-temperature", type=click.FloatRange(min=0, min_open=True), default=KD_TEMPERATURE,
+                     show_default=True, help="Softmax temperature T of the distillation term."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 workers_option = click.option(
     "--workers", type=click.IntRange(min=0), default=0, show_default=True,
     help="Data-loading processes beside training. 0 loads in the training process: on 2 cores a loader process "

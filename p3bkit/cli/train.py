@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from p3bkit.cli.options import (DEVICE, POSITIVE, augment_option, boundary, data_option, model_options,
-                                parse_model_kwargs, train_recipe_options, workers_option)
+from p3bkit.cli.options import (DEVICE, POSITIVE, augment_option, boundary, data_option, distill_options,
+                                model_options, parse_model_kwargs, train_recipe_options, workers_option)
 
 
 @click.command()
@@ -46,6 +46,7 @@ def train(**kw) -> None:
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @train_recipe_options
 @click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@distill_options
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @workers_option
@@ -57,13 +58,15 @@ def train(**kw) -> None:
               help="Progress bars (the per-epoch lines are printed either way).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty).")
 @boundary
-def finetune(pruned, data, augment, epochs, batch_size, recipe, lr, drop_path, device, seed, workers, force, resume,
-             keep_checkpoint, progress, out) -> None:
+def finetune(pruned, data, augment, epochs, batch_size, recipe, lr, drop_path, teacher, kd_weight, kd_temperature,
+             device, seed, workers, force, resume, keep_checkpoint, progress, out) -> None:
     """Fine-tune a pruned model: AdamW, warm-up + cosine, label smoothing (Mixup/CutMix with --augment deit),
-    stochastic depth; the settings and the augmentation chosen are printed at start."""
+    stochastic depth, distilling from the dense model it was pruned from; the settings, the augmentation and
+    the teacher chosen are printed at start."""
     from p3bkit.train.jobs import run_finetune
 
     s = run_finetune(pruned, out, data=data, epochs=epochs, batch_size=batch_size, lr=lr, drop_path=drop_path,
                      device=device, seed=seed, force=force, resume=resume, keep_checkpoint=keep_checkpoint,
-                     progress=progress, augment=augment, recipe=recipe, workers=workers)
+                     progress=progress, augment=augment, recipe=recipe, workers=workers, teacher=teacher,
+                     kd_weight=kd_weight, kd_temperature=kd_temperature)
     click.echo(f"fine-tuned model: {out} (val top-1 {s['val_acc']:.2f}%)")

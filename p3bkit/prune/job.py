@@ -2,7 +2,8 @@
 
 A prune run writes into its output folder: `checkpoint.pt` (atomically, every epoch and on
 SIGTERM/SIGINT; `--resume` continues from it to the same result), `log.jsonl` (every mask update
-and epoch), `pruned/` (arch.json + model.safetensors) and `summary.json`. It runs unchanged under
+and epoch), `pruned/` (arch.json + model.safetensors, and teacher.json: the dense model it was
+pruned from, which `finetune` distils from) and `summary.json`. It runs unchanged under
 torchrun (DDP: `batch_size` is the global batch; accumulators are all-reduced before every mask
 update and every rank checks that its masks equal rank 0's).
 """
@@ -16,6 +17,7 @@ import torch
 
 from p3bkit.console import notify
 from p3bkit.errors import P3BError
+from p3bkit.models.teacher import TEACHER_FILE
 from p3bkit.prune.pruner import P3BConfig, P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.train.dist import DistContext, all_reduce_sum_, check_identical, init_distributed, require_device
@@ -137,11 +139,13 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     from p3bkit.data.datasets import check_batch
     from p3bkit.models import add_gates
     from p3bkit.models.factory import build_user_model, loads_weights
+    from p3bkit.models.teacher import dense_origin
     from p3bkit.prune.bpi import ce_loss, hard_distillation_loss
     from p3bkit.train.fit import seed_everything
 
     _validate(job)
-    folder = RunFolder(Path(job.out), "prune", SUMMARY, ("pruned/arch.json", "pruned/model.safetensors"))
+    folder = RunFolder(Path(job.out), "prune", SUMMARY, ("pruned/arch.json", "pruned/model.safetensors",
+                                                        f"pruned/{TEACHER_FILE}"))
     resuming = folder.open((job.model,) if Path(job.model).is_dir() else (), resume, force)
     ctx = init_distributed(job.device)
     if job.batch_size % ctx.world:
@@ -150,6 +154,7 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     notes: list[str] = []
     say = notes.append
     model = build_user_model(job.model, job.pretrained, job.pretrained_file, job.weights, job.model_kwargs, say)
+    origin = dense_origin(model, job.model, job.model_kwargs, job.pretrained, job.pretrained_file, job.weights)
     gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
     from p3bkit.models.presets import default_data, model_source
 
@@ -182,7 +187,7 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
         stopped = run_epochs(loop, ctx, checkpoints, start, job.stop_after_epoch)
         if stopped is not None:
             return {"stopped_after_epoch": stopped}
-        summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx)
+        summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx, origin)
         folder.finish(job.keep_checkpoint, ctx)
     return summary
 
@@ -240,9 +245,11 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ct
                      lr_note=f"model lr {lr:.2e}" if scratch else None)
 
 
-def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, ctx: DistContext) -> dict:
+def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, ctx: DistContext,
+            origin: dict) -> dict:
     from p3bkit.fileio import write_json_atomic
     from p3bkit.models import save
+    from p3bkit.models.teacher import write_origin
     from p3bkit.surgery import apply_surgery, check_surgery
     from p3bkit.train.dist import barrier
     from p3bkit.train.fit import evaluate
@@ -273,6 +280,7 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
         summary["latency"] = pruner.costs.report(pruned.p3b_arch.layers)
     if ctx.main:
         save(pruned, out / "pruned", overwrite=True)  # the run's own folder (tensors are copied to the CPU)
+        write_origin(out / "pruned", origin)  # what finetune distils from (models/teacher.py)
         write_json_atomic(out / SUMMARY, summary)
     barrier(ctx)
     return summary

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from p3bkit.data import DataBundle, make_loader
 from p3bkit.models.outputs import logits_of
 from p3bkit.train.dist import DistContext, all_reduce_sum_
+from p3bkit.train.distill import KD_TEMPERATURE, KD_WEIGHT
 from p3bkit.train.run import Checkpoints, EpochLoop, run_epochs
 
 
@@ -57,6 +59,19 @@ class FitConfig:
     progress: bool = True
     watch_loss: bool = True  # warn when the loss did not fall in epoch 1 (not for an already trained model)
     workers: int = 0  # data-loading processes
+    teacher: nn.Module | None = None  # a dense model to distil from (eval mode, no gradients): see distillation_loss
+    kd_weight: float = KD_WEIGHT  # w, the distillation term's share of the loss
+    kd_temperature: float = KD_TEMPERATURE  # T
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor, weight: float,
+                      temperature: float) -> torch.Tensor:
+    """(1 − w)·hard_loss + w·T²·KL(softmax(teacher/T) ‖ softmax(student/T)), the KL averaged over the batch
+    (Hinton et al. 2015, §2: T² keeps the soft term's gradients on the labels' scale at any T)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+                  reduction="batchmean", log_target=True)
+    return (1 - weight) * hard_loss + weight * t * t * kl
 
 
 def _optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
@@ -87,6 +102,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
     ctx = ctx or DistContext(device=cfg.device)
     seed_everything(cfg.seed + ctx.rank)
     model.to(ctx.device).train()
+    if cfg.teacher is not None:
+        cfg.teacher.to(ctx.device).eval()
     net = model
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -107,7 +124,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
         x, y = (t.to(ctx.device) for t in batch)
         if data.mixup is not None:
             x, y = data.mixup(x, y)
-        loss = criterion(logits_of(net(x)), y)
+        logits = logits_of(net(x))
+        loss = criterion(logits, y)
+        if cfg.teacher is not None:  # it sees the same (mixed) images
+            with torch.no_grad():
+                taught = logits_of(cfg.teacher(x))
+            loss = distillation_loss(logits, taught, loss, cfg.kd_weight, cfg.kd_temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,180 @@
+"""Recovery with the dense teacher: `finetune` distils from the model a pruned folder was pruned from."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from p3bkit.cli import main
+
+PRUNE = ["prune", "--model", "digits-vit", "--keep", "0.5", "--epochs", "0", "1", "1", "--update-every", "5",
+         "--no-progress"]
+FINETUNE = ["--epochs", "1", "--no-progress"]
+
+
+def _invoke(args: list) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _weights_of(path, **kwargs):
+    """A seeded digits-vit (with `kwargs` overriding the preset) as a weights file."""
+    from p3bkit.models.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("digits-vit", **kwargs)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense_weights(tmp_path_factory):
+    return _weights_of(tmp_path_factory.mktemp("dense") / "dense.safetensors")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, dense_weights):
+    """A prune run that started from the dense weights file."""
+    out = tmp_path_factory.mktemp("kd") / "run"
+    res = _invoke([*PRUNE, "--weights", dense_weights, "-o", out])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def distilled(run_dir, tmp_path_factory):
+    """`finetune` with the defaults (its checkpoint kept, to try resuming it)."""
+    out = tmp_path_factory.mktemp("kd") / "ft"
+    res = _invoke(["finetune", run_dir / "pruned", *FINETUNE, "--keep-checkpoint", "-o", out])
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def test_distillation_loss_by_hand():
+    """student logits (0, 0), teacher (ln 3, 0): p_t = (3/4, 1/4), p_s = (1/2, 1/2); at T = 2 the teacher's
+    logits halve, p_t = (√3, 1)/(√3 + 1), and the KL is scaled by T² = 4."""
+    from p3bkit.train.fit import distillation_loss
+
+    student, teacher = torch.zeros(1, 2), torch.tensor([[math.log(3.0), 0.0]])
+    hard = torch.tensor(math.log(2.0))  # CE of (0, 0) against either class
+    kl1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert distillation_loss(student, teacher, hard, 0.5, 1.0).item() == pytest.approx(0.5 * math.log(2) + 0.5 * kl1)
+    p = math.sqrt(3) / (math.sqrt(3) + 1)
+    kl2 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    assert distillation_loss(student, teacher, hard, 0.25, 2.0).item() == pytest.approx(
+        0.75 * math.log(2) + 0.25 * 4 * kl2)
+    # batchmean: a batch of a row that agrees with its teacher and this one halves the KL
+    both = distillation_loss(torch.zeros(2, 2), torch.cat([torch.zeros(1, 2), teacher]), torch.tensor(0.0), 1.0, 1.0)
+    assert both.item() == pytest.approx(kl1 / 2)
+
+
+def test_finetune_distils_from_the_dense_model_it_was_pruned_from(distilled, dense_weights, run_dir):
+    import p3bkit
+
+    out, output = distilled
+    record = json.loads((out / "finetune.json").read_text())["distillation"]
+    assert record["teacher"]["weights"] == str(dense_weights.resolve()) and record["teacher"]["from"] == "auto"
+    assert record["teacher"]["model"] == "digits-vit"
+    assert (record["kd_weight"], record["kd_temperature"]) == (0.5, 1.0)
+    assert "distilling from the dense model (weight 0.5, temperature 1)" in output
+    assert not (out / "teacher.json").exists()  # the fine-tuned folder is not the pruned one
+    p3bkit.load(run_dir / "pruned")  # teacher.json beside arch.json changes nothing for load
+
+
+def test_teacher_none_records_no_teacher(run_dir, tmp_path):
+    res = _invoke(["finetune", run_dir / "pruned", *FINETUNE, "--teacher", "none", "-o", tmp_path / "ft"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["distillation"] == {"teacher": None}
+    assert "distilling" not in res.output
+
+
+def test_pruned_from_scratch_finetunes_without_a_teacher_and_says_why(pruned_folder, tmp_path):
+    assert json.loads((pruned_folder / "teacher.json").read_text())["dense"] is None
+    res = _invoke(["finetune", pruned_folder, *FINETUNE, "-o", tmp_path / "ft"])
+    assert res.exit_code == 0, res.output
+    notes = [line for line in res.output.splitlines() if "without a teacher" in line]
+    assert len(notes) == 1 and "randomly initialised" in notes[0], res.output
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["distillation"] == {"teacher": None}
+
+
+@pytest.mark.parametrize("teacher,msg", [
+    ("{tmp}/missing", "no such file or folder"),
+    ("{tmp}/narrow", "not a dense model of the pruned model's architecture (embed_dim 32 vs 64"),
+    ("{tmp}/shallow.safetensors", "does not fit the model"),
+    ("{run}/pruned", "is a pruned model; a teacher is a dense one"),
+])
+def test_a_bad_teacher_is_one_line_and_writes_nothing(run_dir, tmp_path, teacher, msg):
+    from p3bkit.models import save
+    from p3bkit.models.factory import create_model
+
+    save(create_model("digits-vit", embed_dim=32), tmp_path / "narrow")
+    _weights_of(tmp_path / "shallow.safetensors", depth=2)
+    res = _invoke(["finetune", run_dir / "pruned", *FINETUNE, "--teacher", teacher.format(tmp=tmp_path, run=run_dir),
+                   "-o", tmp_path / "ft"])
+    assert res.exit_code == 1 and res.output.startswith("error: teacher ") and msg in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "ft").exists()
+
+
+def test_kd_weight_outside_zero_one_is_a_usage_error(run_dir, tmp_path):
+    res = _invoke(["finetune", run_dir / "pruned", "--kd-weight", "1.5", "-o", tmp_path / "ft"])
+    assert res.exit_code == 2 and "--kd-weight" in res.output and not (tmp_path / "ft").exists()
+
+
+def test_auto_without_the_recorded_weights_and_an_explicit_dense_folder(run_dir, tmp_path, dense_weights):
+    """auto falls back to none with a note when the recorded file is gone; a dense folder of the same
+    architecture is taken as the teacher, with its path recorded."""
+    import p3bkit
+    from p3bkit.models.factory import create_model
+    from p3bkit.train.distill import choose_teacher
+
+    moved = tmp_path / "pruned"
+    shutil.copytree(run_dir / "pruned", moved)
+    origin = json.loads((moved / "teacher.json").read_text())
+    origin["dense"]["weights"] = str(tmp_path / "gone.safetensors")
+    (moved / "teacher.json").write_text(json.dumps(origin))
+    notes: list[str] = []
+    assert choose_teacher("auto", str(moved), 0.5, 1.0, notes.append) == (None, {"teacher": None})
+    assert len(notes) == 1 and "gone.safetensors, which no longer exists" in notes[0]
+    p3bkit.save(create_model("digits-vit", weights=str(dense_weights)), tmp_path / "dense")
+    module, record = choose_teacher(str(tmp_path / "dense"), str(moved), 0.3, 2.0, notes.append)
+    assert not module.training and not any(p.requires_grad for p in module.parameters())
+    assert record == {"teacher": {"model": str((tmp_path / "dense").resolve()), "model_kwargs": {}, "pretrained": False,
+                                  "pretrained_file": None, "weights": None, "from": "path"},
+                      "kd_weight": 0.3, "kd_temperature": 2.0}
+
+
+def test_resume_with_other_kd_settings_is_refused(distilled, run_dir):
+    out, _ = distilled
+    before = (out / "model.safetensors").read_bytes()
+    res = _invoke(["finetune", run_dir / "pruned", *FINETUNE, "--kd-weight", "0.3", "--resume", "-o", out])
+    assert res.exit_code == 1 and "other settings (distillation differ)" in res.output, res.output
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_a_classifier_started_from_random_weights_is_no_teacher(dense_weights):
+    """Weights loaded through timm for another class count leave the dense model's classifier random:
+    distilling from it would teach noise, so the record says why there is no teacher."""
+    from p3bkit.models.factory import build_user_model
+    from p3bkit.models.teacher import dense_origin
+
+    model = build_user_model("digits-vit", pretrained_file=str(dense_weights), kwargs={"num_classes": 7})
+    origin = dense_origin(model, "digits-vit", {"num_classes": 7}, pretrained_file=str(dense_weights))
+    assert origin["dense"] is None and "7-class classifier started from random weights" in origin["why"]
+    same = build_user_model("digits-vit", pretrained_file=str(dense_weights))
+    assert dense_origin(same, "digits-vit", {}, pretrained_file=str(dense_weights))["dense"]["pretrained_file"] == str(
+        dense_weights.resolve())
+
+
+@pytest.mark.slow
+def test_a_fresh_prune_from_scratch_replaces_the_earlier_runs_teacher(run_dir, tmp_path):
+    """--force from random init into a run folder that had a teacher: the stale record goes with its model."""
+    again = tmp_path / "run"
+    shutil.copytree(run_dir, again)
+    res = _invoke([*PRUNE, "--force", "-o", again])
+    assert res.exit_code == 0, res.output
+    origin = json.loads((again / "pruned" / "teacher.json").read_text())
+    assert origin["dense"] is None and "randomly initialised" in origin["why"]
