@@ -141,3 +141,18 @@ def test_the_indicators_see_enough_images():
     assert indicator_images(64, 0.125) == MIN_INDICATOR_IMAGES == 16
     assert indicator_images(512, 0.125) == 64
     assert indicator_images(8, 0.125) == 8  # the whole batch when it is smaller
+
+
+def test_prune_warns_when_the_batch_leaves_the_indicators_too_few_images(tmp_path):
+    from click.testing import CliRunner
+    from conftest import digit_image_folder
+
+    from p3bkit.cli import main
+
+    data = digit_image_folder(tmp_path / "data", n_per_class=6, classes=3)
+    args = ["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "patch_size": 8, "depth": 2}',
+            "--num-classes", "3", "--data", data, "--keep", "0.5", "--batch-size", "8", "--epochs", "0", "1", "1", "--update-every", "1", "--no-progress",
+            "-o", tmp_path / "run"]
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    assert "a batch of 8 per process gives the block performance indicators 8 images per step" in res.output

@@ -118,6 +118,15 @@ def _warn_sparse_updates(sched: Schedule, every: int, say) -> None:
                    f"every {every}); lower --update-every (the paper scales it with the data size)")
 
 
+def _warn_few_indicator_images(batch: int, say) -> None:
+    """ΔΨ from a handful of images per step is noise, and the patch heads' BatchNorm degenerates."""
+    from p3bkit.prune.bpi import MIN_INDICATOR_IMAGES
+
+    if batch < MIN_INDICATOR_IMAGES:
+        say(f"warning: a batch of {batch} per process gives the block performance indicators {batch} images per step "
+            f"(they need {MIN_INDICATOR_IMAGES}): block budgets will be noisy; raise --batch-size")
+
+
 def _settings(job: PruneJob) -> dict:
     """The settings a checkpoint must be resumed with, flat (p3b.* for the pruning settings)."""
     d = asdict(job)
@@ -168,6 +177,7 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     spe = len(make_loader(data.train, job.batch_size // ctx.world, True, rank=ctx.rank, world=ctx.world))
     sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
     _warn_sparse_updates(sched, job.p3b.update_every, say)
+    _warn_few_indicator_images(job.batch_size // ctx.world, say)
     table = _latency_table(job, gated, say)
     pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
                        lr_scale=job.batch_size / 512, latency_table=table).to(ctx.device)
