@@ -78,6 +78,27 @@ def test_prediction_interpolates_and_counts_emptied_branches():
         t.predict(partial)
 
 
+def test_budget_curves_charge_the_next_measured_width_and_keep_only_measured_widths():
+    """Between two measured widths a runtime's time is a step, not a line: the allocation's curves
+    charge the next measured width, and the kept width is always one the table measured."""
+    import torch
+
+    from p3bkit.prune.masks import threshold_count
+
+    t = LatencyTable(model="m", dims={"dim": 8, "depth": 1, "num_heads": 2, "head_dim": 8, "mlp_hidden": 8, "num_tokens": 5},
+                     backend="torch", device="cpu", batch=1, precision="fp32", threads=1, machine={}, fixed_ms=1.0,
+                     dense_ms=0.0, heads=[1, 2], head_dims=[2, 4, 8], attn_ms=[[0.2, 0.3, 0.5], [0.3, 0.5, 0.9]],
+                     hidden=[2, 4, 8], mlp_ms=[0.2, 0.4, 1.6])
+    curve = t.branch_curve("mlp", 8)
+    assert curve[1] == curve[2] == pytest.approx(0.2) and curve[3] == curve[4] == pytest.approx(0.4)
+    assert curve[5] == curve[8] == pytest.approx(1.6)
+    cost = torch.from_numpy(curve)
+    kept = {threshold_count(cost, float(x)) for x in np.linspace(0.0, 1.7, 69)}
+    assert kept <= {0, 2, 4, 8} and len(kept) == 4
+    grid = t.attn_grid()
+    assert grid[2, 3] == grid[2, 4] == pytest.approx(0.5) and grid[1, 5] == grid[1, 8] == pytest.approx(0.5)
+
+
 def test_calibration_fits_scale_and_per_branch_cost():
     t = LatencyTable(model="m", dims={"dim": 8, "depth": 1, "num_heads": 1, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
                      backend="torch", device="cpu", batch=1, precision="fp32", threads=1, machine={}, fixed_ms=1.0,

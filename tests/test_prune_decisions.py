@@ -19,13 +19,13 @@ X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 Y = torch.tensor([0, 1, 2, 3])
 
 
-def _input(delta: list[float], budget: float = 0.1, progress: float = 0.5) -> AllocationInput:
+def _input(delta: list[float], budget: float = 0.1, sparsify: bool = True) -> AllocationInput:
     """Six branches of 100 units, one unit each, a useful width of 5% (the removal floor)."""
     n = len(delta)
     full = torch.full((n,), 100.0, dtype=torch.float64)
     return AllocationInput(torch.tensor(delta), torch.tensor(delta), full.clone(), full, torch.ones(n, dtype=torch.float64),
                            torch.zeros(n, dtype=torch.bool), budget, lambda: [], torch.full((n,), 5.0, dtype=torch.float64),
-                           True, progress)
+                           True, sparsify)
 
 
 def test_a_branch_that_leads_the_second_window_is_not_removed():
@@ -51,18 +51,31 @@ def test_a_removed_branch_comes_back_while_sparsify_runs():
 
 
 def test_removals_are_frozen_once_the_ramp_is_complete():
-    """In sharpen and at the last, hard update no training follows to check a decision."""
+    """In sharpen and at the last, hard update no training follows to check a decision (the budget,
+    met by the branches left at their useful widths, needs none either)."""
     alloc = P3BAllocation(remove_below=0.05, patience=2)
     weak = [1.0] * 5 + [-0.05]
     for _ in range(3):
-        kappa = alloc.targets(_input(weak, progress=1.0))
+        kappa = alloc.targets(_input(weak, sparsify=False))
     assert not alloc.removed.any() and kappa[5] > 0
     for _ in range(2):
         alloc.targets(_input(weak))
     assert alloc.removed[5]
     for _ in range(10):  # evidence for it, but too late to bring it back
-        alloc.targets(_input([1.0] * 5 + [3.0], progress=1.0))
+        alloc.targets(_input([1.0] * 5 + [3.0], sparsify=False))
     assert alloc.removed[5]
+
+
+def test_after_sparsify_removals_settle_only_what_the_budget_needs():
+    """Branches left that cannot all fit the budget at their useful widths (6 × 5 units > 24): the
+    least important go once sparsify is over, down to what fits; no further decisions after that."""
+    alloc = P3BAllocation(remove_below=0.05, patience=2)
+    alloc.targets(_input([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], budget=0.04))
+    kappa = alloc.targets(_input([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], budget=0.04, sparsify=False))
+    assert alloc.removed.tolist() == [False] * 4 + [True] * 2 and alloc.settled
+    assert float((kappa * 100).sum()) == pytest.approx(24.0) and bool((kappa[:4] * 100 >= 5 - 1e-9).all())
+    alloc.targets(_input([0.1, 0.9, 0.8, 0.7, 0.6, 2.0], budget=0.04, sparsify=False))
+    assert alloc.removed.tolist() == [False] * 4 + [True] * 2
 
 
 def test_the_floor_loop_never_empties_the_model_or_misses_the_budget():

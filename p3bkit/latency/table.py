@@ -83,8 +83,14 @@ class LatencyTable:
 
     def branch_curve(self, kind: str, n: int) -> np.ndarray:
         """Cost of a branch keeping k = 0..n units (head dims at the model's head count, or hidden
-        units); non-decreasing, so the widest width at a given cost is the one to keep."""
-        raw = [self.branch_ms(kind, k) for k in range(n + 1)]
+        units); non-decreasing, so the widest width at a given cost is the one to keep.
+
+        A width between two measured ones costs the next measured one's time: runtimes cost in
+        blocks, and linear interpolation between grid points under-charged every width off the grid
+        (a latency budget then landed faster than asked). The allocation keeps the right edge of
+        each flat run, a measured width."""
+        points = self.head_dims if kind == "attn" else self.hidden
+        raw = [self.branch_ms(kind, _measured(points, k)) if k else 0.0 for k in range(n + 1)]
         return np.maximum.accumulate(np.asarray(raw, dtype=np.float64))
 
     @property
@@ -96,7 +102,9 @@ class LatencyTable:
         """Cost of an attention branch keeping h = 0..H heads of d = 0..head_dim dims, [H+1, d+1];
         non-decreasing along both axes (a dip is noise), 0 for a removed branch."""
         H, d = self.dims["num_heads"], self.dims["head_dim"]
-        grid = np.array([[self.branch_ms("attn", k, h) for k in range(d + 1)] for h in range(H + 1)])
+        snap = (lambda h: _measured(self.heads, h)) if self.has_head_axis else (lambda h: h)  # noqa: E731
+        grid = np.array([[self.branch_ms("attn", _measured(self.head_dims, k), snap(h)) if k and h else 0.0
+                          for k in range(d + 1)] for h in range(H + 1)])
         return np.maximum.accumulate(np.maximum.accumulate(grid, axis=0), axis=1)
 
     def predict(self, layers: list[dict] | None = None) -> float:
@@ -177,6 +185,12 @@ class LatencyTable:
                 or len(table.mlp_ms) != len(table.hidden):
             raise P3BError(f"{path}: malformed latency table (grid and values differ in size)")
         return table
+
+
+def _measured(points: list[int], width: int) -> int:
+    """The smallest measured width ≥ `width` (the widest measured one beyond the grid)."""
+    i = int(np.searchsorted(np.asarray(points), width, side="left"))
+    return int(points[min(i, len(points) - 1)])
 
 
 def isotonic(values: list[float]) -> np.ndarray:

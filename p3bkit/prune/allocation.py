@@ -23,13 +23,16 @@ from p3bkit.prune.importance import GATE_FACTORS, ImportanceEMA, block_importanc
 
 def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: float,
                          disabled: torch.Tensor | None = None, cap: torch.Tensor | None = None,
-                         floor: torch.Tensor | None = None) -> torch.Tensor:
+                         floor: torch.Tensor | None = None, minimum: torch.Tensor | None = None) -> torch.Tensor:
     """κ = clip(λ·I, 0, cap) with Σ κ·|W| = keep·Σ|W|; saturated branches fixed at their cap (1 by
     default), the rest re-solved until valid (Appendix A).
 
     Disabled branches are fixed at κ = 0; their share goes to the others. `floor` (a cost per
     branch) mirrors the clip at the cap: a branch whose κ·|W| falls below it is fixed at κ = 0 and
     the others are re-solved — it is removed rather than kept at a width too small to be useful.
+    `minimum` (a κ per branch) is the other answer to the same problem, for branches that stay: a
+    branch below it is fixed at it and the others re-solved, so the narrowest width a kept branch
+    can have is paid for inside the budget.
     """
     importance, sizes = importance.double().clamp(min=0), sizes.double()
     cap = torch.ones_like(sizes) if cap is None else cap.double()
@@ -49,6 +52,11 @@ def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: fl
         if over.any():
             kappa[over] = cap[over]
             free &= ~over
+            continue
+        low = free & (kappa < minimum.double()) if minimum is not None else torch.zeros_like(free)
+        if low.any():
+            kappa[low] = minimum.double()[low]
+            free &= ~low
             continue
         under = free & (kappa * sizes < floor) if floor is not None else torch.zeros_like(free)
         if not under.any():
@@ -88,7 +96,7 @@ class AllocationInput:
     curves: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]  # per branch: (scores best first, cost of top k)
     useful: torch.Tensor | None = None  # the smallest useful cost of each branch (below it: removed)
     full_window: bool = True  # the measurements average a whole update window
-    progress: float = 0.0  # of the sparsify ramp; at 1 (sharpen, the last update) removals are frozen
+    removals_open: bool = True  # while sparsify runs; after it (sharpen, the last update) removals are settled
 
 
 class Allocation:
@@ -143,8 +151,10 @@ class P3BAllocation(Allocation):
     carries the first window's weight for several updates), and `patience` such windows in a row
     remove it. Removal is reversible while sparsify runs: a removed branch still computes (its
     soft masks ramp down), is measured, and comes back when both put it at `restore_margin` times
-    its useful cost or more. Once the ramp is complete (sharpen, and the last, hard update) the
-    set of removed branches is frozen: no decision is made where no training follows to check it.
+    its useful cost or more. Once sparsify is over the set is settled, once: only if the branches
+    left could not meet the budget even at their smallest useful widths are the least important
+    of them removed (the budget is what the user asked for), and then it is frozen — no decision
+    is made in sharpen or at the last, hard update, where no training follows to check it.
     A removed branch ramps down like any other during sparsify. An emptied branch that may regrow
     (`--empty-blocks regrow`) comes back at most at its smallest useful width per update.
     """
@@ -165,6 +175,7 @@ class P3BAllocation(Allocation):
         self.ema_full = ImportanceEMA(ema_momentum)  # γ per full cost: the removal decision
         self.streak: torch.Tensor | None = None  # consecutive updates each branch was below its useful width
         self.removed: torch.Tensor | None = None
+        self.settled = False
 
     def _smoothed(self, ema: ImportanceEMA, imp: torch.Tensor, full_window: bool) -> torch.Tensor:
         """EMA of importance; a partial window (fewer steps than an update) never seeds it."""
@@ -179,12 +190,18 @@ class P3BAllocation(Allocation):
         n = len(inp.full)
         if self.removed is None:
             self.streak, self.removed = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
-        if self.remove_below > 0 and inp.useful is not None and inp.progress < 1:
-            self._decide_removals(inp, active)
+        if self.remove_below > 0 and inp.useful is not None:
+            if inp.removals_open:
+                self._decide_removals(inp, active)
+            elif not self.settled:
+                self._settle_removals(inp, active)
         regrowing = (inp.kept == 0) & active & ~self.removed
-        cap = torch.where(regrowing, (inp.useful if inp.useful is not None else inp.unit) / inp.full,
-                          torch.ones_like(inp.full))
-        return allocate_keep_ratios(imp, inp.full, inp.budget, inp.disabled | self.removed, cap=cap)
+        smallest = (inp.useful if inp.useful is not None else inp.unit) / inp.full
+        cap = torch.where(regrowing, smallest, torch.ones_like(inp.full))
+        # a branch that stays keeps at least its smallest useful width (the masks round κ·cost up to
+        # one unit anyway): paid for here, so the others meet the budget
+        minimum = smallest if self.remove_below > 0 else None
+        return allocate_keep_ratios(imp, inp.full, inp.budget, inp.disabled | self.removed, cap=cap, minimum=minimum)
 
     def _decide_removals(self, inp: AllocationInput, active: torch.Tensor) -> None:
         """Remove a branch after `patience` windows below its useful cost; restore one well above it.
@@ -202,14 +219,30 @@ class P3BAllocation(Allocation):
         back = self.removed & active & torch.stack([k >= self.restore_margin * inp.useful for k in kept]).all(0)
         self.removed &= ~back
 
+    def _settle_removals(self, inp: AllocationInput, active: torch.Tensor) -> None:
+        """After sparsify: remove the least important kept branches (γ per full cost, smoothed) while
+        the rest cannot fit the budget at their smallest useful widths; then no more decisions."""
+        self.settled = True
+        imp = self.ema_full.value if self.ema_full.value is not None else \
+            block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
+        kept = active & ~self.removed
+        budget = inp.budget * float(inp.full.sum())
+        for i in torch.argsort(imp.double(), stable=True).tolist():
+            if float(inp.useful[kept].sum()) <= budget or int(kept.sum()) <= 1:
+                break
+            if kept[i]:
+                kept[i] = False
+                self.removed[i] = True
+
     def state_dict(self) -> dict:
         return {"ema": self.ema.state_dict(), "ema_full": self.ema_full.state_dict(), "streak": self.streak,
-                "removed": self.removed}
+                "removed": self.removed, "settled": self.settled}
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.load_state_dict(state["ema"])
         self.ema_full.load_state_dict(state["ema_full"])
         self.streak, self.removed = state["streak"], state["removed"]
+        self.settled = state.get("settled", False)
 
 
 @register

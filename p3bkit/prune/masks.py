@@ -13,11 +13,12 @@ import torch
 
 
 def threshold_count(cost: torch.Tensor, target: float) -> int:
-    """The number of kept elements whose cost is closest to `target` (never above by > one step)."""
+    """The number of kept elements whose cost is closest to `target` (never above by > one step);
+    of counts that cost the same (a latency curve's flat runs), the largest."""
     below = int(torch.searchsorted(cost, torch.tensor(target, dtype=cost.dtype), right=True)) - 1
     below = max(below, 0)
     if below + 1 < cost.numel() and abs(cost[below + 1] - target) < abs(cost[below] - target):
-        return below + 1
+        return int(torch.searchsorted(cost, cost[below + 1], right=True)) - 1
     return below
 
 

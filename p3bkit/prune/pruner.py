@@ -134,15 +134,15 @@ class P3BPruner(nn.Module):
         order = torch.argsort(scores, descending=True, stable=True)
         return scores, order, self.costs.curve(i, gate_id[order])
 
-    def allocation_input(self, progress: float = 0.0) -> AllocationInput:
-        """What the allocation decides from; `progress` of the sparsify ramp (1: removals frozen)."""
+    def allocation_input(self, removals_open: bool = True) -> AllocationInput:
+        """What the allocation decides from; `removals_open` while sparsify runs."""
         count = self.delta_count.clamp(min=1)
 
         def curves():
             return [(scores[order], cost) for scores, order, cost in map(self._order, range(len(self.branches)))]
         return AllocationInput((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.costs.kept(),
                                self.costs.full, self.costs.unit, self.disabled.cpu(), self.block_keep, curves,
-                               self.costs.useful, int(self.delta_count) >= self.cfg.update_every, progress)
+                               self.costs.useful, int(self.delta_count) >= self.cfg.update_every, removals_open)
 
     @torch.no_grad()
     def record_measurements(self, delta_c: torch.Tensor, delta_p: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
@@ -168,7 +168,7 @@ class P3BPruner(nn.Module):
         disables = self.allocation.disables_empty
         if disables:
             self._disable_empty_branches()
-        target = self.allocation.targets(self.allocation_input(1.0 if step >= self.schedule.total else progress))
+        target = self.allocation.targets(self.allocation_input(phase == "sparsify" and step < self.schedule.total))
         self.kappa.copy_(ramp(target, progress, self.disabled.cpu() if disables else None))
         carry = 0.0  # rounding to whole units is carried on, through removed branches, so the sum meets the budget
         for i, kappa in enumerate(self.kappa.tolist()):
