@@ -1,0 +1,314 @@
+"""Accuracy at measured speed: P3B against Torch-Pruning, global magnitude and uniform, on digits.
+
+Per seed: a dense digits-vit trained by `p3bkit train` (30 epochs), then at every parameter budget
+(`--keeps`, fractions of all parameters kept, `--budget total`):
+
+- `p3b`: `p3bkit prune` with its defaults (whole heads + head dims + MLP hidden, branch removal),
+  `global-magnitude` and `uniform`: the same command with `--allocation global-magnitude|uniform`;
+  each fine-tuned by `p3bkit finetune` with its defaults (distilling from the dense model);
+  `p3b-nokd`: the P3B model fine-tuned with `--teacher none` (what the teacher adds).
+- `tp-taylor`, `tp-magnitude`: Torch-Pruning's ViT recipe on the same dense model — whole heads
+  (`prune_num_heads`, `num_heads` updated) and MLP hidden units, residual width kept, one ratio for
+  every layer, Group Taylor (gradients of 10 batches) or group L2-magnitude importance — at the
+  ratio whose parameter count comes closest to the budget; then the same fine-tune as `p3bkit
+  finetune` (recipe, epochs, stochastic depth, the dense teacher) through `p3bkit.train.fit`.
+
+Every model of a seed is exported like `p3bkit export` to OpenVINO and timed with the dense one,
+interleaved in one process (fp32, batch 1). Methods are compared at equal *measured* speedup:
+each method's mean top-1 is interpolated along its own front.
+
+    pip install -e '.[compare]'   # the peer: torch-pruning
+    python benchmarks/pareto.py --seeds 0 1 2 --threads 2      # ~35 min on 2 cores
+    python benchmarks/pareto.py --report                         # re-render md/png from the json
+Writes benchmarks/results/pareto_digits.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+RESULTS = Path(__file__).parent / "results"
+P3BKIT_METHODS = {"p3b": [], "global-magnitude": ["--allocation", "global-magnitude"],
+                  "uniform": ["--allocation", "uniform"]}
+TP_METHODS = ("tp-taylor", "tp-magnitude")
+METHODS = ("p3b", "p3b-nokd", "global-magnitude", "uniform", *TP_METHODS)
+
+
+def cli(args: list) -> str:
+    """Run a p3bkit command in this process, as a user would type it; its output, or the error raised."""
+    from p3bkit.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if res.exit_code != 0:
+        raise RuntimeError(f"p3bkit {' '.join(map(str, args))}: {res.output.strip()}")
+    return res.output
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- the peer: Torch-Pruning's ViT recipe ---------------------------------------------------------
+
+def tp_prune(dense: torch.nn.Module, ratio: float, importance: str, data) -> torch.nn.Module:
+    """A copy of `dense` pruned by Torch-Pruning: heads and MLP hidden units at `ratio`."""
+    import torch_pruning as tp
+    from timm.layers.attention import Attention
+
+    from p3bkit.data import make_loader
+
+    model = copy.deepcopy(dense).train()
+    heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, Attention)}
+    # heads and MLP widths only: the residual stream (patch embedding, proj / fc2 outputs) stays whole
+    ignored = [model.head, model.patch_embed.proj] + [b.attn.proj for b in model.blocks] + [b.mlp.fc2 for b in model.blocks]
+    imp = tp.importance.GroupTaylorImportance() if importance == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
+    x = torch.randn(1, *data.train[0][0].shape)
+    pruner = tp.pruner.MetaPruner(model, x, importance=imp, pruning_ratio=ratio, ignored_layers=ignored,
+                                  num_heads=heads, prune_num_heads=True, prune_head_dims=False,
+                                  head_pruning_ratio=min(ratio, 1 - 1 / max(heads.values())))  # ≥ 1 head per layer
+    if importance == "taylor":
+        model.zero_grad()
+        for i, (xb, yb) in enumerate(make_loader(data.train, 64, True, seed=0)):
+            if i == 10:
+                break
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+    for group in pruner.step(interactive=True):
+        group.prune()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.num_heads = pruner.num_heads[m.qkv]
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            m.attn_dim = m.num_heads * m.head_dim
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def tp_at_budget(dense: torch.nn.Module, keep: float, importance: str, data) -> torch.nn.Module:
+    """The Torch-Pruning model whose parameter count is closest to `keep` of the dense model's."""
+    target = keep * n_params(dense)
+    lo, hi, best = 0.0, 0.99, None
+    for _ in range(12):  # parameters fall with the ratio: bisect, keep the closest seen
+        mid = (lo + hi) / 2
+        model = tp_prune(dense, mid, importance, data)
+        if best is None or abs(n_params(model) - target) < abs(n_params(best) - target):
+            best = model
+        lo, hi = (mid, hi) if n_params(model) > target else (lo, mid)
+    return best
+
+
+def finetune_like_p3bkit(model: torch.nn.Module, teacher: torch.nn.Module, seed: int, epochs: int,
+                         drop_path: float = 0.1) -> float:
+    """What `p3bkit finetune` does to a pruned folder, for a model that is not one: the finetune
+    recipe, stochastic depth rising with depth over the branches, the dense teacher."""
+    from timm.layers import DropPath
+
+    from p3bkit.data import load_data_for
+    from p3bkit.train.distill import KD_TEMPERATURE, KD_WEIGHT
+    from p3bkit.train.fit import FitConfig, evaluate, fit
+    from p3bkit.train.recipes import choose_recipe, learning_rate, warmup_epochs
+
+    paths = [(blk, name) for blk in model.blocks for name in ("drop_path1", "drop_path2")]
+    for i, (blk, name) in enumerate(paths):
+        setattr(blk, name, DropPath(drop_path * i / (len(paths) - 1)) if i else torch.nn.Identity())
+    data = load_data_for(model, "digits", "auto", pretrained=True, say=None)
+    rate = learning_rate(choose_recipe("auto", weights_loaded=True), 64, None)
+    fit(model, data, FitConfig(epochs=epochs, batch_size=64, lr=rate.value, seed=seed, progress=False,
+                               warmup_epochs=warmup_epochs(epochs), watch_loss=False, teacher=teacher,
+                               kd_weight=KD_WEIGHT, kd_temperature=KD_TEMPERATURE))
+    for blk, name in paths:
+        setattr(blk, name, torch.nn.Identity())
+    return evaluate(model.eval(), data.val)
+
+
+# ---- one seed ---------------------------------------------------------------------------------------
+
+def run_seed(seed: int, keeps: list[float], work: Path, epochs: tuple[int, int]) -> tuple[list[dict], dict]:
+    """Every method at every budget for one seed: rows (accuracy, params) and the models to time."""
+    import p3bkit
+    from p3bkit.data import load_data
+    from p3bkit.train.fit import evaluate
+
+    dense_dir = work / f"dense_{seed}"
+    cli(["train", "--model", "digits-vit", "--epochs", epochs[0], "--seed", seed, "--no-progress", "-o", dense_dir])
+    dense = p3bkit.load(dense_dir)
+    data = load_data("digits")
+    rows = [{"method": "dense", "keep": 1.0, "seed": seed, "params": n_params(dense), "top1": evaluate(dense, data.val)}]
+    models = {"dense": dense}
+    for keep in keeps:
+        for method, flags in P3BKIT_METHODS.items():
+            run = work / f"{method}_{keep}_{seed}"
+            cli(["prune", "--model", dense_dir, "--keep", keep, *flags, "--seed", seed, "--no-progress", "-o", run])
+            s = json.loads((run / "summary.json").read_text())
+            variants = [(method, [])] + ([("p3b-nokd", ["--teacher", "none"])] if method == "p3b" else [])
+            for name, extra in variants:
+                out = work / f"{name}_{keep}_{seed}_ft"
+                cli(["finetune", run / "pruned", "--epochs", epochs[1], "--seed", seed, *extra, "--no-progress",
+                     "-o", out])
+                ft = json.loads((out / "finetune.json").read_text())
+                rows.append({"method": name, "keep": keep, "seed": seed, "params": s["params_stored"],
+                             "top1_pruned": s["val_acc_pruned"], "top1": ft["val_acc"], "arch": f"{method}_{keep}"})
+            models[f"{method}_{keep}"] = p3bkit.load(work / f"{method}_{keep}_{seed}_ft")
+        for method in TP_METHODS:
+            model = tp_at_budget(dense, keep, method.split("-")[1], data)
+            pruned_acc = evaluate(model, data.val)
+            top1 = finetune_like_p3bkit(model, dense, seed, epochs[1])
+            rows.append({"method": method, "keep": keep, "seed": seed, "params": n_params(model),
+                         "top1_pruned": pruned_acc, "top1": top1, "arch": f"{method}_{keep}"})
+            models[f"{method}_{keep}"] = model
+        print(f"seed {seed} keep {keep}: " + ", ".join(f"{r['method']} {r['top1']:.2f}" for r in rows if r["keep"] == keep),
+              flush=True)
+    return rows, models
+
+
+def time_models(models: dict[str, torch.nn.Module], threads: int, runs: int, work: Path) -> dict[str, float]:
+    """Median ms of every model on OpenVINO (exported like `p3bkit export`, fp32, batch 1), interleaved."""
+    from p3bkit.backends import get_backend
+    from p3bkit.backends.timing import BenchConfig, time_interleaved
+
+    backend = get_backend("openvino")
+    x = torch.randn(1, 1, 16, 16)
+    timed = [backend.time_module(m.eval(), x, work, whole=True, threads=threads) for m in models.values()]
+    lat = time_interleaved(timed, BenchConfig(runs=runs, threads=threads))
+    return {name: float(np.median(ms)) for name, ms in zip(models, lat)}
+
+
+# ---- results ----------------------------------------------------------------------------------------
+
+def front(rows: list[dict], method: str) -> list[tuple[float, float, float, float]]:
+    """(mean speedup, mean top-1, std top-1, keep) per budget of one method, fastest last."""
+    out = []
+    for keep in sorted({r["keep"] for r in rows if r["method"] == method}, reverse=True):
+        sel = [r for r in rows if r["method"] == method and r["keep"] == keep]
+        out.append((statistics.mean(r["speedup"] for r in sel), statistics.mean(r["top1"] for r in sel),
+                    statistics.pstdev(r["top1"] for r in sel), keep))
+    return sorted(out)
+
+
+def at_speedup(rows: list[dict], method: str, speedup: float) -> float | None:
+    """Mean top-1 of `method` interpolated at a measured speedup on its front (None outside it)."""
+    pts = front(rows, method)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if not xs or speedup < xs[0] or speedup > xs[-1]:
+        return None
+    return float(np.interp(speedup, xs, ys))
+
+
+def report(meta: dict) -> str:
+    rows = meta["rows"]
+    dense = [r for r in rows if r["method"] == "dense"]
+    lines = [f"# Accuracy at measured speed on digits\n", f"`{meta['command']}` ({meta['minutes']:.0f} min, {meta['machine']}).",
+             f"Dense digits-vit: {statistics.mean(r['top1'] for r in dense):.2f}% top-1 over {len(dense)} seeds, "
+             f"{statistics.mean(meta['dense_ms'].values()):.3f} ms on OpenVINO (fp32, batch 1, median). Budgets are "
+             "fractions of all parameters kept; speedup = the seed's dense time / the model's, timed interleaved "
+             "in one process; top-1 on the 360 validation images after the fine-tune (`p3bkit finetune` "
+             "defaults: finetune recipe, stochastic depth 0.1, distillation from the dense model, w 0.5, T 1; "
+             "`p3b-nokd`: `--teacher none`).\n",
+             "| method | kept | params | speedup (OpenVINO) | top-1 after prune | top-1 after fine-tune |", "|---|---|---|---|---|---|"]
+    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+        for keep in sorted({r["keep"] for r in rows if r["method"] == method}, reverse=True):
+            sel = [r for r in rows if r["method"] == method and r["keep"] == keep]
+            f = lambda k: f"{statistics.mean(r[k] for r in sel):.2f} ± {statistics.pstdev(r[k] for r in sel):.2f}"  # noqa: E731
+            lines.append(f"| {method} | {100 * keep:.0f}% | {statistics.mean(r['params'] for r in sel):,.0f} | "
+                         f"{statistics.mean(r['speedup'] for r in sel):.2f}× | {f('top1_pruned')} | {f('top1')} |")
+    lines += ["", "Mean top-1 at equal measured speedup (interpolated along each method's front; – outside it):", ""]
+    points = [s for s in (1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
+              if any(at_speedup(rows, m, s) is not None for m in METHODS if m != "p3b-nokd")]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows) and m != "p3b-nokd"]
+    lines += ["| speedup | " + " | ".join(methods) + " | P3B best? |", "|---|" + "---|" * (len(methods) + 1)]
+    for s in points:
+        vals = {m: at_speedup(rows, m, s) for m in methods}
+        known = {m: v for m, v in vals.items() if v is not None}
+        best = "–" if vals.get("p3b") is None else ("yes" if vals["p3b"] >= max(known.values()) - 1e-9 else "no")
+        lines.append(f"| {s:g}× | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals.values()) + f" | {best} |")
+    lines += ["", "What the teacher adds (same P3B models, paired per seed; points of top-1):", "",
+              "| kept | p3b (KD) − p3b-nokd | per seed |", "|---|---|---|"]
+    for keep in sorted({r["keep"] for r in rows if r["method"] == "p3b"}, reverse=True):
+        by = {(r["method"], r["seed"]): r["top1"] for r in rows if r["keep"] == keep}
+        d = [by[("p3b", s)] - by[("p3b-nokd", s)] for (m, s) in by if m == "p3b" and ("p3b-nokd", s) in by]
+        if d:
+            lines.append(f"| {100 * keep:.0f}% | {statistics.mean(d):+.2f} | {' '.join(f'{x:+.1f}' for x in d)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = meta["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+        pts = front(rows, method)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=method, ls="--" if method == "p3b-nokd" else "-")
+    dense = statistics.mean(r["top1"] for r in rows if r["method"] == "dense")
+    ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
+    ax.set_xlabel("measured speedup over dense (OpenVINO, fp32, batch 1)")
+    ax.set_ylabel("top-1 after fine-tune (%)")
+    ax.set_title(f"digits-vit: accuracy at measured speed ({len({r['seed'] for r in rows})} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def write(meta: dict, name: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(meta, indent=1))
+    text = report(meta)
+    (RESULTS / f"{name}.md").write_text(text)
+    plot(meta, RESULTS / f"{name}.png")
+    print(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--keeps", nargs="+", type=float, default=[0.5, 0.25, 0.12, 0.06])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=300, help="timed runs per model")
+    ap.add_argument("--epochs", nargs=2, type=int, default=(30, 8), help="dense training, fine-tune")
+    ap.add_argument("--name", default="pareto_digits")
+    ap.add_argument("--machine", help="recorded with the results (default: the CPU and core count read here)")
+    ap.add_argument("--report", action="store_true", help="only re-render the md/png from the json")
+    args = ap.parse_args()
+    if args.report:
+        meta = json.loads((RESULTS / f"{args.name}.json").read_text())
+        write(meta, args.name)
+        return
+    torch.set_num_threads(args.threads)
+    if args.machine is None:
+        from p3bkit.backends import machine_info
+
+        info = machine_info(args.threads)
+        args.machine = f"{info['cpu']}, {info['cores']} cores, OpenVINO {info['versions'].get('openvino')}"
+    t0 = time.time()
+    meta = {"command": f"python benchmarks/pareto.py --seeds {' '.join(map(str, args.seeds))} --keeps "
+                       f"{' '.join(map(str, args.keeps))} --epochs {' '.join(map(str, args.epochs))} --threads {args.threads} "
+                       f"--runs {args.runs}",
+            "machine": args.machine, "rows": [], "dense_ms": {}}
+    with tempfile.TemporaryDirectory(prefix="p3bkit-pareto-") as tmp:
+        work = Path(tmp)
+        for seed in args.seeds:
+            rows, models = run_seed(seed, args.keeps, work, tuple(args.epochs))
+            ms = time_models(models, args.threads, args.runs, work)
+            meta["dense_ms"][str(seed)] = ms["dense"]
+            for r in rows:
+                r["ms"] = ms[r.get("arch", "dense")]
+                r["speedup"] = ms["dense"] / r["ms"]
+            meta["rows"] += rows
+            meta["minutes"] = (time.time() - t0) / 60
+            write(meta, args.name)  # after every seed: a stopped run keeps what it measured
+
+
+if __name__ == "__main__":
+    main()
