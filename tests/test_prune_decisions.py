@@ -78,6 +78,24 @@ def test_after_sparsify_removals_settle_only_what_the_budget_needs():
     assert alloc.removed.tolist() == [False] * 4 + [True] * 2
 
 
+def test_removals_over_several_windows_never_leave_too_little_for_the_budget():
+    alloc = P3BAllocation(remove_below=0.05, patience=2)
+    for _ in range(2):
+        alloc.targets(_input([1.0, 1.0, 1.0, 1.0, -0.05, -0.05], budget=0.5))
+    assert alloc.removed.tolist() == [False] * 4 + [True] * 2
+    for _ in range(3):  # now two others look useless too: removing them would leave 200 for a budget of 300
+        kappa = alloc.targets(_input([-0.05, -0.05, 1.0, 1.0, -0.05, -0.05], budget=0.5))
+    assert int((~alloc.removed).sum()) * 100 >= 300
+    assert float((kappa * 100).sum()) == pytest.approx(300.0)
+
+
+def test_kept_branches_get_their_minimum_and_the_capped_ones_give_way():
+    """κ = clip(λ·I, minimum, cap) meets the budget: fixing the weak ones at their minimum lowers λ,
+    so the strong one comes down from its cap."""
+    kappa = allocate_keep_ratios(torch.tensor([10.0, 0.01, 0.01]), torch.ones(3), 0.5, minimum=torch.full((3,), 0.3))
+    assert kappa.tolist() == pytest.approx([0.9, 0.3, 0.3])
+
+
 def test_the_floor_loop_never_empties_the_model_or_misses_the_budget():
     """A budget between one unit and the removal floor: removing one branch after another would end
     with nothing kept; the last ones stay, narrower than the floor, and the budget is met."""

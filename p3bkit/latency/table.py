@@ -10,8 +10,9 @@ one machine (`p3bkit latency-table`, `p3bkit.latency.measure`):
 
 A pruned model is predicted as fixed + Σ branches (an emptied branch costs nothing), with linear
 interpolation between grid points. Batch-1 CPU latency is a staircase in width (oneDNN/MLAS
-blocking): `branch_curve` gives, per kept unit count, the cost the allocation works with, made
-non-decreasing so that widths just under the next step come for free.
+blocking): `branch_curve` and `attn_grid` give the cost the allocation works with, charging a width
+between two measured ones the next measured one's time (non-decreasing), so the width the
+allocation keeps for that cost is the measured one, where prediction and table agree.
 
 This module is plain data (no runtime imports): prune reads tables, `latency.measure` makes them.
 """

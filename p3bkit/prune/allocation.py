@@ -30,9 +30,10 @@ def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: fl
     Disabled branches are fixed at κ = 0; their share goes to the others. `floor` (a cost per
     branch) mirrors the clip at the cap: a branch whose κ·|W| falls below it is fixed at κ = 0 and
     the others are re-solved — it is removed rather than kept at a width too small to be useful.
-    `minimum` (a κ per branch) is the other answer to the same problem, for branches that stay: a
-    branch below it is fixed at it and the others re-solved, so the narrowest width a kept branch
-    can have is paid for inside the budget.
+    When the floor's removals would leave branches that cannot hold the budget, the loop stops: a
+    narrow branch beats missing the budget (or an empty model). `minimum` (a κ per branch) is the
+    other answer to the same problem, for branches that stay: κ = clip(λ·I, minimum, cap), so the
+    narrowest width a kept branch can have is paid for inside the budget (`_clipped`).
     """
     importance, sizes = importance.double().clamp(min=0), sizes.double()
     cap = torch.ones_like(sizes) if cap is None else cap.double()
@@ -41,6 +42,10 @@ def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: fl
     free = sizes > 0
     if disabled is not None:
         free &= ~disabled.bool()
+    if minimum is not None:
+        kappa[free] = _clipped(importance[free], sizes[free], float(budget), minimum.double()[free].minimum(cap[free]),
+                               cap[free])
+        return kappa.float()
     for _ in range(2 * len(importance) + 2):
         rest = budget - (kappa * sizes)[~free].sum()
         weight = (importance * sizes)[free].sum()
@@ -52,11 +57,6 @@ def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: fl
         if over.any():
             kappa[over] = cap[over]
             free &= ~over
-            continue
-        low = free & (kappa < minimum.double()) if minimum is not None else torch.zeros_like(free)
-        if low.any():
-            kappa[low] = minimum.double()[low]
-            free &= ~low
             continue
         under = free & (kappa * sizes < floor) if floor is not None else torch.zeros_like(free)
         if not under.any():
@@ -70,6 +70,31 @@ def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: fl
         kappa[worst] = 0.0
         free[worst] = False
     return kappa.clamp(min=0).minimum(cap).float()
+
+
+def _clipped(importance: torch.Tensor, sizes: torch.Tensor, budget: float, low: torch.Tensor,
+             high: torch.Tensor) -> torch.Tensor:
+    """κ = clip(λ·I, low, high) with Σ κ·|W| = budget, λ by bisection (Σ rises with λ). When even
+    the lows exceed the budget they are scaled down to it (a narrow branch beats missing it)."""
+    def total(lam: float) -> float:
+        return float((torch.maximum(torch.minimum(lam * importance, high), low) * sizes).sum())
+
+    if importance.numel() == 0:
+        return low
+    if float(importance.sum()) <= 0:  # no signal: spread by size, like the loop above
+        importance = torch.ones_like(importance)
+    floor_cost = float((low * sizes).sum())
+    if floor_cost >= budget:
+        return low * (budget / floor_cost) if floor_cost > 0 else low
+    if float((high * sizes).sum()) <= budget:
+        return high
+    lo, hi = 0.0, 1.0
+    while total(hi) < budget:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) < budget else (lo, mid)
+    return torch.maximum(torch.minimum(hi * importance, high), low)
 
 
 def ramp(target: torch.Tensor, progress: float, disabled: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,18 +240,30 @@ class P3BAllocation(Allocation):
                 for imp in (smooth, now.double())]
         below = (kept[0] == 0) & (kept[1] == 0) & active
         self.streak = torch.where(below & ~self.removed, self.streak + 1, torch.zeros_like(self.streak))
-        self.removed |= self.streak >= self.patience
-        back = self.removed & active & torch.stack([k >= self.restore_margin * inp.useful for k in kept]).all(0)
+        budget = inp.budget * float(inp.full.sum())
+        for i in torch.argsort(smooth, stable=True).tolist():  # least important first
+            stays = active & ~self.removed
+            stays[i] = False
+            if self.streak[i] >= self.patience and not self.removed[i] and float(inp.full[stays].sum()) >= budget:
+                self.removed[i] = True  # never past what the branches left can hold
+        restore_at = torch.minimum(self.restore_margin * inp.useful, inp.full)
+        back = self.removed & active & torch.stack([k >= restore_at for k in kept]).all(0)
         self.removed &= ~back
 
     def _settle_removals(self, inp: AllocationInput, active: torch.Tensor) -> None:
-        """After sparsify: remove the least important kept branches (γ per full cost, smoothed) while
-        the rest cannot fit the budget at their smallest useful widths; then no more decisions."""
+        """After sparsify: bring back the most important removed branches while the kept ones could
+        not hold the budget even at full width, remove the least important kept ones (γ per full cost,
+        smoothed) while they cannot fit it at their smallest useful widths; then no more decisions."""
         self.settled = True
         imp = self.ema_full.value if self.ema_full.value is not None else \
             block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
         kept = active & ~self.removed
         budget = inp.budget * float(inp.full.sum())
+        for i in torch.argsort(imp.double(), descending=True, stable=True).tolist():  # most important first
+            if float(inp.full[kept].sum()) >= budget:
+                break
+            if self.removed[i] and active[i]:  # removals over several windows left too little to hold the budget
+                kept[i], self.removed[i] = True, False
         for i in torch.argsort(imp.double(), stable=True).tolist():
             if float(inp.useful[kept].sum()) <= budget or int(kept.sum()) <= 1:
                 break

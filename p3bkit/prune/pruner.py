@@ -168,7 +168,10 @@ class P3BPruner(nn.Module):
         disables = self.allocation.disables_empty
         if disables:
             self._disable_empty_branches()
-        target = self.allocation.targets(self.allocation_input(phase == "sparsify" and step < self.schedule.total))
+        # removals stay open while the ramp runs (a decision at its last update, κ jumping to 0 with no
+        # window left to undo it, would not be reversible)
+        open_ = phase in ("warmup", "sparsify") and progress < 1 and step < self.schedule.total
+        target = self.allocation.targets(self.allocation_input(open_))
         self.kappa.copy_(ramp(target, progress, self.disabled.cpu() if disables else None))
         carry = 0.0  # rounding to whole units is carried on, through removed branches, so the sum meets the budget
         for i, kappa in enumerate(self.kappa.tolist()):
@@ -208,13 +211,15 @@ class P3BPruner(nn.Module):
             return self._update_heads(i, kappa, tau, carry)
         scores, order, cost = self._order(i)
         n = scores.numel()
-        target = max(kappa * float(cost[-1]) + carry, float(cost[cost > 0].min())) if kappa > 0 else 0.0
+        raw = kappa * float(cost[-1]) + carry  # what the branch should cost; its debt passes on
+        positive = cost[cost > 0]
+        target = max(raw, float(positive.min()) if positive.numel() else 0.0) if kappa > 0 else 0.0
         keep_count = threshold_count(cost, target)
         values = torch.empty(n)
         values[order.flip(0)] = soft_mask_values(n, n - keep_count, tau, self.cfg.m_ref)
         for gate, part in zip(gates.values(), values.split([g.size for g in gates.values()])):
             gate.mask.copy_(part.to(gate.mask.device))
-        return target - float(cost[keep_count]) if kappa > 0 else carry
+        return raw - float(cost[keep_count]) if kappa > 0 else carry
 
     def _update_heads(self, i: int, kappa: float, tau: float, carry: float) -> float:
         """Attention with whole heads: the (heads, head dims) pair within κ·cost (+ `carry`) that keeps
@@ -224,7 +229,8 @@ class P3BPruner(nn.Module):
         scores = self.allocation.local_scores(self.branches[i]).split([g.size for g in gates.values()])
         mass = self.allocation.gate_masses(self.branches[i])
         grid = self.costs.grid(i)
-        target = max(kappa * float(grid[-1, -1]) + carry, float(grid[1, 1])) if kappa > 0 else 0.0
+        raw = kappa * float(grid[-1, -1]) + carry
+        target = max(raw, float(grid[1, 1])) if kappa > 0 else 0.0
         orders = {name: torch.argsort(s, descending=True, stable=True) for name, s in zip(gates, scores)}
         kept = {name: _kept_fraction(mass[name][orders[name]]) for name in gates}
         value = kept["heads"].pow(self.cfg.head_weight).unsqueeze(1) * kept["head_dim"].unsqueeze(0)
@@ -240,7 +246,7 @@ class P3BPruner(nn.Module):
             # a handful of heads: the 0.5 point between the last kept head and the first pruned one
             values[orders[name].flip(0)] = soft_mask_values(n, n - count, tau, self.cfg.m_ref, between=name == "heads")
             gates[name].mask.copy_(values.to(gates[name].mask.device))
-        return target - float(grid[h, d]) if kappa > 0 else carry
+        return raw - float(grid[h, d]) if kappa > 0 else carry
 
     # ---- reporting and state ---------------------------------------------------------------------
 
