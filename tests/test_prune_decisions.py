@@ -131,15 +131,18 @@ def test_the_blocks_budget_counts_a_removed_branchs_norms_out():
         assert pr.total_keep_ratio() * pr.params.total_params == pytest.approx(stored), scope
 
 
-def _heads_pruner(ratios: list[float]) -> P3BPruner:
+def _heads_pruner(ratios: list[float], floor: float = 0.5) -> P3BPruner:
     gated = p3bkit.add_gates(tiny_model(), "heads")
-    return P3BPruner(gated, P3BConfig(keep_ratios=ratios, update_every=1, tau=0.1), Schedule(0, 4, 4))
+    return P3BPruner(gated, P3BConfig(keep_ratios=ratios, update_every=1, tau=0.1, head_score_floor=floor),
+                     Schedule(0, 4, 4))
 
 
-def test_a_pruned_head_given_five_times_the_gradient_comes_back():
+@pytest.mark.parametrize("floor,back", [(0.5, True), (1.0, True), (0.0, False)])
+def test_a_pruned_head_given_five_times_the_gradient_comes_back(floor, back):
     """Head 0 is pruned (its soft mask a few percent); over the next window its mask gradient is 5×
-    every other head's: the next update keeps it. Ranked by (m·∂L/∂m)² it would score 5²·m² ≪ 1."""
-    pr = _heads_pruner([0.6] * 6)
+    every other head's: the next update keeps it. Ranked by the paper's (m·∂L/∂m)² (floor 0) it
+    scores 5²·m² ≪ 1 and never returns."""
+    pr = _heads_pruner([0.6] * 6, floor)
     gate = pr.gated.gates["blocks.0.attn.heads"]
     gate.record(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 1.0]))
     for g in pr.gated.gates.values():
@@ -154,7 +157,7 @@ def test_a_pruned_head_given_five_times_the_gradient_comes_back():
         if g is not gate:
             g.record(torch.ones(g.size), torch.ones(g.size))
     pr.update_masks(step=3)
-    assert gate.mask[0] > 0.5, f"pruned head (mask {m0:.3f}) did not come back"
+    assert bool(gate.mask[0] > 0.5) is back, f"pruned head (mask {m0:.3f}), floor {floor}"
 
 
 def test_head_masks_put_the_half_point_between_heads():

@@ -29,10 +29,10 @@ def _cli(args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_head_gate_scores_are_the_taylor_scores_of_whole_heads_at_full_strength():
-    """The head gate ranks whole heads by (1·∂L/∂m)², autograd's mask gradient at the current masks:
-    the loss change of switching a head fully on or off, whatever its soft mask is now; the
-    other gates keep the paper's (m·∂L/∂m)²."""
+def test_head_gate_scores_are_the_taylor_scores_of_whole_heads_at_half_strength_or_more():
+    """The head gate ranks whole heads by (max(m, ½)·∂L/∂m)², autograd's mask gradient at the current
+    masks: a pruned head counts as if at the threshold's strength, whatever its soft mask is now;
+    the other gates keep the paper's (m·∂L/∂m)²."""
     gated = p3bkit.add_gates(tiny_model(), "heads")
     gate, dims = gated.model.blocks[1].attn.gate_heads, gated.model.blocks[1].attn.gate_head_dim
     gate.track = dims.track = True
@@ -40,7 +40,7 @@ def test_head_gate_scores_are_the_taylor_scores_of_whole_heads_at_full_strength(
     d = torch.linspace(0.2, 1.0, dims.size).requires_grad_(True)
     gate.mask, dims.mask = m, d  # the same buffers, as leaves autograd can differentiate
     gated(X).pow(2).sum().backward()
-    assert torch.allclose(gate.scores(), m.grad.pow(2), rtol=1e-4, atol=1e-8)
+    assert torch.allclose(gate.scores(), (m.clamp(min=0.5) * m.grad).detach().pow(2), rtol=1e-4, atol=1e-8)
     assert torch.allclose(dims.scores(), (d * d.grad).detach().pow(2), rtol=1e-4, atol=1e-8)
 
 

@@ -31,19 +31,23 @@ STRUCTURE_GATES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+HEAD_SCORE_FLOOR = 0.5  # the head gate's `score_floor` (P3BConfig.head_score_floor sets it per run)
+
+
 class Gate(nn.Module):
     """Multiplies one axis (the last by default) by `mask`; optionally accumulates Taylor scores.
 
-    `restorable`: score each element as if its mask were 1, (1·∂L/∂m)², the first-order loss change
-    of switching it fully on or off. For a gate of a few elements (heads) a pruned element sits at
-    a small soft-mask value for the whole soft phase; its (m·∂L/∂m)² shrinks with m² and it could
-    never come back, although ∂L/∂m (the activation times the gradient behind the gate, whatever
-    the mask) still measures what it would bring.
+    `score_floor` f: score each element as if its mask were at least f, (max(m, f)·∂L/∂m)² (0: the
+    paper's (m·∂L/∂m)²; 1: what it would bring fully on). For a gate of a few elements (heads) a
+    pruned element sits at a small soft-mask value for the whole soft phase; its (m·∂L/∂m)² shrinks
+    with m² and it could never come back, although ∂L/∂m (the activation times the gradient behind
+    the gate, whatever the mask) still measures what it would bring. At f = ½ (the threshold's mask
+    value) a pruned head returns once its gradient is twice a kept one's.
     """
 
-    def __init__(self, size: int, axis: int = -1, restorable: bool = False) -> None:
+    def __init__(self, size: int, axis: int = -1, score_floor: float = 0.0) -> None:
         super().__init__()
-        self.size, self.axis, self.restorable = size, axis, restorable
+        self.size, self.axis, self.score_floor = size, axis, score_floor
         self.register_buffer("mask", torch.ones(size))
         self.register_buffer("score_sum", torch.zeros(size))
         self.register_buffer("grad_sum", torch.zeros(size))
@@ -59,9 +63,10 @@ class Gate(nn.Module):
         self.score_count.zero_()
 
     def scores(self) -> torch.Tensor:
-        """Mean Taylor score (m·∂L/∂m)² since the last reset; (∂L/∂m)² for a restorable gate."""
-        if self.restorable:
-            return self.tiebreak()
+        """Mean Taylor score (m·∂L/∂m)² since the last reset; (max(m, f)·∂L/∂m)² with a score floor f
+        (masks change only at mask updates, so m is constant over the window)."""
+        if self.score_floor > 0:
+            return self.mask.clamp(min=self.score_floor).pow(2) * self.tiebreak()
         return self.score_sum / self.score_count.clamp(min=1)
 
     def tiebreak(self) -> torch.Tensor:
@@ -118,7 +123,7 @@ class GatedAttention(nn.Module):
         self.gate_in = _gate_or_identity(names, "in", dim)
         # whole heads: on each head's attention output (B, N, H, d), so a zero removes the head's
         # q, k, v rows and proj columns together (its softmax no longer matters)
-        self.gate_heads = Gate(self.num_heads, axis=-2, restorable=True) if "heads" in names else nn.Identity()
+        self.gate_heads = Gate(self.num_heads, axis=-2, score_floor=HEAD_SCORE_FLOOR) if "heads" in names else nn.Identity()
         self.gate_head_dim = Gate(self.head_dim)
         self.gate_out = _gate_or_identity(names, "out", dim_out)
 

@@ -42,3 +42,4 @@ class P3BConfig:
     removal_patience: int = 2  # ... for this many consecutive mask updates
     bpi_fraction: float = 0.125  # the share of each batch the indicators see (ΔΨ is an average anyway)
     head_weight: float = 1.0  # how much more a kept fraction of head importance counts than one of head-dim importance
+    head_score_floor: float = 0.5  # heads are scored as if their mask were at least this (models.gates.Gate)

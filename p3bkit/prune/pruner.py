@@ -44,8 +44,10 @@ class P3BPruner(nn.Module):
         self.register_buffer("disabled", torch.zeros(n, dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.optimizer = torch.optim.AdamW(self._param_groups(lr_scale), foreach=True)  # one op per group, not per tensor
-        for gate in gated.gates.values():
+        for name, gate in gated.gates.items():
             gate.track = True
+            if name.endswith(".heads"):
+                gate.score_floor = cfg.head_score_floor
         self._fwd = {"model": gated, "bpi": self.bpi}  # DDP wrappers under torchrun (not submodules)
 
     @property
@@ -148,7 +150,7 @@ class P3BPruner(nn.Module):
     def record_measurements(self, delta_c: torch.Tensor, delta_p: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
         """Measurements from outside the training loop (latency checks, tests): one step's ΔΨ per
         branch and Taylor scores per gate (`scores`, keyed like `gated.gates`), which stand for the
-        scores at full strength too (what a restorable gate ranks by)."""
+        squared mask gradients too (what a gate with a score floor ranks by)."""
         self.delta_c += delta_c.to(self.delta_c)
         self.delta_p += delta_p.to(self.delta_p)
         self.delta_count += 1
