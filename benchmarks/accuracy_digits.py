@@ -58,9 +58,10 @@ METHODS = {
     "p3b-heads-hw4": {"structure": "heads", "allocation": "p3b", "remove_below": 0.05, "head_weight": 4.0},
     "p3b-heads-remove10": {"structure": "heads", "allocation": "p3b", "remove_below": 0.10},
     "p3b-inner-remove10": {"structure": "inner", "allocation": "p3b", "remove_below": 0.10},
-    # how a pruned head is scored: the paper's (m·∂L/∂m)² (floor 0), fully on (floor 1); the default is ½
-    "p3b-heads-floor0": {"structure": "heads", "allocation": "p3b", "remove_below": 0.05, "head_score_floor": 0.0},
+    # how a pruned head is scored, (max(m, f)·∂L/∂m)²: the default (p3b-heads) is the paper's, f = 0
+    "p3b-heads-floor50": {"structure": "heads", "allocation": "p3b", "remove_below": 0.05, "head_score_floor": 0.5},
     "p3b-heads-floor1": {"structure": "heads", "allocation": "p3b", "remove_below": 0.05, "head_score_floor": 1.0},
+    "p3b-heads-floor25": {"structure": "heads", "allocation": "p3b", "remove_below": 0.05, "head_score_floor": 0.25},
 }
 DEFAULT_METHODS = ["p3b-heads", "p3b-inner", "p3b", "uniform", "global-magnitude", "p3b-heads-fullbpi"]
 QUICK = RECIPES["quick"]
@@ -72,7 +73,7 @@ def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> 
                     allocation=m["allocation"], frozen=m.get("frozen", False), ema_momentum=m.get("ema_momentum", 0.2),
                     alpha=m.get("alpha", 0.5), bpi_class_head=m.get("bpi_class_head", "linear"),
                     remove_below=m.get("remove_below", 0.0), bpi_fraction=m.get("bpi_fraction", 0.125),
-                    head_weight=m.get("head_weight", 1.0), head_score_floor=m.get("head_score_floor", 0.5),
+                    head_weight=m.get("head_weight", 1.0), head_score_floor=m.get("head_score_floor", 0.0),
                     lr_model=QUICK.lr,
                     lr_bpi=QUICK.lr_bpi)
     epochs = (m.get("warmup", args.epochs[0]), *args.epochs[1:])

@@ -29,18 +29,21 @@ def _cli(args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_head_gate_scores_are_the_taylor_scores_of_whole_heads_at_half_strength_or_more():
-    """The head gate ranks whole heads by (max(m, ½)·∂L/∂m)², autograd's mask gradient at the current
-    masks: a pruned head counts as if at the threshold's strength, whatever its soft mask is now;
-    the other gates keep the paper's (m·∂L/∂m)²."""
+@pytest.mark.parametrize("floor", [0.0, 0.5])
+def test_head_gate_scores_are_the_taylor_scores_of_whole_heads(floor):
+    """The head gate ranks whole heads by (max(m, f)·∂L/∂m)², autograd's mask gradient at the current
+    masks (f = 0 by default: the paper's (m·∂L/∂m)²; f = ½ counts a pruned head at the threshold's
+    strength); the other gates keep the paper's (m·∂L/∂m)²."""
     gated = p3bkit.add_gates(tiny_model(), "heads")
     gate, dims = gated.model.blocks[1].attn.gate_heads, gated.model.blocks[1].attn.gate_head_dim
+    assert gate.score_floor == 0.0
     gate.track = dims.track = True
+    gate.score_floor = floor
     m = torch.tensor([1.0, 0.7, 0.3], requires_grad=True)
     d = torch.linspace(0.2, 1.0, dims.size).requires_grad_(True)
     gate.mask, dims.mask = m, d  # the same buffers, as leaves autograd can differentiate
     gated(X).pow(2).sum().backward()
-    assert torch.allclose(gate.scores(), (m.clamp(min=0.5) * m.grad).detach().pow(2), rtol=1e-4, atol=1e-8)
+    assert torch.allclose(gate.scores(), (m.clamp(min=floor) * m.grad).detach().pow(2), rtol=1e-4, atol=1e-8)
     assert torch.allclose(dims.scores(), (d * d.grad).detach().pow(2), rtol=1e-4, atol=1e-8)
 
 

@@ -31,7 +31,7 @@ STRUCTURE_GATES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-HEAD_SCORE_FLOOR = 0.5  # the head gate's `score_floor` (P3BConfig.head_score_floor sets it per run)
+HEAD_SCORE_FLOOR = 0.0  # the head gate's `score_floor` (P3BConfig.head_score_floor sets it per run)
 
 
 class Gate(nn.Module):
@@ -42,7 +42,8 @@ class Gate(nn.Module):
     pruned element sits at a small soft-mask value for the whole soft phase; its (m·∂L/∂m)² shrinks
     with m² and it could never come back, although ∂L/∂m (the activation times the gradient behind
     the gate, whatever the mask) still measures what it would bring. At f = ½ (the threshold's mask
-    value) a pruned head returns once its gradient is twice a kept one's.
+    value) a pruned head returns once its gradient is twice a kept one's; the head gate's default is
+    0 all the same, because it won on accuracy (`P3BConfig.head_score_floor`).
     """
 
     def __init__(self, size: int, axis: int = -1, score_floor: float = 0.0) -> None:

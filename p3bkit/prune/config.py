@@ -42,4 +42,7 @@ class P3BConfig:
     removal_patience: int = 2  # ... for this many consecutive mask updates
     bpi_fraction: float = 0.125  # the share of each batch the indicators see (ΔΨ is an average anyway)
     head_weight: float = 1.0  # how much more a kept fraction of head importance counts than one of head-dim importance
-    head_score_floor: float = 0.5  # heads are scored as if their mask were at least this (models.gates.Gate)
+    # heads are scored as if their mask were at least this (models.gates.Gate): ½ lets a pruned head come
+    # back once its gradient is twice a kept one's, but lost 0.4–0.8 points at 90% on digits (5 seeds:
+    # benchmarks/results/accuracy_digits_decisions.md); 0, the paper's (m·∂L/∂m)², won there
+    head_score_floor: float = 0.0
