@@ -1,24 +1,27 @@
 """Accuracy at measured speed: P3B against Torch-Pruning, global magnitude and uniform, on digits.
 
-Per seed: a dense digits-vit trained by `p3bkit train` (30 epochs), then at every parameter budget
-(`--keeps`, fractions of all parameters kept, `--budget total`):
+First an OpenVINO latency table of digits-vit (`p3bkit latency-table --check 10`); then per seed a
+dense digits-vit trained by `p3bkit train` (30 epochs), and:
 
-- `p3b`: `p3bkit prune` with its defaults (whole heads + head dims + MLP hidden, branch removal),
-  `global-magnitude` and `uniform`: the same command with `--allocation global-magnitude|uniform`;
-  each fine-tuned by `p3bkit finetune` with its defaults (distilling from the dense model);
-  `p3b-nokd`: the P3B model fine-tuned with `--teacher none` (what the teacher adds).
+- `p3b-speedup`: `p3bkit prune --target-speedup S --latency-table T` with its defaults (whole heads
+  + head dims + MLP hidden, branch removal) at every `--speedups` S — how P3B is meant to be used
+  for speed;
+- `p3b`, `global-magnitude`, `uniform`: `p3bkit prune --keep K` (all parameters, `--budget total`),
+  with `--allocation global-magnitude|uniform` for the latter two, at every `--keeps` K;
 - `tp-taylor`, `tp-magnitude`: Torch-Pruning's ViT recipe on the same dense model — whole heads
   (`prune_num_heads`, `num_heads` updated) and MLP hidden units, residual width kept, one ratio for
   every layer, Group Taylor (gradients of 10 batches) or group L2-magnitude importance — at the
-  ratio whose parameter count comes closest to the budget; then the same fine-tune as `p3bkit
-  finetune` (recipe, epochs, stochastic depth, the dense teacher) through `p3bkit.train.fit`.
+  ratio whose parameter count comes closest to K.
 
-Every model of a seed is exported like `p3bkit export` to OpenVINO and timed with the dense one,
-interleaved in one process (fp32, batch 1). Methods are compared at equal *measured* speedup:
-each method's mean top-1 is interpolated along its own front.
+Every model is fine-tuned like `p3bkit finetune` with its defaults (the Torch-Pruning ones through
+`p3bkit.train.fit` with the same recipe, epochs and stochastic depth); `p3b-kd` is the `p3b` model
+fine-tuned with `--teacher auto` instead (what distilling from the dense model adds). Every model
+of a seed is exported like `p3bkit export` to OpenVINO and timed with the dense one, interleaved
+in one process (fp32, batch 1). Methods are compared at equal *measured* speedup: each method's
+mean top-1 is interpolated along its own front.
 
     pip install -e '.[compare]'   # the peer: torch-pruning
-    python benchmarks/pareto.py --seeds 0 1 2 --threads 2      # ~35 min on 2 cores
+    python benchmarks/pareto.py --seeds 0 1 2 --threads 2      # ~30 min on 2 cores
     python benchmarks/pareto.py --report                         # re-render md/png from the json
 Writes benchmarks/results/pareto_digits.{json,md,png}.
 """
@@ -40,7 +43,7 @@ RESULTS = Path(__file__).parent / "results"
 P3BKIT_METHODS = {"p3b": [], "global-magnitude": ["--allocation", "global-magnitude"],
                   "uniform": ["--allocation", "uniform"]}
 TP_METHODS = ("tp-taylor", "tp-magnitude")
-METHODS = ("p3b", "p3b-nokd", "global-magnitude", "uniform", *TP_METHODS)
+METHODS = ("p3b-speedup", "p3b", "p3b-kd", "global-magnitude", "uniform", *TP_METHODS)
 
 
 def cli(args: list) -> str:
@@ -105,10 +108,10 @@ def tp_at_budget(dense: torch.nn.Module, keep: float, importance: str, data) -> 
     return best
 
 
-def finetune_like_p3bkit(model: torch.nn.Module, teacher: torch.nn.Module, seed: int, epochs: int,
+def finetune_like_p3bkit(model: torch.nn.Module, teacher: torch.nn.Module | None, seed: int, epochs: int,
                          drop_path: float = 0.1) -> float:
     """What `p3bkit finetune` does to a pruned folder, for a model that is not one: the finetune
-    recipe, stochastic depth rising with depth over the branches, the dense teacher."""
+    recipe, stochastic depth rising with depth over the branches (and a teacher if given)."""
     from timm.layers import DropPath
 
     from p3bkit.data import load_data_for
@@ -131,7 +134,26 @@ def finetune_like_p3bkit(model: torch.nn.Module, teacher: torch.nn.Module, seed:
 
 # ---- one seed ---------------------------------------------------------------------------------------
 
-def run_seed(seed: int, keeps: list[float], work: Path, epochs: tuple[int, int]) -> tuple[list[dict], dict]:
+def p3bkit_point(method: str, point: str, budget: list, dense_dir: Path, seed: int, work: Path, epochs: tuple[int, int],
+                 flags: list) -> tuple[list[dict], Path]:
+    """`p3bkit prune` at one budget, then `p3bkit finetune` with its defaults (and, for P3B by
+    parameters, once more with the dense teacher): rows and the fine-tuned folder to time."""
+    run = work / f"{method}_{point}_{seed}"
+    cli(["prune", "--model", dense_dir, *budget, *flags, "--seed", seed, "--no-progress", "-o", run])
+    s = json.loads((run / "summary.json").read_text())
+    rows = []
+    variants = [(method, [])] + ([("p3b-kd", ["--teacher", "auto"])] if method == "p3b" else [])
+    for name, extra in variants:
+        out = work / f"{name}_{point}_{seed}_ft"
+        cli(["finetune", run / "pruned", "--epochs", epochs[1], "--seed", seed, *extra, "--no-progress", "-o", out])
+        ft = json.loads((out / "finetune.json").read_text())
+        rows.append({"method": name, "point": point, "seed": seed, "params": s["params_stored"],
+                     "top1_pruned": s["val_acc_pruned"], "top1": ft["val_acc"], "arch": f"{method}_{point}"})
+    return rows, work / f"{method}_{point}_{seed}_ft"
+
+
+def run_seed(seed: int, keeps: list[float], speedups: list[float], table: Path | None, work: Path,
+             epochs: tuple[int, int]) -> tuple[list[dict], dict]:
     """Every method at every budget for one seed: rows (accuracy, params) and the models to time."""
     import p3bkit
     from p3bkit.data import load_data
@@ -141,31 +163,29 @@ def run_seed(seed: int, keeps: list[float], work: Path, epochs: tuple[int, int])
     cli(["train", "--model", "digits-vit", "--epochs", epochs[0], "--seed", seed, "--no-progress", "-o", dense_dir])
     dense = p3bkit.load(dense_dir)
     data = load_data("digits")
-    rows = [{"method": "dense", "keep": 1.0, "seed": seed, "params": n_params(dense), "top1": evaluate(dense, data.val)}]
+    rows = [{"method": "dense", "point": "dense", "seed": seed, "params": n_params(dense), "top1": evaluate(dense, data.val)}]
     models = {"dense": dense}
+    for speedup in speedups if table else ():
+        point = f"{speedup:g}x"
+        got, folder = p3bkit_point("p3b-speedup", point, ["--target-speedup", speedup, "--latency-table", table,
+                                                          "--accept-table-error"], dense_dir, seed, work, epochs, [])
+        rows += got
+        models[f"p3b-speedup_{point}"] = p3bkit.load(folder)
     for keep in keeps:
+        point = f"{keep:g}"
         for method, flags in P3BKIT_METHODS.items():
-            run = work / f"{method}_{keep}_{seed}"
-            cli(["prune", "--model", dense_dir, "--keep", keep, *flags, "--seed", seed, "--no-progress", "-o", run])
-            s = json.loads((run / "summary.json").read_text())
-            variants = [(method, [])] + ([("p3b-nokd", ["--teacher", "none"])] if method == "p3b" else [])
-            for name, extra in variants:
-                out = work / f"{name}_{keep}_{seed}_ft"
-                cli(["finetune", run / "pruned", "--epochs", epochs[1], "--seed", seed, *extra, "--no-progress",
-                     "-o", out])
-                ft = json.loads((out / "finetune.json").read_text())
-                rows.append({"method": name, "keep": keep, "seed": seed, "params": s["params_stored"],
-                             "top1_pruned": s["val_acc_pruned"], "top1": ft["val_acc"], "arch": f"{method}_{keep}"})
-            models[f"{method}_{keep}"] = p3bkit.load(work / f"{method}_{keep}_{seed}_ft")
+            got, folder = p3bkit_point(method, point, ["--keep", keep], dense_dir, seed, work, epochs, flags)
+            rows += got
+            models[f"{method}_{point}"] = p3bkit.load(folder)
         for method in TP_METHODS:
             model = tp_at_budget(dense, keep, method.split("-")[1], data)
             pruned_acc = evaluate(model, data.val)
-            top1 = finetune_like_p3bkit(model, dense, seed, epochs[1])
-            rows.append({"method": method, "keep": keep, "seed": seed, "params": n_params(model),
-                         "top1_pruned": pruned_acc, "top1": top1, "arch": f"{method}_{keep}"})
-            models[f"{method}_{keep}"] = model
-        print(f"seed {seed} keep {keep}: " + ", ".join(f"{r['method']} {r['top1']:.2f}" for r in rows if r["keep"] == keep),
-              flush=True)
+            top1 = finetune_like_p3bkit(model, None, seed, epochs[1])
+            rows.append({"method": method, "point": point, "seed": seed, "params": n_params(model),
+                         "top1_pruned": pruned_acc, "top1": top1, "arch": f"{method}_{point}"})
+            models[f"{method}_{point}"] = model
+        print(f"seed {seed} keep {keep}: " + ", ".join(f"{r['method']} {r['top1']:.2f}" for r in rows
+                                                        if r["point"] == point), flush=True)
     return rows, models
 
 
@@ -183,13 +203,23 @@ def time_models(models: dict[str, torch.nn.Module], threads: int, runs: int, wor
 
 # ---- results ----------------------------------------------------------------------------------------
 
-def front(rows: list[dict], method: str) -> list[tuple[float, float, float, float]]:
-    """(mean speedup, mean top-1, std top-1, keep) per budget of one method, fastest last."""
+def points_of(rows: list[dict], method: str) -> list[str]:
+    """The operating points of a method: parameter budgets (largest first), then asked speedups."""
+    pts = {r["point"] for r in rows if r["method"] == method}
+    return sorted(pts, key=lambda p: (p.endswith("x"), -float(p.rstrip("x")) if not p.endswith("x") else float(p[:-1])))
+
+
+def label(point: str) -> str:
+    return f"{point[:-1]}× asked" if point.endswith("x") else f"{100 * float(point):g}% kept"
+
+
+def front(rows: list[dict], method: str) -> list[tuple[float, float, float, str]]:
+    """(mean speedup, mean top-1, std top-1, point) per operating point of one method, fastest last."""
     out = []
-    for keep in sorted({r["keep"] for r in rows if r["method"] == method}, reverse=True):
-        sel = [r for r in rows if r["method"] == method and r["keep"] == keep]
+    for point in points_of(rows, method):
+        sel = [r for r in rows if r["method"] == method and r["point"] == point]
         out.append((statistics.mean(r["speedup"] for r in sel), statistics.mean(r["top1"] for r in sel),
-                    statistics.pstdev(r["top1"] for r in sel), keep))
+                    statistics.pstdev(r["top1"] for r in sel), point))
     return sorted(out)
 
 
@@ -205,37 +235,40 @@ def at_speedup(rows: list[dict], method: str, speedup: float) -> float | None:
 def report(meta: dict) -> str:
     rows = meta["rows"]
     dense = [r for r in rows if r["method"] == "dense"]
-    lines = [f"# Accuracy at measured speed on digits\n", f"`{meta['command']}` ({meta['minutes']:.0f} min, {meta['machine']}).",
+    lines = ["# Accuracy at measured speed on digits\n", f"`{meta['command']}` ({meta['minutes']:.0f} min, {meta['machine']}).",
              f"Dense digits-vit: {statistics.mean(r['top1'] for r in dense):.2f}% top-1 over {len(dense)} seeds, "
-             f"{statistics.mean(meta['dense_ms'].values()):.3f} ms on OpenVINO (fp32, batch 1, median). Budgets are "
-             "fractions of all parameters kept; speedup = the seed's dense time / the model's, timed interleaved "
-             "in one process; top-1 on the 360 validation images after the fine-tune (`p3bkit finetune` "
-             "defaults: finetune recipe, stochastic depth 0.1, distillation from the dense model, w 0.5, T 1; "
-             "`p3b-nokd`: `--teacher none`).\n",
-             "| method | kept | params | speedup (OpenVINO) | top-1 after prune | top-1 after fine-tune |", "|---|---|---|---|---|---|"]
+             f"{statistics.mean(meta['dense_ms'].values()):.3f} ms on OpenVINO (fp32, batch 1, median). Budgets: "
+             "`p3b-speedup` by `--target-speedup` on a latency table of OpenVINO measured in the same run, the "
+             "others by the fraction of all parameters kept; speedup = the seed's dense time / the model's, timed "
+             "interleaved in one process; top-1 on the 360 validation images after `p3bkit finetune` with its "
+             "defaults (finetune recipe, stochastic depth 0.1, no teacher) for every method; `p3b-kd`: the `p3b` "
+             "models fine-tuned with `--teacher auto` (the dense model, w 0.5, T 1).\n",
+             "| method | budget | params | speedup (OpenVINO) | top-1 after prune | top-1 after fine-tune |",
+             "|---|---|---|---|---|---|"]
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
-        for keep in sorted({r["keep"] for r in rows if r["method"] == method}, reverse=True):
-            sel = [r for r in rows if r["method"] == method and r["keep"] == keep]
+        for point in points_of(rows, method):
+            sel = [r for r in rows if r["method"] == method and r["point"] == point]
             f = lambda k: f"{statistics.mean(r[k] for r in sel):.2f} ± {statistics.pstdev(r[k] for r in sel):.2f}"  # noqa: E731
-            lines.append(f"| {method} | {100 * keep:.0f}% | {statistics.mean(r['params'] for r in sel):,.0f} | "
+            lines.append(f"| {method} | {label(point)} | {statistics.mean(r['params'] for r in sel):,.0f} | "
                          f"{statistics.mean(r['speedup'] for r in sel):.2f}× | {f('top1_pruned')} | {f('top1')} |")
-    lines += ["", "Mean top-1 at equal measured speedup (interpolated along each method's front; – outside it):", ""]
-    points = [s for s in (1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
-              if any(at_speedup(rows, m, s) is not None for m in METHODS if m != "p3b-nokd")]
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows) and m != "p3b-nokd"]
-    lines += ["| speedup | " + " | ".join(methods) + " | P3B best? |", "|---|" + "---|" * (len(methods) + 1)]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows) and m != "p3b-kd"]
+    points = [s for s in (1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0) if any(at_speedup(rows, m, s) is not None for m in methods)]
+    lines += ["", "Mean top-1 at equal measured speedup (interpolated along each method's front; – outside it; "
+              "P3B = `p3b-speedup`, the latency budget):", "",
+              "| speedup | " + " | ".join(methods) + " | P3B at or above every other? |", "|---|" + "---|" * (len(methods) + 1)]
     for s in points:
         vals = {m: at_speedup(rows, m, s) for m in methods}
-        known = {m: v for m, v in vals.items() if v is not None}
-        best = "–" if vals.get("p3b") is None else ("yes" if vals["p3b"] >= max(known.values()) - 1e-9 else "no")
+        known = {m: v for m, v in vals.items() if v is not None and m != "p3b-speedup"}
+        p3b = vals.get("p3b-speedup")
+        best = "–" if p3b is None or not known else ("yes" if p3b >= max(known.values()) - 1e-9 else "no")
         lines.append(f"| {s:g}× | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals.values()) + f" | {best} |")
-    lines += ["", "What the teacher adds (same P3B models, paired per seed; points of top-1):", "",
-              "| kept | p3b (KD) − p3b-nokd | per seed |", "|---|---|---|"]
-    for keep in sorted({r["keep"] for r in rows if r["method"] == "p3b"}, reverse=True):
-        by = {(r["method"], r["seed"]): r["top1"] for r in rows if r["keep"] == keep}
-        d = [by[("p3b", s)] - by[("p3b-nokd", s)] for (m, s) in by if m == "p3b" and ("p3b-nokd", s) in by]
+    lines += ["", "What the teacher adds (the same P3B models, paired per seed; points of top-1):", "",
+              "| budget | p3b-kd − p3b | per seed |", "|---|---|---|"]
+    for point in points_of(rows, "p3b"):
+        by = {(r["method"], r["seed"]): r["top1"] for r in rows if r["point"] == point}
+        d = [by[("p3b-kd", s)] - by[("p3b", s)] for (m, s) in by if m == "p3b" and ("p3b-kd", s) in by]
         if d:
-            lines.append(f"| {100 * keep:.0f}% | {statistics.mean(d):+.2f} | {' '.join(f'{x:+.1f}' for x in d)} |")
+            lines.append(f"| {label(point)} | {statistics.mean(d):+.2f} | {' '.join(f'{x:+.1f}' for x in d)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +283,7 @@ def plot(meta: dict, path: Path) -> None:
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         pts = front(rows, method)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=method, ls="--" if method == "p3b-nokd" else "-")
+                    label=method, ls="--" if method == "p3b-kd" else "-", lw=2.5 if method == "p3b-speedup" else 1.5)
     dense = statistics.mean(r["top1"] for r in rows if r["method"] == "dense")
     ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
     ax.set_xlabel("measured speedup over dense (OpenVINO, fp32, batch 1)")
@@ -273,10 +306,12 @@ def write(meta: dict, name: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--keeps", nargs="+", type=float, default=[0.5, 0.25, 0.12, 0.06])
+    ap.add_argument("--keeps", nargs="+", type=float, default=[0.5, 0.25, 0.1, 0.05])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=300, help="timed runs per model")
     ap.add_argument("--epochs", nargs=2, type=int, default=(30, 8), help="dense training, fine-tune")
+    ap.add_argument("--speedups", nargs="*", type=float, default=[1.5, 2.0, 2.5, 3.0],
+                    help="P3B by --target-speedup on an OpenVINO latency table measured first (none: skip)")
     ap.add_argument("--name", default="pareto_digits")
     ap.add_argument("--machine", help="recorded with the results (default: the CPU and core count read here)")
     ap.add_argument("--report", action="store_true", help="only re-render the md/png from the json")
@@ -293,13 +328,19 @@ def main() -> None:
         args.machine = f"{info['cpu']}, {info['cores']} cores, OpenVINO {info['versions'].get('openvino')}"
     t0 = time.time()
     meta = {"command": f"python benchmarks/pareto.py --seeds {' '.join(map(str, args.seeds))} --keeps "
-                       f"{' '.join(map(str, args.keeps))} --epochs {' '.join(map(str, args.epochs))} --threads {args.threads} "
+                       f"{' '.join(map(str, args.keeps))} --speedups {' '.join(map(str, args.speedups))} "
+                       f"--epochs {' '.join(map(str, args.epochs))} --threads {args.threads} "
                        f"--runs {args.runs}",
             "machine": args.machine, "rows": [], "dense_ms": {}}
     with tempfile.TemporaryDirectory(prefix="p3bkit-pareto-") as tmp:
         work = Path(tmp)
+        table = work / "digits_vit_openvino.json" if args.speedups else None
+        if table:  # what `p3bkit prune --target-speedup` needs: branch costs on this machine and runtime
+            cli(["latency-table", "digits-vit", "--backend", "openvino", "--threads", args.threads, "--check", 10,
+                 "--no-progress", "-o", table])
+            meta["table_check_error"] = json.loads(table.read_text())["protocol"]["check"]["median_abs_error"]
         for seed in args.seeds:
-            rows, models = run_seed(seed, args.keeps, work, tuple(args.epochs))
+            rows, models = run_seed(seed, args.keeps, args.speedups, table, work, tuple(args.epochs))
             ms = time_models(models, args.threads, args.runs, work)
             meta["dense_ms"][str(seed)] = ms["dense"]
             for r in rows:

@@ -14,7 +14,7 @@ from p3bkit.cli import main
 
 PRUNE = ["prune", "--model", "digits-vit", "--keep", "0.5", "--epochs", "0", "1", "1", "--update-every", "5",
          "--no-progress"]
-FINETUNE = ["--epochs", "1", "--no-progress"]
+FINETUNE = ["--epochs", "1", "--no-progress", "--teacher", "auto"]  # a later --teacher overrides it
 
 
 def _invoke(args: list) -> object:
@@ -83,6 +83,12 @@ def test_finetune_distils_from_the_dense_model_it_was_pruned_from(distilled, den
     assert "distilling from the dense model (weight 0.5, temperature 1)" in output
     assert not (out / "teacher.json").exists()  # the fine-tuned folder is not the pruned one
     p3bkit.load(run_dir / "pruned")  # teacher.json beside arch.json changes nothing for load
+
+
+def test_finetune_without_teacher_by_default(run_dir, tmp_path):
+    res = _invoke(["finetune", run_dir / "pruned", "--epochs", "1", "--no-progress", "-o", tmp_path / "ft"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["distillation"] == {"teacher": None}
 
 
 def test_teacher_none_records_no_teacher(run_dir, tmp_path):

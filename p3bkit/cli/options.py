@@ -49,13 +49,14 @@ def train_recipe_options(fn):
 
 def distill_options(fn):
     """--teacher, --kd-weight and --kd-temperature of `finetune` (defaults: `train.distill`)."""
-    from p3bkit.train.distill import AUTO, KD_TEMPERATURE, KD_WEIGHT
+    from p3bkit.train.distill import KD_TEMPERATURE, KD_WEIGHT, NONE
 
     for option in reversed([
-        click.option("--teacher", default=AUTO, show_default=True, metavar="auto|none|PATH",
+        click.option("--teacher", default=NONE, show_default=True, metavar="auto|none|PATH",
                      help="Distil from a dense model (logit distillation): auto, the one the pruned folder was pruned "
                           "from (recorded in its teacher.json) when it can be rebuilt here; none; or a dense model "
-                          "folder or weights file of the pruned model's architecture."),
+                          "folder or weights file of the pruned model's architecture. Off by default: on digits it "
+                          "added nothing measurable (README, Results)."),
         click.option("--kd-weight", type=RATE, default=KD_WEIGHT, show_default=True,
                      help="Share w of the distillation term: (1 - w)·CE + w·T²·KL(teacher ‖ student)."),
         click.option("--kd-temperature", type=click.FloatRange(min=0, min_open=True), default=KD_TEMPERATURE,

@@ -49,7 +49,7 @@ def run_finetune(pruned: str, out: str, data: str | None = None, epochs: int = 1
                  lr: float | None = None, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
                  progress: bool = True, force: bool = False, resume: bool = False,
                  keep_checkpoint: bool = False, augment: str = "auto", recipe: str = "auto", workers: int = 0,
-                 teacher: str = AUTO, kd_weight: float = KD_WEIGHT, kd_temperature: float = KD_TEMPERATURE) -> dict:
+                 teacher: str = NONE, kd_weight: float = KD_WEIGHT, kd_temperature: float = KD_TEMPERATURE) -> dict:
     """Fine-tune a pruned folder (AdamW, warm-up + cosine, label smoothing or Mixup/CutMix with
     `--augment deit`, stochastic depth) and save it to `out`. `lr` is a base lr at batch 512
     (scaled by batch/512); None takes the recipe's (`train.recipes`: `auto` is `finetune` here).
