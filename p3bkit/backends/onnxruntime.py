@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from p3bkit.backends.quantization import Int8Data, QuantResult, quiet
+from p3bkit.backends.quantization import Int8Data, QuantResult, keep_worst_in_fp32, op_profile, quiet, remedy_name
 from p3bkit.backends.registry import FP16, FP32, INT8, Backend, Runner, register, require
 from p3bkit.backends.timing import Timed
 from p3bkit.errors import ExportError, P3BError
@@ -127,19 +127,19 @@ class OnnxRuntimeBackend(Backend):
         calib = data.chunks(data.calib, 16)
         quantize_static_qdq(src_onnx, out, calib, [], symmetric)
         int8 = data.top1(self.runner(out))
-        attempts, kept = [{"kept": 0, "int8_top1": int8}], []
+        ranked: list[str] = []
         if fp32 - int8 > data.max_drop:
-            ranked = sorted(layer_errors(src_onnx, out, data.chunks(data.val_x[:32], 32)[0]).items(), key=lambda kv: -kv[1])
-            k = 1
-            while fp32 - int8 > data.max_drop and k <= max(1, len(ranked) // 4):
-                kept = [name for name, _ in ranked[:k]]
-                quantize_static_qdq(src_onnx, out, calib, kept, symmetric)
-                int8 = data.top1(self.runner(out))
-                attempts.append({"kept": k, "int8_top1": int8})
-                k *= 2
-        remedy = "nothing (within the gate)" if len(attempts) == 1 else \
-            f"keeping up to {len(kept)} most error-adding layers in fp32"
-        return QuantResult(fp32, int8, kept, remedy, attempts)
+            errors = layer_errors(src_onnx, out, data.chunks(data.val_x[:32], 32)[0])
+            ranked = sorted(errors, key=lambda name: -errors[name])
+
+        def keeping(kept: list[str]) -> float:
+            quantize_static_qdq(src_onnx, out, calib, kept, symmetric)
+            return data.top1(self.runner(out))
+
+        int8, kept, attempts = keep_worst_in_fp32(fp32, int8, ranked, data.max_drop, keeping)
+        batch = data.static_batch or 1
+        profile = op_profile(self.timer(src_onnx, batch, FP32), self.timer(out, batch, INT8))
+        return QuantResult(fp32, int8, kept, remedy_name(attempts), attempts, profile)
 
 
 def _profile(path, threads: int | None, name: str, x: np.ndarray, runs: int) -> dict[str, float]:

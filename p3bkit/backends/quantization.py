@@ -70,6 +70,7 @@ class QuantResult:
     kept_in_fp32: list[str] = field(default_factory=list)
     remedy: str = "nothing (within the gate)"
     attempts: list[dict] = field(default_factory=list)
+    op_profile: dict = field(default_factory=dict)  # ms per op type (kernel), fp32 graph vs INT8 artefact
 
     @property
     def drop(self) -> float:
@@ -81,6 +82,37 @@ class QuantResult:
             raise ExportError(f"INT8 accuracy gate failed: top-1 {self.int8_top1:.2f}% vs {self.fp32_top1:.2f}% in "
                               f"fp32 (drop {self.drop:.2f} > --max-drop {max_drop:g}) after {self.remedy}; "
                               "nothing was written")
+
+
+def keep_worst_in_fp32(fp32: float, int8: float, ranked: list[str], max_drop: float,
+                      quantize_keeping) -> tuple[float, list[str], list[dict]]:
+    """The remedy every CPU quantiser shares: while the drop is above `max_drop`, quantise again keeping
+    the 1, 2, 4 … layers of `ranked` (most error-adding first) in fp32, at most a quarter of them.
+    `quantize_keeping(kept)` writes the artefact and returns its top-1. Returns the last top-1, the
+    layers kept and every attempt."""
+    attempts, kept, k = [{"kept": 0, "int8_top1": int8}], [], 1
+    while fp32 - int8 > max_drop and k <= max(1, len(ranked) // 4):
+        kept = ranked[:k]
+        int8 = quantize_keeping(kept)
+        attempts.append({"kept": len(kept), "int8_top1": int8})
+        k *= 2
+    return int8, kept, attempts
+
+
+def remedy_name(attempts: list[dict]) -> str:
+    return "nothing (within the gate)" if len(attempts) == 1 else \
+        f"keeping up to {attempts[-1]['kept']} most error-adding layers in fp32"
+
+
+def op_profile(fp32, int8, runs: int = 20, top: int = 10) -> dict:
+    """Where the time goes in the fp32 graph and in its INT8 artefact (the runtime's per-op
+    profiler, batch of the timers, `runs` runs): the `top` op types of each and both totals."""
+    out = {"runs": runs}
+    for name, timed in (("fp32", fp32), ("int8", int8)):
+        ms = timed.profile(runs) if timed.profile else {}
+        out[name] = dict(sorted(ms.items(), key=lambda kv: -kv[1])[:top])
+        out[f"{name}_total_ms"] = sum(ms.values())
+    return out
 
 
 @contextlib.contextmanager

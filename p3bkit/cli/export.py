@@ -73,15 +73,40 @@ def export(model, fmt, out, precision, fp16, bf16, calib_data, calib_size, val_d
         click.echo(f"warning: {gate['val_data']} has {gate['val_classes']} classes and the model "
                    f"{gate['model_classes']}: the accuracy gate compares near-chance top-1s", err=True)
     if gate:
-        kept = f"; kept in fp32: {len(gate['kept_in_fp32'])} layer(s)" if gate["kept_in_fp32"] else ""
-        click.echo(f"INT8 gate: top-1 {gate['int8_top1']:.2f}% vs fp32 {gate['fp32_top1']:.2f}% (drop "
-                   f"{gate['drop']:.2f} ≤ {gate['max_drop']:g}) on {gate['val_images']} images; calibrated on "
-                   f"{gate['calib_size']} images of {gate['calib_data']}{kept}")
+        kept = f"; kept in fp32: {', '.join(gate['kept_in_fp32'])}" if gate["kept_in_fp32"] else ""
+        calibrated = f"calibrated on {gate['calib_size']} images of {gate['calib_data']}{kept}"
+        if gate["gated"]:
+            click.echo(f"INT8 gate: top-1 {gate['int8_top1']:.2f}% vs fp32 {gate['fp32_top1']:.2f}% (drop "
+                       f"{gate['drop']:.2f} ≤ {gate['max_drop']:g}) on {gate['val_images']} images; {calibrated}")
+        else:
+            click.echo(f"INT8 gate: not applied ({gate['not_gated_because']}; give --gate-data with labelled "
+                       f"images to gate accuracy); {calibrated}", err=True)
+        if gate["gated"] and gate["top1_step"] > gate["max_drop"]:
+            click.echo(f"warning: one changed prediction on the gate's {gate['val_images']} images moves top-1 by "
+                       f"{gate['top1_step']:.2f} points, more than --max-drop {gate['max_drop']:g}: the gate allows "
+                       "no change at all (raise --val-size or use a larger --gate-data)", err=True)
+        for line in profile_lines(gate.get("op_profile") or {}, rec.format):
+            click.echo(line)
     if eval_data:
         from p3bkit.export.accuracy import record_accuracy
 
         acc = record_accuracy(Path(out) / rec.files[0], eval_data, progress=progress)
         click.echo(f"top-1 {acc['top1']:.2f}% on {acc['images']} validation images of {eval_data} (in the record)")
+
+
+def profile_lines(prof: dict, fmt: str) -> list[str]:
+    """The INT8 export's per-op table: where the time goes in the fp32 graph and in the INT8 artefact
+    (top 10 each, the kernel in brackets says which precision an op ran at)."""
+    if not prof.get("int8"):
+        return []
+    f, q = list(prof["fp32"].items()), list(prof["int8"].items())
+    lines = [f"time per op type, {fmt} profiler, {prof['runs']} runs: fp32 {prof['fp32_total_ms']:.2f} ms, INT8 "
+             f"{prof['int8_total_ms']:.2f} ms ({prof['fp32_total_ms'] / max(prof['int8_total_ms'], 1e-9):.2f}×)",
+             "| fp32 graph: op (kernel) | ms | INT8: op (kernel) | ms |", "|---|---|---|---|"]
+    for i in range(max(len(f), len(q))):
+        a, b = f[i] if i < len(f) else ("", None), q[i] if i < len(q) else ("", None)
+        lines.append(f"| {a[0]} | {'' if a[1] is None else f'{a[1]:.3f}'} | {b[0]} | {'' if b[1] is None else f'{b[1]:.3f}'} |")
+    return lines
 
 
 @click.command(name="eval")

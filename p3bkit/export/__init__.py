@@ -20,7 +20,7 @@ from pathlib import Path
 
 from p3bkit.backends import FP32, INT8, formats, get_backend
 from p3bkit.backends.onnx import OPSET
-from p3bkit.errors import ExportError, P3BError, first_line
+from p3bkit.errors import ExportError, P3BError, ToleranceError, first_line
 from p3bkit.export.int8 import Int8Config, Int8Images
 from p3bkit.export.records import record_path
 from p3bkit.fileio import check_output_folder, folder_lock, write_json_atomic
@@ -69,13 +69,13 @@ def _versions(backend) -> dict[str, str]:
 
 def _parity_images(model, precision: str, static_batch: int | None, images: Int8Images | None) -> tuple[list | None, str]:
     """Inputs for the parity check: fp32 keeps seeded noise (max abs diff); reduced precision is
-    judged on real images — the INT8 validation split, else sklearn's digits at the model's input
-    size (real pixels, if not the user's domain), else noise for other channel counts."""
+    judged on real images — the INT8 validation split (unless synthetic), else sklearn's digits at
+    the model's input size (real pixels, if not the user's domain), else noise for other channel counts."""
     from p3bkit.backends.quantization import fixed_batches
     from p3bkit.data.arrays import digits_images
 
     n = static_batch or 64
-    if images is not None:
+    if images is not None and images.config.gated:
         data = images.data
         return [data.chunks(data.val_x[:n], n)[0]], f"{min(n, len(data.val_x))} validation images of {images.config.val_name}"
     c, (h, w) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
@@ -138,9 +138,15 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
         parity, seen = {}, "seeded noise"
         if verify:
             inputs, seen = _parity_images(model, precision, static_batch, images)
-            parity = verify_runner(model.to(backend.device), backend.runner(tmp / files[0], precision), sample,
-                                   backend.tolerance(precision), (static_batch,) if static_batch else (1, 4),
-                                   device=backend.device, inputs=inputs)
+            try:
+                parity = verify_runner(model.to(backend.device), backend.runner(tmp / files[0], precision), sample,
+                                       backend.tolerance(precision), (static_batch,) if static_batch else (1, 4),
+                                       device=backend.device, inputs=inputs)
+            except ToleranceError as exc:
+                if int8 is None or int8.calib_data != "synthetic":
+                    raise
+                raise ToleranceError(f"{exc} (on {seen}; INT8 ranges calibrated on synthetic noise: calibrate on "
+                                     "real images with --calib-data, or --no-verify to keep them)") from exc
         record = ExportRecord(format=backend.format, files=files, source=str(model_ref), opset=OPSET, precision=precision,
                               input_name="pixel_values", input_shape=[static_batch or "batch", *sample],
                               write_op=write_op, verified=verify, parity=parity,
