@@ -1,0 +1,63 @@
+"""What the benchmarks share: the digits as an ImageFolder, work folders, the results folder, the CLI.
+
+Benchmarks use p3bkit's public API or its CLI only (tests/test_benchmarks.py checks that no
+benchmark imports a private name); they import this module as `common` (run from the repository
+root or from benchmarks/, Python puts benchmarks/ on the path).
+"""
+from __future__ import annotations
+
+import contextlib
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def digits_image_folder(root: Path, size: int = 32, train: int | None = None, val: int | None = None) -> Path:
+    """sklearn's digits as an ImageFolder of RGB PNGs at `size` px (train/ and val/, one folder per
+    class, the stratified 80/20 split with seed 0; the first `train` / `val` images of each split
+    when given). Pixels 0..16 are scaled to 0..255, resized bicubically."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    tr, va = train_test_split(range(len(digits.target)), test_size=0.2, stratify=digits.target, random_state=0)
+    for split, idx in (("train", tr[:train]), ("val", va[:val])):
+        for i in idx:
+            folder = root / split / str(int(digits.target[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            arr = (digits.images[i] * 255 / 16).clip(0, 255).astype("uint8")
+            Image.fromarray(arr).resize((size, size), Image.BICUBIC).convert("RGB").save(folder / f"{i:04d}.png")
+    return root
+
+
+@contextlib.contextmanager
+def work_folder(prefix: str, keep: Path | None = None):
+    """A temporary folder removed afterwards (or `keep`, created and left in place)."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def p3bkit(*args, quiet: bool = False) -> str:
+    """Run `p3bkit ARGS` as a user would (a subprocess of this Python's CLI), print the command,
+    return its stdout; a failure raises with the command's last lines."""
+    cmd = [sys.executable, "-m", "p3bkit.cli", *map(str, args)]
+    print("$ p3bkit " + shlex.join(cmd[3:]), flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"p3bkit {' '.join(cmd[3:5])} failed:\n{(res.stdout + res.stderr)[-2000:]}")
+    if not quiet:
+        print((res.stdout + res.stderr).rstrip(), flush=True)
+    return res.stdout
