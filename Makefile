@@ -1,5 +1,6 @@
 # `make demo`: set up and run the main job on the embedded digits data set.
-# `make test`: set up, check the import layering (import-linter contracts in pyproject.toml), run the fast suite
+# `make test`: set up, check the import layering (import-linter contracts in pyproject.toml) and lint (ruff: unused
+#              imports, undefined names, syntax; package, benchmarks and tests), run the fast suite
 #              (unit and CLI tests on tiny models, about a minute on 2 cores: the loop while changing code).
 # `make test-all`: the same checks and every test, the slow ones too (demo, torchrun, signals, exports to every
 #              runtime, DeiT-S sized runs; about 10 minutes on 2 cores): what CI runs (bash .ci/run).
@@ -18,12 +19,14 @@ setup: $(BIN)/p3bkit
 demo: setup
 	$(BIN)/p3bkit demo -o runs/demo --target-speedup 2
 
-test: setup
+lint: setup
 	$(BIN)/lint-imports
+	$(BIN)/ruff check p3bkit benchmarks tests
+
+test: lint
 	$(BIN)/python -m pytest
 
-test-all: setup
-	$(BIN)/lint-imports
+test-all: lint
 	$(BIN)/python -m pytest -m 'slow or not slow'
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo lint test test-all

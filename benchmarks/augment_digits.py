@@ -18,28 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 from p3bkit.train.jobs import run_train
 
+from common import digits_image_folder
+
 RESULTS = Path(__file__).parent / "results"
 KWARGS = {"img_size": 28, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4, "num_classes": 10}
-
-
-def digits_image_folder(root: Path) -> Path:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    tr, va = train_test_split(range(len(d.target)), test_size=0.2, stratify=d.target, random_state=0)
-    for split, idx in (("train", tr), ("val", va)):
-        for i in idx:
-            folder = root / split / str(d.target[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR)
-            img.convert("RGB").save(folder / f"{i}.png")
-    return root
 
 
 def main() -> None:
@@ -50,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="p3bkit-augment-"))
     atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
-    data = digits_image_folder(work / "data")
+    data = digits_image_folder(work / "data", 28, resample="bilinear")
     rows = []
     for aug in args.augments:
         t0 = time.time()

@@ -15,12 +15,36 @@ import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+DEIT = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
 
 
-def digits_image_folder(root: Path, size: int = 32, train: int | None = None, val: int | None = None) -> Path:
+def allocation_model(key: str, label: str, out: Path, num_classes: int | None = None) -> Path:
+    """DeiT `key` ("deit_s"/"deit_b") with random weights (seed 0) as a model folder: "dense", or a
+    P3B allocation of `results/allocations` by its label ("heads_90" → `<key>_heads_90.json`); with
+    `num_classes`, a head of that many classes."""
+    import json
+
+    import torch
+
+    from p3bkit.models import PrunedArch, apply_arch, create_stock_model, save
+    from p3bkit.models.arch import ModelSource
+
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    torch.manual_seed(0)
+    if label == "dense":
+        return save(create_stock_model(ModelSource(DEIT[key], kwargs)), out)
+    f = RESULTS / "allocations" / f"{key}_{label}.json"
+    arch_json = json.loads(f.read_text())
+    arch_json["source"]["kwargs"] = {**arch_json["source"].get("kwargs", {}), **kwargs}
+    arch = PrunedArch.from_json(arch_json, str(f))
+    return save(apply_arch(create_stock_model(arch.source), arch), out)
+
+
+def digits_image_folder(root: Path, size: int = 32, train: int | None = None, val: int | None = None,
+                        resample: str = "bicubic") -> Path:
     """sklearn's digits as an ImageFolder of RGB PNGs at `size` px (train/ and val/, one folder per
     class, the stratified 80/20 split with seed 0; the first `train` / `val` images of each split
-    when given). Pixels 0..16 are scaled to 0..255, resized bicubically."""
+    when given). Pixels 0..16 are scaled to 0..255 and resized (`resample`: bicubic or bilinear)."""
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -32,7 +56,8 @@ def digits_image_folder(root: Path, size: int = 32, train: int | None = None, va
             folder = root / split / str(int(digits.target[i]))
             folder.mkdir(parents=True, exist_ok=True)
             arr = (digits.images[i] * 255 / 16).clip(0, 255).astype("uint8")
-            Image.fromarray(arr).resize((size, size), Image.BICUBIC).convert("RGB").save(folder / f"{i:04d}.png")
+            image = Image.fromarray(arr).resize((size, size), getattr(Image, resample.upper()))
+            image.convert("RGB").save(folder / f"{i:04d}.png")
     return root
 
 

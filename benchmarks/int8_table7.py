@@ -27,39 +27,13 @@ import argparse
 import json
 from pathlib import Path
 
-from common import RESULTS, digits_image_folder, p3bkit, work_folder
+from common import DEIT, RESULTS, allocation_model, digits_image_folder, p3bkit, work_folder
 
-DENSE = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
 # (row key, export format, precision, calibration): calibration "folder" = the digits ImageFolder
 VARIANTS = [("openvino fp32", "openvino", "fp32", None), ("openvino int8", "openvino", "int8", "folder"),
             ("openvino int8 synthetic", "openvino", "int8", "synthetic"), ("onnxruntime fp32", "onnx", "fp32", None),
             ("onnxruntime int8", "onnx", "int8", "folder")]
 ARTEFACT = {"openvino": "model.xml", "onnx": "model.onnx"}
-
-
-def dense_model(key: str, out: Path) -> Path:
-    """The dense DeiT with random weights and a 10-class head (latency only), as a model folder."""
-    import torch
-
-    from p3bkit.models import create_stock_model, save
-    from p3bkit.models.arch import ModelSource
-
-    torch.manual_seed(0)
-    return save(create_stock_model(ModelSource(DENSE[key], {"num_classes": 10})), out)
-
-
-def pruned_model(key: str, prune: int, out: Path) -> Path:
-    """The P3B-heads allocation of `key` at `prune`% with random weights and a 10-class head."""
-    import torch
-
-    from p3bkit.models import PrunedArch, apply_arch, create_stock_model, save
-
-    f = RESULTS / "allocations" / f"{key}_heads_{prune}.json"
-    arch_json = json.loads(f.read_text())
-    arch_json["source"]["kwargs"] = {**arch_json["source"].get("kwargs", {}), "num_classes": 10}
-    arch = PrunedArch.from_json(arch_json, str(f))
-    torch.manual_seed(0)
-    return save(apply_arch(create_stock_model(arch.source), arch), out)
 
 
 def export_rows(label: str, ref: str, data: Path, work: Path, calib_size: int) -> list[dict]:
@@ -94,9 +68,9 @@ def run(args) -> None:
     with work_folder("int8-table7-", args.keep) as work:
         data = digits_image_folder(work / "digits224", 224)
         for key in args.models:
-            rows, refs = [], {"dense": str(dense_model(key, work / f"{key}_dense"))}
-            for prune in args.prunes:
-                refs[f"heads_{prune}"] = str(pruned_model(key, prune, work / f"{key}_heads_{prune}"))
+            labels = ["dense", *(f"heads_{prune}" for prune in args.prunes)]
+            refs = {label: str(allocation_model(key, label, work / f"{key}_{label}", num_classes=10)) for label in labels}
+            rows = []
             for label, ref in refs.items():
                 rows += export_rows(label, ref, data, work, args.calib_size)
             bench = work / f"bench-{key}.json"
@@ -189,7 +163,7 @@ def format_report(report: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["deit_s", "deit_b"], choices=sorted(DENSE))
+    ap.add_argument("--models", nargs="+", default=["deit_s", "deit_b"], choices=sorted(DEIT))
     ap.add_argument("--prunes", nargs="+", type=int, default=[90], choices=[75, 90])
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--calib-size", type=int, default=300)

@@ -2,11 +2,12 @@
 
 1. onnxruntime scope: the same fp32 graph quantised (static QDQ, per-channel, S8S8) on every
    MatMul/Gemm/Conv vs on weighted ones only (p3bkit's choice), timed interleaved in one process.
-2. OpenVINO per-op-type time (its PERF_COUNT counters) of the fp32 and the INT8 (NNCF) IR: which
-   work INT8 speeds up and which it leaves (softmax, LayerNorm, the attention subgraph).
+2. OpenVINO per-op-type time of the fp32 and the INT8 (NNCF) IR, as `p3bkit export --precision
+   int8` prints and records it: which work INT8 speeds up and which it leaves (softmax, LayerNorm,
+   the attention subgraph).
 
 DeiT-S, dense and P3B-inner 90% (`results/allocations`, the paper's budget), random weights,
-batch 1; calibration on 16 digits images upsampled to 224.
+batch 1; calibration on 16 digits images at 224 px (an ImageFolder).
 
     python benchmarks/int8_why.py --threads 2
 """
@@ -14,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-import numpy as np
 
 from p3bkit.backends import BenchConfig, get_backend
 from p3bkit.backends.onnx import export_onnx
 from p3bkit.backends.onnxruntime import QUANTIZED_OPS, quantize_static_qdq
-from p3bkit.backends.openvino import ov_compile
 from p3bkit.backends.timing import latency_stats, time_interleaved
-from p3bkit.export import export_model
 from p3bkit.export.int8 import Int8Config, load_int8_data
 from p3bkit.models.factory import create_model
 from p3bkit.models.pruned import set_write_op
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, allocation_model, digits_image_folder, p3bkit, work_folder
 
 
 def ort_scope(refs: dict[str, str], work: Path, threads: int, rounds: int = 6) -> dict:
@@ -56,24 +52,15 @@ def ort_scope(refs: dict[str, str], work: Path, threads: int, rounds: int = 6) -
     return out
 
 
-def ov_profile(ref: str, work: Path, threads: int, runs: int = 30) -> dict:
-    """OpenVINO's per-op-type time (PERF_COUNT) of the fp32 and the INT8 (NNCF) IR."""
-    work.mkdir(parents=True, exist_ok=True)
-    export_model(ref, "openvino", work / "ov-fp32", verify=False)
-    export_model(ref, "openvino", work / "ov-int8", precision="int8", verify=False,
-                 int8=Int8Config("digits", 16, val_size=8))
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    out = {}
-    for name in ("fp32", "int8"):
-        req = ov_compile(work / f"ov-{name}" / "model.xml", "f32", threads, profile=True).create_infer_request()
-        totals: dict[str, float] = {}
-        for _ in range(runs):
-            req.infer({0: x})
-            for p in req.get_profiling_info():
-                key = f"{p.node_type} ({p.exec_type})"
-                totals[key] = totals.get(key, 0.0) + p.real_time.total_seconds() * 1e3 / runs
-        out[name] = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
-    return out
+def ov_profile(ref: str, work: Path, data: Path) -> dict:
+    """OpenVINO's per-op-type time of the fp32 and the INT8 IR, as `p3bkit export --precision int8`
+    prints and records it (PERF_COUNT, kernel names)."""
+    out = work / "ov-int8"
+    p3bkit("export", ref, "--format", "openvino", "--precision", "int8", "--calib-data", data, "--calib-size", 16,
+           "--val-size", 8, "--max-drop", 100, "--no-verify", "-o", out, "--no-progress")
+    prof = json.loads((out / "model.xml.json").read_text())["extra"]["int8"]["op_profile"]
+    return {"fp32": prof["fp32"], "int8": prof["int8"], "fp32_total_ms": prof["fp32_total_ms"],
+            "int8_total_ms": prof["int8_total_ms"]}
 
 
 def report_md(res: dict) -> str:
@@ -90,29 +77,24 @@ def report_md(res: dict) -> str:
         f, q = list(prof["fp32"].items())[:8], list(prof["int8"].items())[:8]
         for (fk, fv), (qk, qv) in zip(f, q):
             lines.append(f"| {fk} | {fv:.3f} | | {qk} | {qv:.3f} |")
-        lines.append(f"\nTotals (sum of op times): fp32 {sum(prof['fp32'].values()):.2f} ms, "
-                     f"INT8 {sum(prof['int8'].values()):.2f} ms.")
+        lines.append(f"\nTotals (sum of op times): fp32 {prof['fp32_total_ms']:.2f} ms, "
+                     f"INT8 {prof['int8_total_ms']:.2f} ms.")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from int8_table7 import build
     from p3bkit.backends import machine_info
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="int8-why-"))
-    try:
-        refs = build("deit_s", work)
+    with work_folder("int8-why-") as work:
+        data = digits_image_folder(work / "digits224", 224, train=64, val=32)
+        refs = {label: str(allocation_model("deit_s", label, work / label, num_classes=10))
+                for label in ("dense", "inner_90", "heads_90")}
         res = {"cpu": machine_info(args.threads)["cpu"], "threads": args.threads,
-               "ort_scope": ort_scope(refs, work, args.threads), "ov_profile": {label: ov_profile(refs[label], work / label, args.threads)
-                                                                   for label in ("inner_90", "heads_90") if label in refs}}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+               "ort_scope": ort_scope(refs, work, args.threads),
+               "ov_profile": {label: ov_profile(refs[label], work / f"prof-{label}", data) for label in ("inner_90", "heads_90")}}
     (RESULTS / "int8_why.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "int8_why.md").write_text(report_md(res))
     print(report_md(res))

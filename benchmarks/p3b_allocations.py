@@ -32,22 +32,6 @@ STRUCTURES = {"heads": {"structure": "heads", "remove_below": 0.05}, "inner": {"
               "full": {"structure": "full"}}
 
 
-def _digits_subset(n: int) -> None:
-    """Make the embedded digits set its first `n` training and first 100 validation images (fewer
-    steps per epoch: a CPU run); labels stay 0–9 for the 1000-class heads."""
-    from torch.utils.data import Subset
-
-    import p3bkit.data.datasets as datasets
-
-    whole = datasets.load_digits_data
-
-    def subset(*args, **kwargs):
-        bundle = whole(*args, **kwargs)
-        bundle.train, bundle.val = Subset(bundle.train, range(n)), Subset(bundle.val, range(100))
-        return bundle
-    datasets.load_digits_data = subset
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-o", "--out", default="benchmarks/results/allocations")
@@ -60,7 +44,7 @@ def main() -> None:
     ap.add_argument("--data", default="digits")
     ap.add_argument("--rates", nargs="+", type=int, default=[90, 75])
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--train-images", type=int, help="prune on the first N training digits as a 224-px ImageFolder")
+    ap.add_argument("--train-images", type=int, help="prune on the first N training images (PruneJob.train_images)")
     ap.add_argument("--threads", type=int, help="torch threads (CPU)")
     args = ap.parse_args()
     if args.threads:
@@ -70,8 +54,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = args.data
-    if args.train_images:
-        _digits_subset(args.train_images)
     for key in args.models:
         for prune in args.rates:
             for structure in args.structures:
@@ -82,6 +64,7 @@ def main() -> None:
                 job = PruneJob(out=str(run_dir), model=MODELS[key], data=data, epochs=tuple(args.epochs),
                                batch_size=args.batch_size, structure=STRUCTURES[structure]["structure"],
                                device=args.device, progress=False, bf16=args.bf16, augment="none",
+                               train_images=args.train_images,
                                p3b=P3BConfig(keep=1 - prune / 100, budget="total", update_every=args.update_every,
                                              lr_model=quick.lr, lr_bpi=quick.lr_bpi,
                                              remove_below=STRUCTURES[structure].get("remove_below", 0.0)))
@@ -91,8 +74,8 @@ def main() -> None:
                                                      "params_kept", "kappa", "disabled_blocks", "val_acc_pruned",
                                                      "surgery_max_abs_diff")}
                 arch["p3b_run"].update(seconds=time.time() - t0, device=args.device, epochs=list(args.epochs),
-                                       data=args.data if not args.train_images else f"digits, first {args.train_images} "
-                                       "training images", update_every=args.update_every,
+                                       data=args.data if not args.train_images else f"{args.data}, first "
+                                       f"{args.train_images} training images", update_every=args.update_every,
                                        bf16=args.bf16, batch_size=args.batch_size, **STRUCTURES[structure])
                 (out / f"{key}_{structure}_{prune}.json").write_text(json.dumps(arch))
                 print(f"{key} {structure} {prune}%: kept {s['total_keep']:.4f} of all ({s['params_kept']:,}), "

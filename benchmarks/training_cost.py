@@ -30,7 +30,9 @@ from p3bkit.models import add_gates
 from p3bkit.models.factory import create_model
 from p3bkit.prune.pruner import P3BConfig, P3BPruner
 from p3bkit.prune.schedule import Schedule
-from p3bkit.train.fit import FitConfig, _optimizer
+from p3bkit.train.fit import FitConfig, make_optimizer
+
+from common import digits_image_folder
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {  # name: (timm model or preset, constructor arguments, image size, batch)
@@ -40,20 +42,6 @@ MODELS = {  # name: (timm model or preset, constructor arguments, image size, ba
 }
 
 
-def _image_folder(root: Path, size: int) -> Path:
-    """Digits as RGB PNGs at `size` px, 10 classes (train/ and val/)."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for split, part in (("train", slice(0, 600)), ("val", slice(600, 700))):
-        for i, (img, label) in enumerate(zip(digits.images[part], digits.target[part])):
-            d = root / split / f"c{label}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((img * 15).astype("uint8")).convert("RGB").resize((size, size)).save(d / f"{i}.png")
-    return root
-
-
 def step_times(name: str, rounds: int, fractions: list[float]) -> dict:
     """Median seconds of a plain step and of P3B steps at each indicator fraction, interleaved."""
     model_ref, kwargs, size, batch = MODELS[name]
@@ -61,7 +49,7 @@ def step_times(name: str, rounds: int, fractions: list[float]) -> dict:
     c = 1 if model_ref == "digits-vit" else 3
     x, y = torch.randn(batch, c, size, size), torch.randint(0, 10, (batch,))
     plain = create_model(model_ref, **kwargs).train()
-    opt, _ = _optimizer(plain, FitConfig(epochs=1), 10)
+    opt, _ = make_optimizer(plain, FitConfig(epochs=1), 10)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def plain_step() -> None:
@@ -128,7 +116,7 @@ def main() -> None:
         report["models"] = {name: {"command": old.get("command"), **r} for name, r in old["models"].items()}
     for name in args.models:
         steps = step_times(name, args.rounds, fractions)
-        folder = _image_folder(work / name, MODELS[name][2])
+        folder = digits_image_folder(work / name, MODELS[name][2], train=600, val=100)
         loads = load_times(name, folder, args.workers, batches=5)
         report["models"][name] = {"steps": steps, "load": loads, "command": report["command"]}
         print(name, json.dumps(report["models"][name]), flush=True)

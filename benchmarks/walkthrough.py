@@ -31,26 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import digits_image_folder
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "global_pool": "avg", "class_token": False}
-
-
-def write_digits_folder(root: Path, size: int = 32) -> Path:
-    """The embedded digits (sklearn) as an ImageFolder of RGB PNGs, with its train/val split."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    tr, va = train_test_split(range(len(digits.target)), test_size=0.2, stratify=digits.target, random_state=0)
-    for split, idx in (("train", tr), ("val", va)):
-        for i in idx:
-            im, y = digits.images[i], digits.target[i]
-            folder = root / split / f"{int(y)}"
-            folder.mkdir(parents=True, exist_ok=True)
-            arr = (im * 255 / 16).clip(0, 255).astype("uint8")
-            Image.fromarray(arr).resize((size, size), Image.BICUBIC).convert("RGB").save(folder / f"{i:04d}.png")
-    return root
 
 
 def p3bkit(*args, env: dict) -> tuple[str, float]:
@@ -82,7 +66,7 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="p3bkit-walkthrough-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     try:
-        data = write_digits_folder(work / "digits")
+        data = digits_image_folder(work / "digits")
         steps, times = [], {}
 
         def step(name: str, *cmd) -> str:

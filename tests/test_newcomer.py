@@ -4,7 +4,6 @@ agree. Each refusal is one line, exit code 1 (2 for a bad option), and leaves th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from p3bkit.backends import FP32, backend_for_artefact, eager_backend, get_backend
 from p3bkit.backends.quantization import run_logits

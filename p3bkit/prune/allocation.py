@@ -18,7 +18,8 @@ from typing import Callable, ClassVar
 import torch
 
 from p3bkit.errors import P3BError
-from p3bkit.prune.importance import GATE_FACTORS, ImportanceEMA, block_importance, magnitude_scores, taylor_scores
+from p3bkit.prune.config import GATE_FACTORS
+from p3bkit.prune.importance import ImportanceEMA, block_importance, magnitude_scores, taylor_scores
 
 
 def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: float,

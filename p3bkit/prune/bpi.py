@@ -9,7 +9,7 @@ the backbone. ΔΨᵢ = L(Ψᵢ(x_{i−1})) − L(Ψᵢ(x_i)).
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn as nn

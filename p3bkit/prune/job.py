@@ -57,6 +57,7 @@ class PruneJob:
     accept_table_error: bool = False  # use a table whose checked median error is above MAX_CHECK_ERROR
     target_speedup: float | None = None  # … or a speedup over the table's measured dense model
     stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
+    train_images: int | None = None  # prune on the first N training images only (a quick allocation search)
     p3b: P3BConfig = field(default_factory=P3BConfig)
 
 
@@ -170,6 +171,10 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     data_name = job.data or default_data(model_source(model), say)
     loaded = loads_weights(job.model, job.pretrained, job.pretrained_file, job.weights)
     data = load_data_for(model, data_name, job.augment, loaded, say)  # augmentation as `train` picks it
+    if job.train_images is not None:
+        from torch.utils.data import Subset
+
+        data.train = Subset(data.train, range(min(job.train_images, len(data.train))))
     if getattr(model, "dist_token", None) is not None:
         model.set_distilled_training(True)
     teacher = _teacher(job, ctx.device)

@@ -74,7 +74,7 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, hard_l
     return (1 - weight) * hard_loss + weight * t * t * kl
 
 
-def _optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
+def make_optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
     """AdamW (no decay on biases, norms, tokens: timm's rule) + linear warm-up + cosine decay."""
     from timm.optim import param_groups_weight_decay
 
@@ -110,7 +110,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
 
         net = DDP(model)
     local = cfg.batch_size // ctx.world
-    opt, sched = _optimizer(model, cfg, len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world)))
+    opt, sched = make_optimizer(model, cfg, len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world)))
     criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if data.mixup else cfg.label_smoothing)
     run = {"running": 0.0, "history": []}
 

@@ -1,4 +1,4 @@
-"""The house: import contracts that bite, errors that surface, options honoured or refused."""
+"""Import contracts that bite, errors that surface, options honoured or refused."""
 from __future__ import annotations
 
 import json
