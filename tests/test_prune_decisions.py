@@ -4,6 +4,8 @@ floor loop, the rounding carry and the blocks budget never empty or miscount the
 indicators never see a degenerate handful of images."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -190,3 +192,15 @@ def test_prune_warns_when_the_batch_leaves_the_indicators_too_few_images(tmp_pat
     res = CliRunner().invoke(main, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     assert "a batch of 8 per process gives the block performance indicators 8 images per step" in res.output
+
+
+def test_prune_on_the_first_training_images_only(tmp_path):
+    """PruneJob.train_images: a quick allocation search on a subset (the DeiT allocations use it)."""
+    from p3bkit.prune.job import PruneJob, run_prune
+    from p3bkit.prune.pruner import P3BConfig
+
+    s = run_prune(PruneJob(out=str(tmp_path / "run"), epochs=(0, 1, 0), batch_size=32, train_images=64,
+                           progress=False, p3b=P3BConfig(keep=0.5, update_every=1)))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert s["train_images"] == 64 and s["job"]["train_images"] == 64
+    assert max(r.get("step", 0) for r in log) == 2  # 64 images at batch 32: two steps, not the whole split

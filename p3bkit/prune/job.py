@@ -280,6 +280,7 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
     nominal = pruner.total_keep_ratio()
     total = pruner.params.total_params
     summary = {"job": asdict(job), "val_acc_masked": masked_acc, "val_acc_pruned": pruned_acc, "world": ctx.world,
+               "train_images": len(data.train),
                "budget": job.p3b.budget, "keep_target": job.p3b.keep, "block_keep_target": pruner.block_keep,
                "params_dense": total, "params_kept": round(nominal * total),
                "total_keep": nominal, "prune_rate_total": 1 - nominal,
