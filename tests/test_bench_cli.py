@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -84,3 +86,24 @@ def test_bad_inputs_exit_cleanly(args, code, msg, tmp_path, monkeypatch):
     assert res.exit_code == code, res.output
     assert msg in res.output and "Traceback" not in res.output
     assert not (tmp_path / "OUT" / "pruned").exists()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--backend", "onnxruntime", "--precision", "bf16"], "onnxruntime runner cannot run --precision bf16"),
+    (["--backend", "torch", "--precision", "int8"], "torch runner cannot run --precision int8"),
+    (["--backend", "openvino", "--precision", "int8"], "INT8 needs calibration images"),
+    (["--backend", "openvino", "--precision", "fp64"], "openvino runner cannot run --precision fp64"),
+])
+def test_bench_refuses_a_precision_it_would_ignore(args, msg):
+    res = CliRunner().invoke(main, ["bench", "digits-vit", *args, "--runs", "2"])
+    assert res.exit_code == 1 and msg in res.output
+
+
+@pytest.mark.slow
+def test_bench_records_what_ran_and_leaves_no_temp_folders(tmp_path):
+    before = set(Path(tempfile.gettempdir()).glob("p3bkit-bench-*"))
+    res = CliRunner().invoke(main, ["bench", "digits-vit", "--backend", "onnxruntime", "--runs", "3", "--warmup", "1",
+                                    "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    assert set(Path(tempfile.gettempdir()).glob("p3bkit-bench-*")) == before
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["precision"] == "fp32"

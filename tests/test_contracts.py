@@ -144,3 +144,12 @@ def test_the_command_line_starts_without_torch_or_a_runtime():
             "sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_command_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "p3bkit", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("analyze", "bench", "demo", "doctor", "eval", "export", "finetune", "info", "latency-table", "prune",
+                    "train"):
+        assert f"  {command} " in out
+    res = subprocess.run([sys.executable, "-m", "p3bkit.cli", "analyze", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "Block Performance" in res.stdout

@@ -125,3 +125,13 @@ def test_prune_end_to_end_meets_keep_and_resumes(tmp_path):
     a = json.loads((tmp_path / "a" / "pruned" / "arch.json").read_text())["layers"]
     b = json.loads((tmp_path / "b" / "pruned" / "arch.json").read_text())["layers"]
     assert a == b
+
+
+@pytest.mark.slow
+def test_surgery_is_checked_with_rounded_widths(tmp_path):
+    from p3bkit.prune.pruner import P3BConfig
+    from p3bkit.prune.job import PruneJob, run_prune
+
+    s = run_prune(PruneJob(out=str(tmp_path / "r"), epochs=(0, 1, 1), round_to=8, progress=False,
+                           p3b=P3BConfig(keep=0.4, update_every=5)))
+    assert s["surgery_max_abs_diff"] <= 1e-5

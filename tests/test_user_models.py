@@ -212,3 +212,16 @@ def test_paper_recipe_prunes_with_the_deit_augmentation(imagenet_like, tmp_path)
     assert "augmentation: deit" in res.output
     epochs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [e["soft_target_steps"] for e in epochs if e["type"] == "epoch"] == [40 // 8]
+
+
+def test_info_counts_block_parameters_as_stored():
+    import timm
+
+    from p3bkit.models.report import describe
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                              qkv_bias=False)
+    rows = describe(model)["blocks"]
+    want = [sum(p.numel() for m in br.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+            for blk in model.blocks for br in (blk.attn, blk.mlp)]
+    assert [r["params"] for r in rows] == want
