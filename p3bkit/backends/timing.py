@@ -140,9 +140,9 @@ def latency_stats(lat_ms: list[float], batch: int) -> dict:
 
 def machine_info(threads: int | None = None) -> dict:
     """The CPU, cores, threads, GPU and runtime versions a measurement was taken with."""
-    import importlib.metadata as md
-
     import torch
+
+    from p3bkit.version import package_versions
 
     from p3bkit.backends.registry import runtime_packages
 
@@ -152,10 +152,7 @@ def machine_info(threads: int | None = None) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    versions = {}
-    for pkg in ["timm", *runtime_packages()]:
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[pkg] = md.version(pkg)
+    versions = {k: v for k, v in package_versions(*runtime_packages()).items() if v != "missing"}
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "versions": versions}

@@ -36,23 +36,18 @@ def _flops(ref: str, notes: list[str]) -> int | None:
 
 def _architecture(ref: str) -> str | None:
     """The timm architecture behind a model reference (None for artefacts it cannot tell)."""
-    from p3bkit.models.arch import ARCH_FILE, read_arch
-    from p3bkit.models.factory import resolve_source
+    from p3bkit.models.factory import source_of
 
-    try:
-        if (Path(ref) / ARCH_FILE).is_file():
-            return read_arch(ref).source.name
-        return resolve_source(ref).name if not Path(ref).exists() else None
-    except P3BError:
-        return None
+    source = source_of(ref)
+    return source.name if source else None
 
 
 def _layers(ref: str) -> list[dict] | None:
     """Pruned layers behind a model reference (a pruned folder or an artefact exported from one)."""
-    from p3bkit.export.records import source_of
+    from p3bkit.export.records import exported_from
     from p3bkit.models.arch import ARCH_FILE, read_arch
 
-    ref = source_of(ref)
+    ref = exported_from(ref)
     return read_arch(ref).layers if (Path(ref) / ARCH_FILE).is_file() else None
 
 

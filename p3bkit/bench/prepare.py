@@ -14,7 +14,7 @@ from pathlib import Path
 from p3bkit.backends import (FP32, INT8, Backend, Timed, artefact_suffixes, backend_for_artefact, cpu_backends,
                              eager_backend, get_backend)
 from p3bkit.errors import BackendUnavailable, P3BError
-from p3bkit.export.records import artefact_in_folder, artefact_precision, source_of
+from p3bkit.export.records import artefact_in_folder, artefact_precision, exported_from
 
 
 def run_precision(backend: Backend, ref: str, is_artefact: bool, asked: str | None) -> str:
@@ -65,7 +65,7 @@ def prepare(ref: str, backend: str | None, batch: int, device: str, precision: s
         raise BackendUnavailable("--device gpu asked for, but no CUDA GPU is visible here")
     target = _exported(ref, be, workdir, run) if owner is None and be.format else ref
     timed = be.timer(target, batch, run, threads, device, compile)
-    return dataclasses.replace(timed, name=ref, source=source_of(target) if owner else ref)
+    return dataclasses.replace(timed, name=ref, source=exported_from(target) if owner else ref)
 
 
 def dense_baselines(ref: str, batch: int, threads: int | None, workdir: Path, skip: str = "") -> list[Timed]:

@@ -11,7 +11,6 @@ everything runtime-specific is the backend's (`p3bkit.backends`).
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -54,17 +53,10 @@ class ExportRecord:
 
 
 def _versions(backend) -> dict[str, str]:
-    import importlib.metadata as md
-
     from p3bkit.backends.registry import runtime_packages
+    from p3bkit.version import package_versions
 
-    out = {"python": platform.python_version()}
-    for n in dict.fromkeys(["torch", "timm", *backend.packages, *runtime_packages()]):
-        try:
-            out[n] = md.version(n)
-        except md.PackageNotFoundError:
-            out[n] = "missing"
-    return out
+    return package_versions(*backend.packages, *runtime_packages())
 
 
 def _parity_images(model, precision: str, static_batch: int | None, images: Int8Images | None) -> tuple[list | None, str]:

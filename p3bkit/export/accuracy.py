@@ -57,10 +57,11 @@ def run_eval(ref: str, data: str | None = None, backend: str | None = None, batc
     run = be.runner(ref, precision, threads, device)  # a model that is not a ViT is refused here, before data
     if data is None:
         from p3bkit.console import notify
+        from p3bkit.export.records import exported_from
         from p3bkit.models.factory import source_of
         from p3bkit.models.presets import default_data
 
-        data = default_data(source_of(read_record(ref).get("source", ref)), notify)
+        data = default_data(source_of(exported_from(ref)), notify)
     fixed, (c, h, w) = _input_dims(ref, run)
     num_classes = run_logits(run, np.zeros((1, c, h, w), dtype=np.float32), 1, fixed).shape[-1]
     val = load_data(data, img_size=h, num_classes=num_classes, in_chans=c).val

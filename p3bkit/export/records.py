@@ -35,7 +35,7 @@ def artefact_precision(path: str | Path) -> str:
     return backend.precision(stored) if stored else backend.detect_precision(path)
 
 
-def source_of(ref: str) -> str:
+def exported_from(ref: str) -> str:
     """The model an artefact was exported from (its record), else the reference itself."""
     return read_record(ref).get("source", ref) if backend_for_artefact(ref) else ref
 

@@ -189,13 +189,10 @@ def _dense_arch(model: nn.Module) -> PrunedArch:
 
 
 def versions() -> dict[str, str]:
-    """The versions an architecture file records (p3bkit, timm, torch)."""
-    import timm
-    import torch
+    """The versions an architecture file records (python, p3bkit, timm, torch)."""
+    from p3bkit.version import package_versions
 
-    from p3bkit.version import __version__
-
-    return {"p3bkit": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]}
+    return package_versions()
 
 
 def _check_rebuilds(model: nn.Module, folder: Path) -> None:
