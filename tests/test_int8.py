@@ -58,6 +58,10 @@ def test_int8_export_passes_the_gate_and_records_it(user_model, fmt):
     gate = rec["extra"]["int8"]
     assert rec["precision"] == "int8" and gate["calib_size"] == 60 and gate["val_images"] == 90
     assert gate["fp32_top1"] >= 80 and gate["drop"] <= 1.0  # a trained model, within the gate
+    assert gate["gated"] and gate["op_profile"]["fp32"] and gate["op_profile"]["int8"]  # where the time goes
+    if fmt == "openvino":  # the kernel names say which ops ran in int8
+        assert any("i8" in op.lower() for op in gate["op_profile"]["int8"])
+        assert not any("i8" in op.lower() for op in gate["op_profile"]["fp32"])
     assert rec["accuracy"]["top1"] == pytest.approx(gate["int8_top1"])  # eval through the runtime agrees
     stats = [s for b in rec["parity"].values() for s in b.values()]
     assert stats and all((s["top1_agreement"] or 1.0) >= 0.95 and s["cosine_mean"] >= 0.98 for s in stats)  # real images

@@ -2,8 +2,8 @@
 
 INT8 quantises per-channel int8 weights on every *weighted* MatMul/Gemm/Conv: the attention
 matmuls (activation × activation) stay fp32, because quantising them too made a 90%-pruned
-DeiT-S slower than fp32 in onnxruntime (9.32 vs 6.16 ms; weighted only 5.86) and the dense one
-16% slower than weighted-only (19.93 vs 17.13 ms), `benchmarks/int8_why.py`. Above the gate's
+DeiT-S (P3B-inner) slower than fp32 in onnxruntime (10.32 vs 6.76 ms; weighted only 6.46) and the
+dense one 20% slower than weighted-only (20.75 vs 17.31 ms), `benchmarks/int8_why.py`. Above the gate's
 limit the remedy keeps the 1, 2, 4 … layers that add the most quantisation error in fp32.
 Sessions do not spin (`session.intra_op.allow_spinning=0`): an idle spinning pool takes a core
 from whatever else is being timed.
