@@ -2,7 +2,7 @@
 
 Rows per model: torch eager and `torch.compile` (`p3bkit bench --device cuda`), ONNX Runtime's CUDA
 execution provider (an exported graph, inputs and outputs bound on the GPU), TensorRT fp32 / fp16 /
-INT8 (`p3bkit export --format tensorrt`, then `p3bkit bench` of the engine; INT8 calibrated on
+INT8 (`p3bkit export --format trt`, then `p3bkit bench` of the engine; INT8 calibrated on
 sklearn's digits as a 224-px ImageFolder). A row that cannot run says why (e.g. TensorRT not
 importable) instead of stopping the script; rows left when `--budget-s` is spent say so too.
 Weights are random (throughput depends on the architecture); widths from `results/allocations`.
@@ -71,7 +71,7 @@ def ort_ms(ref: str, batch: int, runs: int, warmup: int, work: Path, dry_run: bo
 
 def trt_ms(ref: str, precision: str, batch: int, runs: int, warmup: int, work: Path, data: Path) -> float:
     out = work / f"trt-{precision}-{time.monotonic_ns()}"
-    args = ["export", ref, "--format", "tensorrt", "--precision", precision, "-o", out, "--no-progress",
+    args = ["export", ref, "--format", "trt", "--precision", precision, "-o", out, "--no-progress",
             "--min-batch", batch, "--opt-batch", batch, "--max-batch", batch]
     if precision == "int8":
         args += ["--calib-data", data, "--calib-size", 256]
