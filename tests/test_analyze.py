@@ -62,3 +62,25 @@ def test_analyze_plain_model_trains_bpi_only(tmp_path):
     first, last = data[0]["bpi_loss"]
     assert last < first  # the indicators learned ...
     assert data[0]["model_change"] == 0.0  # ... and the model they measure did not move
+
+
+def test_analyze_follows_the_output_rule(tmp_path):
+    """Refused before any work: a folder holding other files, or one inside its input; its own
+    report is replaced on a second run; nothing half-written is left beside it."""
+    from p3bkit.models import save
+    from p3bkit.models.factory import create_model
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(main, ["analyze", "digits-vit", "-o", str(tmp_path / "busy")])
+    assert res.exit_code == 1 and "is not empty (notes.txt)" in res.output
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    model = save(create_model("digits-vit"), tmp_path / "model")
+    res = CliRunner().invoke(main, ["analyze", str(model), "-o", str(model / "report")])
+    assert res.exit_code == 1 and "over its input" in res.output and not (model / "report").exists()
+    for _ in range(2):  # the second run replaces its own report
+        res = CliRunner().invoke(main, ["analyze", "digits-vit", "--steps", "3", "-o", str(tmp_path / "r")])
+        assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(["block_performance.json", "block_performance.png",
+                                                                        "index.html"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

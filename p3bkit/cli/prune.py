@@ -150,10 +150,14 @@ def stored_note(stored: int, kept: int, ratio: float) -> str | None:
               help="For a plain model: its local weights file.")
 @click.option("--steps", type=POSITIVE, default=200, show_default=True, help="BPI training steps for plain models.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (replaces the report's own files, keeps others).")
 @boundary
-def analyze(inputs, out, data, weights, steps, device) -> None:
+def analyze(inputs, out, data, weights, steps, device, force) -> None:
     """Block Performance plots for prune runs (their logs) or plain models (BPI trained on the frozen model)."""
-    from p3bkit.prune.analyze import measure_model, read_run, write_report
+    from p3bkit.fileio import check_output_folder
+    from p3bkit.prune.analyze import REPORT_FILES, measure_model, read_run, write_report
+
+    check_output_folder(out, "analyze", tuple(i for i in inputs if Path(i).exists()), force=force, allowed=REPORT_FILES)
 
     runs = [read_run(i) if (Path(i) / "log.jsonl").is_file() else
             measure_model(i, data=data, steps=steps, weights=weights, device=device) for i in inputs]

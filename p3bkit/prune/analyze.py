@@ -156,9 +156,33 @@ def _heatmap(run: dict, out: Path, plt) -> str:
     return img
 
 
+REPORT_FILES = ("index.html", "block_performance.json", "block_performance.png", "keep_ratios.png", "kept_widths.png")
+
+
 def write_report(runs: list[dict], out: str | Path) -> Path:
+    """The report (REPORT_FILES) written into a temporary folder beside `out`, then moved in file by
+    file under the folder's lock: a crash leaves the previous report, never half of one."""
+    import os
+    import shutil
+    import tempfile
+
+    from p3bkit.fileio import folder_lock
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.analyze-", dir=out.parent))
+    try:
+        _write_report(runs, tmp)
+        out.mkdir(exist_ok=True)
+        with folder_lock(out):
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "index.html"
+
+
+def _write_report(runs: list[dict], out: Path) -> None:
     images = plot_block_performance(runs, out)
     parts = ["<html><head><meta charset='utf-8'><title>p3bkit block performance</title></head><body>",
              "<h1>Block Performance (ΔΨ) per Attention and MLP block</h1>"]
@@ -183,4 +207,3 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
         parts.append("</table>")
     (out / "index.html").write_text("\n".join(parts) + "</body></html>")
     (out / "block_performance.json").write_text(json.dumps(runs, indent=1))
-    return out / "index.html"
