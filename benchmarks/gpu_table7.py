@@ -50,6 +50,8 @@ def ort_ms(ref: str, batch: int, runs: int, warmup: int, work: Path, dry_run: bo
     if provider not in ort.get_available_providers():
         raise RuntimeError(f"onnxruntime {ort.__version__} has no {provider} (install onnxruntime-gpu)")
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=[provider])
+    if sess.get_providers()[0] != provider:  # onnxruntime falls back to the CPU when CUDA fails to load
+        raise RuntimeError(f"onnxruntime could not load {provider} (it runs on {sess.get_providers()[0]})")
     device = "cpu" if dry_run else "cuda"
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.empty(batch, sess.get_outputs()[0].shape[-1], device=device)
@@ -72,7 +74,7 @@ def ort_ms(ref: str, batch: int, runs: int, warmup: int, work: Path, dry_run: bo
 def trt_ms(ref: str, precision: str, batch: int, runs: int, warmup: int, work: Path, data: Path) -> float:
     out = work / f"trt-{precision}-{time.monotonic_ns()}"
     args = ["export", ref, "--format", "trt", "--precision", precision, "-o", out, "--no-progress",
-            "--min-batch", batch, "--opt-batch", batch, "--max-batch", batch]
+            "--min-batch", 1, "--opt-batch", batch, "--max-batch", batch]  # batch 1: the export's parity check
     if precision == "int8":
         args += ["--calib-data", data, "--calib-size", 256]
     p3bkit(*args, quiet=True)
@@ -89,10 +91,15 @@ def run(args) -> dict:
         data = digits_image_folder(work / "digits224", 224, train=300, val=100)
         for key in args.models:
             for label in ["dense", *(f"heads_{p}" for p in args.prunes)]:
-                ref = model_ref(key, label, work)
+                try:
+                    ref, why = model_ref(key, label, work), None
+                except Exception as exc:  # every row of this model says why
+                    ref, why = None, "could not run: " + (str(exc).strip().splitlines() or ["?"])[-1][:300]
                 for row in args.rows:
                     entry = {"model": key, "variant": label, "row": row, "batch": batch}
-                    if time.monotonic() - start > args.budget_s:
+                    if why:
+                        entry["status"] = why
+                    elif time.monotonic() - start > args.budget_s:
                         entry["status"] = f"not run: the {args.budget_s:.0f} s budget was spent"
                     else:
                         try:
@@ -109,8 +116,18 @@ def run(args) -> dict:
                     print(f"{key} {label:9s} {row:17s} " + (f"{entry['median_ms']:9.2f} ms" if "median_ms" in entry
                                                             else entry["status"]), flush=True)
                     report["rows"].append(entry)
+                    save(report, args.out)  # every row as soon as it is measured: a killed run keeps them
     report["seconds"] = time.monotonic() - start
     return report
+
+
+def save(report: dict, out: Path) -> None:
+    """The JSON (atomically) and its markdown table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out)
+    out.with_suffix(".md").write_text(format_md(report))
 
 
 def format_md(report: dict) -> str:
@@ -149,11 +166,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420.0, help="rows after this many seconds are not run")
     args = ap.parse_args()
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(args.out)
-    args.out.with_suffix(".md").write_text(format_md(report))
+    save(report, args.out)
     print(format_md(report))
     print(f"wrote {args.out} and its .md ({report['seconds']:.0f} s)")
 

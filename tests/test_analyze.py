@@ -78,9 +78,11 @@ def test_analyze_follows_the_output_rule(tmp_path):
     model = save(create_model("digits-vit"), tmp_path / "model")
     res = CliRunner().invoke(main, ["analyze", str(model), "-o", str(model / "report")])
     assert res.exit_code == 1 and "over its input" in res.output and not (model / "report").exists()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "kept_widths.png").write_bytes(b"an earlier report's figure")  # the report's own file ...
     for _ in range(2):  # the second run replaces its own report
         res = CliRunner().invoke(main, ["analyze", "digits-vit", "--steps", "3", "-o", str(tmp_path / "r")])
         assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(["block_performance.json", "block_performance.png",
-                                                                        "index.html"])
+                                                                        "index.html"])  # ... gone: this one has none
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

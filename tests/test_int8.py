@@ -319,7 +319,7 @@ def test_synthetic_gate_data_is_not_gated_and_the_profile_is_printed(user_model,
     assert prof["fp32"] and prof["int8"] and prof["fp32_total_ms"] > 0
     assert any("QuantizeLinear" in op or "Integer" in op or "QLinear" in op for op in prof["int8"])
     assert not any("QuantizeLinear" in op for op in prof["fp32"])
-    assert "time per op type, onnx profiler" in res.output and "| fp32 graph: op (kernel) |" in res.output
+    assert "time per op type, onnxruntime profiler" in res.output and "| fp32 graph: op (kernel) |" in res.output
 
 
 def test_a_coarse_gate_is_flagged(user_model, tmp_path):

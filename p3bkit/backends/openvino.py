@@ -192,8 +192,10 @@ def layer_errors(fp32_model, q, x: np.ndarray) -> dict[str, float]:
         probe = model.clone()
         ops = {op.get_friendly_name(): op for op in probe.get_ordered_ops()}
         ports = probe.add_outputs([ops[n].output(0) for n in names])  # a model output already is one: returned as is
+        for i, port in enumerate(ports):  # a tensor OpenVINO split out of a fused op may have no name
+            port.get_tensor().add_names({f"p3bkit_probe_{i}"})
         res = ov_compile(probe)({0: x})
-        acts.append({n: np.asarray(res[port.get_any_name()]) for n, port in zip(names, ports)})
+        acts.append({n: np.asarray(res[f"p3bkit_probe_{i}"]) for i, n in enumerate(names)})
     ref, qa = acts
 
     def err(n: str) -> float:

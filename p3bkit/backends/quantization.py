@@ -91,7 +91,7 @@ def keep_worst_in_fp32(fp32: float, int8: float, ranked: list[str], max_drop: fl
     `quantize_keeping(kept)` writes the artefact and returns its top-1. Returns the last top-1, the
     layers kept and every attempt."""
     attempts, kept, k = [{"kept": 0, "int8_top1": int8}], [], 1
-    while fp32 - int8 > max_drop and k <= max(1, len(ranked) // 4):
+    while ranked and fp32 - int8 > max_drop and k <= max(1, len(ranked) // 4):
         kept = ranked[:k]
         int8 = quantize_keeping(kept)
         attempts.append({"kept": len(kept), "int8_top1": int8})
@@ -107,7 +107,7 @@ def remedy_name(attempts: list[dict]) -> str:
 def op_profile(fp32, int8, runs: int = 20, top: int = 10) -> dict:
     """Where the time goes in the fp32 graph and in its INT8 artefact (the runtime's per-op
     profiler, batch of the timers, `runs` runs): the `top` op types of each and both totals."""
-    out = {"runs": runs}
+    out = {"runs": runs, "runtime": fp32.backend}
     for name, timed in (("fp32", fp32), ("int8", int8)):
         ms = timed.profile(runs) if timed.profile else {}
         out[name] = dict(sorted(ms.items(), key=lambda kv: -kv[1])[:top])

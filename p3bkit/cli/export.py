@@ -100,7 +100,7 @@ def profile_lines(prof: dict, fmt: str) -> list[str]:
     if not prof.get("int8"):
         return []
     f, q = list(prof["fp32"].items()), list(prof["int8"].items())
-    lines = [f"time per op type, {fmt} profiler, {prof['runs']} runs: fp32 {prof['fp32_total_ms']:.2f} ms, INT8 "
+    lines = [f"time per op type, {prof.get('runtime', fmt)} profiler, {prof['runs']} runs: fp32 {prof['fp32_total_ms']:.2f} ms, INT8 "
              f"{prof['int8_total_ms']:.2f} ms ({prof['fp32_total_ms'] / max(prof['int8_total_ms'], 1e-9):.2f}×)",
              "| fp32 graph: op (kernel) | ms | INT8: op (kernel) | ms |", "|---|---|---|---|"]
     for i in range(max(len(f), len(q))):

@@ -157,8 +157,9 @@ class LatencyTable:
         from p3bkit.backends import get_backend
 
         pkg = get_backend(self.backend).packages[0].split(".")[0]  # the runtime's own package
-        mine, theirs = self.machine.get("versions", {}).get(pkg), here.get("versions", {}).get(pkg)
-        if mine != theirs:
+        mine, theirs = (str(v).split("+")[0] if v else v for v in (self.machine.get("versions", {}).get(pkg),
+                                                                     here.get("versions", {}).get(pkg)))
+        if mine != theirs:  # local build tags (torch's "+cu121") are not part of the version compared
             diff.append(f"{pkg}: table {mine}, here {theirs}")
         if diff:
             raise P3BError("the latency table was measured on another machine or runtime (" + "; ".join(diff)

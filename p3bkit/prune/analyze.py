@@ -161,7 +161,8 @@ REPORT_FILES = ("index.html", "block_performance.json", "block_performance.png",
 
 def write_report(runs: list[dict], out: str | Path) -> Path:
     """The report (REPORT_FILES) written into a temporary folder beside `out`, then moved in file by
-    file under the folder's lock: a crash leaves the previous report, never half of one."""
+    file under the folder's lock (an earlier report's files this one lacks removed): a failed run
+    leaves the previous report as it was."""
     import os
     import shutil
     import tempfile
@@ -169,14 +170,20 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
     from p3bkit.fileio import folder_lock
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.analyze-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.analyze-", dir=out.parent))
+    except OSError as exc:
+        raise P3BError(f"cannot write the report beside {out}: {exc.strerror or exc}") from exc
     try:
         _write_report(runs, tmp)
         out.mkdir(exist_ok=True)
         with folder_lock(out):
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
+            made = {f.name for f in tmp.iterdir()}
+            for name in set(REPORT_FILES) - made:  # an earlier report's figure this one does not have
+                (out / name).unlink(missing_ok=True)
+            for name in sorted(made):
+                os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "index.html"
