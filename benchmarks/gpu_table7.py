@@ -123,10 +123,9 @@ def run(args) -> dict:
 
 def save(report: dict, out: Path) -> None:
     """The JSON (atomically) and its markdown table."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
+    from p3bkit.fileio import write_json_atomic
+
+    write_json_atomic(out, report)
     out.with_suffix(".md").write_text(format_md(report))
 
 

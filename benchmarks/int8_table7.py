@@ -27,6 +27,8 @@ import argparse
 import json
 from pathlib import Path
 
+from p3bkit.fileio import write_json_atomic
+
 from common import DEIT, RESULTS, allocation_model, digits_image_folder, p3bkit, work_folder
 
 # (row key, export format, precision, calibration): calibration "folder" = the digits ImageFolder
@@ -88,7 +90,7 @@ def run(args) -> None:
             for r, res in zip(rows, rep["results"]):
                 r["median_ms"], r["ran_at"] = res["stats"]["median_ms"], res["precision"]
             report["models"][key] = rows
-            out.write_text(json.dumps(report, indent=1))  # each DeiT as soon as it is measured
+            write_json_atomic(out, report)  # each DeiT as soon as it is measured
             print(format_rows(key, rows), flush=True)
     write_report(args.machine)
     print(f"wrote {out}")
