@@ -10,6 +10,8 @@ paper's (DeiT-S 22.1 → 5.4 → 2.2 M, DeiT-B 86.6 → 21.5 → 8.7 M).
     python benchmarks/table7.py --report                            # md + png from the JSONs
     python benchmarks/table7.py --device cpu --one-run --runs 30    # every model × runtime in ONE interleaved
                                                                     # run, + dense on every runtime, + predictions
+    python benchmarks/table7.py --device cpu --one-run --runs 30 --threads 2 --machine cpu2-budgets \
+        --structures heads speed --pruned-on openvino               # pruned models on OpenVINO only
 
 `--one-run` (CPU): per DeiT, the dense model on every runtime installed (torch, onnxruntime plain and
 transformer-optimised, OpenVINO) and every pruned model on torch, onnxruntime and OpenVINO are timed
@@ -37,7 +39,8 @@ PAPER = {  # Table 7: speedup over dense (CPU i9-12900K batch 1; GPU RTX 3090 ba
 }
 PAPER_PARAMS_M = {"deit_s": {0: 22.1, 75: 5.4, 90: 2.2}, "deit_b": {0: 86.6, 75: 21.5, 90: 8.7}}
 DENSE = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
-NAMES = {"full": "P3B", "inner": "P3B-inner", "heads": "P3B-heads"}  # six gates; head dims + MLP hidden; + whole heads/branches
+# six gates; head dims + MLP hidden; + whole heads/branches; P3B-heads under a latency target too
+NAMES = {"full": "P3B", "inner": "P3B-inner", "heads": "P3B-heads", "speed": "P3B-heads+latency"}
 
 
 def variant_name(label: str) -> str:
@@ -115,10 +118,12 @@ def run_one(args) -> None:
     for key in args.models:
         refs, params, shapes = build_models(Path(args.allocations), work, key, args.structures)
         labels, bench_refs = ["dense"], [refs["dense"]]
+        formats = {"onnxruntime": "onnx", "openvino": "openvino"}
         for label, ref in list(refs.items())[1:]:
-            labels.append(label)
-            bench_refs.append(ref)
-            for fmt in ("onnx", "openvino"):
+            if "torch" in args.pruned_on:
+                labels.append(label)
+                bench_refs.append(ref)
+            for fmt in (formats[b] for b in args.pruned_on if b in formats):
                 export_model(ref, fmt, work / f"{key}_{label}_{fmt}")
                 labels.append(label)
                 bench_refs.append(str(work / f"{key}_{label}_{fmt}" / artefact_name(fmt)))
@@ -209,6 +214,9 @@ def main() -> None:
     ap.add_argument("--machine", help="label for the result file name")
     ap.add_argument("--report", action="store_true", help="only (re)write table7.md/png from the JSONs")
     ap.add_argument("--one-run", action="store_true", help="CPU: all runtimes of a model in one interleaved run")
+    ap.add_argument("--pruned-on", nargs="+", default=["torch", "onnxruntime", "openvino"],
+                    choices=["torch", "onnxruntime", "openvino"],
+                    help="--one-run: the runtimes the pruned models are timed on (dense: every runtime)")
     args = ap.parse_args()
     if args.one_run:
         run_one(args)

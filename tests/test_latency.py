@@ -179,8 +179,8 @@ def test_latency_budget_refusals(tmp_path):
     assert r.exit_code == 1 and "every block removed" in r.output
     r = CliRunner().invoke(main, base + ["--target-speedup", "2", "-o", str(tmp_path / "d")])
     assert r.exit_code == 1 and "needs --latency-table" in r.output
-    r = CliRunner().invoke(main, base + ["--keep", "0.5", "--target-speedup", "2", "-o", str(tmp_path / "e")])
-    assert r.exit_code == 2 and "exactly one of" in r.output
+    r = CliRunner().invoke(main, base + ["--target-latency-ms", "3", "--target-speedup", "2", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "or one of each" in r.output
     r = CliRunner().invoke(main, ["prune", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--data", "digits",
                                   "--target-speedup", "2",
                                   "--latency-table", good, "--no-progress", "-o", str(tmp_path / "f")])
@@ -312,3 +312,115 @@ def test_prune_whole_heads_and_branches_for_a_latency_target(tmp_path):
     r = CliRunner().invoke(main, [*base[:6], str(tmp_path / "inner.json"), *base[7:], "--structure", "heads",
                                   "-o", str(tmp_path / "refused")])
     assert r.exit_code == 1 and "--heads all" in r.output
+
+
+def _priced_table(path, dims: dict) -> str:
+    """A latency table for `dims` on this machine with made-up prices: attention costs per head, so
+    a parameter of attention is ~4× a parameter of MLP (as on real CPUs, where the attention matmuls
+    cost time but hold no parameters). Fast: nothing is timed."""
+    from p3bkit.backends import machine_info
+
+    heads, head_dims = list(range(1, dims["num_heads"] + 1)), list(range(1, dims["head_dim"] + 1))
+    hidden = list(range(1, dims["mlp_hidden"] + 1))
+    t = LatencyTable(model="digits-vit", dims=dims, backend="torch", device="cpu", batch=1, precision="fp32", threads=1,
+                     machine=machine_info(1), fixed_ms=0.1, dense_ms=0.0, heads=heads, head_dims=head_dims,
+                     attn_ms=[[0.02 + 0.03 * h + 0.002 * h * d for d in head_dims] for h in heads], hidden=hidden,
+                     mlp_ms=[0.01 + 0.0005 * k for k in hidden])
+    t.dense_ms = t.predict()
+    t.save(path)
+    return str(path)
+
+
+def _gated_digits(structure: str = "heads"):
+    from p3bkit.latency.table import model_dims
+    from p3bkit.models import add_gates
+    from p3bkit.models.factory import create_model
+
+    gated = add_gates(create_model("digits-vit"), structure)
+    return gated, model_dims(gated.spec)
+
+
+def test_fastest_architecture_at_a_parameter_budget_is_a_lower_bound():
+    """The convex bound on the fastest architecture at a parameter count, against every width
+    combination of a one-layer model (attention heads × head dims × MLP hidden units)."""
+    import itertools
+
+    from p3bkit.models import add_gates
+    from p3bkit.latency.table import model_dims
+    from p3bkit.prune.costs import LatencyCosts, ParameterCosts
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16, depth=1,
+                            num_heads=2, mlp_ratio=1.0, num_classes=3)
+    gated = add_gates(vit, "heads")
+    dims = model_dims(gated.spec)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table = LatencyTable.load(_priced_table(f"{tmp}/t.json", dims))
+    params = ParameterCosts(gated, 0.5, "blocks")
+    lat = LatencyCosts(gated, table, table.dense_ms / 2)
+    options = [lat.options(i, params) for i in range(2)]
+    combos = [(float(p1 + p2), float(t1 + t2)) for (p1, t1), (p2, t2) in
+              itertools.product(*(list(zip(*o)) for o in options))]
+    assert len(combos) == (2 + 1) * (8 + 1) * (16 + 1)
+    full = float(params.full.sum())
+    for share in (0.1, 0.3, 0.5, 0.8):
+        need = share * full
+        brute = min(t for p, t in combos if p >= need) + table.fixed_ms
+        bound = lat.fastest_at(params, need)
+        # the relaxation leaves at most one branch between two of its widths: never further off than
+        # one branch's whole range
+        widest = max(float(t.max() - t.min()) for _, t in options)
+        assert bound <= brute + 1e-9 and brute - bound <= widest + 1e-9, (share, bound, brute)
+    assert lat.fastest_at(params, full + 1) == float("inf")
+
+
+def _both_budgets(tmp_path, keep: str, speedup: str, out: str):
+    _, dims = _gated_digits()
+    lut = _priced_table(tmp_path / "priced.json", dims)
+    args = ["prune", "--model", "digits-vit", "--structure", "heads", "--keep", keep, "--target-speedup", speedup,
+            "--latency-table", lut, "--epochs", "0", "1", "1", "--update-every", "4", "--no-progress",
+            "-o", str(tmp_path / out)]
+    return CliRunner().invoke(main, args), LatencyTable.load(lut)
+
+
+def test_prune_refuses_a_parameter_budget_and_latency_target_that_conflict(tmp_path):
+    r, table = _both_budgets(tmp_path, "0.9", "5", "run")
+    assert r.exit_code == 1 and "the parameter budget and the latency target conflict" in r.output, r.output
+    assert "keeping 90.0% of the parameters" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("speedup", ["1.5", "3"])
+def test_prune_honours_a_parameter_budget_and_a_latency_target_together(tmp_path, speedup):
+    """Both hold after a real P3B run: kept parameters ≤ --keep and predicted ms ≤ the target (to
+    within one step of a branch's curve, as for a latency target alone); the one that bound is
+    met (to within one width step), and the latency allocation alone would keep more parameters."""
+    r, table = _both_budgets(tmp_path, "0.5", speedup, "run")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    lat = s["latency"]
+    step = 0.03  # one head of the priced table, more than a hidden unit
+    assert s["total_keep"] <= 0.5 + 1e-9 and lat["predicted_ms"] <= lat["target_ms"] + step
+    if lat["bound"] == "parameters":
+        assert s["total_keep"] >= 0.5 - 0.01  # 1% of digits-vit: a few head dims or hidden units
+    else:
+        assert lat["bound"] == "latency" and lat["predicted_ms"] >= lat["target_ms"] - step
+    assert lat["fastest_at_parameter_budget_speedup"] > float(speedup)
+    assert "no architecture is predicted faster than" in r.output and f"the {'parameter budget' if lat['bound'] == 'parameters' else 'latency target'} bound" in r.output
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(rec.get("bound") in ("latency", "parameters") for rec in log if rec.get("type") == "mask_update")
+
+
+def test_a_latency_target_alone_keeps_no_parameter_ceiling(tmp_path):
+    """Without --keep the latency budget is the only one (the default keep of the settings is unused)."""
+    from p3bkit.prune.pruner import P3BConfig, P3BPruner
+    from p3bkit.prune.schedule import Schedule
+
+    gated, dims = _gated_digits()
+    table = LatencyTable.load(_priced_table(tmp_path / "priced.json", dims))
+    alone = P3BPruner(gated, P3BConfig(keep=0.5, target_ms=table.dense_ms / 5), Schedule(0, 4, 4), latency_table=table)
+    assert not alone.both_budgets and alone.costs.limit_ms is None
+    with pytest.raises(P3BError, match="conflict"):
+        P3BPruner(gated, P3BConfig(keep=0.9, target_ms=table.dense_ms / 5, keep_too=True), Schedule(0, 4, 4),
+                  latency_table=table)

@@ -24,9 +24,10 @@ IO_MODES = click.Choice(["auto", "index", "dense"])
 @click.option("--prune", "prune_rate", type=click.FloatRange(0, 1, max_open=True),
               help="Pruning rate [0, 1) (= 1 − keep), same scope as --keep.")
 @click.option("--target-latency-ms", type=click.FloatRange(min=0, min_open=True),
-              help="Latency budget instead of --keep: predicted ms on the --latency-table's runtime.")
+              help="Latency budget: predicted ms on the --latency-table's runtime (with --keep/--prune: both are "
+                   "ceilings, the latency allocation keeps within the parameter budget too).")
 @click.option("--target-speedup", type=click.FloatRange(min=1, min_open=True),
-              help="Latency budget instead of --keep: speedup over the table's measured dense model.")
+              help="Latency budget: speedup over the table's measured dense model (with --keep/--prune as above).")
 @click.option("--latency-table", type=click.Path(exists=True, dir_okay=False),
               help="Table from p3bkit latency-table (same machine, model and runtime).")
 @click.option("--accept-table-error", is_flag=True,
@@ -85,9 +86,11 @@ def prune(**kw) -> None:
     from p3bkit.prune.pruner import P3BConfig
     from p3bkit.prune.recipes import resolve_recipe
 
-    budgets = [k for k in ("keep", "prune_rate", "target_latency_ms", "target_speedup") if kw[k] is not None]
-    if len(budgets) != 1:
-        raise click.UsageError("give exactly one of --keep, --prune, --target-latency-ms or --target-speedup")
+    sizes = [k for k in ("keep", "prune_rate") if kw[k] is not None]
+    latencies = [k for k in ("target_latency_ms", "target_speedup") if kw[k] is not None]
+    if len(sizes) > 1 or len(latencies) > 1 or not sizes + latencies:
+        raise click.UsageError("give a parameter budget (--keep or --prune), a latency target (--target-latency-ms "
+                               "or --target-speedup), or one of each")
     keep = kw["keep"] if kw["keep"] is not None else 1 - (kw["prune_rate"] or 0.0)
     from p3bkit.models.factory import loads_weights
 
@@ -99,7 +102,7 @@ def prune(**kw) -> None:
     cfg = P3BConfig(keep=keep, budget=kw["budget"], update_every=r["update_every"], alpha=kw["alpha"], tau=r["tau"],
                     m_ref=kw["m_ref"], lr_model=r["lr"], lr_bpi=r["lr_bpi"], frozen=kw["frozen"],
                     allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"],
-                    target_ms=kw["target_latency_ms"], remove_below=kw["remove_below"],
+                    target_ms=kw["target_latency_ms"], keep_too=bool(sizes and latencies), remove_below=kw["remove_below"],
                     removal_patience=kw["removal_patience"], bpi_fraction=kw["bpi_fraction"])
     job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], model_kwargs=parse_model_kwargs(kw),
                    pretrained=kw["pretrained"], pretrained_file=kw["pretrained_file"],
@@ -114,8 +117,8 @@ def prune(**kw) -> None:
     from_scratch = " (no weights loaded: from scratch)" if scratch and kw["lr"] is None and kw["recipe"] == "quick" else ""
     plan = (f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
             f"{r['update_every']} it, batch {r['batch_size']}, model lr {r['lr'] * r['batch_size'] / 512:.2e}"
-            f"{from_scratch}, " + (f"budget {kw['budget']} keep {keep:.3f}" if budgets[0] in ("keep", "prune_rate") else
-                                   f"latency budget from {kw['latency_table']}"))
+            f"{from_scratch}, " + " and ".join(([f"budget {kw['budget']} keep {keep:.3f}"] if sizes else []) +
+                                                  ([f"latency budget from {kw['latency_table']}"] if latencies else [])))
     s = run_prune(job, resume=kw["resume"], force=kw["force"], plan=plan)
     click.echo(f"pruned model: {Path(kw['out']) / 'pruned'}")
     click.echo(f"kept {100 * s['total_keep']:.1f}% of all parameters ({s['params_kept']:,} of {s['params_dense']:,}) "
@@ -127,6 +130,12 @@ def prune(**kw) -> None:
                    f"{lat['predicted_speedup']:.2f}× over the measured dense {lat['dense_ms_measured']:.3f} ms; "
                    + ("table error unknown: made without --check)" if lat.get("table_check_error") is None else
                       f"the table's checked median error {100 * lat['table_check_error']:.1f}%)"))
+        if "fastest_at_parameter_budget_ms" in lat:
+            bound = {"parameters": "the parameter budget bound the last allocation; ",
+                     "latency": "the latency target bound the last allocation; "}.get(lat.get("bound"), "")
+            click.echo(f"{bound}at this parameter budget no architecture is predicted faster than "
+                       f"{lat['fastest_at_parameter_budget_ms']:.3f} ms "
+                       f"({lat['fastest_at_parameter_budget_speedup']:.2f}×)")
     click.echo(stored_note(s["params_stored"], s["params_kept"], s["total_keep_stored"]) or "", nl=False)
 
 

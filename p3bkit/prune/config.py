@@ -36,7 +36,8 @@ class P3BConfig:
     bpi_class_head: ClassHead = "linear"  # the paper's Linear, or LayerNorm + Linear
     allocation: AllocationName = "p3b"
     keep_ratios: list[float] | None = None  # handcrafted per-branch κ (ablations)
-    target_ms: float | None = None  # latency budget (needs a LatencyTable; `keep` is then unused)
+    target_ms: float | None = None  # latency budget (needs a LatencyTable; `keep` is then unused …
+    keep_too: bool = False  # … unless this is set: the parameter budget `keep` holds as well (prune.pruner)
     gate_factors: dict[str, float] = field(default_factory=lambda: dict(GATE_FACTORS))
     remove_below: float = 0.05  # remove a branch whose share would be below this fraction of its full cost
     removal_patience: int = 2  # ... for this many consecutive mask updates

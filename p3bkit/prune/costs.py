@@ -73,7 +73,7 @@ class ParameterCosts:
     """Branch costs in parameters; `block_keep` is the fraction of branch cost to keep."""
 
     def __init__(self, gated: GatedViT, keep: float, scope: str, remove_below: float = 0.0) -> None:
-        self.gated, self.spec = gated, gated.spec
+        self.gated, self.spec, self.scope = gated, gated.spec, scope
         self.branches = [b for _, b in gated.branches()]
         # a branch's norm and LayerScale leave with it: part of its cost under the total budget
         self.norms = torch.tensor([self._norm_params(i) for i in range(len(self.branches))], dtype=torch.float64)
@@ -163,6 +163,7 @@ class LatencyCosts:
                            "p3bkit latency-table MODEL --heads all")
         table.check_model(model_dims(gated.spec))
         self.table, self.fixed_ms, self.target_ms = table, table.fixed_ms, target_ms
+        self.limit_ms: float | None = None  # the fastest any architecture at a parameter budget can be
         self.branches = [b for _, b in gated.branches()]
         self._grid = torch.from_numpy(table.attn_grid()) if gated.structure == "heads" else None
         self.curves = [None if "heads" in b.gates() else
@@ -182,6 +183,55 @@ class LatencyCosts:
                            f"on {table.backend}: nothing to prune")
         self.dense_ms = dense
         self.block_keep = (target_ms - self.fixed_ms) / float(self.full.sum())
+
+    def options(self, i: int, params: ParameterCosts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(parameters, predicted ms) of every width branch `i` can be pruned to, removal included."""
+        if self.curves[i] is None:
+            return params.grid(i).flatten(), self._grid.flatten()
+        gates = list(self.branches[i].gates())
+        n = self.branches[i].gates()[_inner(self.branches[i])].size
+        order_gate = torch.full((n,), gates.index(_inner(self.branches[i])))
+        return params.curve(i, order_gate), self.curves[i]
+
+    def fastest_at(self, params: ParameterCosts, kept_params: float) -> float:
+        """A lower bound on the predicted ms of any architecture keeping `kept_params` branch
+        parameters (as `params` counts them), whatever the importance: the convex relaxation of
+        choosing one width per branch, solved by its Lagrangian (λ prices a parameter in ms)."""
+        options = [self.options(i, params) for i in range(len(self.branches))]
+
+        def pick(lam: float) -> tuple[float, float]:
+            p = ms = 0.0
+            for cost, time in options:
+                j = int(torch.argmax(lam * cost - time - 1e-12 * cost))  # ties: the fewer parameters
+                p, ms = p + float(cost[j]), ms + float(time[j])
+            return p, ms
+
+        top = pick(1e9)
+        if top[0] < kept_params:
+            return float("inf")
+        lo, hi = 0.0, 1.0
+        while pick(hi)[0] < kept_params:
+            hi *= 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if pick(mid)[0] < kept_params else (lo, mid)
+        (p0, t0), (p1, t1) = pick(lo), pick(hi)
+        frac = 0.0 if p1 <= p0 else (kept_params - p0) / (p1 - p0)
+        return self.fixed_ms + t0 + min(max(frac, 0.0), 1.0) * (t1 - t0)
+
+    def check_parameter_budget(self, params: ParameterCosts) -> None:
+        """Refuse a latency target no architecture of the budget's size is predicted to meet (it could
+        only be met by pruning far past the size asked for)."""
+        ceiling = params.block_keep * float(params.full.sum())
+        self.limit_ms = self.fastest_at(params, ceiling)
+        if self.limit_ms > self.target_ms:
+            size = (f"keeping {100 * (ceiling + params.other_params) / params.total_params:.1f}% of the parameters"
+                    if params.scope == "total" else
+                    f"keeping {100 * params.block_keep:.1f}% of the block parameters")
+            raise P3BError(f"the parameter budget and the latency target conflict: {size}, "
+                           f"no architecture is predicted faster than {self.limit_ms:.3f} ms "
+                           f"({self.table.dense_ms / self.limit_ms:.2f}× on {self.table.backend}), above the "
+                           f"{self.target_ms:.3f} ms target: keep fewer parameters or ask for less speed")
 
     def kept(self) -> torch.Tensor:
         """Predicted ms of every branch at its current kept width (mask ≥ 0.5)."""
@@ -208,7 +258,10 @@ class LatencyCosts:
         """Target and prediction for a pruned architecture, for summary.json."""
         t = self.table
         predicted = t.predict(layers)
-        return {"backend": t.backend, "device": t.device, "batch": t.batch, "threads": t.threads, "cpu": t.machine.get("cpu"),
+        limit = self.limit_ms
+        return {**({"fastest_at_parameter_budget_ms": limit, "fastest_at_parameter_budget_speedup": t.dense_ms / limit}
+                   if limit is not None else {}),
+                "backend": t.backend, "device": t.device, "batch": t.batch, "threads": t.threads, "cpu": t.machine.get("cpu"),
                 "target_ms": self.target_ms, "predicted_ms": predicted, "dense_ms_measured": t.dense_ms,
                 "predicted_speedup": t.dense_ms / predicted, "target_speedup": t.dense_ms / self.target_ms,
                 "table_check_error": t.check_error}

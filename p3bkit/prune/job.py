@@ -294,6 +294,8 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
                "disabled_blocks": [i for i, d in enumerate(pruner.disabled.tolist()) if d]}
     if pruner.costs is not pruner.params:
         summary["latency"] = pruner.costs.report(pruned.p3b_arch.layers)
+        if pruner.both_budgets:
+            summary["latency"]["bound"] = pruner.bound
     if ctx.main:
         save(pruned, out / "pruned", overwrite=True)  # the run's own folder (tensors are copied to the CPU)
         write_origin(out / "pruned", origin)  # what finetune distils from (models/teacher.py)

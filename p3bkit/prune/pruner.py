@@ -8,9 +8,12 @@ accumulated Taylor scores into new soft masks. Masks are buffers: AdamW never se
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
+from p3bkit.errors import P3BError
 from p3bkit.models.gates import GatedViT
 from p3bkit.prune.allocation import Allocation, AllocationInput, make_allocation, ramp
 from p3bkit.prune.bpi import BPI, Criterion, StateRecorder, ce_loss, indicator_images
@@ -27,7 +30,9 @@ class P3BPruner(nn.Module):
         """`lr_scale` multiplies both learning rates (the DeiT rule: batch size / 512).
 
         With `cfg.target_ms` and a `latency_table`, every branch's cost is its predicted milliseconds
-        on the table's runtime instead of its parameter count.
+        on the table's runtime instead of its parameter count; with `cfg.keep_too` the parameter
+        budget `cfg.keep` holds as well (`_targets_within_params`), and a latency target that no
+        architecture of that size is predicted to meet is refused up front.
         """
         super().__init__()
         self.gated, self.cfg, self.schedule, self.criterion = gated, cfg, schedule, criterion
@@ -35,6 +40,13 @@ class P3BPruner(nn.Module):
         self.branches = [b for _, b in gated.branches()]
         self.params = ParameterCosts(gated, cfg.keep, cfg.budget, cfg.remove_below)
         self.costs = LatencyCosts(gated, latency_table, cfg.target_ms, cfg.remove_below) if cfg.target_ms else self.params
+        # a latency target with a parameter budget (`_targets_within_params`)
+        self.both_budgets = self.costs is not self.params and cfg.keep_too
+        self.bound: str | None = None  # which of the two bound the last update: "latency" or "parameters"
+        if self.both_budgets:
+            if cfg.keep_ratios is not None:
+                raise P3BError("handcrafted keep ratios take no budget: drop the parameter budget or the latency target")
+            self.costs.check_parameter_budget(self.params)
         self.allocation: Allocation = make_allocation(cfg)
         n = len(self.branches)
         self.register_buffer("delta_c", torch.zeros(n))
@@ -136,14 +148,16 @@ class P3BPruner(nn.Module):
         order = torch.argsort(scores, descending=True, stable=True)
         return scores, order, self.costs.curve(i, gate_id[order])
 
-    def allocation_input(self, removals_open: bool = True) -> AllocationInput:
-        """What the allocation decides from; `removals_open` while sparsify runs."""
+    def allocation_input(self, removals_open: bool = True, budget: float | None = None) -> AllocationInput:
+        """What the allocation decides from; `removals_open` while sparsify runs; `budget`: the share
+        of the full branch cost to keep (default: the cost model's)."""
         count = self.delta_count.clamp(min=1)
 
         def curves():
             return [(scores[order], cost) for scores, order, cost in map(self._order, range(len(self.branches)))]
         return AllocationInput((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.costs.kept(),
-                               self.costs.full, self.costs.unit, self.disabled.cpu(), self.block_keep, curves,
+                               self.costs.full, self.costs.unit, self.disabled.cpu(),
+                               self.block_keep if budget is None else budget, curves,
                                self.costs.useful, int(self.delta_count) >= self.cfg.update_every, removals_open)
 
     @torch.no_grad()
@@ -173,18 +187,23 @@ class P3BPruner(nn.Module):
         # removals stay open while the ramp runs (a decision at its last update, κ jumping to 0 with no
         # window left to undo it, would not be reversible)
         open_ = phase in ("warmup", "sparsify") and progress < 1 and step < self.schedule.total
-        target = self.allocation.targets(self.allocation_input(open_))
+        cache: dict = {}
+        if self.both_budgets:
+            target, self.bound = self._targets_within_params(open_, cache)
+        else:
+            target = self.allocation.targets(self.allocation_input(open_))
         self.kappa.copy_(ramp(target, progress, self.disabled.cpu() if disables else None))
         carry = 0.0  # rounding to whole units is carried on, through removed branches, so the sum meets the budget
         for i, kappa in enumerate(self.kappa.tolist()):
-            carry = self._update_branch(i, kappa, tau, carry)
+            widths, carry = self._choose(i, kappa, carry, cache)
+            self._write(i, widths, tau)
         count = self.delta_count.clamp(min=1)
         record = {"step": step, "phase": phase, "tau": tau,
                   "delta_c": (self.delta_c / count).tolist(), "delta_p": (self.delta_p / count).tolist(),
                   "kappa_target": target.tolist(), "kappa": self.kappa.tolist(), "disabled": self.disabled.tolist(),
                   "kept_params": self.params.linear_kept().tolist(), "full_params": self.params.linear_full.tolist(),
                   "heads": [b.widths().heads if b.widths().kind == "attn" else None for b in self.branches],
-                  **self.costs.log_fields()}
+                  **self.costs.log_fields(), **({"bound": self.bound} if self.bound else {})}
         self.reset_accumulators()
         return record
 
@@ -201,54 +220,106 @@ class P3BPruner(nn.Module):
             if dead or (branch.widths().empty and self.cfg.empty_blocks == "disable"):
                 self.disabled[i] = True
 
-    def _update_branch(self, i: int, kappa: float, tau: float, carry: float = 0.0) -> float:
-        """New soft masks for κ·cost (+ `carry`) of branch `i`; returns the shortfall to carry on.
+    def _choose(self, i: int, kappa: float, carry: float, cache: dict) -> tuple[dict, float]:
+        """The kept widths of branch `i` for κ·cost (+ `carry`), and the shortfall to carry on.
 
         A branch at κ = 0 (removed or disabled) keeps nothing and passes the carry on untouched; one
         at κ > 0 keeps at least its cheapest non-empty width, whatever the carry (only the allocation
-        removes a branch, with its patience).
+        removes a branch, with its patience). `cache` holds each branch's ranking for this update.
         """
-        gates = self.branches[i].gates()
-        if "heads" in gates:
-            return self._update_heads(i, kappa, tau, carry)
-        scores, order, cost = self._order(i)
-        n = scores.numel()
+        if "heads" in self.branches[i].gates():
+            return self._choose_heads(i, kappa, carry, cache)
+        if i not in cache:
+            cache[i] = self._order(i)
+        scores, order, cost = cache[i]
         raw = kappa * float(cost[-1]) + carry  # what the branch should cost; its debt passes on
         positive = cost[cost > 0]
         target = max(raw, float(positive.min()) if positive.numel() else 0.0) if kappa > 0 else 0.0
         keep_count = threshold_count(cost, target)
-        values = torch.empty(n)
-        values[order.flip(0)] = soft_mask_values(n, n - keep_count, tau, self.cfg.m_ref)
-        for gate, part in zip(gates.values(), values.split([g.size for g in gates.values()])):
-            gate.mask.copy_(part.to(gate.mask.device))
-        return raw - float(cost[keep_count]) if kappa > 0 else carry
+        return {"order": order, "keep": keep_count}, (raw - float(cost[keep_count]) if kappa > 0 else carry)
 
-    def _update_heads(self, i: int, kappa: float, tau: float, carry: float) -> float:
+    def _choose_heads(self, i: int, kappa: float, carry: float, cache: dict) -> tuple[dict, float]:
         """Attention with whole heads: the (heads, head dims) pair within κ·cost (+ `carry`) that keeps
         the most importance — the product of the fractions of each gate's importance kept, the top
-        heads and the top dims by their Taylor scores (or magnitudes) — then a soft mask per gate."""
-        gates = self.branches[i].gates()
-        scores = self.allocation.local_scores(self.branches[i]).split([g.size for g in gates.values()])
-        mass = self.allocation.gate_masses(self.branches[i])
+        heads and the top dims by their Taylor scores (or magnitudes)."""
+        if i not in cache:
+            gates = self.branches[i].gates()
+            scores = self.allocation.local_scores(self.branches[i]).split([g.size for g in gates.values()])
+            mass = self.allocation.gate_masses(self.branches[i])
+            orders = {name: torch.argsort(s, descending=True, stable=True) for name, s in zip(gates, scores)}
+            kept = {name: _kept_fraction(mass[name][orders[name]]) for name in gates}
+            cache[i] = orders, kept["heads"].pow(self.cfg.head_weight).unsqueeze(1) * kept["head_dim"].unsqueeze(0)
+        orders, value = cache[i]
         grid = self.costs.grid(i)
         raw = kappa * float(grid[-1, -1]) + carry
         target = max(raw, float(grid[1, 1])) if kappa > 0 else 0.0
-        orders = {name: torch.argsort(s, descending=True, stable=True) for name, s in zip(gates, scores)}
-        kept = {name: _kept_fraction(mass[name][orders[name]]) for name in gates}
-        value = kept["heads"].pow(self.cfg.head_weight).unsqueeze(1) * kept["head_dim"].unsqueeze(0)
         # like `threshold_count`: the cost closest to the target may lie one step above it (the carry
         # evens it out over the model); within that cost, the pair that keeps the most importance
         closest = float(grid.flatten()[torch.argmin((grid - target).abs())])
         limit = max(target, closest) + 1e-9
         value = torch.where(grid <= limit, value - 1e-12 * grid / grid[-1, -1], torch.full_like(value, -1.0))
         h, d = divmod(int(torch.argmax(value)), value.shape[1])  # ties: the cheaper pair
-        for name, count in (("heads", h), ("head_dim", d)):
-            n = gates[name].size
-            values = torch.empty(n)
-            # a handful of heads: the 0.5 point between the last kept head and the first pruned one
-            values[orders[name].flip(0)] = soft_mask_values(n, n - count, tau, self.cfg.m_ref, between=name == "heads")
-            gates[name].mask.copy_(values.to(gates[name].mask.device))
-        return raw - float(grid[h, d]) if kappa > 0 else carry
+        return {"orders": orders, "heads": h, "head_dim": d}, (raw - float(grid[h, d]) if kappa > 0 else carry)
+
+    def _write(self, i: int, widths: dict, tau: float) -> None:
+        """Soft masks of branch `i` for the widths `_choose` picked."""
+        gates = self.branches[i].gates()
+        if "orders" in widths:
+            for name in ("heads", "head_dim"):
+                n = gates[name].size
+                values = torch.empty(n)
+                # a handful of heads: the 0.5 point between the last kept head and the first pruned one
+                values[widths["orders"][name].flip(0)] = soft_mask_values(n, n - widths[name], tau, self.cfg.m_ref,
+                                                                          between=name == "heads")
+                gates[name].mask.copy_(values.to(gates[name].mask.device))
+            return
+        order = widths["order"]
+        n = order.numel()
+        values = torch.empty(n)
+        values[order.flip(0)] = soft_mask_values(n, n - widths["keep"], tau, self.cfg.m_ref)
+        for gate, part in zip(gates.values(), values.split([g.size for g in gates.values()])):
+            gate.mask.copy_(part.to(gate.mask.device))
+
+    def _param_cost(self, i: int, widths: dict) -> float:
+        """Parameters branch `i` keeps at these widths (what the parameter budget counts)."""
+        if "orders" in widths:
+            return float(self.params.grid(i)[widths["heads"], widths["head_dim"]])
+        gates = self.branches[i].gates()
+        gate_id = torch.cat([torch.full((g.size,), j) for j, g in enumerate(gates.values())])
+        return float(self.params.curve(i, gate_id[widths["order"]])[widths["keep"]])
+
+    def _kept_params(self, kappa: torch.Tensor, cache: dict) -> float:
+        """Branch parameters the hard masks at these keep ratios would keep."""
+        total, carry = 0.0, 0.0
+        for i, k in enumerate(kappa.tolist()):
+            widths, carry = self._choose(i, k, carry, cache)
+            total += self._param_cost(i, widths)
+        return total
+
+    def _targets_within_params(self, removals_open: bool, cache: dict) -> tuple[torch.Tensor, str]:
+        """Latency costs under the parameter budget too: the allocation at the latency target when the
+        widths it leads to keep no more parameters than the budget ("latency" bound: the model may
+        keep fewer); otherwise at the largest share of the branch time (found by bisection) whose
+        widths fit the budget ("parameters"). Each try starts from the allocation's state before this
+        update, so its smoothing sees one update. The share never reaches 0 (every branch emptied):
+        when even the smallest share tried keeps too much — the kept branches' smallest widths alone
+        exceed the budget — that share is used and the summary shows the overshoot."""
+        state = copy.deepcopy(self.allocation.state_dict())
+        ceiling = self.params.block_keep * float(self.params.full.sum())
+
+        def attempt(share: float) -> tuple[torch.Tensor, float]:
+            self.allocation.load_state_dict(copy.deepcopy(state))
+            target = self.allocation.targets(self.allocation_input(removals_open, share))
+            return target, self._kept_params(target, cache)
+
+        target, kept = attempt(self.costs.block_keep)
+        if kept <= ceiling:
+            return target, "latency"
+        lo, hi = 0.0, self.costs.block_keep
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if attempt(mid)[1] <= ceiling else (lo, mid)
+        return attempt(lo if lo > 0 else hi)[0], "parameters"
 
     # ---- reporting and state ---------------------------------------------------------------------
 
@@ -261,11 +332,12 @@ class P3BPruner(nn.Module):
         return float(self.params.kept_total() / self.params.total_params)
 
     def extra_state(self) -> dict:
-        return {"allocation": self.allocation.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"allocation": self.allocation.state_dict(), "optimizer": self.optimizer.state_dict(), "bound": self.bound}
 
     def load_extra_state(self, state: dict) -> None:
         self.allocation.load_state_dict(state["allocation"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.bound = state.get("bound")
 
 
 def _kept_fraction(mass: torch.Tensor) -> torch.Tensor:
