@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import digit_image_folder
+from helpers import digit_image_folder
 
 from p3bkit.cli import main
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 import p3bkit
 from p3bkit.models.cost import BranchWidths, branch_params

@@ -5,7 +5,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import random_masks, tiny_model
+from helpers import random_masks, tiny_model
 
 import p3bkit
 from p3bkit.cli import main

@@ -6,7 +6,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import CONFIGS, random_masks, tiny_model
+from helpers import CONFIGS, random_masks, tiny_model
 
 import p3bkit
 from p3bkit.errors import ArchError

@@ -30,7 +30,7 @@ def user_model(tmp_path_factory):
     """A 3-class timm ViT trained 40 epochs on an ImageFolder of digits, and a white-frame folder."""
     from PIL import Image
 
-    from conftest import digit_image_folder
+    from helpers import digit_image_folder
 
     root = tmp_path_factory.mktemp("int8")
     data = digit_image_folder(root / "data", n_per_class=30, classes=3)

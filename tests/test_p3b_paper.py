@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
-from conftest import digit_image_folder, tiny_model
+from helpers import digit_image_folder, tiny_model
 
 import p3bkit
 from p3bkit.cli import main

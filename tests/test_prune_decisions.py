@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 import p3bkit
 from p3bkit.prune.allocation import AllocationInput, P3BAllocation, allocate_keep_ratios
@@ -181,7 +181,7 @@ def test_the_indicators_see_enough_images():
 
 def test_prune_warns_when_the_batch_leaves_the_indicators_too_few_images(tmp_path):
     from click.testing import CliRunner
-    from conftest import digit_image_folder
+    from helpers import digit_image_folder
 
     from p3bkit.cli import main
 

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from conftest import tiny_model
+from helpers import tiny_model
 
 import p3bkit
 from p3bkit.cli import main

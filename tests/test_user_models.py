@@ -75,7 +75,7 @@ KW = json.dumps(SMALL)
 @pytest.fixture(scope="module")
 def imagenet_like(tmp_path_factory):
     """A '1000-class pretrained' small ViT weights file and a 10-class ImageFolder of digits."""
-    from conftest import digit_image_folder
+    from helpers import digit_image_folder
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("user")
