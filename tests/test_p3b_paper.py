@@ -12,7 +12,7 @@ from helpers import digit_image_folder, tiny_model
 import p3bkit
 from p3bkit.cli import main
 from p3bkit.errors import P3BError
-from p3bkit.prune.costs import block_keep_ratio
+from p3bkit.prune.costs import branch_budget_share
 from p3bkit.prune.importance import token_importance
 from p3bkit.prune.pruner import P3BConfig, P3BPruner
 from p3bkit.prune.importance import normalised_ranks
@@ -102,11 +102,11 @@ def test_weight_decay_skips_norms_biases_and_tokens():
     assert len(decay) + len(no_decay) == sum(1 for _ in model.parameters())
 
 
-def test_block_keep_for_the_total_budget():
-    assert block_keep_ratio(0.25, 900.0, 100.0, "total") == pytest.approx((250 - 100) / 900)
-    assert block_keep_ratio(0.25, 900.0, 100.0, "blocks") == 0.25
+def test_branch_budget_share_for_the_total_budget():
+    assert branch_budget_share(0.25, 900.0, 100.0, "total") == pytest.approx((250 - 100) / 900)
+    assert branch_budget_share(0.25, 900.0, 100.0, "blocks") == 0.25
     with pytest.raises(P3BError, match="never pruned"):
-        block_keep_ratio(0.05, 900.0, 100.0, "total")
+        branch_budget_share(0.05, 900.0, 100.0, "total")
 
 
 @pytest.mark.slow
@@ -123,7 +123,7 @@ def test_deit_small_budget_scopes_meet_their_targets(scope, structure):
     pruned = p3bkit.apply_surgery(gated.eval(), io_mode="index")
     n = sum(p.numel() for p in pruned.parameters())  # what the saved model stores
     assert n == pytest.approx(pr.total_keep_ratio() * n_dense, rel=1e-6)
-    got = n / n_dense if scope == "total" else pr.block_keep_ratio()
+    got = n / n_dense if scope == "total" else pr.kept_branch_params_ratio()
     assert got == pytest.approx(0.1, rel=0.01)
     if scope == "total":  # the paper's DeiT-S at 90%: 22.1 M → 2.2 M
         assert n == pytest.approx(2.2e6, rel=0.01)

@@ -23,8 +23,8 @@ from p3bkit.models.cost import BranchWidths, branch_params
 from p3bkit.models.gates import GatedViT
 
 
-def block_keep_ratio(keep: float, block_params: float, other_params: float, scope: str,
-                     smallest: float = 0.0) -> float:
+def branch_budget_share(keep: float, block_params: float, other_params: float, scope: str,
+                        smallest: float = 0.0) -> float:
     """The fraction of branch parameters to keep so that `keep` holds for the chosen scope.
 
     scope "total": keep·(branches + other) − other over branches (the paper's definition, where the
@@ -70,7 +70,7 @@ def kept_cost_curve(order_gate: torch.Tensor, names: list[str], kind: str,
 
 
 class ParameterCosts:
-    """Branch costs in parameters; `block_keep` is the fraction of branch cost to keep."""
+    """Branch costs in parameters; `budget_share` is the fraction of branch cost to keep."""
 
     def __init__(self, gated: GatedViT, keep: float, scope: str, remove_below: float = 0.0) -> None:
         self.gated, self.spec, self.scope = gated, gated.spec, scope
@@ -85,7 +85,7 @@ class ParameterCosts:
         self.total_params = sum(p.numel() for p in gated.model.parameters())
         # never pruned: patch embedding, tokens, final norm, head
         self.other_params = self.total_params - float((self.linear_full + self.norms).sum())
-        self.block_keep = block_keep_ratio(keep, float(self.full.sum()), self.other_params, scope,
+        self.budget_share = branch_budget_share(keep, float(self.full.sum()), self.other_params, scope,
                                            float(self.unit.min()))
 
     def _norm_params(self, i: int) -> int:
@@ -182,7 +182,7 @@ class LatencyCosts:
             raise P3BError(f"a target of {target_ms:.3f} ms is not below the dense model's predicted {dense:.3f} ms "
                            f"on {table.backend}: nothing to prune")
         self.dense_ms = dense
-        self.block_keep = (target_ms - self.fixed_ms) / float(self.full.sum())
+        self.budget_share = (target_ms - self.fixed_ms) / float(self.full.sum())
 
     def options(self, i: int, params: ParameterCosts) -> tuple[torch.Tensor, torch.Tensor]:
         """(parameters, predicted ms) of every width branch `i` can be pruned to, removal included."""
@@ -222,12 +222,12 @@ class LatencyCosts:
     def check_parameter_budget(self, params: ParameterCosts) -> None:
         """Refuse a latency target no architecture of the budget's size is predicted to meet (it could
         only be met by pruning far past the size asked for)."""
-        ceiling = params.block_keep * float(params.full.sum())
+        ceiling = params.budget_share * float(params.full.sum())
         self.limit_ms = self.fastest_at(params, ceiling)
         if self.limit_ms > self.target_ms:
             size = (f"keeping {100 * (ceiling + params.other_params) / params.total_params:.1f}% of the parameters"
                     if params.scope == "total" else
-                    f"keeping {100 * params.block_keep:.1f}% of the block parameters")
+                    f"keeping {100 * params.budget_share:.1f}% of the block parameters")
             raise P3BError(f"the parameter budget and the latency target conflict: {size}, "
                            f"no architecture is predicted faster than {self.limit_ms:.3f} ms "
                            f"({self.table.dense_ms / self.limit_ms:.2f}× on {self.table.backend}), above the "

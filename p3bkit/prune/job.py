@@ -240,13 +240,13 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ct
             record = pruner.update_masks()
             check_identical(torch.cat([g.mask for g in pruner.gated.gates.values()]), ctx, "the masks")
             log.append({**record, "type": "mask_update", "epoch": epoch + 1, **stats,
-                        "block_keep": pruner.block_keep_ratio()})
-        return {"loss": float(stats["loss"]), "keep": pruner.block_keep_ratio()}
+                        "block_keep": pruner.kept_branch_params_ratio()})
+        return {"loss": float(stats["loss"]), "keep": pruner.kept_branch_params_ratio()}
 
     def end_epoch(epoch: int, batches: int) -> str:
         acc = evaluate(pruner.gated, data.val, device=ctx.device, ctx=ctx)
         log.append({"type": "epoch", "epoch": epoch + 1, "val_acc": acc, "soft_target_steps": soft.pop(epoch, 0),
-                    "block_keep": pruner.block_keep_ratio(), "total_keep": pruner.total_keep_ratio()})
+                    "block_keep": pruner.kept_branch_params_ratio(), "total_keep": pruner.total_keep_ratio()})
         return f"val top-1 {acc:.2f}%, keeping {100 * pruner.total_keep_ratio():.1f}% of all parameters"
 
     def state() -> dict:
@@ -281,7 +281,7 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
     total = pruner.params.total_params
     summary = {"job": asdict(job), "val_acc_masked": masked_acc, "val_acc_pruned": pruned_acc, "world": ctx.world,
                "train_images": len(data.train),
-               "budget": job.p3b.budget, "keep_target": job.p3b.keep, "block_keep_target": pruner.block_keep,
+               "budget": job.p3b.budget, "keep_target": job.p3b.keep, "block_keep_target": pruner.budget_share,
                "params_dense": total, "params_kept": round(nominal * total),
                "total_keep": nominal, "prune_rate_total": 1 - nominal,
                # tensors in the saved model: a read/write folded into full-width weights (io-mode) or

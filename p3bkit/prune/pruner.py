@@ -63,9 +63,9 @@ class P3BPruner(nn.Module):
         self._fwd = {"model": gated, "bpi": self.bpi}  # DDP wrappers under torchrun (not submodules)
 
     @property
-    def block_keep(self) -> float:
+    def budget_share(self) -> float:
         """The fraction of total branch cost (parameters or predicted ms) the allocation keeps."""
-        return self.costs.block_keep
+        return self.costs.budget_share
 
     def _param_groups(self, lr_scale: float) -> list[dict]:
         """Model (decay on weights only, timm's rule) and BPI groups; the frozen ablation uses lr 1e-8."""
@@ -157,7 +157,7 @@ class P3BPruner(nn.Module):
             return [(scores[order], cost) for scores, order, cost in map(self._order, range(len(self.branches)))]
         return AllocationInput((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.costs.kept(),
                                self.costs.full, self.costs.unit, self.disabled.cpu(),
-                               self.block_keep if budget is None else budget, curves,
+                               self.budget_share if budget is None else budget, curves,
                                self.costs.useful, int(self.delta_count) >= self.cfg.update_every, removals_open)
 
     @torch.no_grad()
@@ -305,17 +305,17 @@ class P3BPruner(nn.Module):
         when even the smallest share tried keeps too much — the kept branches' smallest widths alone
         exceed the budget — that share is used and the summary shows the overshoot."""
         state = copy.deepcopy(self.allocation.state_dict())
-        ceiling = self.params.block_keep * float(self.params.full.sum())
+        ceiling = self.params.budget_share * float(self.params.full.sum())
 
         def attempt(share: float) -> tuple[torch.Tensor, float]:
             self.allocation.load_state_dict(copy.deepcopy(state))
             target = self.allocation.targets(self.allocation_input(removals_open, share))
             return target, self._kept_params(target, cache)
 
-        target, kept = attempt(self.costs.block_keep)
+        target, kept = attempt(self.costs.budget_share)
         if kept <= ceiling:
             return target, "latency"
-        lo, hi = 0.0, self.costs.block_keep
+        lo, hi = 0.0, self.costs.budget_share
         for _ in range(24):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if attempt(mid)[1] <= ceiling else (lo, mid)
@@ -323,7 +323,7 @@ class P3BPruner(nn.Module):
 
     # ---- reporting and state ---------------------------------------------------------------------
 
-    def block_keep_ratio(self) -> float:
+    def kept_branch_params_ratio(self) -> float:
         """Kept branch Linear parameters (mask ≥ 0.5) over all branch Linear parameters."""
         return float(self.params.linear_kept().sum() / self.params.linear_full.sum())
 
