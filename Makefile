@@ -1,5 +1,5 @@
 # `make demo`: set up and run the main job on the embedded digits data set.
-# `make test`: set up, check the import layering (import-linter contracts in pyproject.toml) and lint (ruff: unused
+# `make test`: set up, check the import layering (import-linter contracts in pyproject.toml) and lint (ruff: import order, unused
 #              imports, undefined names, syntax; package, benchmarks and tests), run the fast suite
 #              (unit and CLI tests on tiny models, about a minute on 2 cores: the loop while changing code).
 # `make test-all`: the same checks and every test, the slow ones too (demo, torchrun, signals, exports to every

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from p3bkit.data import load_data
 from p3bkit.models.factory import create_model
+from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
-from p3bkit.data import load_data
 from p3bkit.train.fit import FitConfig, fit, seed_everything
-from p3bkit.prune.job import PruneJob, run_prune
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 from pathlib import Path
 

@@ -27,9 +27,9 @@ import argparse
 import json
 from pathlib import Path
 
-from p3bkit.fileio import write_json_atomic
-
 from common import DEIT, RESULTS, allocation_model, digits_image_folder, p3bkit, work_folder
+
+from p3bkit.fileio import write_json_atomic
 
 # (row key, export format, precision, calibration): calibration "folder" = the digits ImageFolder
 VARIANTS = [("openvino fp32", "openvino", "fp32", None), ("openvino bf16", "openvino", "bf16", None),

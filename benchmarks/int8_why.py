@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from common import RESULTS, allocation_model, digits_image_folder, p3bkit, work_folder
 
 from p3bkit.backends import BenchConfig, get_backend
 from p3bkit.backends.onnx import export_onnx
@@ -25,8 +26,6 @@ from p3bkit.backends.timing import latency_stats, time_interleaved
 from p3bkit.export.int8 import Int8Config, load_int8_data
 from p3bkit.models.factory import create_model
 from p3bkit.models.pruned import set_write_op
-
-from common import RESULTS, allocation_model, digits_image_folder, p3bkit, work_folder
 
 
 def ort_scope(refs: dict[str, str], work: Path, threads: int, rounds: int = 6) -> dict:

@@ -16,26 +16,26 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import statistics
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from p3bkit.bench import BenchConfig, run_bench
-from p3bkit.latency.measure import TableConfig, in_fresh_process, measure_latency_table
-from p3bkit.export import artefact_name, export_model
 from p3bkit.backends import get_backend
+from p3bkit.bench import BenchConfig, run_bench
+from p3bkit.data import load_data
+from p3bkit.export import artefact_name, export_model
+from p3bkit.latency.measure import TableConfig, in_fresh_process, measure_latency_table
+from p3bkit.latency.table import LatencyTable
 from p3bkit.models import load, save
 from p3bkit.models.factory import create_model
-from p3bkit.latency.table import LatencyTable
+from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
-from p3bkit.data import load_data
 from p3bkit.train.fit import FitConfig, evaluate, fit, seed_everything
-from p3bkit.prune.job import PruneJob, run_prune
 
 RESULTS = Path(__file__).parent / "results"
 QUICK = RECIPES["quick"]

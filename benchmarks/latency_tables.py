@@ -23,8 +23,8 @@ from p3bkit.backends import machine_info
 from p3bkit.bench.speedups import check_speedups
 from p3bkit.latency.check import validate_table
 from p3bkit.latency.measure import TableConfig, in_fresh_process, measure_latency_table
-from p3bkit.models.factory import create_model
 from p3bkit.latency.table import LatencyTable
+from p3bkit.models.factory import create_model
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import digits_image_folder
 
 from p3bkit.backends import machine_info
 from p3bkit.data import make_loader
@@ -31,8 +32,6 @@ from p3bkit.models.factory import create_model
 from p3bkit.prune.pruner import P3BConfig, P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.train.fit import FitConfig, make_optimizer
-
-from common import digits_image_folder
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {  # name: (timm model or preset, constructor arguments, image size, batch)

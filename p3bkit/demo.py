@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from p3bkit.backends.registry import FP32, INT8
+from p3bkit.data import load_data
 from p3bkit.errors import P3BError
 from p3bkit.fileio import check_output_folder, folder_lock, write_json_atomic
 from p3bkit.models import load, save
@@ -24,7 +25,6 @@ from p3bkit.models.report import describe
 from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
-from p3bkit.data import load_data
 from p3bkit.train.dist import DistContext
 from p3bkit.train.fit import FitConfig, evaluate, fit, seed_everything
 from p3bkit.train.run import Checkpoints

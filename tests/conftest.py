@@ -13,8 +13,8 @@ def sample():
 @pytest.fixture(scope="session")
 def pruned_folder(tmp_path_factory):
     """A small P3B-pruned model (real engine, digits), shared by export/bench/CLI tests."""
-    from p3bkit.prune.pruner import P3BConfig
     from p3bkit.prune.job import PruneJob, run_prune
+    from p3bkit.prune.pruner import P3BConfig
 
     out = tmp_path_factory.mktemp("prune")
     run_prune(PruneJob(out=str(out), epochs=(0, 1, 1), structure="full", progress=False,

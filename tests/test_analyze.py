@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from p3bkit.cli import main
-from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.job import PruneJob, run_prune
+from p3bkit.prune.pruner import P3BConfig
 
 
 @pytest.fixture(scope="module")

@@ -112,8 +112,8 @@ def test_checkpoint_removed_on_success_unless_kept(run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_resume_refuses_other_settings_and_says_when_it_starts_fresh(tmp_path):
-    from p3bkit.prune.pruner import P3BConfig
     from p3bkit.prune.job import PruneJob, run_prune
+    from p3bkit.prune.pruner import P3BConfig
 
     job = PruneJob(out=str(tmp_path / "r"), epochs=(1, 1, 1), progress=False, stop_after_epoch=1,
                    p3b=P3BConfig(keep=0.7, update_every=5))

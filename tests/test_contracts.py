@@ -127,9 +127,8 @@ def test_bench_json_says_which_runtime_ran_each_model(tmp_path):
 def test_allocation_choices_are_the_registry():
     """The CLI lists exactly the registered allocations (the registry is the one place they are named)."""
     from p3bkit.cli import prune
-    from p3bkit.prune.allocation import ALLOCATIONS
+    from p3bkit.prune.allocation import ALLOCATIONS, make_allocation
     from p3bkit.prune.pruner import P3BConfig
-    from p3bkit.prune.allocation import make_allocation
 
     choices = list(next(p for p in prune.params if p.name == "allocation").type.choices)
     assert choices == list(ALLOCATIONS) == ["p3b", "uniform", "global-magnitude"]

@@ -11,11 +11,10 @@ from helpers import tiny_model
 import p3bkit
 from p3bkit.models.cost import BranchWidths, branch_params
 from p3bkit.prune.allocation import allocate_keep_ratios, ramp
-from p3bkit.prune.importance import block_importance, gamma
-from p3bkit.prune.pruner import P3BConfig, P3BPruner
 from p3bkit.prune.costs import kept_cost_curve
-from p3bkit.prune.importance import normalised_ranks
+from p3bkit.prune.importance import block_importance, gamma, normalised_ranks
 from p3bkit.prune.masks import soft_mask_values, threshold_count
+from p3bkit.prune.pruner import P3BConfig, P3BPruner
 from p3bkit.prune.schedule import Schedule
 
 
@@ -129,8 +128,8 @@ def test_prune_end_to_end_meets_keep_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_surgery_is_checked_with_rounded_widths(tmp_path):
-    from p3bkit.prune.pruner import P3BConfig
     from p3bkit.prune.job import PruneJob, run_prune
+    from p3bkit.prune.pruner import P3BConfig
 
     s = run_prune(PruneJob(out=str(tmp_path / "r"), epochs=(0, 1, 1), round_to=8, progress=False,
                            p3b=P3BConfig(keep=0.4, update_every=5)))

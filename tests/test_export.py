@@ -115,9 +115,8 @@ def test_trt_export_fails_fast_without_tensorrt(pruned_folder, tmp_path):
 
 @pytest.mark.slow
 def test_trt_graph_preparation(pruned_folder, tmp_path):
+    from p3bkit.backends.tensorrt import TrtProfile, check_trt_ops, precision_plan
     from p3bkit.errors import ExportError
-    from p3bkit.backends.tensorrt import TrtProfile, precision_plan
-    from p3bkit.backends.tensorrt import check_trt_ops
 
     export_model(str(pruned_folder), "onnx", tmp_path / "s", write_op="scatter")
     with pytest.raises(ExportError, match=r"ScatterND\(reduction\)"):

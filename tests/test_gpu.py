@@ -8,8 +8,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_prune_on_cuda_is_exact_after_surgery(tmp_path):
-    from p3bkit.prune.pruner import P3BConfig
     from p3bkit.prune.job import PruneJob, run_prune
+    from p3bkit.prune.pruner import P3BConfig
 
     s = run_prune(PruneJob(out=str(tmp_path / "run"), epochs=(0, 1, 1), device="cuda", progress=False,
                            p3b=P3BConfig(keep=0.5, update_every=5)))

@@ -14,9 +14,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from p3bkit.backends import PRECISIONS, formats, get_backend, runtimes
 from p3bkit.cli import main
 from p3bkit.errors import P3BError
-from p3bkit.backends import PRECISIONS, formats, get_backend, runtimes
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 
@@ -28,9 +28,8 @@ def _cli(args):
 @pytest.fixture(scope="module")
 def user_model(tmp_path_factory):
     """A 3-class timm ViT trained 40 epochs on an ImageFolder of digits, and a white-frame folder."""
-    from PIL import Image
-
     from helpers import digit_image_folder
+    from PIL import Image
 
     root = tmp_path_factory.mktemp("int8")
     data = digit_image_folder(root / "data", n_per_class=30, classes=3)
@@ -188,8 +187,7 @@ def test_calibration_flags_need_int8(tmp_path):
 
 
 def test_cli_choices_come_from_the_registry():
-    from p3bkit.cli import bench, export
-    from p3bkit.cli import eval_, latency_table
+    from p3bkit.cli import bench, eval_, export, latency_table
 
     def choices(cmd, name):
         return list(next(p for p in cmd.params if p.name == name).type.choices)
@@ -248,11 +246,11 @@ def test_openvino_bf16_is_honoured_only_where_the_cpu_has_it():
 def test_a_new_backend_is_one_registered_class(tmp_path):
     """An onnxruntime variant with its own name, suffix and write op: export, record, verify,
     eval and bench all go through the registry without other changes."""
-    from p3bkit.bench.prepare import prepare
-    from p3bkit.export.accuracy import run_eval
-    from p3bkit.export import export_model
     from p3bkit.backends import registry
     from p3bkit.backends.onnxruntime import OnnxRuntimeBackend
+    from p3bkit.bench.prepare import prepare
+    from p3bkit.export import export_model
+    from p3bkit.export.accuracy import run_eval
 
     @registry.register
     class OrtGather(OnnxRuntimeBackend):

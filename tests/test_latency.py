@@ -9,10 +9,10 @@ import pytest
 import timm
 from click.testing import CliRunner
 
-from p3bkit.latency.check import validate_table
-from p3bkit.latency.measure import TableConfig, calibrate, measure_latency_table
 from p3bkit.cli import main
 from p3bkit.errors import P3BError
+from p3bkit.latency.check import validate_table
+from p3bkit.latency.measure import TableConfig, calibrate, measure_latency_table
 from p3bkit.latency.table import LatencyTable
 
 QUICK = dict(head_dim_step=4, hidden_step=64, runs=5, calibration=3, progress=False, threads=1, heads="full")
@@ -345,8 +345,8 @@ def test_fastest_architecture_at_a_parameter_budget_is_a_lower_bound():
     combination of a one-layer model (attention heads × head dims × MLP hidden units)."""
     import itertools
 
-    from p3bkit.models import add_gates
     from p3bkit.latency.table import model_dims
+    from p3bkit.models import add_gates
     from p3bkit.prune.costs import LatencyCosts, ParameterCosts
 
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16, depth=1,

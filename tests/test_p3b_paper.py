@@ -13,9 +13,8 @@ import p3bkit
 from p3bkit.cli import main
 from p3bkit.errors import P3BError
 from p3bkit.prune.costs import branch_budget_share
-from p3bkit.prune.importance import token_importance
+from p3bkit.prune.importance import normalised_ranks, token_importance
 from p3bkit.prune.pruner import P3BConfig, P3BPruner
-from p3bkit.prune.importance import normalised_ranks
 from p3bkit.prune.recipes import RECIPES, SCRATCH_LR, resolve_recipe
 from p3bkit.prune.schedule import Schedule
 

@@ -169,8 +169,8 @@ def test_eval_bad_inputs(imagenet_like, args, msg):
 
 
 def test_attention_pool_model_prunes_with_a_mean_token_class_head(tmp_path):
-    from p3bkit.prune.pruner import P3BConfig
     from p3bkit.prune.job import PruneJob, run_prune
+    from p3bkit.prune.pruner import P3BConfig
 
     kw = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 48, "depth": 2,
           "num_heads": 3, "global_pool": "map", "class_token": False}

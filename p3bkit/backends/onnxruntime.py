@@ -54,9 +54,9 @@ class OnnxRuntimeBackend(Backend):
             require("onnxruntime.quantization", self.extra, "INT8 (onnxruntime.quantization)")
 
     def detect_precision(self, path) -> str:
-        from p3bkit.backends.onnx import op_types
-
         import onnx
+
+        from p3bkit.backends.onnx import op_types
 
         ops = op_types(path)
         if ops.get("QuantizeLinear") or ops.get("DequantizeLinear"):

@@ -142,9 +142,8 @@ def machine_info(threads: int | None = None) -> dict:
     """The CPU, cores, threads, GPU and runtime versions a measurement was taken with."""
     import torch
 
-    from p3bkit.version import package_versions
-
     from p3bkit.backends.registry import runtime_packages
+    from p3bkit.version import package_versions
 
     cpu = platform.processor()
     with contextlib.suppress(OSError):

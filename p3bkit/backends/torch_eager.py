@@ -78,7 +78,8 @@ class TorchBackend(Backend):
                 return fn(x)
 
         def profile(runs: int) -> dict[str, float]:
-            from torch.profiler import ProfilerActivity, profile as tprof
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as tprof
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
             with tprof(activities=acts) as prof:

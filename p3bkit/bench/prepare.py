@@ -11,8 +11,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from p3bkit.backends import (FP32, INT8, Backend, Timed, artefact_suffixes, backend_for_artefact, cpu_backends,
-                             eager_backend, get_backend)
+from p3bkit.backends import (
+    FP32,
+    INT8,
+    Backend,
+    Timed,
+    artefact_suffixes,
+    backend_for_artefact,
+    cpu_backends,
+    eager_backend,
+    get_backend,
+)
 from p3bkit.errors import BackendUnavailable, P3BError
 from p3bkit.export.records import artefact_in_folder, artefact_precision, exported_from
 

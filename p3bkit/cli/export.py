@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from p3bkit.backends import BF16, FP16, FP32, INT8, PRECISIONS, formats, get_backend, runtimes
-from p3bkit.cli.options import data_option, DEVICE, POSITIVE, boundary
+from p3bkit.cli.options import DEVICE, POSITIVE, boundary, data_option
 
 
 @click.command()

@@ -8,8 +8,8 @@ from functools import wraps
 
 import click
 
-from p3bkit.errors import P3BError, message_of
 from p3bkit.data.transforms import AUGMENTS
+from p3bkit.errors import P3BError, message_of
 
 
 class Device(click.ParamType):

@@ -5,9 +5,19 @@ from pathlib import Path
 
 import click
 
-from p3bkit.cli.options import data_option, DEVICE, POSITIVE, RATE, augment_option, boundary, model_options, parse_model_kwargs, workers_option
-from p3bkit.prune.recipes import RECIPES
+from p3bkit.cli.options import (
+    DEVICE,
+    POSITIVE,
+    RATE,
+    augment_option,
+    boundary,
+    data_option,
+    model_options,
+    parse_model_kwargs,
+    workers_option,
+)
 from p3bkit.prune.config import P3BConfig
+from p3bkit.prune.recipes import RECIPES
 
 STRUCTURES = click.Choice(["full", "inner", "heads"])
 IO_MODES = click.Choice(["auto", "index", "dense"])

@@ -3,8 +3,18 @@ from __future__ import annotations
 
 import click
 
-from p3bkit.cli.options import (DEVICE, POSITIVE, augment_option, boundary, data_option, distill_options,
-                                model_options, parse_model_kwargs, train_recipe_options, workers_option)
+from p3bkit.cli.options import (
+    DEVICE,
+    POSITIVE,
+    augment_option,
+    boundary,
+    data_option,
+    distill_options,
+    model_options,
+    parse_model_kwargs,
+    train_recipe_options,
+    workers_option,
+)
 
 
 @click.command()

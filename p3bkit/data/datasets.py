@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from p3bkit.errors import DataError
 from p3bkit.data.transforms import eval_transform, resolve_augment, train_transform
+from p3bkit.errors import DataError
 
 
 @dataclass

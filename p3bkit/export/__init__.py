@@ -24,6 +24,7 @@ from p3bkit.export.int8 import Int8Config, Int8Images
 from p3bkit.export.records import record_path
 from p3bkit.fileio import check_output_folder, folder_lock, write_json_atomic
 
+
 def artefact_name(fmt: str) -> str:
     """The file an export of this format writes (model.onnx, model.xml, model.plan)."""
     return get_backend(fmt).artefact

@@ -21,7 +21,6 @@ import torch
 
 from p3bkit.backends.quantization import Int8Data, QuantResult
 
-
 NOT_GATED = "synthetic images have random labels, so top-1 on them says nothing about accuracy"
 
 

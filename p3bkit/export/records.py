@@ -9,8 +9,6 @@ from p3bkit.errors import P3BError
 from p3bkit.models.arch import ARCH_FILE
 
 
-
-
 def record_path(artefact: str | Path) -> Path:
     return Path(f"{artefact}.json")
 

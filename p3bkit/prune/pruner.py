@@ -17,10 +17,11 @@ from p3bkit.errors import P3BError
 from p3bkit.models.gates import GatedViT
 from p3bkit.prune.allocation import Allocation, AllocationInput, make_allocation, ramp
 from p3bkit.prune.bpi import BPI, Criterion, StateRecorder, ce_loss, indicator_images
-from p3bkit.prune.costs import LatencyCosts, ParameterCosts
 from p3bkit.prune.config import P3BConfig
+from p3bkit.prune.costs import LatencyCosts, ParameterCosts
 from p3bkit.prune.masks import soft_mask_values, threshold_count
 from p3bkit.prune.schedule import Schedule
+
 
 class P3BPruner(nn.Module):
     """Trains a gated ViT while pruning it with P3B."""

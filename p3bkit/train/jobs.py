@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from p3bkit.console import notify
+from p3bkit.data.datasets import check_batch
 from p3bkit.errors import P3BError
 from p3bkit.fileio import write_json_atomic
 from p3bkit.train.dist import init_distributed, require_device
 from p3bkit.train.distill import AUTO, KD_TEMPERATURE, KD_WEIGHT, NONE, check_kd_settings, choose_teacher
-from p3bkit.data.datasets import check_batch
 from p3bkit.train.recipes import choose_recipe, learning_rate, warmup_epochs
 from p3bkit.train.run import CHECKPOINT, Checkpoints, RunFolder
 
