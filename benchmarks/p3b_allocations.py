@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--train-images", type=int, help="prune on the first N training images (PruneJob.train_images)")
     ap.add_argument("--threads", type=int, help="torch threads (CPU)")
+    ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     ap.add_argument("--speed-targets", nargs="+", default=[], metavar="RATE=SPEEDUP",
                     help="structure speed: the speedup asked at each pruning rate")
     ap.add_argument("--latency-tables", nargs="+", default=[], metavar="MODEL=TABLE",
@@ -77,7 +78,9 @@ def main() -> None:
             for structure in args.structures:
                 t0 = time.time()
                 run_dir = Path("/tmp/p3b-alloc") / f"{key}_{structure}_{prune}"
-                shutil.rmtree(run_dir, ignore_errors=True)
+                resume = args.resume and (run_dir / "checkpoint.pt").is_file()
+                if not resume:
+                    shutil.rmtree(run_dir, ignore_errors=True)
                 quick = RECIPES["quick"]
                 job = PruneJob(out=str(run_dir), model=MODELS[key], data=data, epochs=tuple(args.epochs),
                                batch_size=args.batch_size, structure=STRUCTURES[structure]["structure"],
@@ -89,7 +92,7 @@ def main() -> None:
                                              lr_model=quick.lr, lr_bpi=quick.lr_bpi,
                                              remove_below=STRUCTURES[structure].get("remove_below", 0.0),
                                              keep_too=structure == "speed"))
-                s = run_prune(job)
+                s = run_prune(job, resume=resume)
                 arch = json.loads((run_dir / "pruned" / "arch.json").read_text())
                 arch["p3b_run"] = {k: s[k] for k in ("budget", "total_keep", "block_keep_nominal", "params_dense",
                                                      "params_kept", "kappa", "disabled_blocks", "val_acc_pruned",
