@@ -281,20 +281,26 @@ class P3BPruner(nn.Module):
         for gate, part in zip(gates.values(), values.split([g.size for g in gates.values()])):
             gate.mask.copy_(part.to(gate.mask.device))
 
-    def _param_cost(self, i: int, widths: dict) -> float:
-        """Parameters branch `i` keeps at these widths (what the parameter budget counts)."""
-        if "orders" in widths:
-            return float(self.params.grid(i)[widths["heads"], widths["head_dim"]])
-        gates = self.branches[i].gates()
-        gate_id = torch.cat([torch.full((g.size,), j) for j, g in enumerate(gates.values())])
-        return float(self.params.curve(i, gate_id[widths["order"]])[widths["keep"]])
+    def _param_curve(self, i: int, cache: dict) -> torch.Tensor:
+        """Parameters branch `i` keeps at each width `_choose` can pick (its ranking's top k, or the
+        (heads, head dims) grid), once per update."""
+        key = ("params", i)
+        if key not in cache:
+            gates = self.branches[i].gates()
+            if "heads" in gates:
+                cache[key] = self.params.grid(i)
+            else:
+                gate_id = torch.cat([torch.full((g.size,), j) for j, g in enumerate(gates.values())])
+                cache[key] = self.params.curve(i, gate_id[cache[i][1]])
+        return cache[key]
 
     def _kept_params(self, kappa: torch.Tensor, cache: dict) -> float:
         """Branch parameters the hard masks at these keep ratios would keep."""
         total, carry = 0.0, 0.0
         for i, k in enumerate(kappa.tolist()):
             widths, carry = self._choose(i, k, carry, cache)
-            total += self._param_cost(i, widths)
+            curve = self._param_curve(i, cache)
+            total += float(curve[widths["heads"], widths["head_dim"]] if "orders" in widths else curve[widths["keep"]])
         return total
 
     def _targets_within_params(self, removals_open: bool, cache: dict) -> tuple[torch.Tensor, str]:
