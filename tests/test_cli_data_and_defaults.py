@@ -380,3 +380,32 @@ def test_export_gate_data_that_does_not_exist_is_refused(tmp_path):
                 "--gate-data", tmp_path / "nowhere", "-o", tmp_path / "q"])
     _refused(res, 1, "nowhere")
     assert not (tmp_path / "q").exists()
+
+
+def test_prune_options_are_the_settings_model():
+    """Every setting of PruneJob/P3BConfig a user sets is an option of that name with the model's
+    default (or the recipe's, None); every other field is named as derived."""
+    import dataclasses
+
+    from p3bkit.cli.prune import DERIVED, option_fields
+    from p3bkit.cli.prune import prune as command
+    from p3bkit.prune.config import P3BConfig, PruneJob
+
+    params = {p.name: p for p in command.params}
+    given = command.make_context("prune", ["-o", "OUT", "--keep", "0.5"]).params  # defaults as the command sees them
+    names = {f.name for s in (PruneJob, P3BConfig) for f in dataclasses.fields(s)}
+    assert DERIVED <= names  # no stale name
+    for settings in (PruneJob, P3BConfig):
+        for f in dataclasses.fields(settings):
+            if f.name in DERIVED:
+                continue
+            assert f.name in option_fields(settings) and f.name in params, f.name
+            assert given[f.name] == f.default or f.name == "out", (f.name, given[f.name], f.default)
+    choices = {p.name: p.type.choices for p in command.params if hasattr(p.type, "choices")}
+    from typing import get_args
+
+    from p3bkit.models.gates import Structure
+    from p3bkit.surgery import IoMode
+
+    # the engine's own names (allocations: tests/test_contracts.py)
+    assert list(choices["structure"]) == list(get_args(Structure)) and list(choices["io_mode"]) == list(get_args(IoMode))

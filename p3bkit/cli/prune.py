@@ -16,15 +16,25 @@ from p3bkit.cli.options import (
     parse_model_kwargs,
     workers_option,
 )
-from p3bkit.prune.config import P3BConfig
+from p3bkit.prune.config import (
+    AllocationName,
+    BudgetScope,
+    ClassHead,
+    EmptyBlocks,
+    IoModeName,
+    P3BConfig,
+    PruneJob,
+    StructureName,
+    choices,
+)
 from p3bkit.prune.recipes import RECIPES
 
-STRUCTURES = click.Choice(["full", "inner", "heads"])
-IO_MODES = click.Choice(["auto", "index", "dense"])
+# every default and choice below is read from the settings model (prune.config); None = the recipe's
+JOB, P3B = PruneJob, P3BConfig
 
 
 @click.command()
-@click.option("--model", default="digits-vit", show_default=True,
+@click.option("--model", default=JOB.model, show_default=True,
               help="Preset, timm model name or a dense model folder (from p3bkit train).")
 @model_options
 @data_option
@@ -42,58 +52,60 @@ IO_MODES = click.Choice(["auto", "index", "dense"])
               help="Table from p3bkit latency-table (same machine, model and runtime).")
 @click.option("--accept-table-error", is_flag=True,
               help="Use a latency table whose own check found a median prediction error above 15%.")
-@click.option("--budget", type=click.Choice(["total", "blocks"]), default="total", show_default=True,
+@click.option("--budget", type=click.Choice(choices(BudgetScope)), default=P3B.budget, show_default=True,
               help="total: fraction of all parameters (the paper's); blocks: of Attention/MLP Linear parameters only.")
-@click.option("--recipe", type=click.Choice(list(RECIPES)), default="quick", show_default=True,
-              help="paper: Table 5 (3/22/25 epochs, update every 1000 it, lr 5e-4, batch 512); quick: 1/4/4 epochs, "
-                   "update every 10 it, base lr 4e-3, batch 64 (small data). Flags below override it.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=JOB.recipe, show_default=True,
+              help="; ".join(f"{n}: {'/'.join(map(str, r.epochs))} epochs, update every {r.update_every} it, base lr "
+                             f"{r.lr:g}, batch {r.batch_size}" for n, r in RECIPES.items())
+                   + " (paper: Table 5; quick: small data). Flags below override it.")
 @click.option("--epochs", nargs=3, type=click.IntRange(min=0), help="Warm-up, sparsify, sharpen epochs [recipe].")
 @click.option("--update-every", type=POSITIVE, help="Iterations between mask updates [recipe].")
 @click.option("--batch-size", type=POSITIVE, help="Global batch size [recipe].")
-@click.option("--alpha", type=RATE, default=0.5, show_default=True, help="Class vs patch importance balance.")
+@click.option("--alpha", type=RATE, default=P3B.alpha, show_default=True, help="Class vs patch importance balance.")
 @click.option("--tau", type=click.FloatRange(min=0), help="Soft-mask sharpness during sparsify [recipe].")
-@click.option("--m-ref", type=click.FloatRange(0.5, 1, min_open=True, max_open=True), default=0.9, show_default=True)
+@click.option("--m-ref", type=click.FloatRange(0.5, 1, min_open=True, max_open=True), default=P3B.m_ref,
+              show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Base model lr at batch 512, scaled by batch/512, constant [recipe].")
 @click.option("--lr-bpi", type=click.FloatRange(min=0, min_open=True), help="Base BPI lr at batch 512, scaled by batch/512 [recipe].")
-@click.option("--allocation", type=click.Choice(["p3b", "uniform", "global-magnitude"]), default="p3b", show_default=True,
+@click.option("--allocation", type=click.Choice(choices(AllocationName)), default=P3B.allocation, show_default=True,
               help="p3b: BPI block budgets; uniform: equal κ; global-magnitude: one weight-magnitude threshold.")
-@click.option("--structure", type=STRUCTURES, default="heads", show_default=True,
+@click.option("--structure", type=click.Choice(choices(StructureName)), default=JOB.structure, show_default=True,
               help="full: the paper's six gates per layer (P3B); inner: head dims + MLP hidden only (P3B-inner); "
                    "heads: whole heads + head dims + MLP hidden.")
-@click.option("--remove-below", type=click.FloatRange(0, 1, max_open=True), default=P3BConfig.remove_below,
+@click.option("--remove-below", type=click.FloatRange(0, 1, max_open=True), default=P3B.remove_below,
               show_default=True,
               help="Remove a whole branch when P3B's share for it (γ per full cost) falls below this fraction of its "
                    "cost for --removal-patience mask updates; 0: never remove.")
-@click.option("--removal-patience", type=POSITIVE, default=2, show_default=True,
+@click.option("--removal-patience", type=POSITIVE, default=P3B.removal_patience, show_default=True,
               help="Consecutive mask updates a branch must be below --remove-below before it is removed.")
-@click.option("--bpi-fraction", type=click.FloatRange(0, 1, min_open=True), default=P3BConfig.bpi_fraction,
+@click.option("--bpi-fraction", type=click.FloatRange(0, 1, min_open=True), default=P3B.bpi_fraction,
               show_default=True, help="Share of each batch the block performance indicators see (1: all, the "
                                       "paper's; they cost several times the model's own forward).")
-@click.option("--bpi-class-head", type=click.Choice(["linear", "norm-linear"]), default="linear", show_default=True,
+@click.option("--bpi-class-head", type=click.Choice(choices(ClassHead)), default=P3B.bpi_class_head, show_default=True,
               help="linear: the paper's class head; norm-linear: LayerNorm + Linear.")
-@click.option("--empty-blocks", type=click.Choice(["disable", "regrow"]), default="disable", show_default=True,
+@click.option("--empty-blocks", type=click.Choice(choices(EmptyBlocks)), default=P3B.empty_blocks, show_default=True,
               help="A block emptied at a mask update stays empty (disable) or may be given parameters again.")
-@click.option("--round-to", type=POSITIVE, default=1, show_default=True, help="Round kept widths up to a multiple.")
-@click.option("--io-mode", type=IO_MODES, default="auto", show_default=True)
-@click.option("--frozen/--no-frozen", default=False, show_default=True, help="Frozen ablation (model lr 1e-8).")
+@click.option("--round-to", type=POSITIVE, default=JOB.round_to, show_default=True, help="Round kept widths up to a multiple.")
+@click.option("--io-mode", type=click.Choice(choices(IoModeName)), default=JOB.io_mode, show_default=True)
+@click.option("--frozen/--no-frozen", default=P3B.frozen, show_default=True, help="Frozen ablation (model lr 1e-8).")
 @click.option("--distill-teacher", help="Teacher model for the DeiT hard-distillation loss.")
 @click.option("--teacher-weights", "--teacher-checkpoint", "teacher_weights", type=click.Path(dir_okay=False),
               help="Local weights of the teacher (strict).")
-@click.option("--device", type=DEVICE, default="cpu", show_default=True)
-@click.option("--bf16/--no-bf16", default=False, show_default=True, help="bf16 autocast.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=DEVICE, default=JOB.device, show_default=True)
+@click.option("--bf16/--no-bf16", default=JOB.bf16, show_default=True, help="bf16 autocast.")
+@click.option("--seed", type=int, default=JOB.seed, show_default=True)
 @workers_option
 @click.option("--resume/--no-resume", default=False, show_default=True,
               help="Continue from OUT/checkpoint.pt (the settings must match the interrupted run's).")
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT (replaces an earlier run's files, keeps others).")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep OUT/checkpoint.pt after a successful run.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars (the per-epoch lines are printed either way).")
+@click.option("--progress/--no-progress", default=JOB.progress, show_default=True,
+              help="Progress bars (the per-epoch lines are printed either way).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder (new or empty).")
 @boundary
 def prune(**kw) -> None:
     """Prune a ViT with P3B and write OUT/pruned (arch.json + model.safetensors)."""
-    from p3bkit.prune.job import PruneJob, run_prune
-    from p3bkit.prune.pruner import P3BConfig
+    from p3bkit.prune.job import run_prune
     from p3bkit.prune.recipes import resolve_recipe
 
     sizes = [k for k in ("keep", "prune_rate") if kw[k] is not None]
@@ -109,21 +121,12 @@ def prune(**kw) -> None:
                        batch_size=kw["batch_size"], lr=kw["lr"], lr_bpi=kw["lr_bpi"], tau=kw["tau"])
     if r["batch_size"] < 1:
         raise click.UsageError("--batch-size must be ≥ 1")
-    cfg = P3BConfig(keep=keep, budget=kw["budget"], update_every=r["update_every"], alpha=kw["alpha"], tau=r["tau"],
-                    m_ref=kw["m_ref"], lr_model=r["lr"], lr_bpi=r["lr_bpi"], frozen=kw["frozen"],
-                    allocation=kw["allocation"], empty_blocks=kw["empty_blocks"], bpi_class_head=kw["bpi_class_head"],
-                    target_ms=kw["target_latency_ms"], keep_too=bool(sizes and latencies), remove_below=kw["remove_below"],
-                    removal_patience=kw["removal_patience"], bpi_fraction=kw["bpi_fraction"])
-    job = PruneJob(out=kw["out"], recipe=kw["recipe"], model=kw["model"], model_kwargs=parse_model_kwargs(kw),
-                   pretrained=kw["pretrained"], pretrained_file=kw["pretrained_file"],
-                   weights=kw["weights"], data=kw["data"],
-                   augment="deit" if kw["recipe"] == "paper" and kw["augment"] == "auto" else kw["augment"], epochs=r["epochs"], batch_size=r["batch_size"],
-                   structure=kw["structure"], round_to=kw["round_to"], io_mode=kw["io_mode"], seed=kw["seed"],
-                   device=kw["device"], bf16=kw["bf16"], distill_teacher=kw["distill_teacher"],
-                   teacher_weights=kw["teacher_weights"], keep_checkpoint=kw["keep_checkpoint"],
-                   progress=kw["progress"], latency_table=kw["latency_table"], target_speedup=kw["target_speedup"],
-                   accept_table_error=kw["accept_table_error"], workers=kw["workers"],
-                   p3b=cfg)
+    cfg = P3BConfig(keep=keep, update_every=r["update_every"], tau=r["tau"], lr_model=r["lr"], lr_bpi=r["lr_bpi"],
+                    target_ms=kw["target_latency_ms"], keep_too=bool(sizes and latencies),
+                    **{f: kw[f] for f in option_fields(P3BConfig)})
+    job = PruneJob(model_kwargs=parse_model_kwargs(kw), epochs=r["epochs"], batch_size=r["batch_size"],
+                   augment="deit" if kw["recipe"] == "paper" and kw["augment"] == "auto" else kw["augment"],
+                   p3b=cfg, **{f: kw[f] for f in option_fields(PruneJob) if f != "augment"})
     from_scratch = " (no weights loaded: from scratch)" if scratch and kw["lr"] is None and kw["recipe"] == "quick" else ""
     plan = (f"recipe {kw['recipe']}: epochs {'/'.join(map(str, r['epochs']))}, mask update every "
             f"{r['update_every']} it, batch {r['batch_size']}, model lr {r['lr'] * r['batch_size'] / 512:.2e}"
@@ -147,6 +150,21 @@ def prune(**kw) -> None:
                        f"{lat['fastest_at_parameter_budget_ms']:.3f} ms "
                        f"({lat['fastest_at_parameter_budget_speedup']:.2f}×)")
     click.echo(stored_note(s["params_stored"], s["params_kept"], s["total_keep_stored"]) or "", nl=False)
+
+
+# settings that are not an option of the same name: set from other options, or not a user's to set
+DERIVED = {"keep", "update_every", "tau", "lr_model", "lr_bpi", "target_ms", "keep_too",  # budget and recipe
+           "model_kwargs", "epochs", "batch_size", "p3b",
+           "gate_factors", "keep_ratios", "head_weight", "head_score_floor",  # ablations: P3BConfig in Python
+           "smoothing", "ema_momentum", "weight_decay",  # the paper's Table 5 constants
+           "stop_after_epoch", "train_images"}  # a testing hook; benchmarks' quick allocation search
+
+
+def option_fields(settings) -> list[str]:
+    """The fields of a settings dataclass that an option of `p3bkit prune` sets under the same name."""
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(settings) if f.name not in DERIVED]
 
 
 def stored_note(stored: int, kept: int, ratio: float) -> str | None:

@@ -1,19 +1,29 @@
-"""Pruning settings as plain data: `P3BConfig` (defaults: the paper's Table 5) and the gate factors.
+"""Pruning settings as plain data, the one place they are declared: `PruneJob` (a `p3bkit prune`
+run) holding `P3BConfig` (the engine's; defaults: the paper's Table 5), their choices and the gate
+factors. `p3bkit prune` builds its options' defaults and choices from here; a recipe
+(`prune.recipes`) fills the schedule settings the user leaves unset.
 
 Kept free of torch so the command line can show these defaults without importing it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 # upstream defaults: favour keeping residual writes, prune MLP hidden units first
 GATE_FACTORS: dict[str, float] = {"in": 1.0, "heads": 1.0, "head_dim": 1.0, "out": 1.5, "hidden": 0.75}
 
 ClassHead = Literal["linear", "norm-linear"]
-AllocationName = str  # a name in prune.allocation.ALLOCATIONS (p3b, uniform, global-magnitude)
+AllocationName = Literal["p3b", "uniform", "global-magnitude"]  # prune.allocation.ALLOCATIONS registers each
 BudgetScope = Literal["total", "blocks"]
 EmptyBlocks = Literal["disable", "regrow"]
+StructureName = Literal["full", "inner", "heads"]  # models.gates.Structure
+IoModeName = Literal["auto", "index", "dense"]  # surgery.IoMode
+
+
+def choices(kind) -> list[str]:
+    """The values a Literal setting takes, for the command line's choices."""
+    return list(get_args(kind))
 
 
 @dataclass
@@ -47,3 +57,37 @@ class P3BConfig:
     # back once its gradient is twice a kept one's, but lost 0.4–0.8 points at 90% on digits (5 seeds:
     # benchmarks/results/accuracy_digits_decisions.md); 0, the paper's (m·∂L/∂m)², won there
     head_score_floor: float = 0.0
+
+
+@dataclass
+class PruneJob:
+    """Everything a `p3bkit prune` run needs (plain data, stored in summary.json)."""
+
+    out: str
+    recipe: str = "quick"  # recorded; the CLI fills unset settings from it (prune.recipes)
+    model: str = "digits-vit"
+    model_kwargs: dict = field(default_factory=dict)  # timm constructor arguments (img_size, num_classes, …)
+    pretrained: bool = False
+    pretrained_file: str | None = None  # local weights through timm's loader (classifier re-initialised if needed)
+    weights: str | None = None  # a weights file of exactly this model, loaded strictly
+    data: str | None = None  # None: the embedded digits set, for the digits presets only
+    augment: str = "auto"  # deit | light | none | auto (data.transforms.resolve_augment)
+    epochs: tuple[int, int, int] = (1, 4, 4)  # warm-up, sparsify, sharpen
+    batch_size: int = 64
+    structure: StructureName = "heads"  # whole heads + head dims + MLP hidden (with branch removal): README, results
+    round_to: int = 1
+    io_mode: IoModeName = "auto"
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+    distill_teacher: str | None = None
+    teacher_weights: str | None = None
+    progress: bool = True
+    keep_checkpoint: bool = False  # a finished run removes checkpoint.pt unless asked to keep it
+    latency_table: str | None = None  # latency budget: the table (p3bkit latency-table) and p3b.target_ms …
+    workers: int = 0  # data-loading processes
+    accept_table_error: bool = False  # use a table whose checked median error is above MAX_CHECK_ERROR
+    target_speedup: float | None = None  # … or a speedup over the table's measured dense model
+    stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
+    train_images: int | None = None  # prune on the first N training images only (a quick allocation search)
+    p3b: P3BConfig = field(default_factory=P3BConfig)

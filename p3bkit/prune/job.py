@@ -10,7 +10,7 @@ update and every rank checks that its masks equal rank 0's).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,47 +18,14 @@ import torch
 from p3bkit.console import notify
 from p3bkit.errors import P3BError
 from p3bkit.models.teacher import TEACHER_FILE
-from p3bkit.prune.pruner import P3BConfig, P3BPruner
+from p3bkit.prune.config import PruneJob
+from p3bkit.prune.pruner import P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.train.dist import DistContext, all_reduce_sum_, check_identical, init_distributed, require_device
 from p3bkit.train.run import CHECKPOINT, LOG, Checkpoints, EpochLoop, RunFolder, RunLog, run_epochs
 
 SUMMARY = "summary.json"
 RESUME_FREE = ("out", "progress", "stop_after_epoch", "device", "keep_checkpoint", "workers")  # may change on --resume
-
-
-@dataclass
-class PruneJob:
-    """Everything a `p3bkit prune` run needs (plain data, stored in summary.json)."""
-
-    out: str
-    recipe: str = "quick"  # recorded; the CLI fills unset settings from it (prune.recipes)
-    model: str = "digits-vit"
-    model_kwargs: dict = field(default_factory=dict)  # timm constructor arguments (img_size, num_classes, …)
-    pretrained: bool = False
-    pretrained_file: str | None = None  # local weights through timm's loader (classifier re-initialised if needed)
-    weights: str | None = None  # a weights file of exactly this model, loaded strictly
-    data: str | None = None  # None: the embedded digits set, for the digits presets only
-    augment: str = "auto"  # deit | light | none | auto (data.transforms.resolve_augment)
-    epochs: tuple[int, int, int] = (1, 4, 4)  # warm-up, sparsify, sharpen
-    batch_size: int = 64
-    structure: str = "heads"  # whole heads + head dims + MLP hidden (with branch removal): README, results
-    round_to: int = 1
-    io_mode: str = "auto"
-    seed: int = 0
-    device: str = "cpu"
-    bf16: bool = False
-    distill_teacher: str | None = None
-    teacher_weights: str | None = None
-    progress: bool = True
-    keep_checkpoint: bool = False  # a finished run removes checkpoint.pt unless asked to keep it
-    latency_table: str | None = None  # latency budget: the table (p3bkit latency-table) and p3b.target_ms …
-    workers: int = 0  # data-loading processes
-    accept_table_error: bool = False  # use a table whose checked median error is above MAX_CHECK_ERROR
-    target_speedup: float | None = None  # … or a speedup over the table's measured dense model
-    stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
-    train_images: int | None = None  # prune on the first N training images only (a quick allocation search)
-    p3b: P3BConfig = field(default_factory=P3BConfig)
 
 
 def _validate(job: PruneJob) -> None:
