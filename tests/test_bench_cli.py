@@ -107,3 +107,22 @@ def test_bench_records_what_ran_and_leaves_no_temp_folders(tmp_path):
     assert res.exit_code == 0, res.output
     assert set(Path(tempfile.gettempdir()).glob("p3bkit-bench-*")) == before
     assert json.loads((tmp_path / "b.json").read_text())["results"][0]["precision"] == "fp32"
+
+
+def test_bench_exports_for_the_batch_it_times_and_names_a_dynamic_artefact(tmp_path):
+    from p3bkit.bench.prepare import prepare
+
+    work = tmp_path / "work"
+    work.mkdir()
+    prepare("digits-vit", "onnxruntime", 1, "cpu", None, 1, work)
+    (record,) = work.glob("*/model.onnx.json")
+    assert json.loads(record.read_text())["input_shape"][0] == 1  # a fixed batch axis, the batch timed
+    for name, extra in (("dynamic", []), ("static", ["--static-batch", "1"])):
+        res = CliRunner().invoke(main, ["export", "digits-vit", "--format", "onnx", "-o", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["bench", "digits-vit", str(tmp_path / "dynamic" / "model.onnx"),
+                                    str(tmp_path / "static" / "model.onnx"), "--backend", "onnxruntime",
+                                    "--runs", "2", "--warmup", "1", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    notes = [line for line in res.output.splitlines() if "dynamic batch axis" in line]
+    assert len(notes) == 1 and "dynamic" in notes[0] and "--static-batch 1" in notes[0]

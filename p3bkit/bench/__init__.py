@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from p3bkit.backends import backend_for_artefact
 from p3bkit.backends.timing import DEVICE_PRESETS, BenchConfig, latency_stats, time_interleaved
 from p3bkit.bench.report import BenchResult, compare_table, results_json, timing_warnings
 from p3bkit.errors import P3BError, first_line
@@ -17,7 +18,8 @@ from p3bkit.fileio import write_json_atomic
 
 # written into every report: how the numbers were taken
 PROTOCOL = ("all models in one process, timed round-robin in blocks with untimed lead-in runs; onnxruntime "
-            "intra-op threads do not spin (session.intra_op.allow_spinning=0); median latency")
+            "intra-op threads do not spin (session.intra_op.allow_spinning=0); models bench exports itself have "
+            "a fixed batch axis (the batch timed); median latency")
 
 __all__ = ["BenchConfig", "BenchResult", "compare_table", "run_bench"]
 
@@ -78,7 +80,7 @@ def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", 
     table (or tables, one per runtime) for the models run on its runtime.
     """
     from p3bkit.bench.prepare import dense_baselines as baselines_of
-    from p3bkit.bench.prepare import prepare
+    from p3bkit.bench.prepare import dynamic_batch_note, prepare
 
     cfg = cfg or BenchConfig()
     device = "cuda" if device == "gpu" else device
@@ -90,6 +92,8 @@ def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", 
     notes: list[str] = []
     try:  # models exported on the fly live in workdir only while they are measured
         timed = [prepare(r, backend, batch, device, precision, cfg.threads, workdir, compile) for r in refs]
+        if dense_baselines or any(backend_for_artefact(t.name) is None for t in timed):  # bench exported some
+            notes += [n for n in (dynamic_batch_note(t.name, batch) for t in timed) if n]
         extra = baselines_of(timed[0].source or refs[0], batch, cfg.threads, workdir, timed[0].backend) \
             if dense_baselines else []
         lat = time_interleaved(timed + extra, cfg)

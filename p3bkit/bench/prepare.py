@@ -2,8 +2,9 @@
 
 A reference is a pruned or dense model folder, a timm name or preset, an exported artefact
 (`.onnx`, `.xml`, `.plan`) or an export folder holding one. A model given to a backend that runs
-artefacts is exported on the fly (and verified) into a working folder; the backend's `timer`
-does the rest. The precision is an artefact's own unless another one its runtime honours is
+artefacts is exported on the fly (and verified) into a working folder, for the batch it is timed
+at (a fixed batch axis: the graph a deployment at that batch runs; a dynamic axis costs a pruned
+DeiT-S 5–15% at batch 1 on OpenVINO); the backend's `timer` does the rest. The precision is an artefact's own unless another one its runtime honours is
 asked for; anything a runner would ignore or silently change is refused.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from p3bkit.backends import (
     get_backend,
 )
 from p3bkit.errors import BackendUnavailable, P3BError
-from p3bkit.export.records import artefact_in_folder, artefact_precision, exported_from
+from p3bkit.export.records import artefact_in_folder, artefact_precision, exported_from, read_record
 
 
 def run_precision(backend: Backend, ref: str, is_artefact: bool, asked: str | None) -> str:
@@ -42,12 +43,21 @@ def run_precision(backend: Backend, ref: str, is_artefact: bool, asked: str | No
     return backend.run_precision(run)  # the runtime's own refusals (OpenVINO: bf16 on a CPU without bf16 units)
 
 
-def _exported(ref: str, be: Backend, workdir: Path, precision: str) -> str:
+def _exported(ref: str, be: Backend, workdir: Path, precision: str, batch: int) -> str:
     from p3bkit.export import export_model
 
     out = workdir / f"{len(list(workdir.iterdir()))}-{be.format}-{precision}"
-    export_model(ref, be.format, out, precision=precision)
+    export_model(ref, be.format, out, precision=precision, static_batch=batch)
     return str(out / be.artefact)
+
+
+def dynamic_batch_note(ref: str, batch: int) -> str | None:
+    """A note when an exported artefact has a dynamic batch axis: bench's own exports have a fixed
+    one, so a dense baseline it exports can run ahead of the user's artefact for that reason alone."""
+    if backend_for_artefact(ref) is None or read_record(ref).get("input_shape", [None])[0] != "batch":
+        return None
+    return (f"{ref} has a dynamic batch axis; the models bench exports itself have a fixed one (batch {batch}), "
+            f"which CPU runtimes run faster: export it with --static-batch {batch} to compare like with like")
 
 
 def prepare(ref: str, backend: str | None, batch: int, device: str, precision: str | None, threads: int | None,
@@ -72,7 +82,7 @@ def prepare(ref: str, backend: str | None, batch: int, device: str, precision: s
     run = run_precision(be, ref, owner is not None, precision)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailable("--device gpu asked for, but no CUDA GPU is visible here")
-    target = _exported(ref, be, workdir, run) if owner is None and be.format else ref
+    target = _exported(ref, be, workdir, run, batch) if owner is None and be.format else ref
     timed = be.timer(target, batch, run, threads, device, compile)
     return dataclasses.replace(timed, name=ref, source=exported_from(target) if owner else ref)
 
@@ -91,7 +101,7 @@ def dense_baselines(ref: str, batch: int, threads: int | None, workdir: Path, sk
             if not be.format:
                 out += [prepare(ref, be.name, batch, "cpu", None, threads, workdir)] if be.name != skip else []
                 continue
-            artefact = _exported(ref, be, workdir, FP32)  # once, for the plain graph and its variants
+            artefact = _exported(ref, be, workdir, FP32, batch)  # once, for the plain graph and its variants
             if be.name != skip:
                 out.append(dataclasses.replace(be.timer(artefact, batch, FP32, threads, "cpu"), name=ref, source=ref))
             for tag, label, path in be.variants(Path(artefact), workdir, spec.num_heads, spec.dim):

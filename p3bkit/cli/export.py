@@ -27,7 +27,9 @@ from p3bkit.cli.options import DEVICE, POSITIVE, boundary, data_option
 @click.option("--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="INT8 gate: largest top-1 drop (points) vs fp32 through the runtime; above it (after the "
                    "runtime's remedies) the export fails and writes nothing.")
-@click.option("--static-batch", type=POSITIVE, help="Fixed batch size instead of a dynamic batch axis.")
+@click.option("--static-batch", type=POSITIVE,
+              help="Fixed batch size instead of a dynamic batch axis: for a deployment at one batch size (CPU "
+                   "runtimes fold the shape arithmetic away; bench exports models this way for the batch it times).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Parity check against PyTorch.")
 @click.option("--write-op", type=click.Choice(["scatter", "gather"]), help="Residual write op (default per format).")
 @click.option("--min-batch", type=POSITIVE, default=1, show_default=True, help="TensorRT profile.")
