@@ -3,9 +3,10 @@
 A reference is a pruned or dense model folder, a timm name or preset, an exported artefact
 (`.onnx`, `.xml`, `.plan`) or an export folder holding one. A model given to a backend that runs
 artefacts is exported on the fly (and verified) into a working folder, for the batch it is timed
-at (a fixed batch axis: the graph a deployment at that batch runs; a dynamic axis costs a pruned
-DeiT-S 5–15% at batch 1 on OpenVINO); the backend's `timer` does the rest. The precision is an artefact's own unless another one its runtime honours is
-asked for; anything a runner would ignore or silently change is refused.
+at: a fixed batch axis, the graph a deployment at that batch runs (a dynamic axis made pruned
+DeiT-S 5–12% slower at batch 1 on OpenVINO, `benchmarks/static_batch.py`). The backend's `timer`
+does the rest. The precision is an artefact's own unless another one its runtime honours is asked
+for; anything a runner would ignore or silently change is refused.
 """
 from __future__ import annotations
 
