@@ -16,8 +16,10 @@ paper's (DeiT-S 22.1 → 5.4 → 2.2 M, DeiT-B 86.6 → 21.5 → 8.7 M).
 `--one-run` (CPU): per DeiT, the dense model on every runtime installed (torch, onnxruntime plain and
 transformer-optimised, OpenVINO) and every pruned model on torch, onnxruntime and OpenVINO are timed
 interleaved in one process (`p3bkit bench --dense-baselines`), so "vs fastest dense" is a ratio from
-one run; with latency tables in results/latency/<model>_<backend>.json from this CPU, each row also
-shows the table's prediction.
+one run; every graph has a fixed batch axis (`p3bkit export --static-batch 1`, as bench exports the
+dense baselines: a dynamic axis made the pruned DeiT-S 5–12% slower on OpenVINO, static_batch.py);
+with latency tables in results/latency/<model>_<backend>.json from this CPU, each row also shows the
+table's prediction.
 """
 from __future__ import annotations
 
@@ -112,6 +114,7 @@ def run_one(args) -> None:
     machine = args.machine or platform.node()
     out = HERE / "results" / f"table7_{machine}-one-run_cpu.json"
     report = {"device": "cpu", "machine_label": machine, "runs": args.runs, "models": {}, "one_run": True,
+              "export": "fixed batch axis (batch 1): p3bkit export --static-batch 1",
               "budget": "fractions of all parameters (the paper's)", "precision": "fp32"}
     work = Path(tempfile.mkdtemp(prefix="table7-"))
     atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
@@ -124,7 +127,7 @@ def run_one(args) -> None:
                 labels.append(label)
                 bench_refs.append(ref)
             for fmt in (formats[b] for b in args.pruned_on if b in formats):
-                export_model(ref, fmt, work / f"{key}_{label}_{fmt}")
+                export_model(ref, fmt, work / f"{key}_{label}_{fmt}", static_batch=1)  # as bench exports the dense
                 labels.append(label)
                 bench_refs.append(str(work / f"{key}_{label}_{fmt}" / artefact_name(fmt)))
         tables = [str(t) for t in sorted((HERE / "results" / "latency").glob(f"{key}_*.json"))]

@@ -129,7 +129,8 @@ def _latency_table(out_dir: Path, resume: bool, progress: bool, settings: dict) 
 
 def speed_table(out_dir: Path, runs: int) -> dict:
     """Export the pruned model to each CPU runtime here, in fp32 and INT8 (calibrated on digits,
-    behind the 1-point accuracy gate), and time every artefact against the dense model on all
+    behind the 1-point accuracy gate), for batch 1 (a fixed batch axis, as bench exports the dense
+    baselines), and time every artefact against the dense model on all
     CPU runtimes (torch, onnxruntime plain and transformer-optimised, OpenVINO), interleaved."""
     from p3bkit.backends import cpu_backends, get_backend
     from p3bkit.bench import BenchConfig, run_bench
@@ -145,7 +146,7 @@ def speed_table(out_dir: Path, runs: int) -> dict:
             calib = Int8Config("digits") if precision == INT8 else None
             try:
                 rec = export_model(str(out_dir / "pruned"), fmt, folder, precision=precision, int8=calib,
-                                   force=True)  # the demo's own folder
+                                   static_batch=1, force=True)  # the demo's own folder; batch 1, as timed
             except BackendUnavailable:
                 continue
             except P3BError as exc:  # INT8 that fails its gate or parity check is reported, not shipped

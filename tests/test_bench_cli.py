@@ -122,7 +122,7 @@ def test_bench_exports_for_the_batch_it_times_and_names_a_dynamic_artefact(tmp_p
         assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["bench", "digits-vit", str(tmp_path / "dynamic" / "model.onnx"),
                                     str(tmp_path / "static" / "model.onnx"), "--backend", "onnxruntime",
-                                    "--runs", "2", "--warmup", "1", "--threads", "1"])
+                                    "--dense-baselines", "--runs", "2", "--warmup", "1", "--threads", "1"])
     assert res.exit_code == 0, res.output
     notes = [line for line in res.output.splitlines() if "dynamic batch axis" in line]
     assert len(notes) == 1 and "dynamic" in notes[0] and "--static-batch 1" in notes[0]
