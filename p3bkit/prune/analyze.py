@@ -59,7 +59,10 @@ def measure_model(model_ref: str, data: str | None = None, steps: int = 200, bat
     bundle = load_data(data or default_data(model_source(model), notify), img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
                        in_chans=model.patch_embed.proj.in_channels)
     bpi = BPI.for_model(model).to(device)
-    opt = torch.optim.AdamW(bpi.parameters(), lr=5e-4, weight_decay=0.0)
+    from p3bkit.prune.recipes import RECIPES
+
+    # the BPI rate a quick prune run trains them with (a base rate at batch 512, scaled: 5e-4 at 64)
+    opt = torch.optim.AdamW(bpi.parameters(), lr=RECIPES["quick"].lr_bpi * batch_size / 512, weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     rec, acc_c, acc_p, count, step, losses = StateRecorder(model), 0.0, 0.0, 0, 0, []
     try:
