@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--structure", choices=["inner", "heads"], default="heads",
                     help="what --target-speedup prunes (heads: whole heads and branches too, with --remove-below)")
     ap.add_argument("--remove-below", type=float, default=0.05)
+    ap.add_argument("--speed-checks", type=int, default=3,
+                    help="also allocate with this many speed checks (p3bkit prune's default) and time both (0: off)")
     ap.add_argument("--head-dim-step", type=int, default=4)
     ap.add_argument("--hidden-step", type=int, default=32)
     ap.add_argument("--recheck", action="store_true",
@@ -78,15 +80,14 @@ def main() -> None:
     for backend in args.backends:
         cfg = TableConfig(backend=backend, threads=args.threads, heads=args.heads, head_dim_step=args.head_dim_step,
                           hidden_step=args.hidden_step)
-        speed_args = (args.structure, args.remove_below if args.structure == "heads" else 0.0)
+        speed_args = (args.structure, args.remove_below if args.structure == "heads" else 0.0, args.speed_checks)
         if args.recheck_speedups:
             entry = report["backends"][backend]
             table = LatencyTable.load(RESULTS / entry["table"])
             entry.setdefault("speedups_earlier", []).append(entry["speedups"])
             entry["speedups"] = in_fresh_process(check_speedups, model, table, cfg, args.speedups, *speed_args)
             for c in entry["speedups"]:
-                print(f"  {backend} asked {c['asked']:.1f}×: measured {c['measured_speedup']:.2f}× "
-                      f"(miss {100 * c['miss']:+.1f}%)", flush=True)
+                print(f"  {backend} " + _line(c), flush=True)
             continue
         if args.recheck:
             table = LatencyTable.load(RESULTS / report["backends"][backend]["table"])
@@ -99,7 +100,7 @@ def main() -> None:
               f"{len(rows)} unseen archs: median {100 * np.median(err):.1f}%, max {100 * err.max():.1f}%", flush=True)
         checks = in_fresh_process(check_speedups, model, table, cfg, args.speedups, *speed_args)
         for c in checks:
-            print(f"  asked {c['asked']:.1f}×: measured {c['measured_speedup']:.2f}× (miss {100 * c['miss']:+.1f}%)", flush=True)
+            print("  " + _line(c), flush=True)
         report["backends"][backend] = {"table": f"latency/{args.tag}_{backend}.json", "validation": rows,
                                        "speedup_structure": {"structure": args.structure, "remove_below": speed_args[1]},
                                        "median_abs_error": float(np.median(err)), "max_abs_error": float(err.max()),
@@ -109,6 +110,14 @@ def main() -> None:
     stem.with_suffix(".md").write_text(render(report))
     plot(report, stem.with_suffix(".png"))
     print(f"wrote {stem}.md")
+
+
+def _line(c: dict) -> str:
+    out = f"asked {c['asked']:.1f}×: measured {c['measured_speedup']:.2f}× (miss {100 * c['miss']:+.1f}%)"
+    if "with_checks" in c:
+        w = c["with_checks"]
+        out += f"; with {len(w['checks'])} speed checks {w['measured_speedup']:.2f}× (miss {100 * w['miss']:+.1f}%)"
+    return out
 
 
 def render(report: dict) -> str:
@@ -129,16 +138,24 @@ def render(report: dict) -> str:
         lines.append(f"| {be} | {len(v)} | {fewer} | {removed} | {100 * r['median_abs_error']:.1f}% | "
                      f"{100 * r['max_abs_error']:.1f}% | {r['dense_ms']:.2f} | {r['fixed_ms']:.2f} |")
     lines += ["", "## --target-speedup: P3B latency allocation (random ΔΨ) vs measured speedup over dense, same runtime", "",
-              "| backend | structure | asked | measured | miss | pruned ms | predicted ms | branches removed | heads kept |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "Table only: the allocation against the table (`p3bkit prune --speed-checks 0`). With speed checks: "
+              "the allocated architecture timed beside the dense model and the target corrected by measured over "
+              "asked speedup, N times (`p3bkit prune`'s default, 3). Both timed in the same run.", "",
+              "| backend | structure | asked | table only | miss | with speed checks | miss | pruned ms (table only / "
+              "checked) | predicted ms (table only / checked) | branches removed | heads kept |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for be, r in report["backends"].items():
         st = r.get("speedup_structure", {"structure": "inner", "remove_below": 0.0})
         for c in r["speedups"]:
-            removed = sum(h == 0 for h in c.get("head_dims", [])) + sum(h == 0 for h in c.get("hidden", []))
-            heads = [h for h in c.get("heads", []) if h]
+            w = c.get("with_checks")
+            final = w or c
+            removed = sum(h == 0 for h in final.get("head_dims", [])) + sum(h == 0 for h in final.get("hidden", []))
+            heads = [h for h in final.get("heads", []) if h]
+            checked = (f"{w['measured_speedup']:.2f}× | {100 * w['miss']:+.1f}%" if w else "– | –")
             lines.append(f"| {be} | {st['structure']} (remove below {st['remove_below']:g}) | {c['asked']:.1f}× | "
-                         f"{c['measured_speedup']:.2f}× | {100 * c['miss']:+.1f}% | {c['measured_ms']:.2f} | "
-                         f"{c['predicted_ms']:.2f} | {removed} | {sum(heads) / max(len(heads), 1):.1f} |")
+                         f"{c['measured_speedup']:.2f}× | {100 * c['miss']:+.1f}% | {checked} | {c['measured_ms']:.2f}"
+                         f"{' / %.2f' % w['measured_ms'] if w else ''} | {c['predicted_ms']:.2f}"
+                         f"{' / %.2f' % w['predicted_ms'] if w else ''} | {removed} | {sum(heads) / max(len(heads), 1):.1f} |")
     for be, r in report["backends"].items():
         for earlier in r.get("speedups_earlier", []):
             lines += ["", f"Earlier run of the {be} check (replaced by `--recheck-speedups`; every model, dense included, "

@@ -149,7 +149,7 @@ def test_prune_meets_a_latency_target_on_the_tables_curve(tmp_path):
     table = LatencyTable.load(lut)
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["prune", "--model", "digits-vit", "--target-speedup", "2.5", "--latency-table", lut,
-                                  "--epochs", "0", "1", "1", "--no-progress", "-o", str(out)])
+                                  "--epochs", "0", "1", "1", "--speed-checks", "0", "--no-progress", "-o", str(out)])
     assert r.exit_code == 0, r.output
     s = json.loads((out / "summary.json").read_text())
     lat = s["latency"]
@@ -297,7 +297,7 @@ def test_prune_whole_heads_and_branches_for_a_latency_target(tmp_path):
     lut = tmp_path / "lut.json"
     table.save(lut)
     base = ["prune", "--model", "digits-vit", "--target-speedup", "3", "--latency-table", str(lut), "--epochs", "0", "1", "1",
-            "--update-every", "4", "--no-progress"]
+            "--update-every", "4", "--speed-checks", "0", "--no-progress"]
     r = CliRunner().invoke(main, [*base, "--structure", "heads", "--remove-below", "0.1", "-o", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -379,7 +379,7 @@ def _both_budgets(tmp_path, keep: str, speedup: str, out: str):
     _, dims = _gated_digits()
     lut = _priced_table(tmp_path / "priced.json", dims)
     args = ["prune", "--model", "digits-vit", "--structure", "heads", "--keep", keep, "--target-speedup", speedup,
-            "--latency-table", lut, "--epochs", "0", "1", "1", "--update-every", "4", "--no-progress",
+            "--latency-table", lut, "--epochs", "0", "1", "1", "--update-every", "4", "--speed-checks", "0", "--no-progress",
             "-o", str(tmp_path / out)]
     return CliRunner().invoke(main, args), LatencyTable.load(lut)
 
@@ -424,3 +424,105 @@ def test_a_latency_target_alone_keeps_no_parameter_ceiling(tmp_path):
     with pytest.raises(P3BError, match="conflict"):
         P3BPruner(gated, P3BConfig(keep=0.9, target_ms=table.dense_ms / 5, keep_too=True), Schedule(0, 4, 4),
                   latency_table=table)
+
+
+def _slower_runtime(monkeypatch, table: LatencyTable, slower: float) -> list[list[dict]]:
+    """Stand in for the runtime with one that runs every pruned model `slower` times the table's
+    prediction (the dense model as measured): what a speed check sees when the table under-predicts
+    the allocation's shapes. Returns the architectures it was asked to time."""
+    import p3bkit.latency.measure as measure
+
+    timed: list[list[dict]] = []
+
+    def fake(model, tab, archs, runs=50):
+        timed.extend(archs)
+        return tab.dense_ms, [tab.predict(a) * slower for a in archs]
+    monkeypatch.setattr(measure, "time_beside_dense", fake)
+    return timed
+
+
+@pytest.mark.parametrize("checks", ["0", "3"])
+def test_speed_checks_correct_the_target_by_what_the_runtime_measures(tmp_path, monkeypatch, checks):
+    """A runtime 25% slower than the table on pruned models: without checks the run lands 25% under
+    the asked speedup; with three checks the corrected target lands within 5% of it, the checks run at
+    ½, ¾, ⅞ of sparsify on the architecture the final masks then have (to within the last corrections),
+    and the run's own result is timed."""
+    from p3bkit.prune.schedule import Schedule
+
+    _, dims = _gated_digits()
+    lut = _priced_table(tmp_path / "priced.json", dims)
+    table = LatencyTable.load(lut)
+    timed = _slower_runtime(monkeypatch, table, 1.25)
+    out = tmp_path / "run"
+    args = ["prune", "--model", "digits-vit", "--structure", "heads", "--target-speedup", "2", "--latency-table", lut,
+            "--epochs", "0", "2", "1", "--update-every", "2", "--speed-checks", checks, "--no-progress", "-o", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    lat = json.loads((out / "summary.json").read_text())["latency"]
+    assert lat["target_ms"] == pytest.approx(table.dense_ms / 2) and lat["target_speedup"] == pytest.approx(2)
+    if checks == "0":
+        assert "measured" not in lat and not timed
+        assert lat["predicted_speedup"] / 1.25 < 2 * 0.85
+        return
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rows = [rec for rec in log if rec["type"] == "speed_check"]
+    steps = [rec["step"] for rec in log if rec["type"] == "mask_update"]
+    sched = Schedule(0, 2 * steps[-1] // 3, steps[-1] // 3)  # the last update is the run's last step
+    updates = [sched.at(step - 1)[1] for step in steps]
+    # each check at the first mask update at or past ½, ¾, ⅞ of sparsify
+    assert [rec["progress"] for rec in rows] == [min(p for p in updates if p >= point) for point in (0.5, 0.75, 0.875)]
+    first = rows[0]
+    assert first["measured_speedup"] == pytest.approx(first["predicted_speedup"] / 1.25)
+    assert first["target_ms_after"] == pytest.approx(first["target_ms_before"] * first["measured_speedup"] / 2)
+    assert lat["target_ms_used"] == pytest.approx(rows[-1]["target_ms_after"])
+    measured = lat["measured"]["measured_speedup"]
+    assert abs(measured - 2) / 2 <= 0.05, measured
+    def widths(layers):
+        return [(len(l["attn"]["heads"]), len(l["attn"]["head_dim"])) if l["attn"] else None for l in layers] + \
+            [len(l["mlp"]["hidden"]) if l["mlp"] else None for l in layers]
+    assert len(timed) == 4 and widths(timed[-1]) == widths(json.loads((out / "pruned" / "arch.json").read_text())["layers"])
+    assert f"measured {measured:.2f}× over the dense model timed beside it" in r.output
+    assert "speed check at 50% of sparsify" in r.output
+
+
+def test_speed_checks_resume_with_the_corrected_target(tmp_path, monkeypatch):
+    """Interrupted after the first epoch (its checks done), resumed: same corrected target and same
+    pruned model as an uninterrupted run."""
+    _, dims = _gated_digits()
+    lut = _priced_table(tmp_path / "priced.json", dims)
+    _slower_runtime(monkeypatch, LatencyTable.load(lut), 1.25)
+    base = ["prune", "--model", "digits-vit", "--structure", "heads", "--target-speedup", "2", "--latency-table", lut,
+            "--epochs", "0", "2", "1", "--update-every", "2", "--no-progress"]
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "whole")])
+    assert r.exit_code == 0, r.output
+    from p3bkit.prune.config import PruneJob
+    from p3bkit.prune.job import run_prune
+
+    settings = json.loads((tmp_path / "whole" / "summary.json").read_text())["job"]
+    job = PruneJob(**{**settings, "out": str(tmp_path / "cut"), "stop_after_epoch": 2,
+                      "p3b": __import__("p3bkit.prune.config", fromlist=["P3BConfig"]).P3BConfig(**settings["p3b"])})
+    job.epochs = tuple(job.epochs)
+    assert run_prune(job) == {"stopped_after_epoch": 2}
+    r = CliRunner().invoke(main, [*base, "--resume", "-o", str(tmp_path / "cut")])
+    assert r.exit_code == 0, r.output
+    whole, cut = (json.loads((tmp_path / d / "summary.json").read_text())["latency"] for d in ("whole", "cut"))
+    assert cut["target_ms_used"] == whole["target_ms_used"]
+    assert [rec["target_ms_after"] for rec in cut["speed_checks"]] == [rec["target_ms_after"] for rec in whole["speed_checks"]]
+    assert (tmp_path / "cut" / "pruned" / "arch.json").read_text() == (tmp_path / "whole" / "pruned" / "arch.json").read_text()
+
+
+@pytest.mark.slow
+def test_speed_checks_time_on_the_tables_runtime(tmp_path):
+    """The user's path with a real runtime: a table measured here, `--target-speedup` with the default
+    speed checks; each check and the result are timed whole in their own process (real numbers)."""
+    lut = _digits_table(tmp_path)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["prune", "--model", "digits-vit", "--target-speedup", "2", "--latency-table", lut,
+                                  "--epochs", "0", "2", "1", "--update-every", "4", "--no-progress", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    lat = json.loads((out / "summary.json").read_text())["latency"]
+    assert len(lat["speed_checks"]) >= 1
+    for row in [*lat["speed_checks"], lat["measured"]]:
+        assert row["dense_ms"] > 0 and row["pruned_ms"] > 0 and row["measured_speedup"] == pytest.approx(
+            row["dense_ms"] / row["pruned_ms"])
+    assert "measured" in r.output and "over the dense model timed beside it" in r.output

@@ -1,9 +1,9 @@
 """Does P3B's latency allocation land on the speedup it was asked for? (`benchmarks/latency_tables.py`)
 
 For each asked speedup, P3B's latency allocation (importance from random ΔΨ and Taylor scores:
-this checks the latency side, not accuracy) chooses an architecture from the table; the chosen
-models are exported and timed interleaved with the dense model. Meant to run in a process of its
-own (`p3bkit.latency.measure.in_fresh_process`).
+this checks the latency side, not accuracy) chooses an architecture from the table, with and
+without speed checks (`prune.speed`); the chosen models are exported and timed interleaved with
+the dense model. Meant to run in a process of its own (`p3bkit.latency.measure.in_fresh_process`).
 """
 from __future__ import annotations
 
@@ -20,16 +20,17 @@ from p3bkit.latency.table import LatencyTable
 
 
 def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, seed: int,
-                         structure: str = "inner", remove_below: float = 0.0) -> nn.Module:
+                         structure: str = "inner", remove_below: float = 0.0, target_ms: float | None = None) -> nn.Module:
     """P3B's latency allocation for `speedup` over the table's dense model, from random measurements
-    (`structure` heads and `remove_below` > 0: whole heads and branches too)."""
+    (`structure` heads and `remove_below` > 0: whole heads and branches too); `target_ms`: allocate
+    for this target instead (a speed check's correction)."""
     from p3bkit.models import add_gates
     from p3bkit.prune.pruner import P3BConfig, P3BPruner
     from p3bkit.prune.schedule import Schedule
     from p3bkit.surgery import apply_surgery
 
     gated = add_gates(copy.deepcopy(model), structure)
-    cfg = P3BConfig(target_ms=table.dense_ms / speedup, remove_below=remove_below, removal_patience=1)
+    cfg = P3BConfig(target_ms=target_ms or table.dense_ms / speedup, remove_below=remove_below, removal_patience=1)
     pruner = P3BPruner(gated, cfg, Schedule(0, 1, 0), latency_table=table)
     gen = torch.Generator().manual_seed(seed)
     n = len(pruner.branches)
@@ -41,20 +42,46 @@ def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, 
 
 
 def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, speedups: list[float],
-                   structure: str = "inner", remove_below: float = 0.0) -> list[dict]:
-    """Allocate for each asked speedup, then time dense and pruned models interleaved."""
+                   structure: str = "inner", remove_below: float = 0.0, speed_checks: int = 0) -> list[dict]:
+    """Allocate for each asked speedup, then time dense and pruned models interleaved.
+
+    `speed_checks` > 0: also allocate with that many speed checks (`prune.speed`: the allocated
+    architecture timed beside the dense model, the target corrected by measured over asked speedup,
+    allocated again, the same measurements each time), and time both results in the same run."""
+    from p3bkit.prune.speed import SpeedChecks
+
     image = torch.randn(cfg.batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    pruned = [allocate_for_speedup(model, table, s, i, structure, remove_below) for i, s in enumerate(speedups)]
+    plain = [allocate_for_speedup(model, table, s, i, structure, remove_below) for i, s in enumerate(speedups)]
+    checked, history = [], []
+    for i, s in enumerate(speedups):
+        if not speed_checks:
+            break
+        checks, target, rows = SpeedChecks(model, table, table.dense_ms / s, speed_checks, cfg.runs * 2), None, []
+        m = plain[i]
+        for _ in range(speed_checks):
+            rows.append(checks.check(m.p3b_arch.layers, target or table.dense_ms / s))
+            target = rows[-1]["target_ms_after"]
+            m = allocate_for_speedup(model, table, s, i, structure, remove_below, target)
+        checked.append(m)
+        history.append(rows)
     with torch_threads(cfg.threads), tempfile.TemporaryDirectory() as tmp:
-        timed = [time_module(m, image, cfg, Path(tmp), whole=True) for m in [model] + pruned]
+        timed = [time_module(m, image, cfg, Path(tmp), whole=True) for m in [model] + plain + checked]
         dense, *times = time_in_passes(timed, cfg.runs * 2, passes=3)
     rows = []
-    for s, m, t in zip(speedups, pruned, times):
-        predicted = table.predict(m.p3b_arch.layers)
-        rows.append({"asked": s, "measured_speedup": dense / t, "predicted_ms": predicted, "measured_ms": t,
-                     "dense_ms": dense, "miss": (dense / t - s) / s,
-                     "head_dims": [len(l["attn"]["head_dim"]) if l["attn"] else 0 for l in m.p3b_arch.layers],
-                     "heads": [len(l["attn"].get("heads", [])) or model.blocks[0].attn.num_heads if l["attn"] else 0
-                               for l in m.p3b_arch.layers],
-                     "hidden": [len(l["mlp"]["hidden"]) if l["mlp"] else 0 for l in m.p3b_arch.layers]})
+    for i, (s, m, t) in enumerate(zip(speedups, plain, times)):
+        row = {"asked": s, **_result(model, table, m, t, dense, s)}
+        if checked:
+            row["with_checks"] = {**_result(model, table, checked[i], times[len(plain) + i], dense, s),
+                                  "checks": history[i]}
+        rows.append(row)
     return rows
+
+
+def _result(model: nn.Module, table: LatencyTable, m: nn.Module, ms: float, dense: float, asked: float) -> dict:
+    layers = m.p3b_arch.layers
+    return {"measured_speedup": dense / ms, "predicted_ms": table.predict(layers), "measured_ms": ms,
+            "dense_ms": dense, "miss": (dense / ms - asked) / asked,
+            "head_dims": [len(l["attn"]["head_dim"]) if l["attn"] else 0 for l in layers],
+            "heads": [len(l["attn"].get("heads", [])) or model.blocks[0].attn.num_heads if l["attn"] else 0
+                      for l in layers],
+            "hidden": [len(l["mlp"]["hidden"]) if l["mlp"] else 0 for l in layers]}

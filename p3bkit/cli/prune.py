@@ -52,6 +52,10 @@ JOB, P3B = PruneJob, P3BConfig
               help="Table from p3bkit latency-table (same machine, model and runtime).")
 @click.option("--accept-table-error", is_flag=True,
               help="Use a latency table whose own check found a median prediction error above 15%.")
+@click.option("--speed-checks", type=click.IntRange(min=0), default=JOB.speed_checks, show_default=True,
+              help="With a latency target: times the architecture the run is heading for against the dense model on "
+                   "the table's runtime this many times during sparsify (at 1/2, 3/4, 7/8 of it) and corrects the "
+                   "target by what it measured; the result is timed too. 0: trust the table.")
 @click.option("--budget", type=click.Choice(choices(BudgetScope)), default=P3B.budget, show_default=True,
               help="total: fraction of all parameters (the paper's); blocks: of Attention/MLP Linear parameters only.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=JOB.recipe, show_default=True,
@@ -143,6 +147,11 @@ def prune(**kw) -> None:
                    f"{lat['predicted_speedup']:.2f}× over the measured dense {lat['dense_ms_measured']:.3f} ms; "
                    + ("table error unknown: made without --check)" if lat.get("table_check_error") is None else
                       f"the table's checked median error {100 * lat['table_check_error']:.1f}%)"))
+        if "measured" in lat:
+            m = lat["measured"]
+            click.echo(f"measured {m['measured_speedup']:.2f}× over the dense model timed beside it on {lat['backend']} "
+                       f"({m['pruned_ms']:.3f} vs {m['dense_ms']:.3f} ms; {lat['target_speedup']:.2f}× asked, "
+                       f"{len(lat['speed_checks'])} speed check(s) during sparsify)")
         if "fastest_at_parameter_budget_ms" in lat:
             bound = {"parameters": "the parameter budget bound the last allocation; ",
                      "latency": "the latency target bound the last allocation; "}.get(lat.get("bound"), "")

@@ -169,6 +169,16 @@ def time_whole_models(model: nn.Module, cfg: TableConfig, archs: list[list[dict]
         return time_in_passes(timed, cfg.runs, progress=cfg.progress)
 
 
+def time_beside_dense(model: nn.Module, table: LatencyTable, archs: list[list[dict]], runs: int = 50) -> tuple[float, list[float]]:
+    """(dense ms, ms of each architecture): `model` (a stock timm ViT; weights do not matter) and
+    its pruned versions `archs` (`PrunedArch.layers`), exported like `p3bkit export` and timed
+    interleaved on the table's runtime, device, batch and threads, in a process of its own."""
+    cfg = TableConfig(backend=table.backend, device=table.device, batch=table.batch, threads=table.threads,
+                      runs=runs, progress=False)
+    dense, *times = in_fresh_process(time_whole_models, model, cfg, [None, *archs])
+    return dense, times
+
+
 def calibrate(table: LatencyTable, models: list[list[dict] | None], measured_ms: list[float]) -> LatencyTable:
     """Fit `scale` and `per_branch_ms` (least squares on relative error) so the table predicts these whole models.
 

@@ -88,6 +88,7 @@ class PruneJob:
     workers: int = 0  # data-loading processes
     accept_table_error: bool = False  # use a table whose checked median error is above MAX_CHECK_ERROR
     target_speedup: float | None = None  # … or a speedup over the table's measured dense model
+    speed_checks: int = 3  # a latency target's architecture timed during sparsify, the target corrected (prune.speed)
     stop_after_epoch: int | None = None  # testing hook: end the run early, as a crash would
     train_images: int | None = None  # prune on the first N training images only (a quick allocation search)
     p3b: P3BConfig = field(default_factory=P3BConfig)

@@ -163,6 +163,7 @@ class LatencyCosts:
                            "p3bkit latency-table MODEL --heads all")
         table.check_model(model_dims(gated.spec))
         self.table, self.fixed_ms, self.target_ms = table, table.fixed_ms, target_ms
+        self.asked_ms = target_ms  # what the user asked; `target_ms` may be corrected by speed checks (prune.speed)
         self.limit_ms: float | None = None  # the fastest any architecture at a parameter budget can be
         self.branches = [b for _, b in gated.branches()]
         self._grid = torch.from_numpy(table.attn_grid()) if gated.structure == "heads" else None
@@ -183,6 +184,14 @@ class LatencyCosts:
                            f"on {table.backend}: nothing to prune")
         self.dense_ms = dense
         self.budget_share = (target_ms - self.fixed_ms) / float(self.full.sum())
+
+    def retarget(self, target_ms: float) -> float:
+        """Allocate for `target_ms` from now on (a speed check's correction), kept between the
+        branch-free model's time and the dense model's; returns the target used."""
+        target_ms = min(max(target_ms, 1.01 * self.fixed_ms), self.dense_ms)
+        self.target_ms = target_ms
+        self.budget_share = (target_ms - self.fixed_ms) / float(self.full.sum())
+        return target_ms
 
     def options(self, i: int, params: ParameterCosts) -> tuple[torch.Tensor, torch.Tensor]:
         """(parameters, predicted ms) of every width branch `i` can be pruned to, removal included."""
@@ -262,8 +271,9 @@ class LatencyCosts:
         return {**({"fastest_at_parameter_budget_ms": limit, "fastest_at_parameter_budget_speedup": t.dense_ms / limit}
                    if limit is not None else {}),
                 "backend": t.backend, "device": t.device, "batch": t.batch, "threads": t.threads, "cpu": t.machine.get("cpu"),
-                "target_ms": self.target_ms, "predicted_ms": predicted, "dense_ms_measured": t.dense_ms,
-                "predicted_speedup": t.dense_ms / predicted, "target_speedup": t.dense_ms / self.target_ms,
+                "target_ms": self.asked_ms, "predicted_ms": predicted, "dense_ms_measured": t.dense_ms,
+                "predicted_speedup": t.dense_ms / predicted, "target_speedup": t.dense_ms / self.asked_ms,
+                **({"target_ms_used": self.target_ms} if self.target_ms != self.asked_ms else {}),
                 "table_check_error": t.check_error}
 
 

@@ -9,6 +9,7 @@ update and every rank checks that its masks equal rank 0's).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,7 @@ from p3bkit.models.teacher import TEACHER_FILE
 from p3bkit.prune.config import PruneJob
 from p3bkit.prune.pruner import P3BPruner
 from p3bkit.prune.schedule import Schedule
+from p3bkit.prune.speed import SpeedChecks
 from p3bkit.train.dist import DistContext, all_reduce_sum_, check_identical, init_distributed, require_device
 from p3bkit.train.run import CHECKPOINT, LOG, Checkpoints, EpochLoop, RunFolder, RunLog, run_epochs
 
@@ -132,6 +134,8 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     say = notes.append
     model = build_user_model(job.model, job.pretrained, job.pretrained_file, job.weights, job.model_kwargs, say)
     origin = dense_origin(model, job.model, job.model_kwargs, job.pretrained, job.pretrained_file, job.weights)
+    # what speed checks time pruned versions of (prune.speed), before gates go in
+    dense = copy.deepcopy(model).eval() if job.latency_table is not None and job.speed_checks and ctx.main else None
     gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
     from p3bkit.models.presets import default_data, model_source
 
@@ -151,6 +155,8 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     _warn_sparse_updates(sched, job.p3b.update_every, say)
     _warn_few_indicator_images(job.batch_size // ctx.world, say)
     table = _latency_table(job, gated, say)
+    checks = SpeedChecks(dense, table, job.p3b.target_ms, job.speed_checks) \
+        if table is not None and job.speed_checks else None
     pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
                        lr_scale=job.batch_size / 512, latency_table=table).to(ctx.device)
     if ctx.active:
@@ -164,24 +170,46 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
         log = RunLog(folder.path / LOG, ctx)
         checkpoints = Checkpoints(folder.path / CHECKPOINT, _settings(job), ctx, log)
         t0 = time.time()
-        start = checkpoints.restore(_loader_of_state(pruner)) if resuming else (0, 0)
-        loop = _epoch_loop(job, pruner, data, teacher, log, ctx)
+        start = checkpoints.restore(_loader_of_state(pruner, checks)) if resuming else (0, 0)
+        loop = _epoch_loop(job, pruner, data, teacher, log, ctx, checks)
         stopped = run_epochs(loop, ctx, checkpoints, start, job.stop_after_epoch)
         if stopped is not None:
             return {"stopped_after_epoch": stopped}
-        summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx, origin)
+        summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx, origin, checks)
         folder.finish(job.keep_checkpoint, ctx)
     return summary
 
 
-def _loader_of_state(pruner: P3BPruner):
+def _loader_of_state(pruner: P3BPruner, checks: SpeedChecks | None):
     def load(state: dict) -> None:
         pruner.load_state_dict(state["pruner"])
         pruner.load_extra_state(state["extra"])
+        if checks is not None:
+            checks.load_state_dict(state["speed"])
     return load
 
 
-def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ctx: DistContext) -> EpochLoop:
+def _speed_check(pruner: P3BPruner, checks: SpeedChecks, layers: list[dict], record: dict, ctx: DistContext,
+                 log: RunLog) -> None:
+    """Time the architecture this update's targets lead to (rank 0), correct the latency target on
+    every rank, log what was measured."""
+    _, progress, _ = pruner.schedule.at(record["step"] - 1)
+    row = checks.check(layers, pruner.costs.target_ms) if ctx.main else None
+    target = torch.tensor([row["target_ms_after"] if row else 0.0], dtype=torch.float64)
+    all_reduce_sum_([target], ctx)  # rank 0's correction, everywhere
+    used = pruner.retarget(float(target))
+    checks.passed(progress)
+    if row:
+        row = {**row, "step": record["step"], "progress": progress, "target_ms_after": used}
+        checks.records.append(row)
+        log.append({"type": "speed_check", **row})
+        notify(f"speed check at {100 * progress:.0f}% of sparsify: {row['measured_speedup']:.2f}× measured on "
+               f"{checks.table.backend} ({row['predicted_speedup']:.2f}× predicted, {checks.asked_speedup:.2f}× asked); "
+               f"latency target {row['target_ms_before']:.3f} → {used:.3f} ms")
+
+
+def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ctx: DistContext,
+                checks: SpeedChecks | None = None) -> EpochLoop:
     """One P3B training step per batch; mask updates when due; an evaluation and a log record per epoch."""
     from p3bkit.data import make_loader
     from p3bkit.train.fit import evaluate
@@ -204,10 +232,14 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ct
         soft[epoch] = soft.get(epoch, 0) + int(stats.pop("soft_targets"))
         if pruner.due():
             all_reduce_sum_(pruner.accumulators(), ctx)  # every rank computes the same masks
-            record = pruner.update_masks()
+            phase, progress, _ = pruner.schedule.at(int(pruner.step) - 1)
+            record = pruner.update_masks(plan=checks is not None and checks.due(phase, progress))
+            layers = record.pop("plan", None)
             check_identical(torch.cat([g.mask for g in pruner.gated.gates.values()]), ctx, "the masks")
             log.append({**record, "type": "mask_update", "epoch": epoch + 1, **stats,
                         "block_keep": pruner.kept_branch_params_ratio()})
+            if layers is not None:
+                _speed_check(pruner, checks, layers, record, ctx, log)
         return {"loss": float(stats["loss"]), "keep": pruner.kept_branch_params_ratio()}
 
     def end_epoch(epoch: int, batches: int) -> str:
@@ -217,7 +249,8 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ct
         return f"val top-1 {acc:.2f}%, keeping {100 * pruner.total_keep_ratio():.1f}% of all parameters"
 
     def state() -> dict:
-        return {"pruner": pruner.state_dict(), "extra": pruner.extra_state()}
+        return {"pruner": pruner.state_dict(), "extra": pruner.extra_state(),
+                **({"speed": checks.state_dict()} if checks is not None else {})}
 
     from p3bkit.models.factory import loads_weights
 
@@ -228,7 +261,7 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ct
 
 
 def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, ctx: DistContext,
-            origin: dict) -> dict:
+            origin: dict, checks: SpeedChecks | None = None) -> dict:
     from p3bkit.fileio import write_json_atomic
     from p3bkit.models import save
     from p3bkit.models.teacher import write_origin
@@ -263,6 +296,9 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
         summary["latency"] = pruner.costs.report(pruned.p3b_arch.layers)
         if pruner.both_budgets:
             summary["latency"]["bound"] = pruner.bound
+        if checks is not None and ctx.main:  # the result, timed beside the dense model (prune.speed)
+            summary["latency"]["speed_checks"] = checks.records
+            summary["latency"]["measured"] = checks.time(pruned.p3b_arch.layers)
     if ctx.main:
         save(pruned, out / "pruned", overwrite=True)  # the run's own folder (tensors are copied to the CPU)
         write_origin(out / "pruned", origin)  # what finetune distils from (models/teacher.py)

@@ -173,11 +173,12 @@ class P3BPruner(nn.Module):
             gate.record(scores[name].to(gate.score_sum), scores[name].to(gate.grad_sum))
 
     @torch.no_grad()
-    def update_masks(self, step: int | None = None) -> dict:
+    def update_masks(self, step: int | None = None, plan: bool = False) -> dict:
         """Recompute κ and all soft masks from the accumulators, then reset them.
 
         `step`: the schedule position the update is for (default: after the current training step);
-        `schedule.total` gives the final, hard masks at the targets.
+        `schedule.total` gives the final, hard masks at the targets. `plan`: the record also holds
+        the architecture the targets lead to (`planned_layers`), for a speed check.
         """
         step = int(self.step) if step is None else step
         phase, progress, tau = self.schedule.at(step - 1)
@@ -205,6 +206,8 @@ class P3BPruner(nn.Module):
                   "kept_params": self.params.linear_kept().tolist(), "full_params": self.params.linear_full.tolist(),
                   "heads": [b.widths().heads if b.widths().kind == "attn" else None for b in self.branches],
                   **self.costs.log_fields(), **({"bound": self.bound} if self.bound else {})}
+        if plan:
+            record["plan"] = self.planned_layers(target, cache)
         self.reset_accumulators()
         return record
 
@@ -281,6 +284,35 @@ class P3BPruner(nn.Module):
         for gate, part in zip(gates.values(), values.split([g.size for g in gates.values()])):
             gate.mask.copy_(part.to(gate.mask.device))
 
+    def planned_layers(self, target: torch.Tensor, cache: dict) -> list[dict]:
+        """The architecture hard masks at keep ratios `target` would give, as `PrunedArch.layers`
+        (the first indices of each width: what it costs to run, not which units it keeps)."""
+        s = self.gated.spec
+        full = list(range(s.dim))
+        layers: list[dict] = [{"attn": None, "mlp": None} for _ in range(s.depth)]
+        carry = 0.0
+        for i, kappa in enumerate(target.tolist()):
+            widths, carry = self._choose(i, kappa, carry, cache)
+            gates = self.branches[i].gates()
+            if "orders" in widths:
+                counts = {"heads": widths["heads"], "head_dim": widths["head_dim"]}
+            else:
+                gate_id = torch.cat([torch.full((g.size,), j) for j, g in enumerate(gates.values())])
+                kept = torch.bincount(gate_id[widths["order"][:widths["keep"]]], minlength=len(gates))
+                counts = dict(zip(gates, kept.tolist()))
+            if min(counts.values()) == 0:
+                continue  # removed or emptied: the layer has no such branch
+            branch = {"in": full, "out": full, "read": "dense", "write": "dense",
+                      **{name: list(range(n)) for name, n in counts.items() if name not in ("in", "out")}}
+            layers[i // 2]["attn" if i % 2 == 0 else "mlp"] = branch
+        return layers
+
+    def retarget(self, target_ms: float) -> float:
+        """Allocate for a corrected latency target from the next mask update on (`prune.speed`)."""
+        if self.costs is self.params:
+            raise P3BError("a parameter budget has no latency target to correct")
+        return self.costs.retarget(target_ms)
+
     def _param_curve(self, i: int, cache: dict) -> torch.Tensor:
         """Parameters branch `i` keeps at each width `_choose` can pick (its ranking's top k, or the
         (heads, head dims) grid), once per update."""
@@ -339,12 +371,15 @@ class P3BPruner(nn.Module):
         return float(self.params.kept_total() / self.params.total_params)
 
     def extra_state(self) -> dict:
-        return {"allocation": self.allocation.state_dict(), "optimizer": self.optimizer.state_dict(), "bound": self.bound}
+        return {"allocation": self.allocation.state_dict(), "optimizer": self.optimizer.state_dict(), "bound": self.bound,
+                **({"target_ms": self.costs.target_ms} if self.costs is not self.params else {})}
 
     def load_extra_state(self, state: dict) -> None:
         self.allocation.load_state_dict(state["allocation"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.bound = state.get("bound")
+        if state.get("target_ms") is not None:
+            self.retarget(state["target_ms"])
 
 
 def _kept_fraction(mass: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""Speed checks: the architecture a latency budget is heading for, timed on the table's runtime.
+
+A latency table predicts random pruned models to a few percent, but the allocation picks the
+architectures the table thinks cheapest, so its errors there lean one way: on DeiT-S every
+`--target-speedup` checked against the table alone landed under the speedup asked (−0.8 … −9.4%,
+OpenVINO and onnxruntime), never over. During sparsify the allocation's targets (κ at the end of
+the ramp) already say which widths the run ends at. At the first mask update past each check point
+of sparsify (½, ¾, ⅞, … of it) those widths are built, exported like `p3bkit export` and timed
+interleaved with the dense model on the table's runtime, in a process of their own
+(`latency.measure.time_beside_dense`); the latency target is then scaled by measured over asked
+speedup, t ← t · M / S* (at most ×1.5 or ÷1.5 per check), so the next updates allocate for what
+the runtime does rather than what the table says. What is held is a speedup over the dense model
+timed beside the pruned one (`--target-latency-ms` as the speedup it means over the table's dense
+model), so a host that runs faster or slower today than the day the table was made changes
+nothing. After the run the pruned model is timed the same way and summary.json reports its
+measured speedup. No check runs after sparsify: sharpen trains the widths it was given.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+MAX_STEP = 1.5  # the most one check may scale the target by (a noisy timing cannot throw the run off)
+
+
+def check_points(rounds: int) -> list[float]:
+    """Sparsify progress at which the checks run: ½, ¾, ⅞, …"""
+    return [1 - 0.5 ** i for i in range(1, rounds + 1)]
+
+
+def corrected_target(target_ms: float, measured_speedup: float, asked_speedup: float) -> float:
+    """The target for the next allocation: scaled by measured over asked speedup (t ∝ 1/speedup),
+    at most `MAX_STEP` either way."""
+    factor = min(max(measured_speedup / asked_speedup, 1 / MAX_STEP), MAX_STEP)
+    return target_ms * factor
+
+
+class SpeedChecks:
+    """`rounds` speed checks during sparsify, and the measured speedup of the result (module doc)."""
+
+    def __init__(self, dense: nn.Module, table, asked_ms: float, rounds: int, runs: int = 50) -> None:
+        self.dense, self.table, self.rounds, self.runs = dense, table, rounds, runs
+        self.asked_speedup = table.dense_ms / asked_ms
+        self.done = 0  # check points passed
+        self.records: list[dict] = []  # every check's row (summary.json)
+
+    def due(self, phase: str, progress: float) -> bool:
+        """Whether the mask update at this schedule position is a check's (the next point passed)."""
+        return (phase == "sparsify" and progress < 1 and self.done < self.rounds
+                and progress >= check_points(self.rounds)[self.done])
+
+    def time(self, layers: list[dict]) -> dict:
+        """Measured and predicted speedup of `layers` over the dense model timed beside it."""
+        from p3bkit.latency.measure import time_beside_dense
+
+        dense_ms, (ms,) = time_beside_dense(self.dense, self.table, [layers], self.runs)
+        predicted = self.table.predict(layers)
+        return {"dense_ms": dense_ms, "pruned_ms": ms, "measured_speedup": dense_ms / ms,
+                "predicted_ms": predicted, "predicted_speedup": self.table.dense_ms / predicted}
+
+    def check(self, layers: list[dict], target_ms: float) -> dict:
+        """Time the planned architecture; the corrected target and what was measured."""
+        row = self.time(layers)
+        return {**row, "asked_speedup": self.asked_speedup, "target_ms_before": target_ms,
+                "target_ms_after": corrected_target(target_ms, row["measured_speedup"], self.asked_speedup)}
+
+    def passed(self, progress: float) -> None:
+        """Every check point up to `progress` is done (a schedule with few updates may pass several at once)."""
+        points = check_points(self.rounds)
+        while self.done < self.rounds and progress >= points[self.done]:
+            self.done += 1
+
+    def state_dict(self) -> dict:
+        return {"done": self.done, "records": self.records}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done, self.records = int(state["done"]), list(state["records"])
