@@ -3,8 +3,9 @@
 For each backend: measure the table of a timm ViT (p3bkit latency-table), time ≥ 20 random
 head-dim/hidden-pruned versions of the model whole (exported like p3bkit export) and compare with
 the table's prediction; then let P3B's latency allocation choose architectures for asked speedups
-(importance from random ΔΨ: this checks the latency side, not accuracy), export them, and time
-them interleaved with the dense model in one process.
+(importance from random ΔΨ: this checks the latency side, not accuracy), with and without speed
+checks, export them, and time both beside the dense model in a process per asked speedup (each
+model's speedup over dense measured round by round).
 
     python benchmarks/latency_tables.py --model deit_small_patch16_224 --backends openvino onnxruntime
 
@@ -140,7 +141,9 @@ def render(report: dict) -> str:
     lines += ["", "## --target-speedup: P3B latency allocation (random ΔΨ) vs measured speedup over dense, same runtime", "",
               "Table only: the allocation against the table (`p3bkit prune --speed-checks 0`). With speed checks: "
               "the allocated architecture timed beside the dense model and the target corrected by measured over "
-              "asked speedup, N times (`p3bkit prune`'s default, 3). Both timed in the same run.", "",
+              "asked speedup, N times (`p3bkit prune`'s default, 3). Per asked speedup the dense, table-only and checked "
+              "models are timed in one process of their own, each by its speedup over dense taken round by round "
+              "(median of 9 rounds): what `p3bkit prune` reports as `latency.measured`.", "",
               "| backend | structure | asked | table only | miss | with speed checks | miss | pruned ms (table only / "
               "checked) | predicted ms (table only / checked) | branches removed | heads kept |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -128,6 +128,24 @@ def time_in_passes(models: list[Timed], runs: int, passes: int = 3, progress: bo
     return best
 
 
+def time_against_first(models: list[Timed], runs: int, rounds: int = 9) -> list[float]:
+    """Median ms per model, each but the first as the first's ms over its median speedup.
+
+    `rounds` short rounds (forward, then reverse order), each timing every model for about
+    3·`runs`/`rounds` runs; a model's speedup over the first is taken per round and the median
+    over rounds kept. On a busy host the machine's pace drifts between rounds by more than pruned
+    models differ (dense DeiT-S medians of 20.2–24.4 ms in one minute); a ratio within a round
+    cancels that drift, separate minima over passes do not."""
+    per = max(5, 3 * runs // rounds)
+    ms = np.zeros((rounds, len(models)))
+    gc.collect()
+    for r in range(rounds):
+        for i in range(len(models)) if r % 2 == 0 else reversed(range(len(models))):
+            ms[r, i] = median_ms(models[i], per)
+    first = float(np.median(ms[:, 0]))
+    return [first] + [first / float(np.median(ms[:, 0] / ms[:, i])) for i in range(1, len(models))]
+
+
 def latency_stats(lat_ms: list[float], batch: int) -> dict:
     a = np.asarray(lat_ms, dtype=np.float64)
     median = float(np.median(a))

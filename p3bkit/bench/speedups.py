@@ -2,20 +2,17 @@
 
 For each asked speedup, P3B's latency allocation (importance from random ΔΨ and Taylor scores:
 this checks the latency side, not accuracy) chooses an architecture from the table, with and
-without speed checks (`prune.speed`); the chosen models are exported and timed interleaved with
-the dense model. Meant to run in a process of its own (`p3bkit.latency.measure.in_fresh_process`).
+without speed checks (`prune.speed`); the chosen models are exported and timed beside the dense
+model, each in a process of its own.
 """
 from __future__ import annotations
 
 import copy
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from p3bkit.backends.timing import time_in_passes, torch_threads
-from p3bkit.latency.measure import TableConfig, time_module
+from p3bkit.latency.measure import TableConfig
 from p3bkit.latency.table import LatencyTable
 
 
@@ -30,8 +27,10 @@ def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, 
     from p3bkit.surgery import apply_surgery
 
     gated = add_gates(copy.deepcopy(model), structure)
-    cfg = P3BConfig(target_ms=target_ms or table.dense_ms / speedup, remove_below=remove_below, removal_patience=1)
+    cfg = P3BConfig(target_ms=table.dense_ms / speedup, remove_below=remove_below, removal_patience=1)
     pruner = P3BPruner(gated, cfg, Schedule(0, 1, 0), latency_table=table)
+    if target_ms is not None:
+        pruner.retarget(target_ms)  # clamped as in a prune run
     gen = torch.Generator().manual_seed(seed)
     n = len(pruner.branches)
     delta_c, delta_p = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
@@ -43,36 +42,32 @@ def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, 
 
 def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, speedups: list[float],
                    structure: str = "inner", remove_below: float = 0.0, speed_checks: int = 0) -> list[dict]:
-    """Allocate for each asked speedup, then time dense and pruned models interleaved.
+    """Allocate for each asked speedup, then time the result beside the dense model.
 
     `speed_checks` > 0: also allocate with that many speed checks (`prune.speed`: the allocated
     architecture timed beside the dense model, the target corrected by measured over asked speedup,
-    allocated again, the same measurements each time), and time both results in the same run."""
+    allocated again, the same measurements each time). Per asked speedup the dense model, the
+    table-only model and the checked one are timed in one process of their own, each by its speedup
+    over the dense model round by round (`latency.measure.time_beside_dense`, as a prune's speed
+    checks and its result are timed: a process per model under test, as it is deployed)."""
+    from p3bkit.latency.measure import time_beside_dense
     from p3bkit.prune.speed import SpeedChecks
 
-    image = torch.randn(cfg.batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    plain = [allocate_for_speedup(model, table, s, i, structure, remove_below) for i, s in enumerate(speedups)]
-    checked, history = [], []
-    for i, s in enumerate(speedups):
-        if not speed_checks:
-            break
-        checks, target, rows = SpeedChecks(model, table, table.dense_ms / s, speed_checks, cfg.runs * 2), None, []
-        m = plain[i]
-        for _ in range(speed_checks):
-            rows.append(checks.check(m.p3b_arch.layers, target or table.dense_ms / s))
-            target = rows[-1]["target_ms_after"]
-            m = allocate_for_speedup(model, table, s, i, structure, remove_below, target)
-        checked.append(m)
-        history.append(rows)
-    with torch_threads(cfg.threads), tempfile.TemporaryDirectory() as tmp:
-        timed = [time_module(m, image, cfg, Path(tmp), whole=True) for m in [model] + plain + checked]
-        dense, *times = time_in_passes(timed, cfg.runs * 2, passes=3)
     rows = []
-    for i, (s, m, t) in enumerate(zip(speedups, plain, times)):
-        row = {"asked": s, **_result(model, table, m, t, dense, s)}
-        if checked:
-            row["with_checks"] = {**_result(model, table, checked[i], times[len(plain) + i], dense, s),
-                                  "checks": history[i]}
+    for i, s in enumerate(speedups):
+        plain = allocate_for_speedup(model, table, s, i, structure, remove_below)
+        models, history = [plain], []
+        if speed_checks:
+            checks, target, m = SpeedChecks(model, table, table.dense_ms / s, speed_checks, cfg.runs * 2), None, plain
+            for _ in range(speed_checks):
+                history.append(checks.check(m.p3b_arch.layers, target or table.dense_ms / s))
+                target = history[-1]["target_ms_after"]
+                m = allocate_for_speedup(model, table, s, i, structure, remove_below, target)
+            models.append(m)
+        dense, times = time_beside_dense(model, table, [m.p3b_arch.layers for m in models], cfg.runs * 2)
+        row = {"asked": s, **_result(model, table, plain, times[0], dense, s)}
+        if speed_checks:
+            row["with_checks"] = {**_result(model, table, models[1], times[1], dense, s), "checks": history}
         rows.append(row)
     return rows
 

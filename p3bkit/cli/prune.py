@@ -147,7 +147,9 @@ def prune(**kw) -> None:
                    f"{lat['predicted_speedup']:.2f}× over the measured dense {lat['dense_ms_measured']:.3f} ms; "
                    + ("table error unknown: made without --check)" if lat.get("table_check_error") is None else
                       f"the table's checked median error {100 * lat['table_check_error']:.1f}%)"))
-        if "measured" in lat:
+        if "error" in lat.get("measured", {}):
+            click.echo(f"the pruned model was not timed beside the dense one: {lat['measured']['error']}")
+        elif "measured" in lat:
             m = lat["measured"]
             click.echo(f"measured {m['measured_speedup']:.2f}× over the dense model timed beside it on {lat['backend']} "
                        f"({m['pruned_ms']:.3f} vs {m['dense_ms']:.3f} ms; {lat['target_speedup']:.2f}× asked, "

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from p3bkit.backends import FP32, default_table_backend, get_backend
-from p3bkit.backends.timing import Timed, time_in_passes, torch_threads
+from p3bkit.backends.timing import Timed, time_against_first, time_in_passes, torch_threads
 from p3bkit.console import progress as progress_bar
 from p3bkit.errors import BackendUnavailable, P3BError
 from p3bkit.latency.table import LatencyTable, model_dims
@@ -149,9 +149,11 @@ def time_branch_grid(model: nn.Module, cfg: TableConfig) -> dict:
         "hidden": hidden, "mlp_ms": [values[("mlp", 0, k)] for k in hidden]}}
 
 
-def time_whole_models(model: nn.Module, cfg: TableConfig, archs: list[list[dict] | None]) -> list[float]:
+def time_whole_models(model: nn.Module, cfg: TableConfig, archs: list[list[dict] | None],
+                      against_first: bool = False) -> list[float]:
     """Median ms of whole models exported like `p3bkit export`: `model` itself for None, else
-    `model` pruned to the given layers ([] = every branch removed)."""
+    `model` pruned to the given layers ([] = every branch removed); `against_first`: each timed by
+    its speedup over the first, round by round (`time_against_first`)."""
     from p3bkit.models.adapter import inspect_vit
     from p3bkit.models.arch import PrunedArch, apply_arch
 
@@ -166,16 +168,19 @@ def time_whole_models(model: nn.Module, cfg: TableConfig, archs: list[list[dict]
                 layers = layers or [{"attn": None, "mlp": None} for _ in range(spec.depth)]
                 m = apply_arch(copy.deepcopy(model), PrunedArch(source=None, layers=layers, structure="inner"), spec)
             timed.append(time_module(m, image, cfg, Path(tmp), whole=True))
+        if against_first:
+            return time_against_first(timed, cfg.runs)
         return time_in_passes(timed, cfg.runs, progress=cfg.progress)
 
 
 def time_beside_dense(model: nn.Module, table: LatencyTable, archs: list[list[dict]], runs: int = 50) -> tuple[float, list[float]]:
     """(dense ms, ms of each architecture): `model` (a stock timm ViT; weights do not matter) and
     its pruned versions `archs` (`PrunedArch.layers`), exported like `p3bkit export` and timed
-    interleaved on the table's runtime, device, batch and threads, in a process of its own."""
+    interleaved on the table's runtime, device, batch and threads, in a process of its own; each
+    architecture's ms is the dense ms over its speedup measured round by round (`time_against_first`)."""
     cfg = TableConfig(backend=table.backend, device=table.device, batch=table.batch, threads=table.threads,
                       runs=runs, progress=False)
-    dense, *times = in_fresh_process(time_whole_models, model, cfg, [None, *archs])
+    dense, *times = in_fresh_process(time_whole_models, model, cfg, [None, *archs], True)
     return dense, times
 
 

@@ -185,10 +185,12 @@ class LatencyCosts:
         self.dense_ms = dense
         self.budget_share = (target_ms - self.fixed_ms) / float(self.full.sum())
 
-    def retarget(self, target_ms: float) -> float:
+    def retarget(self, target_ms: float, clamp: bool = True) -> float:
         """Allocate for `target_ms` from now on (a speed check's correction), kept between the
-        branch-free model's time and the dense model's; returns the target used."""
-        target_ms = min(max(target_ms, 1.01 * self.fixed_ms), self.dense_ms)
+        branch-free model's time and the dense model's (`clamp`; a resumed run restores its target
+        as it was); returns the target used."""
+        if clamp:
+            target_ms = min(max(target_ms, 1.01 * self.fixed_ms), self.dense_ms)
         self.target_ms = target_ms
         self.budget_share = (target_ms - self.fixed_ms) / float(self.full.sum())
         return target_ms

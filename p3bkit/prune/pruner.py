@@ -307,11 +307,11 @@ class P3BPruner(nn.Module):
             layers[i // 2]["attn" if i % 2 == 0 else "mlp"] = branch
         return layers
 
-    def retarget(self, target_ms: float) -> float:
+    def retarget(self, target_ms: float, clamp: bool = True) -> float:
         """Allocate for a corrected latency target from the next mask update on (`prune.speed`)."""
         if self.costs is self.params:
             raise P3BError("a parameter budget has no latency target to correct")
-        return self.costs.retarget(target_ms)
+        return self.costs.retarget(target_ms, clamp)
 
     def _param_curve(self, i: int, cache: dict) -> torch.Tensor:
         """Parameters branch `i` keeps at each width `_choose` can pick (its ranking's top k, or the
@@ -379,7 +379,7 @@ class P3BPruner(nn.Module):
         self.optimizer.load_state_dict(state["optimizer"])
         self.bound = state.get("bound")
         if state.get("target_ms") is not None:
-            self.retarget(state["target_ms"])
+            self.retarget(state["target_ms"], clamp=False)
 
 
 def _kept_fraction(mass: torch.Tensor) -> torch.Tensor:
