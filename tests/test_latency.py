@@ -537,6 +537,36 @@ def test_a_plan_faster_than_its_target_does_not_loosen_it(tmp_path, monkeypatch)
     assert row["target_ms_after"] == pytest.approx(asked)
 
 
+@pytest.mark.parametrize("busy_tries", [2, 3])
+def test_a_busy_host_is_timed_again_and_never_corrects_the_target(tmp_path, monkeypatch, busy_tries):
+    """A neighbour slows the dense model by 30% for the first `busy_tries` timings (and the pruned
+    one by 60%, as contention does to small models): the check times again; after three busy tries
+    it keeps the target and says the host was busy instead of correcting by a wrong ratio."""
+    import p3bkit.latency.measure as measure
+    from p3bkit.latency.measure import random_layers
+    from p3bkit.models.factory import create_model
+    from p3bkit.prune.speed import SpeedChecks
+
+    gated, dims = _gated_digits()
+    table = LatencyTable.load(_priced_table(tmp_path / "priced.json", dims))
+    calls = []
+
+    def runtime(model, tab, archs, runs=50):
+        busy = len(calls) < busy_tries
+        calls.append(busy)
+        return tab.dense_ms * (1.3 if busy else 1.0), [tab.predict(a) * (1.6 if busy else 1.1) for a in archs]
+    monkeypatch.setattr(measure, "time_beside_dense", runtime)
+    layers = random_layers(gated.spec, np.random.default_rng(1), heads=True)
+    asked = 0.9 * table.predict(layers)
+    row = SpeedChecks(create_model("digits-vit"), table, asked, rounds=3).check(layers, asked)
+    assert len(calls) == 3
+    if busy_tries == 3:
+        assert row["host_busy"] and row["target_ms_after"] == asked
+    else:
+        assert not row["host_busy"] and row["measured_speedup"] == pytest.approx(table.dense_ms / (1.1 * row["predicted_ms"]))
+        assert row["target_ms_after"] == pytest.approx(row["predicted_ms"] * row["measured_speedup"] / row["asked_speedup"])
+
+
 def test_a_failed_speed_check_keeps_the_target_and_the_run(tmp_path, monkeypatch):
     """The runtime fails to time a check: the run goes on with its target, says so, logs the error,
     and the summary says why the result is not timed; the pruned model is saved."""

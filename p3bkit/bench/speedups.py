@@ -48,10 +48,9 @@ def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, spee
     architecture timed beside the dense model, the target corrected by measured over asked speedup,
     allocated again, the same measurements each time). Per asked speedup the dense model, the
     table-only model and the checked one are timed in one process of their own, each by its speedup
-    over the dense model round by round (`latency.measure.time_beside_dense`, as a prune's speed
-    checks and its result are timed: a process per model under test, as it is deployed)."""
-    from p3bkit.latency.measure import time_beside_dense
-    from p3bkit.prune.speed import SpeedChecks
+    over the dense model round by round, timed again while the dense model runs > 10% slower than
+    the table's (`prune.speed.steady_time`, as a prune's speed checks and its result are timed)."""
+    from p3bkit.prune.speed import SpeedChecks, steady_time
 
     rows = []
     for i, s in enumerate(speedups):
@@ -64,8 +63,9 @@ def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, spee
                 target = history[-1]["target_ms_after"]
                 m = allocate_for_speedup(model, table, s, i, structure, remove_below, target)
             models.append(m)
-        dense, times = time_beside_dense(model, table, [m.p3b_arch.layers for m in models], cfg.runs * 2)
-        row = {"asked": s, **_result(model, table, plain, times[0], dense, s)}
+        dense, times, busy = steady_time(model, table, [m.p3b_arch.layers for m in models], cfg.runs * 2,
+                                         table.dense_ms)
+        row = {"asked": s, "host_busy": busy, **_result(model, table, plain, times[0], dense, s)}
         if speed_checks:
             row["with_checks"] = {**_result(model, table, models[1], times[1], dense, s), "checks": history}
         rows.append(row)

@@ -153,7 +153,9 @@ def prune(**kw) -> None:
             m = lat["measured"]
             click.echo(f"measured {m['measured_speedup']:.2f}× over the dense model timed beside it on {lat['backend']} "
                        f"({m['pruned_ms']:.3f} vs {m['dense_ms']:.3f} ms; {lat['target_speedup']:.2f}× asked, "
-                       f"{len(lat['speed_checks'])} speed check(s) during sparsify)")
+                       f"{len(lat['speed_checks'])} speed check(s) during sparsify)"
+                       + ("; the host was busy (the dense model > 10% slower than its steadiest time)"
+                          if m.get("host_busy") else ""))
         if "fastest_at_parameter_budget_ms" in lat:
             bound = {"parameters": "the parameter budget bound the last allocation; ",
                      "latency": "the latency target bound the last allocation; "}.get(lat.get("bound"), "")
