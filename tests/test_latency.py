@@ -537,6 +537,34 @@ def test_a_plan_faster_than_its_target_does_not_loosen_it(tmp_path, monkeypatch)
     assert row["target_ms_after"] == pytest.approx(asked)
 
 
+def test_speed_checks_average_the_runtime_over_table_ratio(tmp_path, monkeypatch):
+    """Two checks that measure the runtime at 0.9× and 1.1× the table's speedup (noise around an
+    exact table): the second sets the target back to the asked speedup instead of chasing 1.1×."""
+    import p3bkit.latency.measure as measure
+    from p3bkit.latency.measure import random_layers
+    from p3bkit.models.factory import create_model
+    from p3bkit.prune.speed import SpeedChecks
+
+    gated, dims = _gated_digits()
+    table = LatencyTable.load(_priced_table(tmp_path / "priced.json", dims))
+    ratios = iter([0.9, 1.1])
+
+    def runtime(model, tab, archs, runs=50):
+        r = next(ratios)
+        return tab.dense_ms, [tab.predict(a) / r for a in archs]
+    monkeypatch.setattr(measure, "time_beside_dense", runtime)
+    rng = np.random.default_rng(2)
+    asked = table.dense_ms / 2
+    plan = next(a for a in (random_layers(gated.spec, rng, heads=True) for _ in range(200))
+                if 0.9 * asked < table.predict(a) < 1.1 * asked)
+    checks = SpeedChecks(create_model("digits-vit"), table, asked, rounds=3)
+    first = checks.check(plan, asked)
+    assert first["target_ms_after"] == pytest.approx(asked * 0.9) and first["runtime_over_table"] == pytest.approx(0.9)
+    second = checks.check(plan, first["target_ms_after"])
+    assert second["runtime_over_table"] == pytest.approx(1.0) and second["target_ms_after"] == pytest.approx(asked)
+    assert checks.records == [first, second]
+
+
 @pytest.mark.parametrize("busy_tries", [2, 3])
 def test_a_busy_host_is_timed_again_and_never_corrects_the_target(tmp_path, monkeypatch, busy_tries):
     """A neighbour slows the dense model by 30% for the first `busy_tries` timings (and the pruned

@@ -208,8 +208,7 @@ def _speed_check(pruner: P3BPruner, checks: SpeedChecks, layers: list[dict], rec
     used = pruner.retarget(float(target))
     checks.passed(progress)
     if row:
-        row = {**row, "step": record["step"], "progress": progress, "target_ms_after": used}
-        checks.records.append(row)
+        row.update(step=record["step"], progress=progress, target_ms_after=used)  # the row `records` holds
         log.append({"type": "speed_check", **row})
         notify(f"speed check at {100 * progress:.0f}% of sparsify: {row['measured_speedup']:.2f}× measured on "
                f"{checks.table.backend} ({row['predicted_speedup']:.2f}× predicted, {checks.asked_speedup:.2f}× asked); "
