@@ -145,8 +145,9 @@ def render(report: dict) -> str:
               "models are timed in one process of their own, each by its speedup over dense taken round by round "
               "(median of 9 rounds): what `p3bkit prune` reports as `latency.measured`.", "",
               "| backend | structure | asked | table only | miss | with speed checks | miss | pruned ms (table only / "
-              "checked) | predicted ms (table only / checked) | branches removed | heads kept |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "checked) | predicted ms (table only / checked) | dense ms beside them (table's) | branches removed | "
+              "heads kept |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for be, r in report["backends"].items():
         st = r.get("speedup_structure", {"structure": "inner", "remove_below": 0.0})
         for c in r["speedups"]:
@@ -158,7 +159,8 @@ def render(report: dict) -> str:
             lines.append(f"| {be} | {st['structure']} (remove below {st['remove_below']:g}) | {c['asked']:.1f}× | "
                          f"{c['measured_speedup']:.2f}× | {100 * c['miss']:+.1f}% | {checked} | {c['measured_ms']:.2f}"
                          f"{' / %.2f' % w['measured_ms'] if w else ''} | {c['predicted_ms']:.2f}"
-                         f"{' / %.2f' % w['predicted_ms'] if w else ''} | {removed} | {sum(heads) / max(len(heads), 1):.1f} |")
+                         f"{' / %.2f' % w['predicted_ms'] if w else ''} | {c['dense_ms']:.2f} ({r['dense_ms']:.2f})"
+                         f"{' busy' if c.get('host_busy') else ''} | {removed} | {sum(heads) / max(len(heads), 1):.1f} |")
     for be, r in report["backends"].items():
         for earlier in r.get("speedups_earlier", []):
             lines += ["", f"Earlier run of the {be} check (replaced by `--recheck-speedups`; every model, dense included, "

@@ -14,7 +14,8 @@ training digits (fewer steps per epoch: a CPU run).
 `speed` (P3B-heads under both budgets) prunes to the same parameter budget and a latency target at
 once (`p3bkit prune --keep … --target-speedup … --latency-table …`): `--speed-targets 75=4.8 90=11.5`
 asks for those speedups over the table's dense model, with the tables in `--latency-tables`
-(deit_s=… deit_b=…, from `p3bkit latency-table MODEL --heads all` on the runtime timed).
+(deit_s=… deit_b=…, from `p3bkit latency-table MODEL --heads all` on the runtime timed), with
+`p3bkit prune`'s default speed checks (the summary's measured speedup is kept in arch.json).
 
     python benchmarks/p3b_allocations.py --device cuda --bf16 -o benchmarks/results/allocations
     python benchmarks/p3b_allocations.py --structures heads --train-images 320 --batch-size 16 --epochs 1 2 1 \
@@ -112,6 +113,9 @@ def main() -> None:
                     print(f"  predicted {lat['predicted_ms']:.2f} ms = {lat['predicted_speedup']:.2f}× (asked "
                           f"{lat['target_speedup']:.2f}×; {lat['bound']} bound; fastest at this parameter budget "
                           f"{lat['fastest_at_parameter_budget_speedup']:.2f}×)", flush=True)
+                    if "measured_speedup" in lat.get("measured", {}):
+                        print(f"  measured {lat['measured']['measured_speedup']:.2f}× beside the dense model after "
+                              f"{len(lat['speed_checks'])} speed check(s)", flush=True)
                 shutil.rmtree(run_dir, ignore_errors=True)
 
 

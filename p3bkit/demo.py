@@ -1,7 +1,8 @@
 """`p3bkit demo`: the whole pipeline on the embedded digits set in a few minutes on 2 CPU cores.
 
 Train a dense tiny ViT → prune it with P3B to the requested keep ratio of all parameters (the
-paper's budget; the `quick` recipe's learning rates) → fine-tune the dense pruned model → compare
+paper's budget; the `quick` recipe) → fine-tune the dense pruned model — `p3bkit train`, `prune`
+and `finetune` with their defaults, through the same library calls → compare
 accuracy, parameters, FLOPs and CPU latency → export the pruned model (ONNX, OpenVINO where
 installed), in fp32 and INT8 behind the accuracy gate, and time it against the dense model on every
 CPU runtime here, interleaved in one process (`p3bkit bench --dense-baselines`).
@@ -9,7 +10,6 @@ CPU runtime here, interleaved in one process (`p3bkit bench --dense-baselines`).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,18 +19,16 @@ from p3bkit.backends.registry import FP32, INT8
 from p3bkit.data import load_data
 from p3bkit.errors import P3BError
 from p3bkit.fileio import check_output_folder, folder_lock, write_json_atomic
-from p3bkit.models import load, save
-from p3bkit.models.factory import create_model, load_weights
+from p3bkit.models import load
 from p3bkit.models.report import describe
 from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
-from p3bkit.prune.recipes import RECIPES
-from p3bkit.train.dist import DistContext
-from p3bkit.train.fit import FitConfig, evaluate, fit, seed_everything
-from p3bkit.train.run import Checkpoints
+from p3bkit.prune.recipes import resolve_recipe
+from p3bkit.train.fit import evaluate
+from p3bkit.train.jobs import run_finetune, run_train
 
-DEMO_FILES = ("dense.safetensors", "dense_checkpoint.pt", "finetune_checkpoint.pt", "prune", "pruned", "summary.json",
-              "table.md", "dense", "export", "speed.json", "latency.json")  # what a demo writes
+DEMO_FILES = ("dense", "prune", "pruned", "summary.json", "table.md", "export", "speed.json", "latency.json",
+              "dense.safetensors", "dense_checkpoint.pt", "finetune_checkpoint.pt")  # what a demo writes (and wrote)
 
 
 def cpu_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], runs: int = 200) -> float:
@@ -43,16 +41,6 @@ def cpu_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], runs: int = 2
     with tempfile.TemporaryDirectory(prefix="p3bkit-demo-") as tmp:
         timed = get_backend("torch").time_module(model.eval(), torch.randn(1, *shape), Path(tmp), whole=False)
         return median_ms(timed, runs)
-
-
-def _save_weights_atomic(model: torch.nn.Module, path: Path) -> None:
-    """The dense model's weights as safetensors, written to a temp file and renamed: a demo killed
-    while writing resumes from the previous stage, never from half a file."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
 
 
 def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: tuple[int, int, int] = (1, 6, 6),
@@ -78,36 +66,30 @@ def run_demo(out: str, keep: float = 0.5, dense_epochs: int = 30, prune_epochs: 
 def _run_demo(out_dir: Path, keep: float, dense_epochs: int, prune_epochs: tuple[int, int, int], finetune_epochs: int,
               seed: int, progress: bool, resume: bool, speed_runs: int, target_speedup: float | None,
               table_settings: dict | None) -> dict:
+    """`p3bkit train` → `prune` → `finetune` with their defaults (the library calls behind them), into
+    out/dense, out/prune and out/pruned; then compare, export and time. Each stage is a run folder of
+    its own: `resume` skips a finished one and continues an interrupted one from its checkpoint."""
     t0 = time.time()
     data = load_data("digits")
-    settings = {"keep": keep, "dense_epochs": dense_epochs, "prune_epochs": list(prune_epochs),
-                "finetune_epochs": finetune_epochs, "seed": seed, "target_speedup": target_speedup}
-    seed_everything(seed)  # the dense model's initialisation too: the demo reproduces run to run
-    dense = create_model("digits-vit")
-    ckpt = out_dir / "dense.safetensors"
-    ctx = DistContext()
-    if resume and ckpt.is_file():
-        load_weights(dense, ckpt)
-    else:
-        fit(dense, data, FitConfig(epochs=dense_epochs, lr=2e-3, seed=seed, progress=progress), desc="dense",
-            checkpoints=Checkpoints(out_dir / "dense_checkpoint.pt", settings, ctx), resume=resume)
-        _save_weights_atomic(dense, ckpt)
-        (out_dir / "dense_checkpoint.pt").unlink(missing_ok=True)
+    dense_dir, pruned_dir = out_dir / "dense", out_dir / "pruned"
+    if not (resume and (dense_dir / "train.json").is_file()):  # the demo's own run folders: force
+        run_train("digits-vit", str(dense_dir), epochs=dense_epochs, seed=seed, progress=progress, force=True,
+                  resume=resume)
     table = _latency_table(out_dir, resume, progress, table_settings or {}) if target_speedup else None
-    job = PruneJob(out=str(out_dir / "prune"), model="digits-vit", weights=str(ckpt), epochs=prune_epochs,
+    r = resolve_recipe("quick", epochs=prune_epochs)
+    job = PruneJob(out=str(out_dir / "prune"), model=str(dense_dir), epochs=r["epochs"], batch_size=r["batch_size"],
                    seed=seed, progress=progress, latency_table=table, target_speedup=target_speedup,
-                   p3b=P3BConfig(keep=keep, update_every=5, lr_model=RECIPES["quick"].lr, lr_bpi=RECIPES["quick"].lr_bpi))
+                   p3b=P3BConfig(keep=keep, update_every=r["update_every"], tau=r["tau"], lr_model=r["lr"],
+                                 lr_bpi=r["lr_bpi"]))
     done = out_dir / "prune" / "summary.json"
     if resume and done.is_file():
         prune_summary = json.loads(done.read_text())
-    else:  # out/prune is the demo's own run folder
+    else:
         prune_summary = run_prune(job, resume=resume, force=True)
-    pruned = load(out_dir / "prune" / "pruned")
-    fit(pruned, data, FitConfig(epochs=finetune_epochs, lr=5e-4, warmup_epochs=0, seed=seed, progress=progress),
-        desc="finetune", checkpoints=Checkpoints(out_dir / "finetune_checkpoint.pt", settings, ctx), resume=resume)
-    save(pruned, out_dir / "pruned", overwrite=True)  # the demo's own folder
-    (out_dir / "finetune_checkpoint.pt").unlink(missing_ok=True)
-    save(dense, out_dir / "dense", overwrite=True)
+    if not (resume and (pruned_dir / "finetune.json").is_file()):
+        run_finetune(str(out_dir / "prune" / "pruned"), str(pruned_dir), epochs=finetune_epochs, seed=seed,
+                     progress=progress, force=True, resume=resume)
+    dense, pruned = load(dense_dir), load(pruned_dir)
     speed = speed_table(out_dir, speed_runs) if speed_runs else None
     return _compare(out_dir, keep, dense, pruned, prune_summary, data, time.time() - t0, speed)
 
