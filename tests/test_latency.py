@@ -516,22 +516,28 @@ def test_speed_checks_resume_with_the_corrected_target(tmp_path, monkeypatch):
     assert (tmp_path / "cut" / "pruned" / "arch.json").read_text() == (tmp_path / "whole" / "pruned" / "arch.json").read_text()
 
 
-def test_a_plan_faster_than_its_target_does_not_loosen_it(tmp_path, monkeypatch):
-    """A runtime exactly as the table predicts, and a planned architecture faster than the latency
-    target (a parameter budget bound it): the check leaves the target at the asked speedup; scaling
-    the target instead of the plan's prediction would loosen it by the plan's margin."""
+def _checks_and_plan(tmp_path, low: float, high: float, seed: int):
+    """Speed checks on the priced digits table asking 2×, and a random plan whose predicted time lies
+    in (low, high) × the asked ms: (checks, table, plan, asked ms)."""
     from p3bkit.latency.measure import random_layers
     from p3bkit.models.factory import create_model
     from p3bkit.prune.speed import SpeedChecks
 
     gated, dims = _gated_digits()
     table = LatencyTable.load(_priced_table(tmp_path / "priced.json", dims))
-    _slower_runtime(monkeypatch, table, 1.0)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     asked = table.dense_ms / 2
-    layers = next(a for a in (random_layers(gated.spec, rng, heads=True) for _ in range(200))
-                  if 0.7 * asked < table.predict(a) < 0.8 * asked)
-    checks = SpeedChecks(create_model("digits-vit"), table, asked, rounds=3)
+    plan = next(a for a in (random_layers(gated.spec, rng, heads=True) for _ in range(200))
+                if low * asked < table.predict(a) < high * asked)
+    return SpeedChecks(create_model("digits-vit"), table, asked, rounds=3), table, plan, asked
+
+
+def test_a_plan_faster_than_its_target_does_not_loosen_it(tmp_path, monkeypatch):
+    """A runtime exactly as the table predicts, and a planned architecture faster than the latency
+    target (a parameter budget bound it): the check leaves the target at the asked speedup; scaling
+    the target instead of the plan's prediction would loosen it by the plan's margin."""
+    checks, table, layers, asked = _checks_and_plan(tmp_path, 0.7, 0.8, 0)
+    _slower_runtime(monkeypatch, table, 1.0)
     row = checks.check(layers, asked)
     assert row["measured_speedup"] > 2 / 0.8
     assert row["target_ms_after"] == pytest.approx(asked)
@@ -541,23 +547,14 @@ def test_speed_checks_average_the_runtime_over_table_ratio(tmp_path, monkeypatch
     """Two checks that measure the runtime at 0.9× and 1.1× the table's speedup (noise around an
     exact table): the second sets the target back to the asked speedup instead of chasing 1.1×."""
     import p3bkit.latency.measure as measure
-    from p3bkit.latency.measure import random_layers
-    from p3bkit.models.factory import create_model
-    from p3bkit.prune.speed import SpeedChecks
 
-    gated, dims = _gated_digits()
-    table = LatencyTable.load(_priced_table(tmp_path / "priced.json", dims))
+    checks, table, plan, asked = _checks_and_plan(tmp_path, 0.9, 1.1, 2)
     ratios = iter([0.9, 1.1])
 
     def runtime(model, tab, archs, runs=50):
         r = next(ratios)
         return tab.dense_ms, [tab.predict(a) / r for a in archs]
     monkeypatch.setattr(measure, "time_beside_dense", runtime)
-    rng = np.random.default_rng(2)
-    asked = table.dense_ms / 2
-    plan = next(a for a in (random_layers(gated.spec, rng, heads=True) for _ in range(200))
-                if 0.9 * asked < table.predict(a) < 1.1 * asked)
-    checks = SpeedChecks(create_model("digits-vit"), table, asked, rounds=3)
     first = checks.check(plan, asked)
     assert first["target_ms_after"] == pytest.approx(asked * 0.9) and first["runtime_over_table"] == pytest.approx(0.9)
     second = checks.check(plan, first["target_ms_after"])
