@@ -1,9 +1,10 @@
 # `make demo`: set up and run the main job on the embedded digits data set.
 # `make test`: set up, check the import layering (import-linter contracts in pyproject.toml) and lint (ruff: import order, unused
-#              imports, undefined names, syntax; package, benchmarks and tests), run the fast suite
-#              (unit and CLI tests on tiny models, about a minute on 2 cores: the loop while changing code).
+#              imports, undefined names, syntax; package, benchmarks and tests), type-check (mypy: the modules
+#              [tool.mypy] lists), run the fast suite
+#              (unit and CLI tests on tiny models, about 2 minutes on 2 cores: the loop while changing code).
 # `make test-all`: the same checks and every test, the slow ones too (demo, torchrun, signals, exports to every
-#              runtime, DeiT-S sized runs; about 10 minutes on 2 cores): what CI runs (bash .ci/run).
+#              runtime, DeiT-S sized runs; about 14 minutes on 2 cores): what CI runs (bash .ci/run).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,6 +23,7 @@ demo: setup
 lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/ruff check p3bkit benchmarks tests
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest

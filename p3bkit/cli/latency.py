@@ -46,7 +46,7 @@ def latency_table(model, backend, device, batch, threads, head_dim_step, hidden_
 
         e = np.abs(np.asarray(errors)) * 100
         click.echo(f"prediction error on {len(e)} random pruned models: median {np.median(e):.1f}%, max {e.max():.1f}%")
-        if table.check_error > MAX_CHECK_ERROR:
+        if (table.check_error or 0.0) > MAX_CHECK_ERROR:
             click.echo(f"warning: a median prediction error of {np.median(e):.1f}% (> {100 * MAX_CHECK_ERROR:.0f}%) "
                        "makes latency budgets from this table unreliable: measure it again on an idle machine with "
                        "more --runs and --calibration; prune refuses it unless given --accept-table-error", err=True)

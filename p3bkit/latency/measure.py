@@ -17,7 +17,7 @@ import copy
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class TableConfig:
 class BranchChain(nn.Module):
     """`x + f(norm(x))` repeated over `fns`: the residual branches of a pruned block, isolated."""
 
-    def __init__(self, fns: list[nn.Module], dim: int) -> None:
+    def __init__(self, fns: Sequence[nn.Module], dim: int) -> None:
         super().__init__()
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in fns)
         self.fns = nn.ModuleList(fns)
@@ -149,7 +149,7 @@ def time_branch_grid(model: nn.Module, cfg: TableConfig) -> dict:
         "hidden": hidden, "mlp_ms": [values[("mlp", 0, k)] for k in hidden]}}
 
 
-def time_whole_models(model: nn.Module, cfg: TableConfig, archs: list[list[dict] | None],
+def time_whole_models(model: nn.Module, cfg: TableConfig, archs: Sequence[list[dict] | None],
                       against_first: bool = False) -> list[float]:
     """Median ms of whole models exported like `p3bkit export`: `model` itself for None, else
     `model` pruned to the given layers ([] = every branch removed); `against_first`: each timed by
@@ -158,7 +158,8 @@ def time_whole_models(model: nn.Module, cfg: TableConfig, archs: list[list[dict]
     from p3bkit.models.arch import PrunedArch, apply_arch
 
     spec = inspect_vit(model)
-    image = torch.randn(cfg.batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    embed: Any = model.patch_embed  # a timm PatchEmbed (inspect_vit checked)
+    image = torch.randn(cfg.batch, embed.proj.in_channels, *embed.img_size)
     with torch_threads(cfg.threads), tempfile.TemporaryDirectory(prefix="p3bkit-lut-whole-") as tmp:
         timed = []
         for layers in progress_bar(archs, desc="whole models", enabled=cfg.progress):
@@ -166,7 +167,8 @@ def time_whole_models(model: nn.Module, cfg: TableConfig, archs: list[list[dict]
                 m = model
             else:
                 layers = layers or [{"attn": None, "mlp": None} for _ in range(spec.depth)]
-                m = apply_arch(copy.deepcopy(model), PrunedArch(source=None, layers=layers, structure="inner"), spec)
+                arch = PrunedArch(source=None, layers=layers, structure="inner")  # type: ignore[arg-type]  # layers only
+                m = apply_arch(copy.deepcopy(model), arch, spec)
             timed.append(time_module(m, image, cfg, Path(tmp), whole=True))
         if against_first:
             return time_against_first(timed, cfg.runs)
