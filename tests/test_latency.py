@@ -261,6 +261,8 @@ def test_demo_with_a_latency_budget(latency_demo):
     (["latency-table", "digits-vit", "--backend", "tensorrt", "-o", "{tmp}/t.json"], 1, "GPU"),
     (["latency-table", "resnet18", "-o", "{tmp}/t.json"], 1, "not a timm VisionTransformer"),
     (["bench", "digits-vit", "--latency-table", "{tmp}/junk.json", "--runs", "2"], 1, "not a p3bkit latency table"),
+    (["prune", "--target-speedup", "2", "--latency-table", "{tmp}/junk.json", "--speed-checks", "-1", "-o", "{tmp}/t.json"],
+     2, "'--speed-checks'"),
 ])
 def test_latency_bad_inputs(args, code, msg, tmp_path):
     (tmp_path / "junk.json").write_text("[]")
