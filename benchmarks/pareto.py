@@ -20,7 +20,9 @@ dense digits-vit trained by `p3bkit train` (30 epochs), and:
 
 Every model is fine-tuned like `p3bkit finetune` with its defaults (the Torch-Pruning ones through
 `p3bkit.train.fit` with the same recipe, epochs and stochastic depth); `p3b-kd` is the `p3b` model
-fine-tuned with `--teacher auto` instead (what distilling from the dense model adds). Every model
+fine-tuned with `--teacher auto` instead (what distilling from the dense model adds); `p3b-pkd` is
+`p3bkit prune --teacher auto` (distilling from the dense model while pruning), fine-tuned without a
+teacher, and `p3b-pkd-kd` the same pruned model fine-tuned with `--teacher auto`. Every model
 of a seed is exported like `p3bkit export` to OpenVINO and timed with the dense one, interleaved
 in one process (fp32, batch 1). Methods are compared at equal *measured* speedup: each method's
 mean top-1 is interpolated along its own front.
@@ -28,6 +30,8 @@ mean top-1 is interpolated along its own front.
     pip install -e '.[compare]'   # the peer: torch-pruning
     python benchmarks/pareto.py --seeds 0 1 2 --threads 2      # ~30 min on 2 cores
     python benchmarks/pareto.py --data mnist5k --per-class 200 --seeds 0 1 2 --no-kd --threads 2
+    python benchmarks/pareto.py --methods p3b p3b-pkd --keeps 0.25 0.1 --speedups --seeds 0 1 2 3 4 \
+        --name kd_digits --threads 2                             # what the teacher adds, ~25 min
     python benchmarks/pareto.py --report                         # re-render md/png from the json
 Writes benchmarks/results/pareto_<data>.{json,md,png}.
 """
@@ -53,10 +57,12 @@ def augment_of(data_ref: str) -> str:
     """The --augment every command gets: the default for digits; none for the MNIST folder
     (handwritten digits are not mirror-symmetric, and the from-scratch default flips)."""
     return "auto" if data_ref == "digits" else "none"
-P3BKIT_METHODS = {"p3b": [], "global-magnitude": ["--allocation", "global-magnitude"],
+P3BKIT_METHODS = {"p3b": [], "p3b-pkd": ["--teacher", "auto"], "global-magnitude": ["--allocation", "global-magnitude"],
                   "uniform": ["--allocation", "uniform"]}
 TP_METHODS = ("tp-taylor", "tp-magnitude")
-METHODS = ("p3b-speedup", "p3b", "p3b-kd", "global-magnitude", "uniform", *TP_METHODS)
+TEACHER_VARIANTS = ("p3b-kd", "p3b-pkd", "p3b-pkd-kd")  # the p3b models with a teacher: compared with p3b, not on the front
+METHODS = ("p3b-speedup", "p3b", *TEACHER_VARIANTS, "global-magnitude", "uniform", *TP_METHODS)
+FINETUNED_WITH_TEACHER = {"p3b": "p3b-kd", "p3b-pkd": "p3b-pkd-kd"}
 
 
 def cli(args: list) -> str:
@@ -155,7 +161,8 @@ def p3bkit_point(method: str, point: str, budget: list, dense_dir: Path, seed: i
     cli(["prune", "--model", dense_dir, "--data", data_ref, "--augment", augment_of(data_ref), *budget, *flags, "--seed", seed, "--no-progress", "-o", run])
     s = json.loads((run / "summary.json").read_text())
     rows = []
-    variants = [(method, [])] + ([("p3b-kd", ["--teacher", "auto"])] if method == "p3b" and kd else [])
+    variants = [(method, [])] + ([(FINETUNED_WITH_TEACHER[method], ["--teacher", "auto"])]
+                                 if method in FINETUNED_WITH_TEACHER and kd else [])
     for name, extra in variants:
         out = work / f"{name}_{point}_{seed}_ft"
         cli(["finetune", run / "pruned", "--data", data_ref, "--augment", augment_of(data_ref), "--epochs", epochs[1], "--seed", seed, *extra,
@@ -167,8 +174,9 @@ def p3bkit_point(method: str, point: str, budget: list, dense_dir: Path, seed: i
 
 
 def run_seed(seed: int, keeps: list[float], speedups: list[float], table: Path | None, work: Path,
-             epochs: tuple[int, int], data_ref: str = "digits", kd: bool = True) -> tuple[list[dict], dict]:
-    """Every method at every budget for one seed: rows (accuracy, params) and the models to time."""
+             epochs: tuple[int, int], data_ref: str = "digits", kd: bool = True,
+             methods: tuple[str, ...] = METHODS) -> tuple[list[dict], dict]:
+    """Every method (of `methods`) at every budget for one seed: rows (accuracy, params) and the models to time."""
     import p3bkit
     from p3bkit.data import load_data, load_data_for
     from p3bkit.train.fit import evaluate
@@ -189,11 +197,11 @@ def run_seed(seed: int, keeps: list[float], speedups: list[float], table: Path |
         models[f"p3b-speedup_{point}"] = p3bkit.load(folder)
     for keep in keeps:
         point = f"{keep:g}"
-        for method, flags in P3BKIT_METHODS.items():
+        for method, flags in ((m, f) for m, f in P3BKIT_METHODS.items() if m in methods):
             got, folder = p3bkit_point(method, point, ["--keep", keep], dense_dir, seed, work, epochs, flags, data_ref, kd)
             rows += got
             models[f"{method}_{point}"] = p3bkit.load(folder)
-        for method in TP_METHODS:
+        for method in (m for m in TP_METHODS if m in methods):
             model = tp_at_budget(dense, keep, method.split("-")[1], data)
             pruned_acc = evaluate(model, data.val)
             top1 = finetune_like_p3bkit(model, None, seed, epochs[1], data_ref)
@@ -260,8 +268,11 @@ def report(meta: dict) -> str:
              "others by the fraction of all parameters kept; speedup = the seed's dense time / the model's, timed "
              f"interleaved in one process; top-1 on the {meta.get('val_images', 360)} validation images after `p3bkit finetune` with its "
              "defaults (finetune recipe, stochastic depth 0.1, no teacher) for every method"
-             + ("; `p3b-kd`: the `p3b` models fine-tuned with `--teacher auto` (the dense model, w 0.5, T 1).\n"
-                if any(r["method"] == "p3b-kd" for r in rows) else ".\n"),
+             + ("; `p3b-kd`: the `p3b` models fine-tuned with `--teacher auto` (the dense model, w 0.5, T 1)"
+                if any(r["method"] == "p3b-kd" for r in rows) else "")
+             + ("; `p3b-pkd`: pruned with `--teacher auto` (distilling from the dense model while pruning, w 0.5, "
+                "T 1), `p3b-pkd-kd` that model fine-tuned with `--teacher auto` too"
+                if any(r["method"] == "p3b-pkd" for r in rows) else "") + ".\n",
              "| method | budget | params | speedup (OpenVINO) | top-1 after prune | top-1 after fine-tune |",
              "|---|---|---|---|---|---|"]
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
@@ -270,7 +281,7 @@ def report(meta: dict) -> str:
             f = lambda k: f"{statistics.mean(r[k] for r in sel):.2f} ± {statistics.pstdev(r[k] for r in sel):.2f}"  # noqa: E731
             lines.append(f"| {method} | {label(point)} | {statistics.mean(r['params'] for r in sel):,.0f} | "
                          f"{statistics.mean(r['speedup'] for r in sel):.2f}× | {f('top1_pruned')} | {f('top1')} |")
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows) and m != "p3b-kd"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows) and m not in TEACHER_VARIANTS]
     points = [s for s in (1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0) if any(at_speedup(rows, m, s) is not None for m in methods)]
     lines += ["", "Mean top-1 at equal measured speedup (interpolated along each method's front; – outside it; "
               "P3B = `p3b-speedup`, the latency budget):", "",
@@ -281,15 +292,20 @@ def report(meta: dict) -> str:
         p3b = vals.get("p3b-speedup")
         best = "–" if p3b is None or not known else ("yes" if p3b >= max(known.values()) - 1e-9 else "no")
         lines.append(f"| {s:g}× | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals.values()) + f" | {best} |")
-    if not any(r["method"] == "p3b-kd" for r in rows):
+    variants = [v for v in TEACHER_VARIANTS if any(r["method"] == v for r in rows)]
+    if not variants:
         return "\n".join(lines) + "\n"
-    lines += ["", "What the teacher adds (the same P3B models, paired per seed; points of top-1):", "",
-              "| budget | p3b-kd − p3b | per seed |", "|---|---|---|"]
+    lines += ["", "What the teacher adds (P3B at the same budget and seed, paired; points of top-1 after fine-tune; "
+              "wins = seeds where the variant is above `p3b`, ties = equal):", "",
+              "| budget | variant | mean − p3b | wins / ties / seeds | per seed |", "|---|---|---|---|---|"]
     for point in points_of(rows, "p3b"):
         by = {(r["method"], r["seed"]): r["top1"] for r in rows if r["point"] == point}
-        d = [by[("p3b-kd", s)] - by[("p3b", s)] for (m, s) in by if m == "p3b" and ("p3b-kd", s) in by]
-        if d:
-            lines.append(f"| {label(point)} | {statistics.mean(d):+.2f} | {' '.join(f'{x:+.1f}' for x in d)} |")
+        for v in variants:
+            d = [by[(v, s)] - by[("p3b", s)] for (m, s) in by if m == "p3b" and (v, s) in by]
+            if d:
+                mean = round(statistics.mean(d), 2) + 0.0  # no "-0.00"
+                lines.append(f"| {label(point)} | {v} | {mean:+.2f} | {sum(x > 0 for x in d)} / "
+                             f"{sum(x == 0 for x in d)} / {len(d)} | {' '.join(f'{x:+.1f}' for x in d)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +320,7 @@ def plot(meta: dict, path: Path) -> None:
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         pts = front(rows, method)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=method, ls="--" if method == "p3b-kd" else "-", lw=2.5 if method == "p3b-speedup" else 1.5)
+                    label=method, ls="--" if method in TEACHER_VARIANTS else "-", lw=2.5 if method == "p3b-speedup" else 1.5)
     dense = statistics.mean(r["top1"] for r in rows if r["method"] == "dense")
     ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
     ax.set_xlabel("measured speedup over dense (OpenVINO, fp32, batch 1)")
@@ -338,6 +354,10 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=500, help="mnist5k: images of each digit used (≤ 500)")
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True,
                     help="also fine-tune the p3b models with the dense teacher (p3b-kd)")
+    ap.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m not in ("p3b-kd", "p3b-pkd-kd")],
+                    default=[m for m in METHODS if m not in TEACHER_VARIANTS],
+                    help="methods to run (p3b-speedup runs when --speedups names any); --kd adds each p3b model "
+                         "fine-tuned with the teacher")
     ap.add_argument("--name", help="results name (default: pareto_<data>)")
     ap.add_argument("--machine", help="recorded with the results (default: the CPU and core count read here)")
     ap.add_argument("--report", action="store_true", help="only re-render the md/png from the json")
@@ -358,7 +378,8 @@ def main() -> None:
     meta = {"command": f"python benchmarks/pareto.py --data {args.data}{per_class} --seeds {' '.join(map(str, args.seeds))} --keeps "
                        f"{' '.join(map(str, args.keeps))} --speedups {' '.join(map(str, args.speedups))} "
                        f"--epochs {' '.join(map(str, args.epochs))} --threads {args.threads} "
-                       f"--runs {args.runs}{'' if args.kd else ' --no-kd'}",
+                       f"--runs {args.runs}{'' if args.kd else ' --no-kd'}"
+                       + (f" --methods {' '.join(args.methods)} --name {args.name}" if args.methods != ap.get_default("methods") else ""),
             "machine": args.machine, "rows": [], "dense_ms": {}, "data": args.data}
     with tempfile.TemporaryDirectory(prefix="p3bkit-pareto-") as tmp:
         work = Path(tmp)
@@ -371,7 +392,8 @@ def main() -> None:
                  "--no-progress", "-o", table])
             meta["table_check_error"] = json.loads(table.read_text())["protocol"]["check"]["median_abs_error"]
         for seed in args.seeds:
-            rows, models = run_seed(seed, args.keeps, args.speedups, table, work, tuple(args.epochs), data_ref, args.kd)
+            rows, models = run_seed(seed, args.keeps, args.speedups, table, work, tuple(args.epochs), data_ref, args.kd,
+                                    tuple(args.methods))
             ms = time_models(models, args.threads, args.runs, work)
             meta["dense_ms"][str(seed)] = ms["dense"]
             for r in rows:

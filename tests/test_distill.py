@@ -184,3 +184,88 @@ def test_a_fresh_prune_from_scratch_replaces_the_earlier_runs_teacher(run_dir, t
     assert res.exit_code == 0, res.output
     origin = json.loads((again / "pruned" / "teacher.json").read_text())
     assert origin["dense"] is None and "randomly initialised" in origin["why"]
+
+
+# ---- prune --teacher: distilling while pruning ----------------------------------------------------
+
+def test_prune_distils_from_the_model_it_starts_from(dense_weights, run_dir, tmp_path):
+    """`prune --teacher auto` from a weights file: the record names it, and the loss it trains on is
+    not the label loss alone (the same seed without a teacher, `run_dir`, logs other losses)."""
+    res = _invoke([*PRUNE, "--weights", dense_weights, "--teacher", "auto", "--kd-weight", "0.7", "-o", tmp_path / "p"])
+    assert res.exit_code == 0, res.output
+    assert "distilling from the dense model while pruning (weight 0.7, temperature 1)" in res.output
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["distillation"] == {
+        "teacher": {"model": "digits-vit", "model_kwargs": {}, "pretrained": False, "pretrained_file": None,
+                    "weights": str(dense_weights.resolve()), "from": "auto"},
+        "kd_weight": 0.7, "kd_temperature": 1.0}
+    assert json.loads((run_dir / "summary.json").read_text())["distillation"] == {"teacher": None}
+
+    def losses(folder):
+        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in log if r["type"] == "mask_update"]
+
+    taught, plain = losses(tmp_path / "p"), losses(run_dir)
+    assert len(taught) == len(plain) and all(not math.isclose(a, b, rel_tol=1e-3) for a, b in zip(taught, plain))
+
+
+def test_prune_from_random_weights_runs_without_a_teacher_and_says_why(tmp_path):
+    res = _invoke([*PRUNE, "--teacher", "auto", "-o", tmp_path / "p"])
+    assert res.exit_code == 0, res.output
+    assert "note: pruning without a teacher: the model has randomly initialised weights" in res.output
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["distillation"] == {"teacher": None}
+
+
+def test_prune_with_a_bad_teacher_is_one_line_and_writes_nothing(dense_weights, run_dir, tmp_path):
+    from p3bkit.models import save
+    from p3bkit.models.factory import create_model
+
+    save(create_model("digits-vit", embed_dim=32), tmp_path / "narrow")
+    for teacher, msg in ((tmp_path / "nowhere", "no such file or folder"),
+                         (tmp_path / "narrow", "not a dense model of the pruned model's architecture (embed_dim 32 vs 64"),
+                         (_weights_of(tmp_path / "wide.safetensors", embed_dim=96), "does not fit the model"),
+                         (run_dir / "pruned", "is a pruned model; a teacher is a dense one")):
+        res = _invoke([*PRUNE, "--weights", dense_weights, "--teacher", teacher, "-o", tmp_path / "p"])
+        assert res.exit_code == 1 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+        assert not (tmp_path / "p").exists()
+
+
+def test_soft_targets_enter_the_pruning_loss():
+    """With w = 1 the loss is the distillation term alone: zero against the model's own logits,
+    positive against another model's."""
+    from helpers import tiny_model
+
+    import p3bkit
+    from p3bkit.prune.config import P3BConfig
+    from p3bkit.prune.pruner import P3BPruner, SoftTargets
+    from p3bkit.prune.schedule import Schedule
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 7, (16,))
+    losses = []
+    for teacher in (None, tiny_model(seed=1)):
+        pr = P3BPruner(p3bkit.add_gates(tiny_model()), P3BConfig(keep=0.5, update_every=1), Schedule(0, 4, 4))
+        with torch.no_grad():
+            logits = (teacher.eval() if teacher is not None else pr.gated)(x)
+        losses.append(pr.train_step(x, y, soft=SoftTargets(logits, 1.0, 1.0))["loss"])
+    assert losses[0] == pytest.approx(0.0, abs=1e-5) and losses[1] > 1e-3
+
+
+@pytest.mark.slow
+def test_prune_resumes_with_its_teacher_and_refuses_other_kd_settings(dense_weights, tmp_path):
+    from p3bkit.errors import P3BError
+    from p3bkit.prune.config import P3BConfig
+    from p3bkit.prune.job import PruneJob, run_prune
+
+    def job(**kw):
+        settings = {"out": str(tmp_path / "p"), "teacher": "auto", **kw}
+        return PruneJob(weights=str(dense_weights), epochs=(0, 1, 1), progress=False,
+                        p3b=P3BConfig(keep=0.5, update_every=5), **settings)
+
+    assert run_prune(job(stop_after_epoch=1)) == {"stopped_after_epoch": 1}
+    with pytest.raises(P3BError, match="other settings"):
+        run_prune(job(teacher="none"), resume=True)
+    resumed = run_prune(job(), resume=True)
+    full = run_prune(job(out=str(tmp_path / "q")))
+    assert resumed["kappa"] == pytest.approx(full["kappa"]) and resumed["val_acc_pruned"] == full["val_acc_pruned"]
+    assert resumed["distillation"]["teacher"]["from"] == "auto"

@@ -12,6 +12,7 @@ from p3bkit.cli.options import (
     augment_option,
     boundary,
     data_option,
+    distill_options,
     model_options,
     parse_model_kwargs,
     workers_option,
@@ -95,6 +96,7 @@ JOB, P3B = PruneJob, P3BConfig
 @click.option("--distill-teacher", help="Teacher model for the DeiT hard-distillation loss.")
 @click.option("--teacher-weights", "--teacher-checkpoint", "teacher_weights", type=click.Path(dir_okay=False),
               help="Local weights of the teacher (strict).")
+@distill_options("prune", JOB.teacher)
 @click.option("--device", type=DEVICE, default=JOB.device, show_default=True)
 @click.option("--bf16/--no-bf16", default=JOB.bf16, show_default=True, help="bf16 autocast.")
 @click.option("--seed", type=int, default=JOB.seed, show_default=True)

@@ -15,6 +15,7 @@ from p3bkit.cli.options import (
     train_recipe_options,
     workers_option,
 )
+from p3bkit.train.distill import NONE
 
 
 @click.command()
@@ -56,7 +57,7 @@ def train(**kw) -> None:
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @train_recipe_options
 @click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@distill_options
+@distill_options("finetune", NONE)
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @workers_option

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from p3bkit.train.distill import KD_TEMPERATURE, KD_WEIGHT, NONE
+
 # upstream defaults: favour keeping residual writes, prune MLP hidden units first
 GATE_FACTORS: dict[str, float] = {"in": 1.0, "heads": 1.0, "head_dim": 1.0, "out": 1.5, "hidden": 0.75}
 
@@ -82,6 +84,9 @@ class PruneJob:
     bf16: bool = False
     distill_teacher: str | None = None
     teacher_weights: str | None = None
+    teacher: str = NONE  # logit distillation while pruning (train.distill): auto (the starting model), none or a path
+    kd_weight: float = KD_WEIGHT
+    kd_temperature: float = KD_TEMPERATURE
     progress: bool = True
     keep_checkpoint: bool = False  # a finished run removes checkpoint.pt unless asked to keep it
     latency_table: str | None = None  # latency budget: the table (p3bkit latency-table) and p3b.target_ms …

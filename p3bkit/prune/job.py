@@ -134,6 +134,9 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     say = notes.append
     model = build_user_model(job.model, job.pretrained, job.pretrained_file, job.weights, job.model_kwargs, say)
     origin = dense_origin(model, job.model, job.model_kwargs, job.pretrained, job.pretrained_file, job.weights)
+    from p3bkit.train.distill import choose_prune_teacher
+
+    kd_teacher, distill = choose_prune_teacher(job.teacher, model, origin, job.kd_weight, job.kd_temperature, say)
     # what speed checks time pruned versions of (prune.speed), before gates go in
     dense = copy.deepcopy(model).eval() if job.latency_table is not None and job.speed_checks and ctx.main else None
     gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
@@ -149,6 +152,10 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     if getattr(model, "dist_token", None) is not None:
         model.set_distilled_training(True)
     teacher = _teacher(job, ctx.device)
+    if kd_teacher is not None:
+        kd_teacher.to(ctx.device)
+        say(f"distilling from the dense model while pruning (weight {job.kd_weight:g}, temperature "
+            f"{job.kd_temperature:g})")
     check_batch(data, job.batch_size, ctx.world, data.mixup is not None)
     spe = len(make_loader(data.train, job.batch_size // ctx.world, True, rank=ctx.rank, world=ctx.world))
     sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
@@ -171,11 +178,11 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
         checkpoints = Checkpoints(folder.path / CHECKPOINT, _settings(job), ctx, log)
         t0 = time.time()
         start = checkpoints.restore(_loader_of_state(pruner, checks)) if resuming else (0, 0)
-        loop = _epoch_loop(job, pruner, data, teacher, log, ctx, checks)
+        loop = _epoch_loop(job, pruner, data, (teacher, kd_teacher), log, ctx, checks)
         stopped = run_epochs(loop, ctx, checkpoints, start, job.stop_after_epoch)
         if stopped is not None:
             return {"stopped_after_epoch": stopped}
-        summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx, origin, checks)
+        summary = _finish(job, pruner, data, folder.path, time.time() - t0, ctx, origin, checks, distill)
         folder.finish(job.keep_checkpoint, ctx)
     return summary
 
@@ -217,11 +224,16 @@ def _speed_check(pruner: P3BPruner, checks: SpeedChecks, layers: list[dict], rec
                   if row["host_busy"] else ""))
 
 
-def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ctx: DistContext,
+def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teachers: tuple, log: RunLog, ctx: DistContext,
                 checks: SpeedChecks | None = None) -> EpochLoop:
-    """One P3B training step per batch; mask updates when due; an evaluation and a log record per epoch."""
+    """One P3B training step per batch; mask updates when due; an evaluation and a log record per epoch.
+    `teachers`: the DeiT hard-distillation teacher and the dense model distilled from (each or None)."""
     from p3bkit.data import make_loader
+    from p3bkit.models.outputs import logits_of
+    from p3bkit.prune.pruner import SoftTargets
     from p3bkit.train.fit import evaluate
+
+    teacher, kd_teacher = teachers
 
     dtype = torch.bfloat16 if job.bf16 else None
     total = sum(job.epochs)
@@ -237,7 +249,11 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ct
         if data.mixup is not None:  # the DeiT recipe in every training step (paper, Appendix C)
             x, y = data.mixup(x, y)
         t_labels = teacher(x).argmax(-1) if teacher is not None else None
-        stats = pruner.train_step(x, y, t_labels, dtype)
+        taught = None
+        if kd_teacher is not None:
+            with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                taught = SoftTargets(logits_of(kd_teacher(x)), job.kd_weight, job.kd_temperature)
+        stats = pruner.train_step(x, y, t_labels, dtype, taught)
         soft[epoch] = soft.get(epoch, 0) + int(stats.pop("soft_targets"))
         if pruner.due():
             all_reduce_sum_(pruner.accumulators(), ctx)  # every rank computes the same masks
@@ -270,7 +286,7 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teacher, log: RunLog, ct
 
 
 def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, ctx: DistContext,
-            origin: dict, checks: SpeedChecks | None = None) -> dict:
+            origin: dict, checks: SpeedChecks | None = None, distill: dict | None = None) -> dict:
     from p3bkit.fileio import write_json_atomic
     from p3bkit.models import save
     from p3bkit.models.teacher import write_origin
@@ -288,7 +304,8 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
     params = sum(p.numel() for p in pruned.parameters())
     nominal = pruner.total_keep_ratio()
     total = pruner.params.total_params
-    summary = {"job": asdict(job), "val_acc_masked": masked_acc, "val_acc_pruned": pruned_acc, "world": ctx.world,
+    summary = {"job": asdict(job), "distillation": distill or {"teacher": None},
+               "val_acc_masked": masked_acc, "val_acc_pruned": pruned_acc, "world": ctx.world,
                "train_images": len(data.train),
                "budget": job.p3b.budget, "keep_target": job.p3b.keep, "block_keep_target": pruner.budget_share,
                "params_dense": total, "params_kept": round(nominal * total),

@@ -9,6 +9,7 @@ accumulated Taylor scores into new soft masks. Masks are buffers: AdamW never se
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,14 @@ from p3bkit.prune.config import P3BConfig
 from p3bkit.prune.costs import LatencyCosts, ParameterCosts
 from p3bkit.prune.masks import soft_mask_values, threshold_count
 from p3bkit.prune.schedule import Schedule
+
+
+class SoftTargets(NamedTuple):
+    """A dense teacher's logits for this batch, and the distillation term's weight w and temperature T."""
+
+    logits: torch.Tensor
+    weight: float
+    temperature: float
 
 
 class P3BPruner(nn.Module):
@@ -85,10 +94,13 @@ class P3BPruner(nn.Module):
     # ---- training ------------------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None,
-                   autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                   autocast_dtype: torch.dtype | None = None, soft: SoftTargets | None = None) -> dict[str, float]:
         """Forward, backward (model + BPI), optimizer step; accumulates ΔΨ and Taylor scores.
 
         `y` is class indices or, with Mixup/CutMix, soft targets (B, K); the losses take both.
+        `teacher`: the hard-distillation labels of a DeiT distillation token; `soft`: a dense
+        teacher's logits, distilled into the model's loss (`train.fit.distillation_loss`) — the
+        indicators keep the labels alone: ΔΨ measures class discrimination, not agreement.
         Accumulation restarts when warm-up ends, so the first mask update averages pruning-time
         steps only (the BPI heads are still untrained during warm-up). The indicators see the
         first `cfg.bpi_fraction` of the (shuffled) batch: their patch heads, a ResNet block over the
@@ -100,6 +112,10 @@ class P3BPruner(nn.Module):
                 out = self._fwd["model"](x)
                 cls, dist = (out if isinstance(out, tuple) else (out, None))
                 loss = self.criterion(cls, dist, y, teacher)
+                if soft is not None:
+                    from p3bkit.train.fit import distillation_loss
+
+                    loss = distillation_loss(cls, soft.logits, loss, soft.weight, soft.temperature)
                 m = indicator_images(len(x), self.cfg.bpi_fraction)  # the batch is shuffled: its first m images
                 states = [s[:m] for s in recorder.take()]
                 bpi_loss, d_c, d_p = self._fwd["bpi"](states, y[:m], self.criterion,

@@ -1,10 +1,16 @@
-"""`finetune --teacher`: recovery with the dense model a pruned folder was cut from (logit distillation).
+"""`finetune --teacher` and `prune --teacher`: learning from the dense model (logit distillation).
+
+`finetune` recovers from the dense model a pruned folder was cut from; `prune` can distil, while it
+prunes, from the model it starts from (a frozen copy taken before any gate goes in).
 
 The loss (Hinton et al. 2015, `fit.distillation_loss`) is (1 − w)·CE(student, y) +
 w·T²·KL(softmax(teacher/T) ‖ softmax(student/T)). `finetune` runs without a teacher unless asked
 (`--teacher auto|PATH`): on digits, 3 paired seeds at 50 / 75 / 90 / 95% pruned, the teacher moved
 top-1 by −0.3 to +0.2 points, within the seeds' spread, for one more forward per step
-(benchmarks/pareto.py). The weight and temperature:
+(benchmarks/pareto.py). `prune` runs without one unless asked too: distilling while pruning, 5
+paired seeds at 75 / 90% pruned, moved top-1 after fine-tuning by +0.00 / +0.06 points (with the
+fine-tune teacher as well +0.00 / +0.17) for a teacher forward per step (benchmarks/pareto.py
+`--name kd_digits`). The weight and temperature:
 
 - `KD_TEMPERATURE = 1`: the teacher is the very model the student was pruned from, so its output
   distribution is the function to recover, not a different model's "dark knowledge" to soften
@@ -70,6 +76,34 @@ def choose_teacher(choice: str, pruned: str, weight: float, temperature: float,
         say(f"note: fine-tuning without a teacher: the dense model {pruned} was pruned from cannot be rebuilt here "
             f"({first_line(exc)})")
         return None, {"teacher": None}
+
+
+def choose_prune_teacher(choice: str, model: nn.Module, origin: dict, weight: float, temperature: float,
+                         say: Callable[[str], None]) -> tuple[nn.Module | None, dict]:
+    """The teacher `prune` distils from while it prunes, and its record (for summary.json and the
+    checkpoint's settings). `choice`: `auto` (a frozen copy of `model`, the dense model as loaded,
+    when weights were loaded into it: `origin` is its `teacher.json`; otherwise none, said through
+    `say`), `none`, or a dense model folder or weights file of `model`'s architecture."""
+    import copy
+
+    from p3bkit.models.source import infer_source
+    from p3bkit.models.teacher import DenseRef, build_dense
+
+    check_kd_settings(weight, temperature)
+    if choice == NONE or weight == 0:
+        return None, {"teacher": None}
+    if choice != AUTO:
+        source = infer_source(model)
+        ref = _ref_at(Path(choice), source)
+        try:
+            return build_dense(ref, source), _record(ref, "path", weight, temperature)
+        except P3BError as exc:
+            raise P3BError(f"teacher {choice}: {message_of(exc)}") from exc
+    if origin["dense"] is None:
+        say(f"note: pruning without a teacher: {origin['why'].replace('it was pruned from', 'the model has')}")
+        return None, {"teacher": None}
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    return teacher, _record(DenseRef(**origin["dense"]), "auto", weight, temperature)
 
 
 def _ref_at(path: Path, source) -> DenseRef:
