@@ -31,7 +31,7 @@ mean top-1 is interpolated along its own front.
     python benchmarks/pareto.py --seeds 0 1 2 --threads 2      # ~30 min on 2 cores
     python benchmarks/pareto.py --data mnist5k --per-class 200 --seeds 0 1 2 --no-kd --threads 2
     python benchmarks/pareto.py --methods p3b p3b-pkd --keeps 0.25 0.1 --speedups --seeds 0 1 2 3 4 \
-        --name kd_digits --threads 2                             # what the teacher adds, ~25 min
+        --name kd_digits --threads 2                             # what the teacher adds, ~15 min
     python benchmarks/pareto.py --report                         # re-render md/png from the json
 Writes benchmarks/results/pareto_<data>.{json,md,png}.
 """
@@ -362,7 +362,7 @@ def main() -> None:
     ap.add_argument("--machine", help="recorded with the results (default: the CPU and core count read here)")
     ap.add_argument("--report", action="store_true", help="only re-render the md/png from the json")
     args = ap.parse_args()
-    args.name = args.name or f"pareto_{args.data}"
+    args.name = args.name or f"pareto_{args.data}"  # before the command is recorded
     if args.report:
         meta = json.loads((RESULTS / f"{args.name}.json").read_text())
         write(meta, args.name)

@@ -251,21 +251,56 @@ def test_soft_targets_enter_the_pruning_loss():
     assert losses[0] == pytest.approx(0.0, abs=1e-5) and losses[1] > 1e-3
 
 
-@pytest.mark.slow
-def test_prune_resumes_with_its_teacher_and_refuses_other_kd_settings(dense_weights, tmp_path):
+def _prune_job(tmp_path, dense_weights, **kw):
+    from p3bkit.prune.config import P3BConfig, PruneJob
+
+    settings = {"out": str(tmp_path / "p"), "teacher": "auto", **kw}
+    return PruneJob(weights=str(dense_weights), epochs=(0, 1, 1), progress=False, p3b=P3BConfig(keep=0.5, update_every=5),
+                    **settings)
+
+
+def test_prune_resume_refuses_other_kd_settings(dense_weights, tmp_path):
     from p3bkit.errors import P3BError
-    from p3bkit.prune.config import P3BConfig
-    from p3bkit.prune.job import PruneJob, run_prune
+    from p3bkit.prune.job import run_prune
 
-    def job(**kw):
-        settings = {"out": str(tmp_path / "p"), "teacher": "auto", **kw}
-        return PruneJob(weights=str(dense_weights), epochs=(0, 1, 1), progress=False,
-                        p3b=P3BConfig(keep=0.5, update_every=5), **settings)
+    assert run_prune(_prune_job(tmp_path, dense_weights, stop_after_epoch=1)) == {"stopped_after_epoch": 1}
+    for other, differ in (({"teacher": "none"}, "kd_temperature, kd_weight, teacher differ"),
+                          ({"kd_weight": 0.3}, "kd_weight differ")):
+        with pytest.raises(P3BError, match=differ):
+            run_prune(_prune_job(tmp_path, dense_weights, **other), resume=True)
 
-    assert run_prune(job(stop_after_epoch=1)) == {"stopped_after_epoch": 1}
-    with pytest.raises(P3BError, match="other settings"):
-        run_prune(job(teacher="none"), resume=True)
-    resumed = run_prune(job(), resume=True)
-    full = run_prune(job(out=str(tmp_path / "q")))
+
+@pytest.mark.slow
+def test_prune_resumes_with_its_teacher(dense_weights, tmp_path):
+    from p3bkit.prune.job import run_prune
+
+    assert run_prune(_prune_job(tmp_path, dense_weights, stop_after_epoch=1)) == {"stopped_after_epoch": 1}
+    resumed = run_prune(_prune_job(tmp_path, dense_weights), resume=True)
+    full = run_prune(_prune_job(tmp_path, dense_weights, out=str(tmp_path / "q")))
     assert resumed["kappa"] == pytest.approx(full["kappa"]) and resumed["val_acc_pruned"] == full["val_acc_pruned"]
     assert resumed["distillation"]["teacher"]["from"] == "auto"
+
+
+def test_the_prune_teacher_is_the_model_as_loaded(dense_weights, tmp_path, monkeypatch):
+    """`--teacher auto` distils from the weights the run started from, frozen: not a fresh model, not
+    the student as it trains."""
+    from safetensors.torch import load_file
+
+    import p3bkit.train.distill as distill
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        teacher, record = choose(*args, **kwargs)
+        seen.append(teacher)
+        return teacher, record
+
+    choose = distill.choose_prune_teacher
+    monkeypatch.setattr(distill, "choose_prune_teacher", spy)
+    res = _invoke([*PRUNE, "--weights", dense_weights, "--teacher", "auto", "-o", tmp_path / "p"])
+    assert res.exit_code == 0, res.output
+    (teacher,) = seen
+    dense = load_file(dense_weights)
+    state = teacher.state_dict()
+    assert set(state) == set(dense) and all(torch.equal(state[k], dense[k]) for k in dense)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

@@ -93,9 +93,10 @@ JOB, P3B = PruneJob, P3BConfig
 @click.option("--round-to", type=POSITIVE, default=JOB.round_to, show_default=True, help="Round kept widths up to a multiple.")
 @click.option("--io-mode", type=click.Choice(choices(IoModeName)), default=JOB.io_mode, show_default=True)
 @click.option("--frozen/--no-frozen", default=P3B.frozen, show_default=True, help="Frozen ablation (model lr 1e-8).")
-@click.option("--distill-teacher", help="Teacher model for the DeiT hard-distillation loss.")
+@click.option("--distill-teacher", help="Teacher model for the DeiT hard-distillation loss of a distillation token "
+                                       "(not --teacher's logit distillation).")
 @click.option("--teacher-weights", "--teacher-checkpoint", "teacher_weights", type=click.Path(dir_okay=False),
-              help="Local weights of the teacher (strict).")
+              help="Local weights of the --distill-teacher (strict).")
 @distill_options("prune", JOB.teacher)
 @click.option("--device", type=DEVICE, default=JOB.device, show_default=True)
 @click.option("--bf16/--no-bf16", default=JOB.bf16, show_default=True, help="bf16 autocast.")

@@ -24,6 +24,7 @@ from p3bkit.prune.pruner import P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.prune.speed import SpeedChecks
 from p3bkit.train.dist import DistContext, all_reduce_sum_, check_identical, init_distributed, require_device
+from p3bkit.train.distill import NONE
 from p3bkit.train.run import CHECKPOINT, LOG, Checkpoints, EpochLoop, RunFolder, RunLog, run_epochs
 
 SUMMARY = "summary.json"
@@ -100,7 +101,9 @@ def _warn_few_indicator_images(batch: int, say) -> None:
 def _settings(job: PruneJob) -> dict:
     """The settings a checkpoint must be resumed with, flat (p3b.* for the pruning settings)."""
     d = asdict(job)
-    flat = {k: v for k, v in d.items() if k not in RESUME_FREE and k != "p3b"}
+    # without a teacher its weight and temperature do nothing: a checkpoint from before they existed resumes
+    unused = ("teacher", "kd_weight", "kd_temperature") if job.teacher == NONE else ()
+    flat = {k: v for k, v in d.items() if k not in RESUME_FREE and k != "p3b" and k not in unused}
     flat.update({f"p3b.{k}": v for k, v in d["p3b"].items()})
     return flat
 
@@ -125,7 +128,8 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     _validate(job)
     folder = RunFolder(Path(job.out), "prune", SUMMARY, ("pruned/arch.json", "pruned/model.safetensors",
                                                         f"pruned/{TEACHER_FILE}"))
-    resuming = folder.open((job.model,) if Path(job.model).is_dir() else (), resume, force)
+    inputs = ((job.model,) if Path(job.model).is_dir() else ()) + (job.teacher,)  # a teacher PATH is read too
+    resuming = folder.open(inputs, resume, force)
     ctx = init_distributed(job.device)
     if job.batch_size % ctx.world:
         raise P3BError(f"batch size {job.batch_size} must be divisible by the {ctx.world} ranks")

@@ -97,7 +97,7 @@ def choose_prune_teacher(choice: str, model: nn.Module, origin: dict, weight: fl
         ref = _ref_at(Path(choice), source)
         try:
             return build_dense(ref, source), _record(ref, "path", weight, temperature)
-        except P3BError as exc:
+        except (P3BError, OSError) as exc:
             raise P3BError(f"teacher {choice}: {message_of(exc)}") from exc
     if origin["dense"] is None:
         say(f"note: pruning without a teacher: {origin['why'].replace('it was pruned from', 'the model has')}")
