@@ -6,7 +6,9 @@ validation split (an ImageFolder is sorted by class, so the first N would be a f
 """
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -36,7 +38,7 @@ def train_images(name: str, img_size: int, in_chans: int, num_classes: int | Non
 
     bundle = load_data(name, img_size=img_size, num_classes=num_classes, in_chans=in_chans, augment="none")
     train = bundle.train.base if isinstance(bundle.train, ShiftAugment) else bundle.train
-    order = np.random.default_rng(seed).permutation(len(train))[:size]
+    order = np.random.default_rng(seed).permutation(len(cast(Sized, train)))[:size]
     x, y = _arrays(train, [int(i) for i in order])
     return ImageArrays(x, y, bundle.num_classes)
 
@@ -47,7 +49,7 @@ def val_images(name: str, img_size: int, in_chans: int, num_classes: int | None,
     from p3bkit.data.datasets import load_data
 
     bundle = load_data(name, img_size=img_size, num_classes=num_classes, in_chans=in_chans, augment="none")
-    n = len(bundle.val)
+    n = len(cast(Sized, bundle.val))
     x, y = _arrays(bundle.val, _pick(n, size, seed) if size is not None and size < n else list(range(n)))
     return ImageArrays(x, y, bundle.num_classes)
 
@@ -59,4 +61,7 @@ def digits_images(img_size: int, in_chans: int, n: int) -> np.ndarray | None:
 
     if in_chans not in (1, 3):
         return None
-    return load_digits_data(img_size, augment=False, in_chans=in_chans).val.tensors[0][:n].numpy()
+    from torch.utils.data import TensorDataset
+
+    val = cast(TensorDataset, load_digits_data(img_size, augment=False, in_chans=in_chans).val)
+    return val.tensors[0][:n].numpy()

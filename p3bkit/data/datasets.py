@@ -6,8 +6,10 @@ accuracy tests run offline.
 """
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -141,9 +143,10 @@ def check_batch(bundle: DataBundle, batch_size: int, world: int = 1, mixup: bool
     """Training batches per epoch and rank; refuses a batch larger than the data (nothing would train)
     and an odd per-rank batch under Mixup/CutMix (they pair images up)."""
     local = batch_size // world
-    steps = (len(bundle.train) // world) // local if local else 0
+    n = len(cast(Sized, bundle.train))
+    steps = (n // world) // local if local else 0
     if steps == 0:
-        raise DataError(f"the training set has {len(bundle.train)} images, fewer than one batch of {batch_size}: "
+        raise DataError(f"the training set has {n} images, fewer than one batch of {batch_size}: "
                         "lower --batch-size")
     if mixup and local % 2:
         raise DataError(f"Mixup/CutMix pair up images: the per-rank batch ({local}) must be even")

@@ -7,6 +7,9 @@ skipped samples, so augmentation RNG streams continue exactly.
 """
 from __future__ import annotations
 
+from collections.abc import Sized
+from typing import cast
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -34,7 +37,7 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, work
 
     Training loaders (shuffle) drop the last partial batch; `rank`/`world` shard it for DDP.
     """
-    sampler = EpochSampler(len(ds), batch_size, seed, rank, world, start_batch, shuffle)
+    sampler = EpochSampler(len(cast(Sized, ds)), batch_size, seed, rank, world, start_batch, shuffle)
     # an own generator: creating the iterator must not draw from the global RNG (resume exactness)
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=gen)

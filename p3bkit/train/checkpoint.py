@@ -22,7 +22,7 @@ def rng_state() -> dict:
     version, state, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()  # timm's Mixup draws from numpy
     return {"torch": torch.get_rng_state(), "python": list(state), "python_version": version, "python_gauss": gauss,
-            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+            "numpy": [torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)]}
 
 
 def set_rng_state(s: dict) -> None:

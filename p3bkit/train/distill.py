@@ -59,14 +59,15 @@ def choose_teacher(choice: str, pruned: str, weight: float, temperature: float,
     if choice == NONE or weight == 0:
         return None, {"teacher": None}
     if choice != AUTO:
-        ref = _ref_at(Path(choice), source)
+        given = _ref_at(Path(choice), source)
         try:
-            return build_dense(ref, source), _record(ref, "path", weight, temperature)
+            return build_dense(given, source), _record(given, "path", weight, temperature)
         except P3BError as exc:
             raise P3BError(f"teacher {choice}: {message_of(exc)}") from exc
     ref, why = read_origin(pruned)
     if ref is not None and ref.missing():
-        ref, why = None, f"{pruned} was pruned from {', '.join(ref.missing())}, which no longer exists"
+        why = f"{pruned} was pruned from {', '.join(ref.missing())}, which no longer exists"
+        ref = None
     if ref is None:
         say(f"note: fine-tuning without a teacher: {why}")
         return None, {"teacher": None}

@@ -10,6 +10,7 @@ import json
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +79,8 @@ def make_optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
     """AdamW (no decay on biases, norms, tokens: timm's rule) + linear warm-up + cosine decay."""
     from timm.optim import param_groups_weight_decay
 
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    no_decay = getattr(model, "no_weight_decay", None)
+    skip = no_decay() if callable(no_decay) else set()
     opt = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip), lr=cfg.lr,
                             foreach=True)  # one op per group, not per tensor
     total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
@@ -112,7 +114,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
     local = cfg.batch_size // ctx.world
     opt, sched = make_optimizer(model, cfg, len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world)))
     criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if data.mixup else cfg.label_smoothing)
-    run = {"running": 0.0, "history": []}
+    run: dict[str, Any] = {"running": 0.0, "history": []}
 
     def load(state: dict) -> None:
         model.load_state_dict(state["model"])

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -195,10 +196,9 @@ class _Watch:
 
     def __init__(self, loop: EpochLoop, epoch: int, first: int, remaining: int | None) -> None:
         self.loop, self.fresh = loop, epoch == 0 and first == 0
-        self.per_epoch = None if remaining is None else remaining + first
-        self.steps_left = None if remaining is None else remaining + (loop.epochs - epoch - 1) * self.per_epoch
+        self.steps_left = None if remaining is None else remaining + (loop.epochs - epoch - 1) * (remaining + first)
         self.losses: list[float] = []
-        self.seen, self.t0, self.epoch = 0, None, epoch
+        self.seen, self.t0, self.epoch = 0, 0.0, epoch
 
     def after_step(self, stats: dict) -> None:
         import time
@@ -249,7 +249,7 @@ def run_epochs(loop: EpochLoop, ctx: DistContext, checkpoints: Checkpoints | Non
         while epoch < loop.epochs:
             batches = loop.loader(epoch, first)
             if watch is None and ctx.main:
-                watch = _Watch(loop, epoch, first, len(batches) if hasattr(batches, "__len__") else None)
+                watch = _Watch(loop, epoch, first, len(batches) if isinstance(batches, Sized) else None)
             bar = progress(batches, desc=f"{loop.desc} {epoch + 1}/{loop.epochs}", enabled=loop.progress and ctx.main)
             done = first
             for done, batch in enumerate(bar, start=first + 1):
