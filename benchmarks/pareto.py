@@ -188,7 +188,7 @@ def run_seed(seed: int, keeps: list[float], speedups: list[float], table: Path |
     data = load_data("digits") if data_ref == "digits" else load_data_for(dense, data_ref, augment_of(data_ref), pretrained=True)
     rows = [{"method": "dense", "point": "dense", "seed": seed, "params": n_params(dense), "top1": evaluate(dense, data.val)}]
     models = {"dense": dense}
-    for speedup in speedups if table else ():
+    for speedup in speedups if table and "p3b-speedup" in methods else ():
         point = f"{speedup:g}x"
         got, folder = p3bkit_point("p3b-speedup", point, ["--target-speedup", speedup, "--latency-table", table,
                                                           "--accept-table-error"], dense_dir, seed, work, epochs, [],
@@ -354,10 +354,10 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=500, help="mnist5k: images of each digit used (≤ 500)")
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True,
                     help="also fine-tune the p3b models with the dense teacher (p3b-kd)")
-    ap.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m not in ("p3b-kd", "p3b-pkd-kd")],
+    ap.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m not in FINETUNED_WITH_TEACHER.values()],
                     default=[m for m in METHODS if m not in TEACHER_VARIANTS],
-                    help="methods to run (p3b-speedup runs when --speedups names any); --kd adds each p3b model "
-                         "fine-tuned with the teacher")
+                    help="methods to run (p3b-speedup needs --speedups too); --kd adds each p3b model fine-tuned "
+                         "with the teacher")
     ap.add_argument("--name", help="results name (default: pareto_<data>)")
     ap.add_argument("--machine", help="recorded with the results (default: the CPU and core count read here)")
     ap.add_argument("--report", action="store_true", help="only re-render the md/png from the json")
@@ -386,7 +386,7 @@ def main() -> None:
         data_ref = "digits" if args.data == "digits" else str(mnist5k_image_folder(work / "mnist5k", args.per_class))
         meta["images"] = 1797 if args.data == "digits" else 10 * args.per_class
         meta["val_images"] = 360 if args.data == "digits" else sum(1 for _ in (work / "mnist5k" / "val").rglob("*.png"))
-        table = work / "digits_vit_openvino.json" if args.speedups else None
+        table = work / "digits_vit_openvino.json" if args.speedups and "p3b-speedup" in args.methods else None
         if table:  # what `p3bkit prune --target-speedup` needs: branch costs on this machine and runtime
             cli(["latency-table", "digits-vit", "--backend", "openvino", "--threads", args.threads, "--check", 10,
                  "--no-progress", "-o", table])

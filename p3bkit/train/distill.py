@@ -59,11 +59,7 @@ def choose_teacher(choice: str, pruned: str, weight: float, temperature: float,
     if choice == NONE or weight == 0:
         return None, {"teacher": None}
     if choice != AUTO:
-        given = _ref_at(Path(choice), source)
-        try:
-            return build_dense(given, source), _record(given, "path", weight, temperature)
-        except P3BError as exc:
-            raise P3BError(f"teacher {choice}: {message_of(exc)}") from exc
+        return _teacher_at(choice, source, weight, temperature)
     ref, why = read_origin(pruned)
     if ref is not None and ref.missing():
         why = f"{pruned} was pruned from {', '.join(ref.missing())}, which no longer exists"
@@ -88,23 +84,30 @@ def choose_prune_teacher(choice: str, model: nn.Module, origin: dict, weight: fl
     import copy
 
     from p3bkit.models.source import infer_source
-    from p3bkit.models.teacher import DenseRef, build_dense
+    from p3bkit.models.teacher import DenseRef
 
     check_kd_settings(weight, temperature)
     if choice == NONE or weight == 0:
         return None, {"teacher": None}
     if choice != AUTO:
-        source = infer_source(model)
-        ref = _ref_at(Path(choice), source)
-        try:
-            return build_dense(ref, source), _record(ref, "path", weight, temperature)
-        except (P3BError, OSError) as exc:
-            raise P3BError(f"teacher {choice}: {message_of(exc)}") from exc
+        return _teacher_at(choice, infer_source(model), weight, temperature)
     if origin["dense"] is None:
         say(f"note: pruning without a teacher: {origin['why'].replace('it was pruned from', 'the model has')}")
         return None, {"teacher": None}
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     return teacher, _record(DenseRef(**origin["dense"]), "auto", weight, temperature)
+
+
+def _teacher_at(choice: str, source, weight: float, temperature: float) -> tuple[nn.Module, dict]:
+    """`--teacher PATH` of either command: the dense model there, checked against `source` (the
+    architecture distilled into), and its record; anything else is a one-line error."""
+    from p3bkit.models.teacher import build_dense
+
+    ref = _ref_at(Path(choice), source)
+    try:
+        return build_dense(ref, source), _record(ref, "path", weight, temperature)
+    except (P3BError, OSError) as exc:  # OSError: a file that cannot be read
+        raise P3BError(f"teacher {choice}: {message_of(exc)}") from exc
 
 
 def _ref_at(path: Path, source) -> DenseRef:
