@@ -14,9 +14,9 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn as nn
 
 from p3bkit.errors import SurgeryError
+from p3bkit.models.adapter import TimmModule
 from p3bkit.models.arch import ModelSource, PrunedArch, apply_arch, versions
 from p3bkit.models.gates import GatedAttention, GatedMlp, GatedViT
 
@@ -88,7 +88,7 @@ def harden_masks(gated: GatedViT, arch: PrunedArch) -> None:
                     gate.mask[spec[key]] = 1.0
 
 
-def apply_surgery(gated: GatedViT, round_to: int = 1, io_mode: IoMode = "auto") -> nn.Module:
+def apply_surgery(gated: GatedViT, round_to: int = 1, io_mode: IoMode = "auto") -> TimmModule:
     """Build the dense pruned model from `gated`'s hard masks (the gated model is left intact).
 
     The result is a plain timm ViT whose blocks are `PrunedLayer`s, in eval mode, carrying its
@@ -103,7 +103,7 @@ def apply_surgery(gated: GatedViT, round_to: int = 1, io_mode: IoMode = "auto") 
 
 
 @torch.no_grad()
-def check_surgery(gated: GatedViT, pruned: nn.Module, atol: float = 1e-5, batch: int = 2) -> float:
+def check_surgery(gated: GatedViT, pruned: TimmModule, atol: float = 1e-5, batch: int = 2) -> float:
     """Max abs diff between `pruned` and the hard-masked `gated` on a seeded input.
 
     Raises:

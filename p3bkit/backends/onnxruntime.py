@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from p3bkit.backends.quantization import Int8Data, QuantResult, keep_worst_in_fp32, op_profile, quiet, remedy_name
-from p3bkit.backends.registry import FP16, FP32, INT8, Backend, Runner, register, require
+from p3bkit.backends.registry import FP16, FP32, INT8, Backend, FnRunner, register, require
 from p3bkit.backends.timing import Timed
 from p3bkit.errors import ExportError, P3BError
 
@@ -75,7 +75,7 @@ class OnnxRuntimeBackend(Backend):
         export_onnx(model, tmp / "model.onnx", sample, static_batch, fp16=precision == FP16)
         return ["model.onnx"], {"op_types": op_types(tmp / "model.onnx")}
 
-    def runner(self, path, precision=None, threads=None, device=None) -> Runner:
+    def runner(self, path, precision=None, threads=None, device=None) -> FnRunner:
         self.check_device(device)
         sess = ort_session(path, threads)
         inp = sess.get_inputs()[0]
@@ -85,8 +85,7 @@ class OnnxRuntimeBackend(Backend):
         def run(x) -> dict:
             return {n: np.asarray(v, dtype=np.float32) for n, v in
                     zip(outputs, sess.run(None, {inp.name: x.astype(dtype, copy=False)}))}
-        run.input_shape, run.input_dtype, run.input_name = list(inp.shape), dtype, inp.name
-        return run
+        return FnRunner(run, list(inp.shape), dtype, inp.name)
 
     def timer(self, ref, batch, precision, threads=None, device=None, compile=False) -> Timed:
         run = self.runner(ref, precision, threads, device)

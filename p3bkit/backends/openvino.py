@@ -11,11 +11,23 @@ OpenVINO infers in bf16 by default, so every runner pins its precision hint.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from p3bkit.backends.quantization import Int8Data, QuantResult, keep_worst_in_fp32, op_profile, quiet, remedy_name
-from p3bkit.backends.registry import BF16, FP16, FP32, INT8, Backend, PrecisionError, Runner, register, require
+from p3bkit.backends.registry import (
+    BF16,
+    FP16,
+    FP32,
+    INT8,
+    Backend,
+    FnRunner,
+    PrecisionError,
+    Runner,
+    register,
+    require,
+)
 from p3bkit.backends.timing import Timed
 from p3bkit.errors import ExportError, first_line
 
@@ -27,7 +39,7 @@ def _ov():
 def ov_compile(model, hint: str = "f32", threads: int | None = None, profile: bool = False):
     """Compile an IR (path or in-memory model) for the CPU at the inference precision `hint`."""
     ov = _ov()
-    cfg = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = threads
     if profile:
@@ -35,7 +47,7 @@ def ov_compile(model, hint: str = "f32", threads: int | None = None, profile: bo
     return ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", cfg)
 
 
-def ov_runner(model, hint: str = "f32", threads: int | None = None) -> Runner:
+def ov_runner(model, hint: str = "f32", threads: int | None = None) -> FnRunner:
     compiled = ov_compile(model, hint, threads)
     request = compiled.create_infer_request()
     names = [o.get_any_name() for o in compiled.outputs]
@@ -43,8 +55,7 @@ def ov_runner(model, hint: str = "f32", threads: int | None = None) -> Runner:
     def run(x: np.ndarray) -> dict[str, np.ndarray]:
         res = request.infer({0: x})
         return {n: np.array(res[o]) for n, o in zip(names, compiled.outputs)}
-    run.input_shape = [d.get_length() if d.is_static else None for d in compiled.inputs[0].get_partial_shape()]
-    return run
+    return FnRunner(run, [d.get_length() if d.is_static else None for d in compiled.inputs[0].get_partial_shape()])
 
 
 def convert_onnx(onnx_path: Path, xml_path: Path, compress_to_fp16: bool = False) -> Path:
@@ -83,7 +94,7 @@ class OpenVinoBackend(Backend):
         export_onnx(model, tmp / "graph.onnx", sample, static_batch)
         ops = op_types(tmp / "graph.onnx")
         if precision == INT8:
-            info = {"int8": self.quantize(tmp / "graph.onnx", tmp / "model.xml", opts["int8"])}
+            info: dict[str, Any] = {"int8": self.quantize(tmp / "graph.onnx", tmp / "model.xml", opts["int8"])}
         else:
             convert_onnx(tmp / "graph.onnx", tmp / "model.xml", compress_to_fp16=precision == FP16)
             info = {"extra": {"inference_precision_hint": "bf16" if precision == BF16 else "f32"}}

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 from p3bkit.backends.tolerances import Tolerance, tolerance_for
 from p3bkit.errors import BackendUnavailable, ExportError, P3BError
@@ -29,7 +30,27 @@ if TYPE_CHECKING:
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 FP32, FP16, BF16, INT8 = PRECISIONS
-Runner = Callable[["np.ndarray"], "dict[str, np.ndarray]"]  # images in, named outputs (logits) out
+
+
+class Runner(Protocol):
+    """Runs an artefact (or, for torch, a model reference): numpy images in, named outputs (logits) out."""
+
+    input_shape: list  # the graph's input shape; a dynamic axis is None, a name, or -1 (as the runtime says)
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class FnRunner:
+    """A `Runner` made of a function, with what its input takes."""
+
+    fn: Callable[[np.ndarray], dict[str, np.ndarray]]
+    input_shape: list
+    input_dtype: Any = "float32"
+    input_name: str = ""
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.fn(x)
 
 
 class PrecisionError(P3BError):
@@ -115,6 +136,12 @@ class Backend:
         return True, self.device.upper()
 
     # ---- export ----------------------------------------------------------------------------------
+
+    def exported_as(self) -> tuple[str, str]:
+        """(export format, artefact file name); refuses a backend that runs models but exports none."""
+        if self.format is None or self.artefact is None:
+            raise ExportError(f"{self.name} runs models but exports none: choose an export format")
+        return self.format, self.artefact
 
     def export(self, model: nn.Module, tmp: Path, sample: tuple[int, ...], precision: str,
                static_batch: int | None, opts: dict) -> tuple[list[str], dict]:

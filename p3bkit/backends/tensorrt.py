@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from p3bkit.backends.quantization import Int8Data, QuantResult
-from p3bkit.backends.registry import BF16, FP16, FP32, INT8, Backend, Runner, register, require
+from p3bkit.backends.registry import BF16, FP16, FP32, INT8, Backend, register, require
 from p3bkit.backends.timing import Timed
 from p3bkit.errors import BackendUnavailable, ExportError, P3BError
 
@@ -213,11 +213,11 @@ class TensorRTBackend(Backend):
 
     def quantize(self, src_onnx, out, data: Int8Data) -> QuantResult:
         """The same calibrated QDQ graph as onnxruntime's, with symmetric scales (TensorRT requires them)."""
-        from p3bkit.backends.registry import get_backend
+        from p3bkit.backends.onnxruntime import OnnxRuntimeBackend
 
-        return get_backend("onnxruntime").quantize(src_onnx, out, data, symmetric=True)
+        return OnnxRuntimeBackend().quantize(src_onnx, out, data, symmetric=True)
 
-    def runner(self, path, precision=None, threads=None, device=None) -> Runner:
+    def runner(self, path, precision=None, threads=None, device=None) -> TrtRunner:
         import torch
 
         self.check_device(device)

@@ -16,7 +16,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class BenchConfig:
     block_warmup: int = 2  # untimed runs at the start of every block
 
 
-DEVICE_PRESETS = {"cpu": {"batch": 1, "device": "cpu"}, "gpu": {"batch": 1024, "device": "cuda"}}  # the paper's protocol
+DEVICE_PRESETS: dict[str, dict[str, Any]] = {"cpu": {"batch": 1, "device": "cpu"}, "gpu": {"batch": 1024, "device": "cuda"}}  # the paper's protocol
 
 
 @contextlib.contextmanager

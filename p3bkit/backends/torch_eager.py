@@ -1,7 +1,7 @@
 """Eager PyTorch: runs model references (pruned folders, presets, timm names); exports nothing."""
 from __future__ import annotations
 
-from p3bkit.backends.registry import BF16, FP16, FP32, Backend, Runner, register
+from p3bkit.backends.registry import BF16, FP16, FP32, Backend, FnRunner, Runner, register
 from p3bkit.backends.timing import Timed
 from p3bkit.models.outputs import logits_of
 
@@ -52,8 +52,7 @@ class TorchBackend(Backend):
         def run(x) -> dict:
             with _autocast(device, run_precision):
                 return {"logits": logits_of(model(torch.from_numpy(x).to(device))).float().cpu().numpy()}
-        run.input_shape = [None, model.patch_embed.proj.in_channels, *model.patch_embed.img_size]
-        return run
+        return FnRunner(run, [None, model.patch_embed.proj.in_channels, *model.patch_embed.img_size])
 
     def timer(self, ref, batch, precision, threads=None, device=None, compile=False) -> Timed:
         import torch

@@ -47,9 +47,10 @@ def run_precision(backend: Backend, ref: str, is_artefact: bool, asked: str | No
 def _exported(ref: str, be: Backend, workdir: Path, precision: str, batch: int) -> str:
     from p3bkit.export import export_model
 
-    out = workdir / f"{len(list(workdir.iterdir()))}-{be.format}-{precision}"
-    export_model(ref, be.format, out, precision=precision, static_batch=batch)
-    return str(out / be.artefact)
+    fmt, artefact = be.exported_as()
+    out = workdir / f"{len(list(workdir.iterdir()))}-{fmt}-{precision}"
+    export_model(ref, fmt, out, precision=precision, static_batch=batch)
+    return str(out / artefact)
 
 
 def dynamic_batch_note(ref: str, batch: int) -> str | None:

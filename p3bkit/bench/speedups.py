@@ -10,14 +10,14 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 
 from p3bkit.latency.measure import TableConfig
 from p3bkit.latency.table import LatencyTable
+from p3bkit.models.adapter import TimmModule
 
 
-def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, seed: int,
-                         structure: str = "inner", remove_below: float = 0.0, target_ms: float | None = None) -> nn.Module:
+def allocate_for_speedup(model: TimmModule, table: LatencyTable, speedup: float, seed: int,
+                         structure: str = "inner", remove_below: float = 0.0, target_ms: float | None = None) -> TimmModule:
     """P3B's latency allocation for `speedup` over the table's dense model, from random measurements
     (`structure` heads and `remove_below` > 0: whole heads and branches too); `target_ms`: allocate
     for this target instead (a speed check's correction)."""
@@ -40,7 +40,7 @@ def allocate_for_speedup(model: nn.Module, table: LatencyTable, speedup: float, 
     return apply_surgery(gated.eval(), io_mode="auto")
 
 
-def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, speedups: list[float],
+def check_speedups(model: TimmModule, table: LatencyTable, cfg: TableConfig, speedups: list[float],
                    structure: str = "inner", remove_below: float = 0.0, speed_checks: int = 0) -> list[dict]:
     """Allocate for each asked speedup, then time the result beside the dense model.
 
@@ -72,7 +72,7 @@ def check_speedups(model: nn.Module, table: LatencyTable, cfg: TableConfig, spee
     return rows
 
 
-def _result(model: nn.Module, table: LatencyTable, m: nn.Module, ms: float, dense: float, asked: float) -> dict:
+def _result(model: TimmModule, table: LatencyTable, m: TimmModule, ms: float, dense: float, asked: float) -> dict:
     layers = m.p3b_arch.layers
     return {"measured_speedup": dense / ms, "predicted_ms": table.predict(layers), "measured_ms": ms,
             "dense_ms": dense, "miss": (dense / ms - asked) / asked,

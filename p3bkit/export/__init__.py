@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from p3bkit.backends import FP32, INT8, formats, get_backend
 from p3bkit.backends.onnx import OPSET
@@ -24,10 +25,13 @@ from p3bkit.export.int8 import Int8Config, Int8Images
 from p3bkit.export.records import record_path
 from p3bkit.fileio import check_output_folder, folder_lock, write_json_atomic
 
+if TYPE_CHECKING:
+    from p3bkit.models.adapter import TimmModule
+
 
 def artefact_name(fmt: str) -> str:
     """The file an export of this format writes (model.onnx, model.xml, model.plan)."""
-    return get_backend(fmt).artefact
+    return get_backend(fmt).exported_as()[1]
 
 
 @dataclass
@@ -98,6 +102,7 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
     if fmt not in formats():
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(formats())}")
     backend = get_backend(fmt)
+    fmt, artefact = backend.exported_as()
     precision = backend.precision(precision)
     if precision == INT8 and int8 is None:
         raise ExportError("INT8 export needs calibration images: give --calib-data (digits, an ImageFolder, ...)")
@@ -109,7 +114,7 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
     if verify:
         backend.run_precision(precision)  # e.g. OpenVINO bf16 on a CPU without bf16 units: before any work
     write_op = write_op or backend.write_op
-    model = set_write_op(create_model(model_ref).eval(), write_op)
+    model: TimmModule = set_write_op(create_model(model_ref).eval(), write_op)
     sample = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     images = load_int8_data(int8, model, static_batch) if int8 else None  # bad data fails here, before any export work
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +130,7 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
         except Exception as exc:  # the runtimes' own converters and quantisers raise many types
             raise ExportError(f"{backend.name} {precision} export failed: {type(exc).__name__}: {first_line(exc)}") from exc
         extra = dict(info.get("extra", {}))
-        if "int8" in info:  # the gate judges the artefact as written: the number its record and `eval` show
+        if "int8" in info and images is not None:  # the gate judges the artefact as written: the number its record and `eval` show
             written = images.data.top1(backend.runner(tmp / files[0], precision))
             extra["int8"] = gate(replace(info["int8"], int8_top1=written), images)
         parity, seen = {}, "seeded noise"
@@ -140,7 +145,7 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
                     raise
                 raise ToleranceError(f"{exc} (on {seen}; INT8 ranges calibrated on synthetic noise: calibrate on "
                                      "real images with --calib-data, or --no-verify to keep them)") from exc
-        record = ExportRecord(format=backend.format, files=files, source=str(model_ref), opset=OPSET, precision=precision,
+        record = ExportRecord(format=fmt, files=files, source=str(model_ref), opset=OPSET, precision=precision,
                               input_name="pixel_values", input_shape=[static_batch or "batch", *sample],
                               write_op=write_op, verified=verify, parity=parity,
                               tolerance=asdict(backend.tolerance(precision)), op_types=info.get("op_types", {}),
@@ -149,7 +154,7 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
         with folder_lock(out_dir):  # another export or run writing here is refused, not interleaved
             for f in files:
                 os.replace(tmp / f, out_dir / f)
-            write_json_atomic(record_path(out_dir / backend.artefact), asdict(record))
+            write_json_atomic(record_path(out_dir / artefact), asdict(record))
         return record
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ from p3bkit.errors import P3BError
 from p3bkit.export.records import artefact_in_folder, artefact_precision, read_record, record_path
 
 
-def _input_dims(path: str, run) -> tuple[int | None, tuple[int, int, int]]:
+def _input_dims(path: str, run) -> tuple[int | None, tuple[int, ...]]:
     """(fixed batch or None, (C, H, W)) from the export record, else from the runtime."""
     dims = read_record(path).get("input_shape") or getattr(run, "input_shape", None)
     if not dims or not all(isinstance(d, int) for d in dims[1:]):

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from p3bkit.backends.quantization import Int8Data, QuantResult
+
+if TYPE_CHECKING:
+    from p3bkit.models.adapter import TimmModule
 
 NOT_GATED = "synthetic images have random labels, so top-1 on them says nothing about accuracy"
 
@@ -55,7 +57,7 @@ class Int8Images:
     model_classes: int
 
 
-def load_int8_data(cfg: Int8Config, model: torch.nn.Module, static_batch: int | None = None) -> Int8Images:
+def load_int8_data(cfg: Int8Config, model: TimmModule, static_batch: int | None = None) -> Int8Images:
     """Calibration and validation images at the model's input size, channels and classes."""
     from p3bkit.data.arrays import train_images, val_images
 

@@ -7,6 +7,7 @@ attention-pool head (`global_pool="map"`, SigLIP-style) sits after the blocks an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import torch.nn as nn
 from timm.layers import Mlp
@@ -14,6 +15,12 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from p3bkit.errors import ArchError
+
+# A timm ViT (stock or pruned) or one of its parts, read by duck typing: `inspect_vit` checks that a
+# model has what pruning reads (patch_embed, blocks with attn and mlp, norm, head). nn.Module types
+# every attribute as `Tensor | Module`, which no attribute chain into a foreign model survives, so
+# code that walks a timm model's parts takes it as this alias.
+TimmModule: TypeAlias = Any
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ def inspect_vit(model: nn.Module) -> ViTSpec:
     name = _model_name(model)
     if not isinstance(model, VisionTransformer):
         raise ArchError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
-    blocks = list(model.blocks)
+    blocks: list[TimmModule] = list(model.blocks)
     if not blocks:
         raise ArchError(f"model {name!r} has no blocks")
     for i, blk in enumerate(blocks):

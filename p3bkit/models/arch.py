@@ -17,7 +17,7 @@ from typing import Any
 import torch.nn as nn
 
 from p3bkit.errors import ArchError, first_line
-from p3bkit.models.adapter import ViTSpec, inspect_vit
+from p3bkit.models.adapter import TimmModule, ViTSpec, inspect_vit
 from p3bkit.models.pruned import PrunedLayer, build_attn_branch, build_mlp_branch
 
 SCHEMA_VERSION = 2  # 2: an attention branch may keep a subset of its heads ("heads"); 1 kept them all
@@ -79,7 +79,7 @@ class PrunedArch:
                     raise ArchError(f"{where}: layer {i} {kind}: {OPTIONAL_KEYS[kind]} must be index lists")
 
 
-def apply_arch(model: nn.Module, arch: PrunedArch, spec: ViTSpec | None = None) -> nn.Module:
+def apply_arch(model: TimmModule, arch: PrunedArch, spec: ViTSpec | None = None) -> TimmModule:
     """Replace the blocks of a timm ViT by the pruned blocks `arch` describes (in place).
 
     `spec` skips the structure check, for a model whose blocks already carry gates (surgery).
@@ -111,16 +111,16 @@ def _check_ranges(i: int, layer: dict, spec) -> None:
                 raise ArchError(f"layer {i} {kind}.{key}: indices must be distinct, in [0, {limits[key]}), non-empty")
 
 
-def create_stock_model(source: ModelSource, pretrained: bool = False, overlay: dict | None = None) -> nn.Module:
+def create_stock_model(source: ModelSource, pretrained: bool = False, overlay: dict | None = None) -> TimmModule:
     """timm.create_model(source.name, pretrained, **source.kwargs), tagged with its source.
 
     `overlay` is timm's `pretrained_cfg_overlay` (e.g. a local weights `file`).
     """
     import timm
 
-    extra = {"pretrained_cfg_overlay": overlay} if overlay else {}
+    extra: dict[str, Any] = {"pretrained_cfg_overlay": overlay} if overlay else {}
     try:
-        model = timm.create_model(source.name, pretrained=pretrained, **source.kwargs, **extra)
+        model: TimmModule = timm.create_model(source.name, pretrained=pretrained, **source.kwargs, **extra)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ArchError(f"cannot create timm model {source.name!r}: {first_line(exc)}") from exc
     model.p3b_source = source
@@ -195,7 +195,7 @@ def versions() -> dict[str, str]:
     return package_versions()
 
 
-def _check_rebuilds(model: nn.Module, folder: Path) -> None:
+def _check_rebuilds(model: TimmModule, folder: Path) -> None:
     """Rebuild the model from what was written and compare outputs on a seeded input."""
     import torch
 
@@ -227,7 +227,7 @@ def read_arch(folder: str | os.PathLike) -> PrunedArch:
     return PrunedArch.from_json(data, str(path))
 
 
-def load(folder: str | os.PathLike) -> nn.Module:
+def load(folder: str | os.PathLike) -> TimmModule:
     """Rebuild a pruned model from its folder (no pickles, no network), in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

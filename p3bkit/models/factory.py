@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from p3bkit.errors import ArchError, first_line
+from p3bkit.models.adapter import TimmModule
 from p3bkit.models.arch import ARCH_FILE, ModelSource, create_stock_model, load
 from p3bkit.models.presets import MODEL_PRESETS
 
@@ -54,7 +56,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(path)
+            state: Any = load_file(path)
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise ArchError(f"weights file {path} is unreadable as safetensors ({type(exc).__name__}: "
                             f"{first_line(exc)})") from exc
@@ -125,7 +127,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
     return model
 
 
-def _check_patch_grid(model: nn.Module, name: str) -> None:
+def _check_patch_grid(model: TimmModule, name: str) -> None:
     """Refuse an input size the patches do not tile: the rest of every row and column would be dropped."""
     pe = model.patch_embed
     size, patch = tuple(pe.img_size), tuple(pe.patch_size)

@@ -9,7 +9,7 @@ P3B local importance (paper Eq. 7); masks are buffers and never receive gradient
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention
 
 from p3bkit.errors import ArchError
-from p3bkit.models.adapter import ViTSpec, inspect_vit
+from p3bkit.models.adapter import TimmModule, ViTSpec, inspect_vit
 from p3bkit.models.cost import BranchWidths
 
 Structure = Literal["full", "inner", "heads"]
@@ -45,6 +45,11 @@ class Gate(nn.Module):
     value) a pruned head returns once its gradient is twice a kept one's; the head gate's default is
     0 all the same, because it won on accuracy (`P3BConfig.head_score_floor`).
     """
+
+    mask: torch.Tensor  # buffers (registered below)
+    score_sum: torch.Tensor
+    grad_sum: torch.Tensor
+    score_count: torch.Tensor
 
     def __init__(self, size: int, axis: int = -1, score_floor: float = 0.0) -> None:
         super().__init__()
@@ -171,10 +176,14 @@ class GatedAttention(nn.Module):
 class GatedMlp(nn.Module):
     """timm `Mlp` with gates on its input, hidden units (after the activation) and output."""
 
+    fc1: nn.Linear  # inspect_vit accepts Linear layers only
+    fc2: nn.Linear
+
     def __init__(self, mlp: Mlp, structure: Structure) -> None:
         super().__init__()
         names = STRUCTURE_GATES[structure]["mlp"]
-        self.fc1, self.act, self.drop1, self.fc2, self.drop2 = mlp.fc1, mlp.act, mlp.drop1, mlp.fc2, mlp.drop2
+        self.act, self.drop1, self.drop2 = mlp.act, mlp.drop1, mlp.drop2
+        self.fc1, self.fc2 = cast(nn.Linear, mlp.fc1), cast(nn.Linear, mlp.fc2)
         self.gate_in = _gate_or_identity(names, "in", self.fc1.in_features)
         self.gate_hidden = Gate(self.fc1.out_features)
         self.gate_out = _gate_or_identity(names, "out", self.fc2.out_features)
@@ -215,7 +224,9 @@ def _source_or_none(model: nn.Module):
 class GatedViT(nn.Module):
     """A timm ViT whose Attention and MLP blocks carry gates; `gates` names every one."""
 
-    def __init__(self, model: nn.Module, structure: Structure = "full") -> None:
+    model: TimmModule
+
+    def __init__(self, model: TimmModule, structure: Structure = "full") -> None:
         super().__init__()
         if structure not in STRUCTURE_GATES:
             raise ValueError(f"structure must be one of {sorted(STRUCTURE_GATES)}, got {structure!r}")

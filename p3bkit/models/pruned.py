@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerScale, Mlp
 from timm.layers.attention import Attention
 
+from p3bkit.models.adapter import TimmModule
+
 
 class ChannelGather(nn.Module):
     """Selects the kept channels of the last axis (one Gather in ONNX)."""
+
+    index: torch.Tensor
 
     def __init__(self, index: list[int]) -> None:
         super().__init__()
@@ -38,6 +43,8 @@ class ResidualAdd(nn.Module):
 class IndexAddWrite(nn.Module):
     """Adds y into the kept residual channels of x; the others pass through unchanged."""
 
+    index: torch.Tensor
+
     def __init__(self, index: list[int]) -> None:
         super().__init__()
         self.register_buffer("index", torch.tensor(index, dtype=torch.long), persistent=False)
@@ -52,6 +59,8 @@ class PadGatherWrite(nn.Module):
     y gets one zero channel appended; every residual channel gathers its update from y (or from
     that zero). TensorRT's ONNX parser and OpenVINO handle this better than ScatterND(add).
     """
+
+    source: torch.Tensor
 
     def __init__(self, index: list[int], dim: int) -> None:
         super().__init__()
@@ -84,6 +93,8 @@ def set_write_op(model: nn.Module, op: str) -> nn.Module:
 
 class PrunedBranch(nn.Module):
     """norm → read → Attention/Mlp → LayerScale → DropPath → write (one residual branch)."""
+
+    norm: TimmModule  # the timm block's norm layer (LayerNorm: normalized_shape)
 
     def __init__(self, norm: nn.Module, read: nn.Module, fn: nn.Module, ls: nn.Module,
                  drop_path: nn.Module, write: nn.Module) -> None:
@@ -156,7 +167,7 @@ def _copy_output_layer(new: nn.Linear, old: nn.Linear, io: _IoPlan, cols: torch.
         new.bias[io.dst_out] = old.bias[io.src_out]
 
 
-def build_attn_branch(blk: nn.Module, attn: Attention, arch: dict, dim: int) -> nn.Module:
+def build_attn_branch(blk: TimmModule, attn: Attention, arch: dict, dim: int) -> nn.Module:
     """A PrunedBranch for `blk`'s attention with kept indices `arch` (see `PrunedArch`)."""
     H, d = attn.num_heads, attn.head_dim
     io = _io_plan(arch, dim)
@@ -183,20 +194,22 @@ def build_attn_branch(blk: nn.Module, attn: Attention, arch: dict, dim: int) -> 
                         _writer(arch["out"], dim, arch["write"]))
 
 
-def build_mlp_branch(blk: nn.Module, mlp: Mlp, arch: dict, dim: int) -> nn.Module:
+def build_mlp_branch(blk: TimmModule, mlp: Mlp, arch: dict, dim: int) -> nn.Module:
     """A PrunedBranch for `blk`'s MLP with kept indices `arch` (see `PrunedArch`)."""
     io = _io_plan(arch, dim)
     hid = torch.tensor(arch["hidden"], dtype=torch.long)
     act = mlp.act
-    new = Mlp(io.c_in, hidden_features=len(hid), out_features=io.c_out, act_layer=lambda: copy.deepcopy(act),
-              bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None))
+    # timm calls act_layer() for the activation (typed as a class there; any factory works)
+    new: TimmModule = Mlp(io.c_in, hidden_features=len(hid), out_features=io.c_out,
+                          act_layer=lambda: copy.deepcopy(act),  # type: ignore[arg-type]
+                          bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None))
     new.drop1, new.drop2 = copy.deepcopy(mlp.drop1), copy.deepcopy(mlp.drop2)
     with torch.no_grad():
         new.fc1.weight.zero_()
         new.fc1.weight[:, io.dst_in] = mlp.fc1.weight[hid][:, io.src_in]
         if mlp.fc1.bias is not None:
             new.fc1.bias.copy_(mlp.fc1.bias[hid])
-        _copy_output_layer(new.fc2, mlp.fc2, io, hid)
+        _copy_output_layer(new.fc2, cast(nn.Linear, mlp.fc2), io, hid)  # inspect_vit accepts Linear only
     ls = _sliced_layerscale(blk.ls2, torch.arange(dim) if io.c_out == dim else io.src_out)
     return PrunedBranch(blk.norm2, _reader(arch["in"], dim, arch["read"]), new, ls, blk.drop_path2,
                         _writer(arch["out"], dim, arch["write"]))

@@ -3,22 +3,23 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from p3bkit.models.cost import BranchWidths, branch_flops, branch_params
+from p3bkit.models.adapter import TimmModule
+from p3bkit.models.cost import BranchKind, BranchWidths, branch_flops, branch_params
 from p3bkit.models.gates import GatedViT
 from p3bkit.models.pruned import PrunedLayer
 
 
-def _branch_widths(branch: nn.Module, kind: str) -> BranchWidths:
+def _branch_widths(branch: TimmModule, kind: BranchKind) -> BranchWidths:
     """Widths as computed (a folded read/write counts the full residual width)."""
     if isinstance(branch, nn.Identity):
         return BranchWidths(kind, 0, 0, 0)
-    fn = getattr(branch, "fn", branch)
+    fn: TimmModule = getattr(branch, "fn", branch)
     if kind == "attn":
         return BranchWidths(kind, fn.qkv.in_features, fn.head_dim, fn.proj.out_features, fn.num_heads)
     return BranchWidths(kind, fn.fc1.in_features, fn.fc1.out_features, fn.fc2.out_features)
 
 
-def block_widths(model: nn.Module) -> list[BranchWidths]:
+def block_widths(model: TimmModule) -> list[BranchWidths]:
     """Widths of the 2·depth blocks in forward order (hard-mask counts for a gated model)."""
     if isinstance(model, GatedViT):
         return [b.widths() for _, b in model.branches()]
@@ -28,7 +29,7 @@ def block_widths(model: nn.Module) -> list[BranchWidths]:
     return out
 
 
-def _heads(model: nn.Module) -> int:
+def _heads(model: TimmModule) -> int:
     """The most heads any attention branch has (the stock model's head count unless all were pruned)."""
     inner = model.model if isinstance(model, GatedViT) else model
     counts = [getattr(blk.attn.fn if isinstance(blk, PrunedLayer) and not isinstance(blk.attn, nn.Identity)
@@ -36,7 +37,7 @@ def _heads(model: nn.Module) -> int:
     return max(counts, default=0) or 1
 
 
-def _kept_params(model: nn.Module, w: BranchWidths, branch: nn.Module, heads: int) -> int:
+def _kept_params(model: TimmModule, w: BranchWidths, branch: TimmModule, heads: int) -> int:
     """A branch's Linear parameters: as stored, or (gated model) what its hard masks keep, biases as they exist."""
     if isinstance(model, GatedViT):
         s = model.spec
@@ -45,7 +46,7 @@ def _kept_params(model: nn.Module, w: BranchWidths, branch: nn.Module, heads: in
     return sum(p.numel() for m in branch.modules() if isinstance(m, nn.Linear) for p in m.parameters())
 
 
-def describe(model: nn.Module) -> dict:
+def describe(model: TimmModule) -> dict:
     """Parameter and FLOP counts (one multiply-add = one FLOP, per image) and per-block widths."""
     inner = model.model if isinstance(model, GatedViT) else model
     pe = inner.patch_embed
@@ -70,7 +71,7 @@ def describe(model: nn.Module) -> dict:
             "full_head_dim": full_attn.inner, "blocks": rows}
 
 
-def pruning_rates(pruned: nn.Module, dense: nn.Module) -> dict:
+def pruning_rates(pruned: TimmModule, dense: TimmModule) -> dict:
     """Both rates a pruned model can be described by: of all parameters and of block parameters.
 
     The paper's 75% / 90% are fractions of all parameters; `--budget blocks` counts only the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from p3bkit.errors import ArchError
+from p3bkit.models.adapter import TimmModule
 from p3bkit.models.arch import ModelSource
 
 
@@ -19,13 +20,13 @@ def _size(v) -> int | list[int]:
     return v[0] if v[0] == v[1] else list(v)
 
 
-def _layer_scale(blk: nn.Module) -> float | None:
+def _layer_scale(blk: TimmModule) -> float | None:
     ls = getattr(blk, "ls1", None)
     gamma = getattr(ls, "gamma", None)
     return None if gamma is None else 1.0  # the value is a weight, loaded afterwards; only its presence counts
 
 
-def infer_source(model: nn.Module) -> ModelSource:
+def infer_source(model: TimmModule) -> ModelSource:
     """The `ModelSource` that rebuilds `model`'s architecture with timm (weights not included).
 
     Raises:
@@ -54,5 +55,5 @@ def infer_source(model: nn.Module) -> ModelSource:
     return ModelSource(name, kwargs)
 
 
-def _mlp_ratio(model: nn.Module) -> float:
+def _mlp_ratio(model: TimmModule) -> float:
     return model.blocks[0].mlp.fc1.out_features / model.embed_dim

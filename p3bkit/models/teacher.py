@@ -58,7 +58,7 @@ def dense_origin(model: nn.Module, name: str, kwargs: dict, pretrained: bool = F
         return {**origin, "why": f"its dense model's {model.num_classes}-class classifier started from random weights "
                                  f"(the pretrained weights have {rows} classes)"}
     folder = (Path(name) / ARCH_FILE).is_file()
-    ref = DenseRef(_absolute(name) if folder else name, dict(kwargs), pretrained, _absolute(pretrained_file),
+    ref = DenseRef(str(Path(name).resolve()) if folder else name, dict(kwargs), pretrained, _absolute(pretrained_file),
                    _absolute(weights))
     return {**origin, "dense": asdict(ref)}
 
