@@ -100,7 +100,7 @@ def pretrained_overlay(pretrained_file: str | os.PathLike) -> dict:
 
 
 def create_model(name: str, pretrained: bool = False, weights: str | None = None,
-                 pretrained_file: str | None = None, **kwargs) -> nn.Module:
+                 pretrained_file: str | None = None, **kwargs) -> TimmModule:
     """Build a model from a pruned folder, a preset or a timm name (+ optional local weights).
 
     `pretrained=True` uses timm's own loader (hub or local cache); `pretrained_file` loads a local
@@ -159,7 +159,7 @@ def loads_weights(name: str, pretrained: bool = False, pretrained_file: str | No
 
 
 def build_user_model(name: str, pretrained: bool = False, pretrained_file: str | None = None,
-                     weights: str | None = None, kwargs: dict | None = None, say=None) -> nn.Module:
+                     weights: str | None = None, kwargs: dict | None = None, say=None) -> TimmModule:
     """`create_model` for a command's --model and its options, saying (through `say`) when a
     pretrained classifier was dropped for another class count."""
     kwargs = kwargs or {}

@@ -64,7 +64,8 @@ def measure_model(model_ref: str, data: str | None = None, steps: int = 200, bat
     # the BPI rate a quick prune run trains them with (a base rate at batch 512, scaled: 5e-4 at 64)
     opt = torch.optim.AdamW(bpi.parameters(), lr=RECIPES["quick"].lr_bpi * batch_size / 512, weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
-    rec, acc_c, acc_p, count, step, losses = StateRecorder(model), 0.0, 0.0, 0, 0, []
+    rec, count, step, losses = StateRecorder(model), 0, 0, []
+    acc_c, acc_p = torch.zeros(()), torch.zeros(())  # ΔΨ summed over the second half (broadcast to the blocks)
     try:
         while step < steps:
             for x, y in make_loader(bundle.train, batch_size, True, seed=seed + step):

@@ -9,13 +9,17 @@ the backbone. ΔΨᵢ = L(Ψᵢ(x_{i−1})) − L(Ψᵢ(x_i)).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock
 
+from p3bkit.errors import P3BError
 from p3bkit.prune.config import ClassHead
+
+if TYPE_CHECKING:
+    from p3bkit.models.adapter import TimmModule
 
 Criterion = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -28,6 +32,8 @@ def ce_loss(cls: torch.Tensor, dist: torch.Tensor | None, y: torch.Tensor, teach
 def hard_distillation_loss(cls: torch.Tensor, dist: torch.Tensor | None, y: torch.Tensor,
                            teacher: torch.Tensor | None) -> torch.Tensor:
     """DeiT hard distillation: ½·CE(class, y) + ½·CE(dist, argmax teacher) (Appendix F, Eq. 10)."""
+    if teacher is None:
+        raise P3BError("hard distillation needs the teacher's logits: give a --distill-teacher")
     dist = cls if dist is None else dist
     return 0.5 * nn.functional.cross_entropy(cls, y) + 0.5 * nn.functional.cross_entropy(dist, teacher)
 
@@ -84,7 +90,7 @@ class BPI(nn.Module):
         self.heads = nn.ModuleList(BlockIndicator(dim, num_classes, distilled, class_head) for _ in range(2 * depth))
 
     @classmethod
-    def for_model(cls, model: nn.Module, class_head: ClassHead = "linear") -> BPI:
+    def for_model(cls, model: TimmModule, class_head: ClassHead = "linear") -> BPI:
         # an attention-pool model does not classify from its class token: its class head reads the mean token
         class_token = getattr(model, "cls_token", None) is not None and getattr(model, "global_pool", "") != "map"
         return cls(model.embed_dim, len(model.blocks), model.num_classes, tuple(model.patch_embed.grid_size),
@@ -108,10 +114,11 @@ class BPI(nn.Module):
         for i, head in enumerate(self.heads):
             # before and after in one call: half the head calls (the patch heads' BatchNorm then
             # normalises both states with the same statistics, which is what their difference compares)
-            c, d, p = self._logits(head, torch.cat([states[i].detach(), states[i + 1].detach()]))
-            halves = [(t.chunk(2) if t is not None else (None, None)) for t in (c, d, p)]
-            losses_c.append(torch.stack([criterion(halves[0][j], halves[1][j], y, teacher) for j in (0, 1)]))
-            losses_p.append(torch.stack([criterion(halves[2][j], halves[2][j], y, teacher) for j in (0, 1)]))
+            c, d, p = self._logits(cast(BlockIndicator, head), torch.cat([states[i].detach(), states[i + 1].detach()]))
+            cs, ps = c.chunk(2), p.chunk(2)
+            ds = d.chunk(2) if d is not None else (None, None)
+            losses_c.append(torch.stack([criterion(cs[j], ds[j], y, teacher) for j in (0, 1)]))
+            losses_p.append(torch.stack([criterion(ps[j], ps[j], y, teacher) for j in (0, 1)]))
         lc, lp = torch.stack(losses_c), torch.stack(losses_p)  # (2·depth, 2): before / after
         total = lc.sum() + lp.sum()
         return total, (lc[:, 0] - lc[:, 1]).detach(), (lp[:, 0] - lp[:, 1]).detach()
@@ -120,7 +127,7 @@ class BPI(nn.Module):
 class StateRecorder:
     """Records the residual stream before/after every Attention and MLP branch via hooks."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: TimmModule) -> None:
         self.states: list[torch.Tensor] = []
         self._handles = []
         for blk in model.blocks:

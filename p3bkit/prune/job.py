@@ -20,6 +20,7 @@ from p3bkit.console import notify
 from p3bkit.errors import P3BError
 from p3bkit.models.teacher import TEACHER_FILE
 from p3bkit.prune.config import PruneJob
+from p3bkit.prune.costs import LatencyCosts
 from p3bkit.prune.pruner import P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.prune.speed import SpeedChecks
@@ -162,12 +163,13 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
             f"{job.kd_temperature:g})")
     check_batch(data, job.batch_size, ctx.world, data.mixup is not None)
     spe = len(make_loader(data.train, job.batch_size // ctx.world, True, rank=ctx.rank, world=ctx.world))
-    sched = Schedule(*(e * spe for e in job.epochs), tau_max=job.p3b.tau)
+    warmup, sparsify, sharpen = job.epochs
+    sched = Schedule(warmup * spe, sparsify * spe, sharpen * spe, tau_max=job.p3b.tau)
     _warn_sparse_updates(sched, job.p3b.update_every, say)
     _warn_few_indicator_images(job.batch_size // ctx.world, say)
     table = _latency_table(job, gated, say)
     checks = SpeedChecks(dense, table, job.p3b.target_ms, job.speed_checks) \
-        if table is not None and job.speed_checks else None
+        if table is not None and job.p3b.target_ms is not None and job.speed_checks else None  # a table has a target
     pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
                        lr_scale=job.batch_size / 512, latency_table=table).to(ctx.device)
     if ctx.active:
@@ -208,12 +210,12 @@ def _speed_check(pruner: P3BPruner, checks: SpeedChecks, layers: list[dict], rec
     row = None
     if ctx.main:
         try:
-            row = checks.check(layers, pruner.costs.target_ms)
+            row = checks.check(layers, pruner.latency().target_ms)
         except Exception as e:  # a check is advice: the run goes on with the target it has (and says so)
             notify(f"speed check at {100 * progress:.0f}% of sparsify failed ({type(e).__name__}: {e}); "
-                   f"latency target kept at {pruner.costs.target_ms:.3f} ms")
+                   f"latency target kept at {pruner.latency().target_ms:.3f} ms")
             log.append({"type": "speed_check", "step": record["step"], "progress": progress, "error": str(e)})
-    mine = (row["target_ms_after"] if row else pruner.costs.target_ms) if ctx.main else 0.0
+    mine = (row["target_ms_after"] if row else pruner.latency().target_ms) if ctx.main else 0.0
     target = torch.tensor([mine], dtype=torch.float64)
     all_reduce_sum_([target], ctx)  # rank 0's correction, everywhere
     used = pruner.retarget(float(target))
@@ -267,7 +269,7 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teachers: tuple, log: Ru
             check_identical(torch.cat([g.mask for g in pruner.gated.gates.values()]), ctx, "the masks")
             log.append({**record, "type": "mask_update", "epoch": epoch + 1, **stats,
                         "block_keep": pruner.kept_branch_params_ratio()})
-            if layers is not None:
+            if layers is not None and checks is not None:  # a plan is asked for by a speed check only
                 _speed_check(pruner, checks, layers, record, ctx, log)
         return {"loss": float(stats["loss"]), "keep": pruner.kept_branch_params_ratio()}
 
@@ -322,7 +324,7 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
                "lr_model": pruner.optimizer.param_groups[0]["lr"], "lr_bpi": pruner.optimizer.param_groups[-1]["lr"],
                "surgery_max_abs_diff": diff, "seconds": seconds, "kappa": pruner.kappa.tolist(),
                "disabled_blocks": [i for i, d in enumerate(pruner.disabled.tolist()) if d]}
-    if pruner.costs is not pruner.params:
+    if isinstance(pruner.costs, LatencyCosts):
         summary["latency"] = pruner.costs.report(pruned.p3b_arch.layers)
         if pruner.both_budgets:
             summary["latency"]["bound"] = pruner.bound

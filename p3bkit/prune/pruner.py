@@ -35,6 +35,13 @@ class SoftTargets(NamedTuple):
 class P3BPruner(nn.Module):
     """Trains a gated ViT while pruning it with P3B."""
 
+    delta_c: torch.Tensor  # buffers (registered in __init__)
+    delta_p: torch.Tensor
+    delta_count: torch.Tensor
+    kappa: torch.Tensor
+    disabled: torch.Tensor
+    step: torch.Tensor
+
     def __init__(self, gated: GatedViT, cfg: P3BConfig, schedule: Schedule, criterion: Criterion = ce_loss,
                  lr_scale: float = 1.0, latency_table=None) -> None:
         """`lr_scale` multiplies both learning rates (the DeiT rule: batch size / 512).
@@ -49,14 +56,15 @@ class P3BPruner(nn.Module):
         self.bpi = BPI.for_model(gated.model, cfg.bpi_class_head)
         self.branches = [b for _, b in gated.branches()]
         self.params = ParameterCosts(gated, cfg.keep, cfg.budget, cfg.remove_below)
-        self.costs = LatencyCosts(gated, latency_table, cfg.target_ms, cfg.remove_below) if cfg.target_ms else self.params
+        latency = LatencyCosts(gated, latency_table, cfg.target_ms, cfg.remove_below) if cfg.target_ms else None
+        self.costs: LatencyCosts | ParameterCosts = latency if latency is not None else self.params
         # a latency target with a parameter budget (`_targets_within_params`)
-        self.both_budgets = self.costs is not self.params and cfg.keep_too
+        self.both_budgets = latency is not None and cfg.keep_too
         self.bound: str | None = None  # which of the two bound the last update: "latency" or "parameters"
-        if self.both_budgets:
+        if latency is not None and self.both_budgets:
             if cfg.keep_ratios is not None:
                 raise P3BError("handcrafted keep ratios take no budget: drop the parameter budget or the latency target")
-            self.costs.check_parameter_budget(self.params)
+            latency.check_parameter_budget(self.params)
         self.allocation: Allocation = make_allocation(cfg)
         n = len(self.branches)
         self.register_buffer("delta_c", torch.zeros(n))
@@ -323,11 +331,15 @@ class P3BPruner(nn.Module):
             layers[i // 2]["attn" if i % 2 == 0 else "mlp"] = branch
         return layers
 
+    def latency(self) -> LatencyCosts:
+        """The latency costs of a run with a latency target (refused for a parameter budget)."""
+        if not isinstance(self.costs, LatencyCosts):
+            raise P3BError("a parameter budget has no latency target")
+        return self.costs
+
     def retarget(self, target_ms: float, clamp: bool = True) -> float:
         """Allocate for a corrected latency target from the next mask update on (`prune.speed`)."""
-        if self.costs is self.params:
-            raise P3BError("a parameter budget has no latency target to correct")
-        return self.costs.retarget(target_ms, clamp)
+        return self.latency().retarget(target_ms, clamp)
 
     def _param_curve(self, i: int, cache: dict) -> torch.Tensor:
         """Parameters branch `i` keeps at each width `_choose` can pick (its ranking's top k, or the
@@ -388,7 +400,7 @@ class P3BPruner(nn.Module):
 
     def extra_state(self) -> dict:
         return {"allocation": self.allocation.state_dict(), "optimizer": self.optimizer.state_dict(), "bound": self.bound,
-                **({"target_ms": self.costs.target_ms} if self.costs is not self.params else {})}
+                **({"target_ms": self.costs.target_ms} if isinstance(self.costs, LatencyCosts) else {})}
 
     def load_extra_state(self, state: dict) -> None:
         self.allocation.load_state_dict(state["allocation"])

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from p3bkit.errors import P3BError
+
 MAX_STEP = 1.5  # the most one check may scale the target by (a noisy timing cannot throw the run off)
 BUSY = 1.10  # a dense time this much above the steadiest one seen: the host is busy, time again
 TRIES = 3  # timings per check before it gives up on a busy host (and keeps the target)
@@ -60,7 +62,9 @@ def steady_time(dense: nn.Module, table, archs: list[list[dict]], runs: int, ref
 class SpeedChecks:
     """`rounds` speed checks during sparsify, and the measured speedup of the result (module doc)."""
 
-    def __init__(self, dense: nn.Module, table, asked_ms: float, rounds: int, runs: int = 100) -> None:
+    def __init__(self, dense: nn.Module | None, table, asked_ms: float, rounds: int, runs: int = 100) -> None:
+        """`dense`: the model the checks time pruned versions beside (None on a rank that times nothing:
+        under torchrun rank 0 times, the others only follow the schedule of checks)."""
         self.dense, self.table, self.rounds, self.runs = dense, table, rounds, runs
         self.asked_speedup = table.dense_ms / asked_ms
         self.done = 0  # check points passed
@@ -75,6 +79,8 @@ class SpeedChecks:
     def time(self, layers: list[dict]) -> dict:
         """Measured and predicted speedup of `layers` over the dense model timed beside it
         (`host_busy`: the dense model stayed > 10% slower than its steadiest time, `steady_time`)."""
+        if self.dense is None:
+            raise P3BError("speed checks time on the rank that holds the dense model (rank 0)")
         dense_ms, (ms,), busy = steady_time(self.dense, self.table, [layers], self.runs, self.reference_ms)
         if not busy:
             self.reference_ms = min(self.reference_ms, dense_ms)
