@@ -1,7 +1,7 @@
 # `make demo`: set up and run the main job on the embedded digits data set.
 # `make test`: set up, check the import layering (import-linter contracts in pyproject.toml) and lint (ruff: import order, unused
-#              imports, undefined names, syntax; package, benchmarks and tests), type-check (mypy: the modules
-#              [tool.mypy] lists), run the fast suite
+#              imports, undefined names, syntax; package, benchmarks and tests), type-check (mypy: the whole
+#              package, [tool.mypy]), run the fast suite
 #              (unit and CLI tests on tiny models, about 2 minutes on a 2-core EPYC, 3 on a Xeon: the loop while changing code).
 # `make test-all`: the same checks and every test, the slow ones too (demo, torchrun, signals, exports to every
 #              runtime, DeiT-S sized runs; about 14 minutes on a 2-core EPYC, 20 on a 2-core Xeon): what CI runs (bash .ci/run).

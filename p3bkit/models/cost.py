@@ -7,9 +7,13 @@ fvcore convention used by DeiT and the paper: one multiply-add counts as one FLO
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Union
+
+if TYPE_CHECKING:
+    import torch
 
 BranchKind = Literal["attn", "mlp"]
+Width = Union[int, "torch.Tensor"]  # a width, or integer tensor of widths (a cost curve over many at once)
 
 
 @dataclass(frozen=True)
@@ -17,14 +21,14 @@ class BranchWidths:
     """Kept widths of one branch: input channels, inner width, output channels."""
 
     kind: BranchKind
-    c_in: int
-    inner: int  # head dims (per head) for attention, hidden units for the MLP
-    c_out: int
-    heads: int | None = None  # attention heads kept (None: the model's head count)
+    c_in: Width
+    inner: Width  # head dims (per head) for attention, hidden units for the MLP
+    c_out: Width
+    heads: Width | None = None  # attention heads kept (None: the model's head count)
 
     @property
     def empty(self) -> bool:
-        return min(self.c_in, self.inner, self.c_out, 1 if self.heads is None else self.heads) == 0
+        return bool(min(self.c_in, self.inner, self.c_out, 1 if self.heads is None else self.heads) == 0)  # ints only
 
 
 def branch_params(w: BranchWidths, num_heads: int, bias_in: bool, bias_out: bool):
@@ -41,11 +45,11 @@ def branch_params(w: BranchWidths, num_heads: int, bias_in: bool, bias_out: bool
 
 
 def branch_flops(w: BranchWidths, num_heads: int, num_tokens: int) -> int:
-    """Multiply-adds of one branch for one image (linear layers + attention matmuls)."""
+    """Multiply-adds of one branch for one image (linear layers + attention matmuls); integer widths."""
     if w.empty:
         return 0
     n = num_tokens
     if w.kind == "attn":
         hd = (num_heads if w.heads is None else w.heads) * w.inner
-        return n * w.c_in * 3 * hd + 2 * n * n * hd + n * hd * w.c_out
-    return n * w.c_in * w.inner + n * w.inner * w.c_out
+        return int(n * w.c_in * 3 * hd + 2 * n * n * hd + n * hd * w.c_out)
+    return int(n * w.c_in * w.inner + n * w.inner * w.c_out)

@@ -59,7 +59,9 @@ def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: fl
             kappa[over] = cap[over]
             free &= ~over
             continue
-        under = free & (kappa * sizes < floor) if floor is not None else torch.zeros_like(free)
+        if floor is None:
+            break
+        under = free & (kappa * sizes < floor)
         if not under.any():
             break
         smallest = torch.where(under, kappa * sizes / floor.clamp(min=1e-12), torch.full_like(kappa, float("inf")))
@@ -123,6 +125,12 @@ class AllocationInput:
     useful: torch.Tensor | None = None  # the smallest useful cost of each branch (below it: removed)
     full_window: bool = True  # the measurements average a whole update window
     removals_open: bool = True  # while sparsify runs; after it (sharpen, the last update) removals are settled
+
+    def useful_widths(self) -> torch.Tensor:
+        """`useful`, which removal decisions need (they are made only when it is given)."""
+        if self.useful is None:
+            raise RuntimeError("removal decisions need the branches' smallest useful costs")
+        return self.useful
 
 
 class Allocation:
@@ -229,48 +237,56 @@ class P3BAllocation(Allocation):
         minimum = smallest if self.remove_below > 0 else None
         return allocate_keep_ratios(imp, inp.full, inp.budget, inp.disabled | self.removed, cap=cap, minimum=minimum)
 
+    def _decisions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(removed, streak): the removal state `targets` creates at its first call."""
+        if self.removed is None or self.streak is None:
+            raise RuntimeError("removal decisions before the first allocation")
+        return self.removed, self.streak
+
     def _decide_removals(self, inp: AllocationInput, active: torch.Tensor) -> None:
         """Remove a branch after `patience` windows below its useful cost; restore one well above it.
 
         Removed branches compete in these two allocations like the others (only disabled ones are
         out), so a branch that became useful again is seen as such.
         """
+        removed, streak = self._decisions()
         now = block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
         smooth = self._smoothed(self.ema_full, now, inp.full_window)
         kept = [allocate_keep_ratios(imp, inp.full, inp.budget, inp.disabled, floor=inp.useful).double() * inp.full
                 for imp in (smooth, now.double())]
         below = (kept[0] == 0) & (kept[1] == 0) & active
-        self.streak = torch.where(below & ~self.removed, self.streak + 1, torch.zeros_like(self.streak))
+        self.streak = streak = torch.where(below & ~removed, streak + 1, torch.zeros_like(streak))
         budget = inp.budget * float(inp.full.sum())
         for i in torch.argsort(smooth, stable=True).tolist():  # least important first
-            stays = active & ~self.removed
+            stays = active & ~removed
             stays[i] = False
-            if self.streak[i] >= self.patience and not self.removed[i] and float(inp.full[stays].sum()) >= budget:
-                self.removed[i] = True  # never past what the branches left can hold
-        restore_at = torch.minimum(self.restore_margin * inp.useful, inp.full)
-        back = self.removed & active & torch.stack([k >= restore_at for k in kept]).all(0)
-        self.removed &= ~back
+            if streak[i] >= self.patience and not removed[i] and float(inp.full[stays].sum()) >= budget:
+                removed[i] = True  # never past what the branches left can hold
+        restore_at = torch.minimum(self.restore_margin * inp.useful_widths(), inp.full)
+        back = removed & active & torch.stack([k >= restore_at for k in kept]).all(0)
+        removed &= ~back
 
     def _settle_removals(self, inp: AllocationInput, active: torch.Tensor) -> None:
         """After sparsify: bring back the most important removed branches while the kept ones could
         not hold the budget even at full width, remove the least important kept ones (γ per full cost,
         smoothed) while they cannot fit it at their smallest useful widths; then no more decisions."""
         self.settled = True
+        removed, _ = self._decisions()
         imp = self.ema_full.value if self.ema_full.value is not None else \
             block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
-        kept = active & ~self.removed
+        kept = active & ~removed
         budget = inp.budget * float(inp.full.sum())
         for i in torch.argsort(imp.double(), descending=True, stable=True).tolist():  # most important first
             if float(inp.full[kept].sum()) >= budget:
                 break
-            if self.removed[i] and active[i]:  # removals over several windows left too little to hold the budget
-                kept[i], self.removed[i] = True, False
+            if removed[i] and active[i]:  # removals over several windows left too little to hold the budget
+                kept[i], removed[i] = True, False
         for i in torch.argsort(imp.double(), stable=True).tolist():
-            if float(inp.useful[kept].sum()) <= budget or int(kept.sum()) <= 1:
+            if float(inp.useful_widths()[kept].sum()) <= budget or int(kept.sum()) <= 1:
                 break
             if kept[i]:
                 kept[i] = False
-                self.removed[i] = True
+                removed[i] = True
 
     def state_dict(self) -> dict:
         return {"ema": self.ema.state_dict(), "ema_full": self.ema_full.state_dict(), "streak": self.streak,

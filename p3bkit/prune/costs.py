@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from p3bkit.errors import P3BError
-from p3bkit.models.cost import BranchWidths, branch_params
+from p3bkit.models.cost import BranchKind, BranchWidths, branch_params
 from p3bkit.models.gates import GatedViT
 
 
@@ -54,7 +54,7 @@ def _counts(order_gate: torch.Tensor, names: list[str]) -> torch.Tensor:
     return counts
 
 
-def kept_cost_curve(order_gate: torch.Tensor, names: list[str], kind: str,
+def kept_cost_curve(order_gate: torch.Tensor, names: list[str], kind: BranchKind,
                     num_heads: int, bias: tuple[bool, bool], full: dict[str, int]) -> torch.Tensor:
     """Branch Linear parameters when keeping the top-k elements, for every k = 0..n (vectorised).
 
@@ -170,9 +170,9 @@ class LatencyCosts:
         self.curves = [None if "heads" in b.gates() else
                        torch.from_numpy(table.branch_curve(b.widths().kind, b.gates()[_inner(b)].size))
                        for b in self.branches]
-        self.full = torch.tensor([float(c[-1]) if c is not None else float(self._grid[-1, -1]) for c in self.curves],
+        self.full = torch.tensor([float(c[-1]) if c is not None else float(self._heads_grid()[-1, -1]) for c in self.curves],
                                  dtype=torch.float64)
-        self.unit = torch.tensor([float(c[1]) if c is not None else float(self._grid[1, 1]) for c in self.curves],
+        self.unit = torch.tensor([float(c[1]) if c is not None else float(self._heads_grid()[1, 1]) for c in self.curves],
                                  dtype=torch.float64)
         self.useful = torch.maximum(remove_below * self.full, self.unit)
         dense = self.fixed_ms + float(self.full.sum())
@@ -184,6 +184,12 @@ class LatencyCosts:
                            f"on {table.backend}: nothing to prune")
         self.dense_ms = dense
         self.budget_share = (target_ms - self.fixed_ms) / float(self.full.sum())
+
+    def _heads_grid(self) -> torch.Tensor:
+        """ms of an attention branch keeping h heads of d dims, [H+1, d+1] (whole-head structure only)."""
+        if self._grid is None:
+            raise P3BError("a grid over head counts belongs to the whole-head structure (--structure heads)")
+        return self._grid
 
     def retarget(self, target_ms: float, clamp: bool = True) -> float:
         """Allocate for `target_ms` from now on (a speed check's correction), kept between the
@@ -197,12 +203,13 @@ class LatencyCosts:
 
     def options(self, i: int, params: ParameterCosts) -> tuple[torch.Tensor, torch.Tensor]:
         """(parameters, predicted ms) of every width branch `i` can be pruned to, removal included."""
-        if self.curves[i] is None:
-            return params.grid(i).flatten(), self._grid.flatten()
+        curve = self.curves[i]
+        if curve is None:
+            return params.grid(i).flatten(), self._heads_grid().flatten()
         gates = list(self.branches[i].gates())
         n = self.branches[i].gates()[_inner(self.branches[i])].size
         order_gate = torch.full((n,), gates.index(_inner(self.branches[i])))
-        return params.curve(i, order_gate), self.curves[i]
+        return params.curve(i, order_gate), curve
 
     def fastest_at(self, params: ParameterCosts, kept_params: float) -> float:
         """A lower bound on the predicted ms of any architecture keeping `kept_params` branch
@@ -250,17 +257,18 @@ class LatencyCosts:
         for c, b in zip(self.curves, self.branches):
             gates = b.gates()
             out.append(float(c[gates[_inner(b)].kept()]) if c is not None else
-                       float(self._grid[gates["heads"].kept(), gates["head_dim"].kept()]))
+                       float(self._heads_grid()[gates["heads"].kept(), gates["head_dim"].kept()]))
         return torch.tensor(out, dtype=torch.float64)
 
     def curve(self, i: int, order_gate: torch.Tensor) -> torch.Tensor:
-        if self.curves[i] is None:
+        curve = self.curves[i]
+        if curve is None:
             counts = _counts(order_gate, list(self.branches[i].gates()))
-            return torch.cummax(self._grid[counts[:, 0], counts[:, 1]], 0).values
-        return self.curves[i]
+            return torch.cummax(self._heads_grid()[counts[:, 0], counts[:, 1]], 0).values
+        return curve
 
     def grid(self, i: int) -> torch.Tensor:
-        return self._grid
+        return self._heads_grid()
 
     def log_fields(self) -> dict:
         return {"predicted_ms": self.fixed_ms + float(self.kept().sum())}
