@@ -1,9 +1,9 @@
 """Latency budget vs parameter budget on digits, at equal predicted latency (5 seeds, paired).
 
-Per seed: train the dense digits-vit (as accuracy_digits.py), prune it with P3B-inner at a
-parameter budget (`--rate`, fraction of all parameters), predict that model's latency with the
-latency table, then prune the same dense model with the latency budget set to that prediction
-(`--target-latency-ms`); fine-tune both the same way. At the end every pruned model (and the
+Per seed: train the dense digits-vit (`p3bkit train`'s pipeline, 30 epochs), prune it with
+P3B-inner at a parameter budget (`--rate`, fraction of all parameters), predict that model's latency
+with the latency table, then prune the same dense model with the latency budget set to that
+prediction (`--target-latency-ms`); fine-tune both with `p3bkit finetune`'s defaults. At the end every pruned model (and the
 dense one) is exported and timed on the table's runtime, interleaved in one process, so the
 comparison is at measured as well as predicted latency.
 
@@ -22,35 +22,31 @@ import tempfile
 import time
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from p3bkit.backends import get_backend
 from p3bkit.bench import BenchConfig, run_bench
-from p3bkit.data import load_data
 from p3bkit.export import artefact_name, export_model
 from p3bkit.latency.measure import TableConfig, in_fresh_process, measure_latency_table
 from p3bkit.latency.table import LatencyTable
-from p3bkit.models import load, save
 from p3bkit.models.factory import create_model
 from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
-from p3bkit.train.fit import FitConfig, evaluate, fit, seed_everything
+from p3bkit.train.jobs import run_finetune, run_train
 
 RESULTS = Path(__file__).parent / "results"
 QUICK = RECIPES["quick"]
 FORMAT = {b: get_backend(b).format for b in ("onnxruntime", "openvino")}
 
 
-def prune_and_finetune(work: Path, ckpt: Path, seed: int, name: str, cfg: P3BConfig, table: str | None, finetune: int):
-    job = PruneJob(out=str(work / f"{name}_{seed}"), model="digits-vit", weights=str(ckpt), epochs=(1, 4, 4),
-                   structure="inner", seed=seed, progress=False, latency_table=table, p3b=cfg)
+def prune_and_finetune(work: Path, dense: Path, seed: int, name: str, cfg: P3BConfig, table: str | None, finetune: int,
+                       speed_checks: int):
+    """`p3bkit prune` of the dense folder, then `p3bkit finetune` with its defaults (run_prune, run_finetune)."""
+    job = PruneJob(out=str(work / f"{name}_{seed}"), model=str(dense), data="digits", epochs=(1, 4, 4),
+                   structure="inner", seed=seed, progress=False, latency_table=table, p3b=cfg, speed_checks=speed_checks)
     s = run_prune(job)
-    pruned = load(Path(job.out) / "pruned")
-    data = load_data("digits")
-    fit(pruned, data, FitConfig(epochs=finetune, lr=5e-4, warmup_epochs=0, seed=seed, progress=False))
-    save(pruned, work / f"{name}_{seed}_ft")
-    return {"acc_pruned": s["val_acc_pruned"], "acc_finetuned": evaluate(pruned, data.val), "params": s["params_kept"],
+    ft = run_finetune(str(Path(job.out) / "pruned"), str(work / f"{name}_{seed}_ft"), data="digits", epochs=finetune,
+                      seed=seed, progress=False)
+    return {"acc_pruned": s["val_acc_pruned"], "acc_finetuned": ft["val_acc"], "params": s["params_kept"],
             "arch": json.loads((work / f"{name}_{seed}_ft" / "arch.json").read_text())["layers"],
             "disabled_blocks": s["disabled_blocks"], "folder": str(work / f"{name}_{seed}_ft")}
 
@@ -63,6 +59,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--finetune", type=int, default=8)
     ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--speed-checks", type=int, default=0,
+                    help="prune's speed checks for the latency budget (default 0: they would correct the target away "
+                         "from the parameter-budget model's predicted time, the point of equal latency)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="latency-digits-"))
     atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
@@ -73,24 +72,19 @@ def main() -> None:
     table.save(lut)
     rows, t0 = [], time.time()
     for seed in args.seeds:
-        seed_everything(seed)
-        dense = create_model("digits-vit")
-        data = load_data("digits")
-        fit(dense, data, FitConfig(epochs=30, lr=2e-3, seed=seed, progress=False))
-        ckpt = work / f"dense_{seed}.safetensors"
-        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, ckpt)
+        dense = work / f"dense_{seed}"  # `p3bkit train` with its defaults (the from-scratch recipe)
+        trained = run_train("digits-vit", str(dense), data="digits", epochs=30, seed=seed, progress=False)
         base = dict(update_every=10, lr_model=QUICK.lr, lr_bpi=QUICK.lr_bpi)
-        params = prune_and_finetune(work, ckpt, seed, "params", P3BConfig(keep=1 - args.rate / 100, **base), None,
-                                    args.finetune)
+        params = prune_and_finetune(work, dense, seed, "params", P3BConfig(keep=1 - args.rate / 100, **base), None,
+                                    args.finetune, 0)
         target = LatencyTable.load(lut).predict(params["arch"])
-        latency = prune_and_finetune(work, ckpt, seed, "latency", P3BConfig(target_ms=target, **base), str(lut),
-                                     args.finetune)
-        rows.append({"seed": seed, "dense_acc": evaluate(dense, data.val), "target_ms": target,
+        latency = prune_and_finetune(work, dense, seed, "latency", P3BConfig(target_ms=target, **base), str(lut),
+                                     args.finetune, args.speed_checks)
+        rows.append({"seed": seed, "dense_acc": trained["val_acc"], "target_ms": target,
                      "params_budget": params, "latency_budget": latency})
         print(f"seed {seed}: params {params['acc_finetuned']:.2f}% vs latency {latency['acc_finetuned']:.2f}% "
               f"at {target:.3f} ms predicted ({time.time() - t0:.0f} s)", flush=True)
-    save(dense, work / "dense")
-    refs = [str(work / "dense")]
+    refs = [str(dense)]  # the last seed's dense model: every seed's has the same architecture
     for r in rows:
         for key in ("params_budget", "latency_budget"):
             fmt = FORMAT[args.backend]
@@ -98,7 +92,7 @@ def main() -> None:
             r[key]["artefact"] = str(work / f"{Path(r[key]['folder']).name}_{fmt}" / artefact_name(fmt))
             refs.append(r[key]["artefact"])
     dense_art = work / f"dense_{FORMAT[args.backend]}"
-    export_model(str(work / "dense"), FORMAT[args.backend], dense_art)
+    export_model(str(dense), FORMAT[args.backend], dense_art)
     refs[0] = str(dense_art / artefact_name(FORMAT[args.backend]))
     rep = in_fresh_process(run_bench, refs, args.backend, "cpu", None, "fp32",
                            BenchConfig(runs=args.runs, warmup=20, block=20, threads=args.threads), False, None, False,
@@ -110,7 +104,7 @@ def main() -> None:
             r[key]["measured_ms"], r[key]["predicted_ms"] = b["stats"]["median_ms"], b["predicted_ms"]
             del r[key]["arch"]
     report = {"command": "python benchmarks/latency_budget_digits.py " + " ".join(
-        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None),
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None),
               "machine": rep["machine"], "protocol": rep["protocol"], "dense_ms": by_ref[refs[0]]["stats"]["median_ms"],
               "rows": rows, "seconds": time.time() - t0, "table": str(lut.relative_to(RESULTS))}
     (RESULTS / "latency_budget_digits.json").write_text(json.dumps(report, indent=1))
