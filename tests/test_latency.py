@@ -38,8 +38,13 @@ def test_table_grid_and_prediction_of_the_dense_model(ort_table):
     assert t.machine["versions"]["onnxruntime"] and t.protocol["onnxruntime_spinning"] is False
     assert all(v >= 0 for v in t.mlp_ms) and all(v >= 0 for v in t.attn_ms[0])
     assert 0 < t.fixed_ms < t.dense_ms
-    # the calibration includes the dense model, so the table reproduces it closely
-    assert abs(t.predict() - t.dense_ms) / t.dense_ms < 0.25
+    # the dense model written out layer by layer predicts what the dense shortcut does (how close a
+    # prediction comes to a measurement is timing, left to `latency-table --check` and benchmarks/)
+    full = list(range(64))
+    layers = [{"attn": {"in": full, "out": full, "head_dim": list(range(16)), "heads": list(range(4))},
+               "mlp": {"in": full, "out": full, "hidden": list(range(256))}} for _ in range(3)]
+    assert t.predict(layers) == pytest.approx(t.predict(), rel=1e-12)
+    assert t.predict([{"attn": None, "mlp": None}] * 3) == pytest.approx(t.fixed_ms, rel=1e-12)
     curve = t.branch_curve("mlp", 256)
     assert curve[0] == 0 and np.all(np.diff(curve) >= 0) and curve[-1] > 0
 

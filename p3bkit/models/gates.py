@@ -182,8 +182,10 @@ class GatedMlp(nn.Module):
     def __init__(self, mlp: Mlp, structure: Structure) -> None:
         super().__init__()
         names = STRUCTURE_GATES[structure]["mlp"]
-        self.act, self.drop1, self.drop2 = mlp.act, mlp.drop1, mlp.drop2
-        self.fc1, self.fc2 = cast(nn.Linear, mlp.fc1), cast(nn.Linear, mlp.fc2)
+        # registered in timm's order (fc1, act, drop1, fc2, drop2): parameter order, and so optimizer
+        # state in checkpoints, stays as it was for activations with parameters too
+        self.fc1, self.act, self.drop1 = cast(nn.Linear, mlp.fc1), mlp.act, mlp.drop1
+        self.fc2, self.drop2 = cast(nn.Linear, mlp.fc2), mlp.drop2
         self.gate_in = _gate_or_identity(names, "in", self.fc1.in_features)
         self.gate_hidden = Gate(self.fc1.out_features)
         self.gate_out = _gate_or_identity(names, "out", self.fc2.out_features)

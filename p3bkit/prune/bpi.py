@@ -33,7 +33,7 @@ def hard_distillation_loss(cls: torch.Tensor, dist: torch.Tensor | None, y: torc
                            teacher: torch.Tensor | None) -> torch.Tensor:
     """DeiT hard distillation: ½·CE(class, y) + ½·CE(dist, argmax teacher) (Appendix F, Eq. 10)."""
     if teacher is None:
-        raise P3BError("hard distillation needs the teacher's logits: give a --distill-teacher")
+        raise P3BError("hard distillation needs the teacher's logits (none were computed for this batch)")
     dist = cls if dist is None else dist
     return 0.5 * nn.functional.cross_entropy(cls, y) + 0.5 * nn.functional.cross_entropy(dist, teacher)
 
