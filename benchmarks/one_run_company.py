@@ -42,10 +42,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sets", nargs="*", default=None, help="only these sets (default: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", help="results file stem (default one_run_company_<model>_<label>; give another for a "
+                    "quick look that must not replace the committed table)")
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
     args = ap.parse_args()
+    stem = RESULTS / (args.name or f"one_run_company_{args.model}_{args.label}")
     if args.report:
-        stem = RESULTS / f"one_run_company_{args.model}_{args.label}"
         write_report(stem, json.loads(stem.with_suffix(".json").read_text()))
         return
 
@@ -88,12 +90,12 @@ def main() -> None:
                   f"{dense / pruned:.2f}×", flush=True)
         machine = report["machine"]
 
-    stem = RESULTS / f"one_run_company_{args.model}_{args.label}"
     setup = (f"{machine['cpu']}, {args.threads} threads, OpenVINO fp32, batch 1, fixed batch axis, median of "
              f"{args.runs} runs; allocation {args.model}_{args.label} (results/allocations), random weights")
     command = ("python benchmarks/one_run_company.py --model " + args.model + " --label " + args.label
                + " --others " + " ".join(args.others) + f" --runs {args.runs} --rounds {args.rounds} --threads {args.threads}"
-               + (" --sets " + " ".join(f"'{x}'" for x in args.sets) if args.sets else ""))
+               + (" --sets " + " ".join(f"'{x}'" for x in args.sets) if args.sets else "")
+               + (f" --name {args.name}" if args.name else ""))
     data = {"setup": setup, "command": command, "machine": machine, "args": vars(args), "node": platform.node(),
             "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1))

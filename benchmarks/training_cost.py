@@ -25,13 +25,14 @@ import torch
 from common import digits_image_folder
 
 from p3bkit.backends import machine_info
+from p3bkit.backends.timing import BenchConfig, Timed, time_interleaved
 from p3bkit.data import make_loader
 from p3bkit.data.datasets import load_image_folder
 from p3bkit.models import add_gates
 from p3bkit.models.factory import create_model
 from p3bkit.prune.pruner import P3BConfig, P3BPruner
 from p3bkit.prune.schedule import Schedule
-from p3bkit.train.fit import FitConfig, make_optimizer
+from p3bkit.train.fit import FitConfig, TrainStep
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {  # name: (timm model or preset, constructor arguments, image size, batch)
@@ -47,29 +48,16 @@ def step_times(name: str, rounds: int, fractions: list[float]) -> dict:
     torch.manual_seed(0)
     c = 1 if model_ref == "digits-vit" else 3
     x, y = torch.randn(batch, c, size, size), torch.randint(0, 10, (batch,))
-    plain = create_model(model_ref, **kwargs).train()
-    opt, _ = make_optimizer(plain, FitConfig(epochs=1), 10)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-
-    def plain_step() -> None:
-        loss = loss_fn(plain(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    plain = TrainStep(create_model(model_ref, **kwargs).train(), FitConfig(epochs=1), 10)  # `p3bkit train`'s step
     pruners = []
     for f in fractions:
         gated = add_gates(create_model(model_ref, **kwargs), "heads").train()
         pruners.append(P3BPruner(gated, P3BConfig(keep=0.25, update_every=10 ** 6, bpi_fraction=f), Schedule(0, 100, 0)))
-    steps = {"plain": plain_step, **{f"p3b@{f:g}": (lambda p=p: p.train_step(x, y)) for f, p in zip(fractions, pruners)}}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for fn in steps.values():  # one untimed step each (allocations, first-call costs)
-        fn()
-    for _ in range(rounds):
-        for k, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
+    steps = [Timed("plain", "torch", lambda: plain(x, y)),
+             *(Timed(f"p3b@{f:g}", "torch", lambda p=p: p.train_step(x, y)) for f, p in zip(fractions, pruners))]
+    # one untimed step each (allocations, first-call costs), then one step of each in turn per round
+    ms = time_interleaved(steps, BenchConfig(runs=rounds, warmup=1, warmup_seconds=0.0, block=1, block_warmup=0))
+    times = {t.name: [v / 1e3 for v in lat] for t, lat in zip(steps, ms)}
     return {"batch": batch, "img_size": size, **{k: statistics.median(v) for k, v in times.items()}}
 
 

@@ -1,6 +1,7 @@
 """Recovery with the dense teacher: `finetune` distils from the model a pruned folder was pruned from."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -70,6 +71,43 @@ def test_distillation_loss_by_hand():
     # batchmean: a batch of a row that agrees with its teacher and this one halves the KL
     both = distillation_loss(torch.zeros(2, 2), torch.cat([torch.zeros(1, 2), teacher]), torch.tensor(0.0), 1.0, 1.0)
     assert both.item() == pytest.approx(kl1 / 2)
+
+
+def _step_pair(teacher: bool):
+    """A seeded digits-vit under `p3bkit train`'s step (with a copy of itself as teacher), and a batch."""
+    from p3bkit.models.factory import create_model
+    from p3bkit.train.fit import FitConfig, TrainStep
+
+    torch.manual_seed(0)
+    model = create_model("digits-vit", drop_path_rate=0.0).train()
+    x, y = torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,))
+    cfg = FitConfig(epochs=2, label_smoothing=0.0, teacher=copy.deepcopy(model).eval() if teacher else None)
+    return model, TrainStep(model, cfg, steps_per_epoch=3), x, y
+
+
+def test_the_training_step_adds_the_teacher_term():
+    """A student identical to its teacher: the KL is 0, so the step's loss is (1 − w)·cross entropy."""
+    from p3bkit.models.outputs import logits_of
+
+    model, step, x, y = _step_pair(teacher=True)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(logits_of(model(x)), y).item()
+    assert step(x, y) == pytest.approx((1 - step.cfg.kd_weight) * ce, rel=1e-5)
+    assert step(x, y) != pytest.approx((1 - step.cfg.kd_weight) * ce, rel=1e-3)  # the student moved, the KL is not 0
+
+
+def test_the_training_step_resumes_exactly_from_its_state():
+    """Optimiser moments and the lr schedule travel in state_dict: a restored step continues as the original."""
+    model, step, x, y = _step_pair(teacher=False)
+    step(x, y)
+    step(x, y)
+    saved = copy.deepcopy({"model": model.state_dict(), **step.state_dict()})
+    expected = [step(x, y) for _ in range(3)]
+    other, restored, _, _ = _step_pair(teacher=False)
+    other.load_state_dict(saved["model"])
+    restored.load_state_dict(saved)
+    assert restored.sched.last_epoch == 2  # the schedule's place was restored
+    assert [restored(x, y) for _ in range(3)] == pytest.approx(expected, rel=1e-6)
 
 
 def test_finetune_distils_from_the_dense_model_it_was_pruned_from(distilled, dense_weights, run_dir):

@@ -75,7 +75,7 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, hard_l
     return (1 - weight) * hard_loss + weight * t * t * kl
 
 
-def make_optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
+def _optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
     """AdamW (no decay on biases, norms, tokens: timm's rule) + linear warm-up + cosine decay."""
     from timm.optim import param_groups_weight_decay
 
@@ -91,6 +91,42 @@ def make_optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+class TrainStep:
+    """One optimiser step of `p3bkit train` and `finetune`: Mixup/CutMix when the data brings it, cross
+    entropy (label smoothing without Mixup), the distillation term with a teacher, AdamW, the lr schedule.
+
+    `net` is what the batch goes through (the DDP wrapper under torchrun), `model` what owns the
+    parameters; the optimiser and schedule are built for `steps_per_epoch` steps per epoch. Calling it
+    returns the batch's loss (a float)."""
+
+    def __init__(self, model: nn.Module, cfg: FitConfig, steps_per_epoch: int, mixup=None, net: nn.Module | None = None):
+        self.model, self.net, self.cfg, self.mixup = model, net or model, cfg, mixup
+        self.opt, self.sched = _optimizer(model, cfg, steps_per_epoch)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if mixup else cfg.label_smoothing)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        logits = logits_of(self.net(x))
+        loss = self.criterion(logits, y)
+        if self.cfg.teacher is not None:  # it sees the same (mixed) images
+            with torch.no_grad():
+                taught = logits_of(self.cfg.teacher(x))
+            loss = distillation_loss(logits, taught, loss, self.cfg.kd_weight, self.cfg.kd_temperature)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
 
 
 def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
@@ -112,32 +148,19 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
 
         net = DDP(model)
     local = cfg.batch_size // ctx.world
-    opt, sched = make_optimizer(model, cfg, len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world)))
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if data.mixup else cfg.label_smoothing)
+    train_step = TrainStep(model, cfg, len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world)),
+                           data.mixup, net)
     run: dict[str, Any] = {"running": 0.0, "history": []}
 
     def load(state: dict) -> None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        train_step.load_state_dict(state)
         run.update(running=state["running"], history=json.loads(state["history"]))
 
     def step(epoch: int, batch) -> dict:
-        x, y = (t.to(ctx.device) for t in batch)
-        if data.mixup is not None:
-            x, y = data.mixup(x, y)
-        logits = logits_of(net(x))
-        loss = criterion(logits, y)
-        if cfg.teacher is not None:  # it sees the same (mixed) images
-            with torch.no_grad():
-                taught = logits_of(cfg.teacher(x))
-            loss = distillation_loss(logits, taught, loss, cfg.kd_weight, cfg.kd_temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        run["running"] += loss.item()
-        return {"loss": loss.item()}
+        loss = train_step(*(t.to(ctx.device) for t in batch))
+        run["running"] += loss
+        return {"loss": loss}
 
     def end_epoch(epoch: int, batches: int) -> str:
         acc = evaluate(model, data.val, device=ctx.device, ctx=ctx)
@@ -147,8 +170,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
         return f"train loss {record['loss']:.3f}, val top-1 {acc:.2f}%"
 
     def state() -> dict:
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "running": run["running"], "history": json.dumps(run["history"])}
+        return {"model": model.state_dict(), **train_step.state_dict(), "running": run["running"],
+                "history": json.dumps(run["history"])}
 
     def loader(epoch: int, first: int):
         return make_loader(data.train, local, True, seed=cfg.seed + epoch, rank=ctx.rank, world=ctx.world,
