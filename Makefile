@@ -1,6 +1,7 @@
 # `make demo`: set up and run the main job on the embedded digits data set.
-# `make test`: set up, check the import layering (import-linter contracts in pyproject.toml) and lint (ruff: import order, unused
-#              imports, undefined names, syntax; package, benchmarks and tests), type-check (mypy: the whole
+# `make test`: set up, check the import layering (import-linter contracts in pyproject.toml), lint (ruff: import order, unused
+#              imports, undefined names, syntax; package, benchmarks and tests) and their formatting (ruff format --check;
+#              `make format` rewrites them), type-check (mypy: the whole
 #              package, [tool.mypy]), run the fast suite
 #              (unit and CLI tests on tiny models, about 2 minutes on a 2-core EPYC, 3 on a Xeon: the loop while changing code).
 # `make test-all`: the same checks and every test, the slow ones too (demo, torchrun, signals, exports to every
@@ -23,7 +24,12 @@ demo: setup
 lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/ruff check p3bkit benchmarks tests
+	$(BIN)/ruff format --check p3bkit benchmarks tests
 	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format p3bkit benchmarks tests
+	$(BIN)/ruff check --fix p3bkit benchmarks tests
 
 test: lint
 	$(BIN)/python -m pytest
@@ -31,4 +37,4 @@ test: lint
 test-all: lint
 	$(BIN)/python -m pytest -m 'slow or not slow'
 
-.PHONY: setup demo lint test test-all
+.PHONY: setup demo lint format test test-all

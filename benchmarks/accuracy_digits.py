@@ -13,6 +13,7 @@ paper's six gates), `p3b-inner` (P3B on head dims + MLP hidden only), `uniform` 
     python benchmarks/accuracy_digits.py --merge parts/*.json
 Writes benchmarks/results/accuracy_digits.{json,md,png}, with a paired comparison per seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,85 +70,139 @@ QUICK = RECIPES["quick"]
 
 def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> dict:
     m = METHODS[method]
-    cfg = P3BConfig(keep=1 - rate / 100, budget="total", update_every=m.get("update_every", args.update_every),
-                    allocation=m["allocation"], frozen=m.get("frozen", False), ema_momentum=m.get("ema_momentum", 0.2),
-                    alpha=m.get("alpha", 0.5), bpi_class_head=m.get("bpi_class_head", "linear"),
-                    remove_below=m.get("remove_below", 0.0), bpi_fraction=m.get("bpi_fraction", 0.125),
-                    head_weight=m.get("head_weight", 1.0), head_score_floor=m.get("head_score_floor", 0.0),
-                    lr_model=QUICK.lr,
-                    lr_bpi=QUICK.lr_bpi)
+    cfg = P3BConfig(
+        keep=1 - rate / 100,
+        budget="total",
+        update_every=m.get("update_every", args.update_every),
+        allocation=m["allocation"],
+        frozen=m.get("frozen", False),
+        ema_momentum=m.get("ema_momentum", 0.2),
+        alpha=m.get("alpha", 0.5),
+        bpi_class_head=m.get("bpi_class_head", "linear"),
+        remove_below=m.get("remove_below", 0.0),
+        bpi_fraction=m.get("bpi_fraction", 0.125),
+        head_weight=m.get("head_weight", 1.0),
+        head_score_floor=m.get("head_score_floor", 0.0),
+        lr_model=QUICK.lr,
+        lr_bpi=QUICK.lr_bpi,
+    )
     epochs = (m.get("warmup", args.epochs[0]), *args.epochs[1:])
-    job = PruneJob(out=str(work / f"{method}_{rate}_{seed}"), model="digits-vit", weights=str(ckpt),
-                   epochs=epochs, structure=m["structure"], seed=seed, progress=False, p3b=cfg)
+    job = PruneJob(
+        out=str(work / f"{method}_{rate}_{seed}"),
+        model="digits-vit",
+        weights=str(ckpt),
+        epochs=epochs,
+        structure=m["structure"],
+        seed=seed,
+        progress=False,
+        p3b=cfg,
+        teacher="none",  # its committed numbers were made without a teacher (the default before)
+    )
     s = run_prune(job)
     pruned = load(Path(job.out) / "pruned")
     data = load_data("digits")
     fit(pruned, data, FitConfig(epochs=args.finetune, lr=5e-4, warmup_epochs=0, seed=seed, progress=False))
     d = describe(pruned)
-    return {"method": method, "rate": rate, "seed": seed, "acc_pruned": s["val_acc_pruned"],
-            "acc_finetuned": evaluate(pruned, data.val), "params": d["params"], "flops": d["flops"],
-            "total_keep": s["total_keep"], "block_keep": s["block_keep_nominal"], "kappa": s["kappa"],
-            "removed": [i for i, layer in enumerate(pruned.p3b_arch.layers) for k in ("attn", "mlp") if not layer[k]],
-            "heads": [len(l["attn"].get("heads", range(pruned.p3b_arch.source.kwargs.get("num_heads", 4))))
-                      if l["attn"] else 0 for l in pruned.p3b_arch.layers],
-            "disabled_blocks": s["disabled_blocks"]}
+    return {
+        "method": method,
+        "rate": rate,
+        "seed": seed,
+        "acc_pruned": s["val_acc_pruned"],
+        "acc_finetuned": evaluate(pruned, data.val),
+        "params": d["params"],
+        "flops": d["flops"],
+        "total_keep": s["total_keep"],
+        "block_keep": s["block_keep_nominal"],
+        "kappa": s["kappa"],
+        "removed": [i for i, layer in enumerate(pruned.p3b_arch.layers) for k in ("attn", "mlp") if not layer[k]],
+        "heads": [
+            len(l["attn"].get("heads", range(pruned.p3b_arch.source.kwargs.get("num_heads", 4)))) if l["attn"] else 0
+            for l in pruned.p3b_arch.layers
+        ],
+        "disabled_blocks": s["disabled_blocks"],
+    }
 
 
 def summarize(rows: list[dict], dense: list[float]) -> str:
-    lines = [f"Dense digits-vit: {statistics.mean(dense):.2f} ± {statistics.pstdev(dense):.2f} % top-1 "
-             f"({len(dense)} seeds)\n", "| method | pruned | top-1 after prune (%) | top-1 after fine-tune (%) | params | FLOPs |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Dense digits-vit: {statistics.mean(dense):.2f} ± {statistics.pstdev(dense):.2f} % top-1 "
+        f"({len(dense)} seeds)\n",
+        "| method | pruned | top-1 after prune (%) | top-1 after fine-tune (%) | params | FLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         for rate in sorted({r["rate"] for r in rows}):
             sel = [r for r in rows if r["method"] == method and r["rate"] == rate]
             if not sel:
                 continue
             f = lambda k: f"{statistics.mean(r[k] for r in sel):.2f} ± {statistics.pstdev(r[k] for r in sel):.2f}"  # noqa: E731
-            lines.append(f"| {method} | {rate}% | {f('acc_pruned')} | {f('acc_finetuned')} | "
-                         f"{statistics.mean(r['params'] for r in sel):,.0f} | {statistics.mean(r['flops'] for r in sel) / 1e6:.2f} M |")
+            lines.append(
+                f"| {method} | {rate}% | {f('acc_pruned')} | {f('acc_finetuned')} | "
+                f"{statistics.mean(r['params'] for r in sel):,.0f} | {statistics.mean(r['flops'] for r in sel) / 1e6:.2f} M |"
+            )
     return "\n".join(lines) + "\n\n" + paired(rows) + "\n" + structure(rows) + "\n" + kappa_agreement(rows)
 
 
 def structure(rows: list[dict]) -> str:
     """What each method kept: branches removed (of 12) and heads per kept attention branch (of 4)."""
-    lines = ["Structure of the pruned models (mean over seeds):\n", "| method | pruned | branches removed | heads per kept attention |",
-             "|---|---|---|---|"]
+    lines = [
+        "Structure of the pruned models (mean over seeds):\n",
+        "| method | pruned | branches removed | heads per kept attention |",
+        "|---|---|---|---|",
+    ]
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         for rate in sorted({r["rate"] for r in rows}):
             sel = [r for r in rows if r["method"] == method and r["rate"] == rate and "removed" in r]
             if sel:
                 heads = [h for r in sel for h in r["heads"] if h]
-                lines.append(f"| {method} | {rate}% | {statistics.mean(len(r['removed']) for r in sel):.1f} | "
-                             f"{statistics.mean(heads) if heads else 0:.2f} |")
+                lines.append(
+                    f"| {method} | {rate}% | {statistics.mean(len(r['removed']) for r in sel):.1f} | "
+                    f"{statistics.mean(heads) if heads else 0:.2f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
 def kappa_agreement(rows: list[dict]) -> str:
     """The indicators on 1/8 of each batch (p3b-heads) vs on all of it (p3b-heads-fullbpi): final κ per branch."""
     by = {(r["method"], r["rate"], r["seed"]): r for r in rows}
-    pairs = [(by[k], by[("p3b-heads-fullbpi", *k[1:])]) for k in by if k[0] == "p3b-heads" and ("p3b-heads-fullbpi", *k[1:]) in by]
+    pairs = [
+        (by[k], by[("p3b-heads-fullbpi", *k[1:])])
+        for k in by
+        if k[0] == "p3b-heads" and ("p3b-heads-fullbpi", *k[1:]) in by
+    ]
     if not pairs:
         return ""
-    lines = ["Indicators on 1/8 of each batch (p3b-heads) vs all of it (p3b-heads-fullbpi), per rate:\n",
-             "| pruned | mean abs Δκ per branch | κ correlation | top-1 diff (1/8 − all) | per seed |", "|---|---|---|---|---|"]
+    lines = [
+        "Indicators on 1/8 of each batch (p3b-heads) vs all of it (p3b-heads-fullbpi), per rate:\n",
+        "| pruned | mean abs Δκ per branch | κ correlation | top-1 diff (1/8 − all) | per seed |",
+        "|---|---|---|---|---|",
+    ]
     for rate in sorted({a["rate"] for a, _ in pairs}):
         sel = [(a, b) for a, b in pairs if a["rate"] == rate]
         dk = statistics.mean(abs(x - y) for a, b in sel for x, y in zip(a["kappa"], b["kappa"]))
         corr = statistics.mean(float(np.corrcoef(a["kappa"], b["kappa"])[0, 1]) for a, b in sel)
         d = [a["acc_finetuned"] - b["acc_finetuned"] for a, b in sel]
-        lines.append(f"| {rate}% | {dk:.3f} | {corr:.2f} | {statistics.mean(d):+.2f} | {' '.join(f'{x:+.1f}' for x in d)} |")
+        lines.append(
+            f"| {rate}% | {dk:.3f} | {corr:.2f} | {statistics.mean(d):+.2f} | {' '.join(f'{x:+.1f}' for x in d)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def paired(rows: list[dict]) -> str:
     """Per-seed differences (same dense model, data and seed) of each P3B structure against the baselines."""
     acc = {(r["method"], r["rate"], r["seed"]): r["acc_finetuned"] for r in rows}
-    lines = ["Paired per seed, top-1 after fine-tune (points; wins = seeds where the first is higher):\n",
-             "| comparison | pruned | mean diff | per seed | wins |", "|---|---|---|---|---|"]
+    lines = [
+        "Paired per seed, top-1 after fine-tune (points; wins = seeds where the first is higher):\n",
+        "| comparison | pruned | mean diff | per seed | wins |",
+        "|---|---|---|---|---|",
+    ]
     variants = sorted({m for (m, _, _) in acc if m.startswith("p3b-") and m not in ("p3b-inner", "p3b-heads")})
-    pairs = {"p3b-heads": ("p3b-inner", "global-magnitude", "uniform", "p3b"),
-             "p3b": ("uniform", "global-magnitude"), "p3b-inner": ("uniform", "global-magnitude", "p3b"),
-             **{v: ("global-magnitude", "p3b-inner", "p3b-heads") for v in variants}}
+    pairs = {
+        "p3b-heads": ("p3b-inner", "global-magnitude", "uniform", "p3b"),
+        "p3b": ("uniform", "global-magnitude"),
+        "p3b-inner": ("uniform", "global-magnitude", "p3b"),
+        **{v: ("global-magnitude", "p3b-inner", "p3b-heads") for v in variants},
+    }
     for a, bs in pairs.items():
         for b in bs:
             for rate in sorted({r["rate"] for r in rows}):
@@ -155,8 +210,10 @@ def paired(rows: list[dict]) -> str:
                 if not seeds:
                     continue
                 d = [acc[(a, rate, s)] - acc[(b, rate, s)] for s in seeds]
-                lines.append(f"| {a} − {b} | {rate}% | {statistics.mean(d):+.2f} | "
-                             f"{' '.join(f'{x:+.1f}' for x in d)} | {sum(x > 0 for x in d)}/{len(d)} |")
+                lines.append(
+                    f"| {a} − {b} | {rate}% | {statistics.mean(d):+.2f} | "
+                    f"{' '.join(f'{x:+.1f}' for x in d)} | {sum(x > 0 for x in d)}/{len(d)} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +250,9 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=8)
     ap.add_argument("--threads", type=int, help="torch threads (one per process when running parts in parallel)")
     ap.add_argument("--work", default="/tmp/p3bkit-accuracy")
-    ap.add_argument("--dense-from", help="a --work folder of an earlier run: reuse its dense models (dense_SEED.safetensors)")
+    ap.add_argument(
+        "--dense-from", help="a --work folder of an earlier run: reuse its dense models (dense_SEED.safetensors)"
+    )
     ap.add_argument("--part", help="write rows to this JSON after every run instead of the results folder")
     ap.add_argument("--merge", nargs="+", help="merge --part files and write the results")
     ap.add_argument("--machine", default="this 2-core CPU", help="recorded with the results")
@@ -206,27 +265,48 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         dense = {s: d for p in parts for s, d in p["dense"].items()}
-        commands = sorted({re.sub(r"--seeds [\d ]+--rates [\d ]+", "--seeds … --rates … ", p["command"]) for p in parts})
-        meta = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "dense": [dense[s] for s in sorted(dense)],
-                "seconds": max(p["seconds"] for p in parts), "parts": len(parts), "machine": args.machine,
-                "note": args.note, "command": "; ".join(commands) + f" — merged with --merge ({len(parts)} parts)"}
+        commands = sorted(
+            {re.sub(r"--seeds [\d ]+--rates [\d ]+", "--seeds … --rates … ", p["command"]) for p in parts}
+        )
+        meta = {
+            **parts[0],
+            "rows": [r for p in parts for r in p["rows"]],
+            "dense": [dense[s] for s in sorted(dense)],
+            "seconds": max(p["seconds"] for p in parts),
+            "parts": len(parts),
+            "machine": args.machine,
+            "note": args.note,
+            "command": "; ".join(commands) + f" — merged with --merge ({len(parts)} parts)",
+        }
         write_outputs(meta, args.name, write_json=True)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    flags = [f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-             for k, v in vars(args).items() if k in ("seeds", "rates", "methods", "epochs", "update_every", "finetune")]
-    meta = {"command": "python benchmarks/accuracy_digits.py " + " ".join(flags), "seconds": 0.0, "dense": {},
-            "rows": [], "settings": vars(args), "machine": args.machine}
+    flags = [
+        f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+        for k, v in vars(args).items()
+        if k in ("seeds", "rates", "methods", "epochs", "update_every", "finetune")
+    ]
+    meta = {
+        "command": "python benchmarks/accuracy_digits.py " + " ".join(flags),
+        "seconds": 0.0,
+        "dense": {},
+        "rows": [],
+        "settings": vars(args),
+        "machine": args.machine,
+    }
     t0 = time.time()
     for seed in args.seeds:
         seed_everything(seed)  # the dense initialisation is part of the seed
         model = create_model("digits-vit")
         data = load_data("digits")
-        ckpt = Path(args.dense_from) / f"dense_{seed}.safetensors" if args.dense_from else \
-            work / f"dense_{seed}.safetensors"
+        ckpt = (
+            Path(args.dense_from) / f"dense_{seed}.safetensors"
+            if args.dense_from
+            else work / f"dense_{seed}.safetensors"
+        )
         if args.dense_from:  # the same seed's dense model from an earlier run (same training, read back)
             load_weights(model, ckpt)
         else:
@@ -238,8 +318,11 @@ def main() -> None:
                 meta["rows"].append(run_one(work, ckpt, method, rate, seed, args))
                 r = meta["rows"][-1]
                 meta["seconds"] = time.time() - t0
-                print(f"seed {seed} {method} {rate}%: {r['acc_pruned']:.2f} → {r['acc_finetuned']:.2f} "
-                      f"({time.time() - t0:.0f} s)", flush=True)
+                print(
+                    f"seed {seed} {method} {rate}%: {r['acc_pruned']:.2f} → {r['acc_finetuned']:.2f} "
+                    f"({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
                 if args.part:
                     Path(args.part).write_text(json.dumps(meta, indent=1))
     if not args.part:
@@ -253,10 +336,13 @@ def write_outputs(meta: dict, name: str, write_json: bool = False) -> None:
         (RESULTS / f"{name}.json").write_text(json.dumps(meta, indent=1))
     text = summarize(meta["rows"], meta["dense"])
     how = meta.get("machine", "2 CPU cores")
-    (RESULTS / f"{name}.md").write_text(f"# Accuracy on digits\n\n`{meta['command']}` (longest part "
-                                        f"{meta['seconds'] / 60:.0f} min, "
-                                        f"{how}; rates are fractions of all parameters, fp32)\n\n"
-                                        + (f"{meta['note']}\n\n" if meta.get("note") else "") + text)
+    (RESULTS / f"{name}.md").write_text(
+        f"# Accuracy on digits\n\n`{meta['command']}` (longest part "
+        f"{meta['seconds'] / 60:.0f} min, "
+        f"{how}; rates are fractions of all parameters, fp32)\n\n"
+        + (f"{meta['note']}\n\n" if meta.get("note") else "")
+        + text
+    )
     plot(meta["rows"], meta["dense"], RESULTS / f"{name}.png")
     print(text)
 

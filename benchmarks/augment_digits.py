@@ -8,6 +8,7 @@ seed and epochs; top-1 on the validation split. This is the setting where the De
     python benchmarks/augment_digits.py --epochs 15      # ~10 min on 2 CPU cores
 Writes benchmarks/results/augment_digits.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,17 +39,34 @@ def main() -> None:
     rows = []
     for aug in args.augments:
         t0 = time.time()
-        s = run_train("vit_tiny_patch16_224", str(work / aug), data=str(data), epochs=args.epochs, lr=args.lr,
-                      model_kwargs=KWARGS, augment=aug, progress=False)
+        s = run_train(
+            "vit_tiny_patch16_224",
+            str(work / aug),
+            data=str(data),
+            epochs=args.epochs,
+            lr=args.lr,
+            model_kwargs=KWARGS,
+            augment=aug,
+            progress=False,
+        )
         rows.append({"augment": aug, "val_top1": s["val_acc"], "history": s["history"], "seconds": time.time() - t0})
         print(f"{aug}: top-1 {s['val_acc']:.2f}% after {args.epochs} epochs ({time.time() - t0:.0f} s)", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"command": f"python benchmarks/augment_digits.py --epochs {args.epochs} --lr {args.lr}", "rows": rows,
-            "model": KWARGS, "machine": "this 2-core CPU, 2 threads, fp32"}
+    meta = {
+        "command": f"python benchmarks/augment_digits.py --epochs {args.epochs} --lr {args.lr}",
+        "rows": rows,
+        "model": KWARGS,
+        "machine": "this 2-core CPU, 2 threads, fp32",
+    }
     (RESULTS / "augment_digits.json").write_text(json.dumps(meta, indent=1))
-    lines = ["# Augmentation for small images trained from scratch", "", f"`{meta['command']}` ({meta['machine']}; "
-             "digits as a 28×28 RGB ImageFolder, 6-layer ViT from scratch, seed 0)", "",
-             "| --augment | val top-1 (%) | best epoch top-1 (%) |", "|---|---|---|"]
+    lines = [
+        "# Augmentation for small images trained from scratch",
+        "",
+        f"`{meta['command']}` ({meta['machine']}; digits as a 28×28 RGB ImageFolder, 6-layer ViT from scratch, seed 0)",
+        "",
+        "| --augment | val top-1 (%) | best epoch top-1 (%) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['augment']} | {r['val_top1']:.2f} | {max(h['val_acc'] for h in r['history']):.2f} |" for r in rows]
     (RESULTS / "augment_digits.md").write_text("\n".join(lines) + "\n")
 

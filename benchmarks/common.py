@@ -4,6 +4,7 @@ Benchmarks use p3bkit's public API or its CLI only (tests/test_benchmarks.py che
 benchmark imports a private name); they import this module as `common` (run from the repository
 root or from benchmarks/, Python puts benchmarks/ on the path).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,9 @@ def write_image_folder(root: Path, labels, chosen, image, train: int | None = No
     return root
 
 
-def digits_image_folder(root: Path, size: int = 32, train: int | None = None, val: int | None = None,
-                        resample: str = "bicubic") -> Path:
+def digits_image_folder(
+    root: Path, size: int = 32, train: int | None = None, val: int | None = None, resample: str = "bicubic"
+) -> Path:
     """sklearn's digits as an ImageFolder of RGB PNGs at `size` px (train/ and val/, one folder per
     class, the stratified 80/20 split with seed 0; the first `train` / `val` images of each split
     when given). Pixels 0..16 are scaled to 0..255 and resized (`resample`: bicubic or bilinear)."""
@@ -68,6 +70,7 @@ def digits_image_folder(root: Path, size: int = 32, train: int | None = None, va
     def image(i: int):
         arr = (digits.images[i] * 255 / 16).clip(0, 255).astype("uint8")
         return Image.fromarray(arr).resize((size, size), getattr(Image, resample.upper())).convert("RGB")
+
     write_image_folder(root, digits.target, range(len(digits.target)), image, train, val)
     return root
 

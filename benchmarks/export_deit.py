@@ -5,6 +5,7 @@ ONNX graph's op types in benchmarks/results/export_deit.md.
 
     python benchmarks/export_deit.py
 """
+
 from __future__ import annotations
 
 import atexit
@@ -28,12 +29,17 @@ def main() -> None:
         f = HERE / "results" / "allocations" / f"deit_s_{structure}_75.json"
         arch = PrunedArch.from_json(json.loads(f.read_text()), str(f))
         refs[f"deit_s {structure} 75%"] = str(save(apply_arch(create_stock_model(arch.source), arch), work / structure))
-    lines = ["# DeiT-S exports (CLI, random weights, fp32, this 2-core CPU)\n",
-             "| model | format | write op | seconds | max abs diff (batch 1 / 4) | ONNX op types |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# DeiT-S exports (CLI, random weights, fp32, this 2-core CPU)\n",
+        "| model | format | write op | seconds | max abs diff (batch 1 / 4) | ONNX op types |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, ref in refs.items():
         for fmt in ("onnx", "openvino"):
             out = work / f"{label.replace(' ', '_').replace('%', '')}_{fmt}"
-            subprocess.run([sys.executable, "-m", "p3bkit.cli", "export", ref, "--format", fmt, "-o", str(out)], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "p3bkit.cli", "export", ref, "--format", fmt, "-o", str(out)], check=True
+            )
             rec = json.loads(next(out.glob("*.json")).read_text())
             diffs = " / ".join(f"{b['logits']['max_abs_diff']:.1e}" for b in rec["parity"].values())
             ops = ", ".join(f"{k} {v}" for k, v in rec["op_types"].items())

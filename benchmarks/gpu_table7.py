@@ -11,6 +11,7 @@ Weights are random (throughput depends on the architecture); widths from `result
     python benchmarks/gpu_table7.py --dry-run -o /tmp/gpu_table7.json          # same code path on the CPU:
         batch 2, 2 runs, ONNX Runtime on its CPU provider (what CI runs)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 from common import DEIT, RESULTS, allocation_model, digits_image_folder, p3bkit, work_folder
+
+from p3bkit.backends.timing import BenchConfig, Timed, time_interleaved
 
 ROWS = ["torch eager", "torch.compile", "onnxruntime cuda", "tensorrt fp32", "tensorrt fp16", "tensorrt int8"]
 
@@ -32,8 +35,22 @@ def model_ref(key: str, label: str, work: Path) -> str:
 def bench_ms(ref: str, device: str, batch: int, runs: int, warmup: int, work: Path, *extra) -> float:
     """Median ms per batch of `p3bkit bench` on one reference."""
     out = work / f"bench-{time.monotonic_ns()}.json"
-    p3bkit("bench", ref, "--device", device, "--batch-size", batch, "--runs", runs, "--warmup", warmup,
-           "--json", out, *extra, quiet=True)
+    p3bkit(
+        "bench",
+        ref,
+        "--device",
+        device,
+        "--batch-size",
+        batch,
+        "--runs",
+        runs,
+        "--warmup",
+        warmup,
+        "--json",
+        out,
+        *extra,
+        quiet=True,
+    )
     return json.loads(out.read_text())["results"][0]["stats"]["median_ms"]
 
 
@@ -58,23 +75,32 @@ def ort_ms(ref: str, batch: int, runs: int, warmup: int, work: Path, dry_run: bo
     binding = sess.io_binding()
     binding.bind_input(sess.get_inputs()[0].name, device, 0, np.float32, tuple(x.shape), x.data_ptr())
     binding.bind_output(sess.get_outputs()[0].name, device, 0, np.float32, tuple(y.shape), y.data_ptr())
-    times = []
-    for i in range(warmup + runs):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        sess.run_with_iobinding(binding)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
+    timed = Timed("onnxruntime " + device, "onnxruntime", lambda: sess.run_with_iobinding(binding))
+    if device == "cuda":
+        timed.sync = torch.cuda.synchronize
+    cfg = BenchConfig(runs=runs, warmup=warmup, warmup_seconds=0.0, block=runs)
+    return float(np.median(time_interleaved([timed], cfg)[0]))
 
 
 def trt_ms(ref: str, precision: str, batch: int, runs: int, warmup: int, work: Path, data: Path) -> float:
     out = work / f"trt-{precision}-{time.monotonic_ns()}"
-    args = ["export", ref, "--format", "trt", "--precision", precision, "-o", out, "--no-progress",
-            "--min-batch", 1, "--opt-batch", batch, "--max-batch", batch]  # batch 1: the export's parity check
+    args = [
+        "export",
+        ref,
+        "--format",
+        "trt",
+        "--precision",
+        precision,
+        "-o",
+        out,
+        "--no-progress",
+        "--min-batch",
+        1,
+        "--opt-batch",
+        batch,
+        "--max-batch",
+        batch,
+    ]  # batch 1: the export's parity check
     if precision == "int8":
         args += ["--calib-data", data, "--calib-size", 256]
     p3bkit(*args, quiet=True)
@@ -85,8 +111,15 @@ def run(args) -> dict:
     device = "cpu" if args.dry_run else "cuda"
     batch, runs, warmup = (2, 2, 1) if args.dry_run else (args.batch, args.runs, args.warmup)
     start = time.monotonic()
-    report = {"batch": batch, "runs": runs, "dry_run": args.dry_run, "device": device, "node": platform.node(),
-              "budget": "P3B-heads, 75/90% of all parameters pruned (the paper's budget)", "rows": []}
+    report = {
+        "batch": batch,
+        "runs": runs,
+        "dry_run": args.dry_run,
+        "device": device,
+        "node": platform.node(),
+        "budget": "P3B-heads, 75/90% of all parameters pruned (the paper's budget)",
+        "rows": [],
+    }
     with work_folder("gpu-table7-") as work:
         data = digits_image_folder(work / "digits224", 224, train=300, val=100)
         for key in args.models:
@@ -104,8 +137,15 @@ def run(args) -> dict:
                     else:
                         try:
                             if row.startswith("torch"):
-                                ms = bench_ms(ref, device, batch, runs, warmup, work,
-                                              *(["--compile"] if row == "torch.compile" else []))
+                                ms = bench_ms(
+                                    ref,
+                                    device,
+                                    batch,
+                                    runs,
+                                    warmup,
+                                    work,
+                                    *(["--compile"] if row == "torch.compile" else []),
+                                )
                             elif row == "onnxruntime cuda":
                                 ms = ort_ms(ref, batch, runs, warmup, work, args.dry_run)
                             else:
@@ -113,8 +153,11 @@ def run(args) -> dict:
                             entry.update(status="ok", median_ms=ms, images_per_s=1e3 * batch / ms)
                         except Exception as exc:  # a row that cannot run says why; the others go on
                             entry["status"] = "could not run: " + (str(exc).strip().splitlines() or ["?"])[-1][:300]
-                    print(f"{key} {label:9s} {row:17s} " + (f"{entry['median_ms']:9.2f} ms" if "median_ms" in entry
-                                                            else entry["status"]), flush=True)
+                    print(
+                        f"{key} {label:9s} {row:17s} "
+                        + (f"{entry['median_ms']:9.2f} ms" if "median_ms" in entry else entry["status"]),
+                        flush=True,
+                    )
                     report["rows"].append(entry)
                     save(report, args.out)  # every row as soon as it is measured: a killed run keeps them
     report["seconds"] = time.monotonic() - start
@@ -131,10 +174,15 @@ def save(report: dict, out: Path) -> None:
 
 def format_md(report: dict) -> str:
     """Images/s per model and row, and each pruned model's speedup over its dense model on the same row."""
-    lines = [f"# Table 7, GPU rows (`python benchmarks/gpu_table7.py`{' --dry-run' if report['dry_run'] else ''})", "",
-             f"{report['node']}, device {report['device']}, batch {report['batch']}, median of {report['runs']} runs; "
-             f"budget: {report['budget']}; random weights.", "",
-             "| model | variant | " + " | ".join(ROWS) + " |", "|---|---|" + "---|" * len(ROWS)]
+    lines = [
+        f"# Table 7, GPU rows (`python benchmarks/gpu_table7.py`{' --dry-run' if report['dry_run'] else ''})",
+        "",
+        f"{report['node']}, device {report['device']}, batch {report['batch']}, median of {report['runs']} runs; "
+        f"budget: {report['budget']}; random weights.",
+        "",
+        "| model | variant | " + " | ".join(ROWS) + " |",
+        "|---|---|" + "---|" * len(ROWS),
+    ]
     cells = {(r["model"], r["variant"], r["row"]): r for r in report["rows"]}
     for key, variant in dict.fromkeys((r["model"], r["variant"]) for r in report["rows"]):
         row = []
@@ -145,8 +193,11 @@ def format_md(report: dict) -> str:
             elif "median_ms" not in r:
                 row.append(r["status"].replace("|", "/"))
             else:
-                speed = (f" ({dense['median_ms'] / r['median_ms']:.2f}×)"
-                         if variant != "dense" and dense and "median_ms" in dense else "")
+                speed = (
+                    f" ({dense['median_ms'] / r['median_ms']:.2f}×)"
+                    if variant != "dense" and dense and "median_ms" in dense
+                    else ""
+                )
                 row.append(f"{r['images_per_s']:.0f}/s{speed}")
         lines.append(f"| {key} | {variant} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

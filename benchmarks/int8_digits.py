@@ -7,6 +7,7 @@ artefact on the 360 validation images, through the same runtime. Target: INT8 wi
 
     python benchmarks/int8_digits.py --seeds 0 1 2 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,30 +38,51 @@ def run(args) -> None:
                 for fmt in ("onnx", "openvino"):
                     row = {"seed": seed, "prune_rate": rate, "format": fmt}
                     try:
-                        rec = export_model(str(work / "demo" / "pruned"), fmt, work / fmt, precision="int8",
-                                           int8=Int8Config("digits", args.calib_size, max_drop=args.max_drop,
-                                                           progress=False))
+                        rec = export_model(
+                            str(work / "demo" / "pruned"),
+                            fmt,
+                            work / fmt,
+                            precision="int8",
+                            int8=Int8Config("digits", args.calib_size, max_drop=args.max_drop, progress=False),
+                        )
                         row.update(rec.extra["int8"])
                     except P3BError as exc:  # a tripped gate is a result, not a crash
                         row["error"] = str(exc)
                     rows.append(row)
-                    print(json.dumps({k: row.get(k) for k in ("seed", "prune_rate", "format", "fp32_top1",
-                                                              "int8_top1", "drop", "error")}), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                k: row.get(k)
+                                for k in ("seed", "prune_rate", "format", "fp32_top1", "int8_top1", "drop", "error")
+                            }
+                        ),
+                        flush=True,
+                    )
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-    report = {"rows": rows, "calib_size": args.calib_size, "max_drop": args.max_drop, "threads": args.threads,
-              "budget": "fraction of all parameters pruned (the paper's)", "model": "digits-vit (demo)"}
+    report = {
+        "rows": rows,
+        "calib_size": args.calib_size,
+        "max_drop": args.max_drop,
+        "threads": args.threads,
+        "budget": "fraction of all parameters pruned (the paper's)",
+        "model": "digits-vit (demo)",
+    }
     (RESULTS / "int8_digits.json").write_text(json.dumps(report, indent=1))
     (RESULTS / "int8_digits.md").write_text(format_report(report))
     print(format_report(report))
 
 
 def format_report(report: dict) -> str:
-    lines = ["# INT8 accuracy on digits (`python benchmarks/int8_digits.py`)", "",
-             f"The demo's model pruned by P3B, fine-tuned, then INT8 (calibration: {report['calib_size']} digits "
-             "train images; top-1 on the 360 validation images through each runtime, fp32 graph vs INT8 artefact).",
-             "", "| prune rate | runtime | seeds | fp32 top-1 | INT8 top-1 | drop (mean) | worst drop | within 1 point |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# INT8 accuracy on digits (`python benchmarks/int8_digits.py`)",
+        "",
+        f"The demo's model pruned by P3B, fine-tuned, then INT8 (calibration: {report['calib_size']} digits "
+        "train images; top-1 on the 360 validation images through each runtime, fp32 graph vs INT8 artefact).",
+        "",
+        "| prune rate | runtime | seeds | fp32 top-1 | INT8 top-1 | drop (mean) | worst drop | within 1 point |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for rate in BUDGETS:
         for fmt in ("onnx", "openvino"):
             rs = [r for r in report["rows"] if r["prune_rate"] == rate and r["format"] == fmt]
@@ -70,8 +92,10 @@ def format_report(report: dict) -> str:
             mean = lambda k: sum(r[k] for r in ok) / max(len(ok), 1)  # noqa: E731
             worst = max((r["drop"] for r in ok), default=float("nan"))
             within = sum(r["drop"] <= 1.0 for r in ok)
-            lines.append(f"| {rate}% | {fmt} | {len(rs)} | {mean('fp32_top1'):.2f} | {mean('int8_top1'):.2f} | "
-                         f"{mean('drop'):+.2f} | {worst:+.2f} | {within} of {len(rs)} |")
+            lines.append(
+                f"| {rate}% | {fmt} | {len(rs)} | {mean('fp32_top1'):.2f} | {mean('int8_top1'):.2f} | "
+                f"{mean('drop'):+.2f} | {worst:+.2f} | {within} of {len(rs)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ Exports DeiT-S (dense) and its P3B 75% allocation to OpenVINO IR, then times eac
     python benchmarks/ov_crosscheck.py --threads 2
 Writes benchmarks/results/ov_crosscheck.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,25 @@ def benchmark_app(xml: Path, threads: int, seconds: int) -> dict:
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
     # benchmark_app refuses -nthreads together with a hint: with every core in use the latency hint
     # already runs one stream on all of them; otherwise pin one stream to `threads` threads explicitly
-    tuning = ["-hint", "latency"] if threads == os.cpu_count() else ["-hint", "none", "-nstreams", "1", "-nthreads", str(threads)]
-    cmd = [exe, "-m", str(xml), "-d", "CPU", *tuning, "-t", str(seconds), "-infer_precision", "f32",
-           "-shape", "[1,3,224,224]"]
+    tuning = (
+        ["-hint", "latency"]
+        if threads == os.cpu_count()
+        else ["-hint", "none", "-nstreams", "1", "-nthreads", str(threads)]
+    )
+    cmd = [
+        exe,
+        "-m",
+        str(xml),
+        "-d",
+        "CPU",
+        *tuning,
+        "-t",
+        str(seconds),
+        "-infer_precision",
+        "f32",
+        "-shape",
+        "[1,3,224,224]",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     grab = lambda name: float(re.search(rf"{name}:\s+([\d.]+)\s*ms", out).group(1))  # noqa: E731
     return {"median_ms": grab("Median"), "average_ms": grab("Average"), "command": " ".join(cmd)}
@@ -55,13 +72,18 @@ def main() -> None:
         rec = export_model(ref, "openvino", work / f"ov-{label}")
         xml = work / f"ov-{label}" / rec.files[0]
         ours = run_bench([str(xml)], cfg=BenchConfig(runs=args.runs, warmup=10, threads=args.threads))
-        rows[label] = {"p3bkit_median_ms": ours["results"][0]["stats"]["median_ms"],
-                       "benchmark_app": benchmark_app(xml, args.threads, args.seconds)}
+        rows[label] = {
+            "p3bkit_median_ms": ours["results"][0]["stats"]["median_ms"],
+            "benchmark_app": benchmark_app(xml, args.threads, args.seconds),
+        }
     machine = ours["machine"]
-    lines = ["# p3bkit bench vs OpenVINO benchmark_app\n",
-             f"{machine['cpu']}, {args.threads} threads, f32, batch 1; p3bkit: median of {args.runs} runs; "
-             f"benchmark_app: -hint latency, {args.seconds} s.\n",
-             "| model | p3bkit bench median ms | benchmark_app median ms | ratio |", "|---|---|---|---|"]
+    lines = [
+        "# p3bkit bench vs OpenVINO benchmark_app\n",
+        f"{machine['cpu']}, {args.threads} threads, f32, batch 1; p3bkit: median of {args.runs} runs; "
+        f"benchmark_app: -hint latency, {args.seconds} s.\n",
+        "| model | p3bkit bench median ms | benchmark_app median ms | ratio |",
+        "|---|---|---|---|",
+    ]
     for label, r in rows.items():
         b = r["benchmark_app"]["median_ms"]
         lines.append(f"| {label} | {r['p3bkit_median_ms']:.2f} | {b:.2f} | {r['p3bkit_median_ms'] / b:.2f} |")

@@ -25,6 +25,7 @@ asks for those speedups over the table's dense model, with the tables in `--late
         deit_b=benchmarks/results/latency/deit_b_openvino.json --train-images 320 --batch-size 16 --epochs 1 2 1 \
         --update-every 3 --threads 2                         # both budgets, this 2-core CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,12 @@ from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
 
 MODELS = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
-STRUCTURES = {"heads": {"structure": "heads", "remove_below": 0.05}, "inner": {"structure": "inner"},
-              "full": {"structure": "full"}, "speed": {"structure": "heads", "remove_below": 0.05}}
+STRUCTURES = {
+    "heads": {"structure": "heads", "remove_below": 0.05},
+    "inner": {"structure": "inner"},
+    "full": {"structure": "full"},
+    "speed": {"structure": "heads", "remove_below": 0.05},
+}
 
 
 def main() -> None:
@@ -58,10 +63,20 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, help="prune on the first N training images (PruneJob.train_images)")
     ap.add_argument("--threads", type=int, help="torch threads (CPU)")
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
-    ap.add_argument("--speed-targets", nargs="+", default=[], metavar="RATE=SPEEDUP",
-                    help="structure speed: the speedup asked at each pruning rate")
-    ap.add_argument("--latency-tables", nargs="+", default=[], metavar="MODEL=TABLE",
-                    help="structure speed: the latency table of each model")
+    ap.add_argument(
+        "--speed-targets",
+        nargs="+",
+        default=[],
+        metavar="RATE=SPEEDUP",
+        help="structure speed: the speedup asked at each pruning rate",
+    )
+    ap.add_argument(
+        "--latency-tables",
+        nargs="+",
+        default=[],
+        metavar="MODEL=TABLE",
+        help="structure speed: the latency table of each model",
+    )
     args = ap.parse_args()
     speed = {int(k): float(v) for k, v in (a.split("=") for a in args.speed_targets)}
     tables = dict(a.split("=") for a in args.latency_tables)
@@ -83,39 +98,81 @@ def main() -> None:
                 if not resume:
                     shutil.rmtree(run_dir, ignore_errors=True)
                 quick = RECIPES["quick"]
-                job = PruneJob(out=str(run_dir), model=MODELS[key], data=data, epochs=tuple(args.epochs),
-                               batch_size=args.batch_size, structure=STRUCTURES[structure]["structure"],
-                               device=args.device, progress=False, bf16=args.bf16, augment="none",
-                               train_images=args.train_images,
-                               latency_table=tables[key] if structure == "speed" else None,
-                               target_speedup=speed[prune] if structure == "speed" else None,
-                               p3b=P3BConfig(keep=1 - prune / 100, budget="total", update_every=args.update_every,
-                                             lr_model=quick.lr, lr_bpi=quick.lr_bpi,
-                                             remove_below=STRUCTURES[structure].get("remove_below", 0.0),
-                                             keep_too=structure == "speed"))
+                job = PruneJob(
+                    out=str(run_dir),
+                    model=MODELS[key],
+                    data=data,
+                    epochs=tuple(args.epochs),
+                    batch_size=args.batch_size,
+                    structure=STRUCTURES[structure]["structure"],
+                    device=args.device,
+                    progress=False,
+                    bf16=args.bf16,
+                    augment="none",
+                    train_images=args.train_images,
+                    latency_table=tables[key] if structure == "speed" else None,
+                    target_speedup=speed[prune] if structure == "speed" else None,
+                    p3b=P3BConfig(
+                        keep=1 - prune / 100,
+                        budget="total",
+                        update_every=args.update_every,
+                        lr_model=quick.lr,
+                        lr_bpi=quick.lr_bpi,
+                        remove_below=STRUCTURES[structure].get("remove_below", 0.0),
+                        keep_too=structure == "speed",
+                    ),
+                )
                 s = run_prune(job, resume=resume)
                 arch = json.loads((run_dir / "pruned" / "arch.json").read_text())
-                arch["p3b_run"] = {k: s[k] for k in ("budget", "total_keep", "block_keep_nominal", "params_dense",
-                                                     "params_kept", "kappa", "disabled_blocks", "val_acc_pruned",
-                                                     "surgery_max_abs_diff")}
+                arch["p3b_run"] = {
+                    k: s[k]
+                    for k in (
+                        "budget",
+                        "total_keep",
+                        "block_keep_nominal",
+                        "params_dense",
+                        "params_kept",
+                        "kappa",
+                        "disabled_blocks",
+                        "val_acc_pruned",
+                        "surgery_max_abs_diff",
+                    )
+                }
                 if "latency" in s:
                     arch["p3b_run"]["latency"] = s["latency"]
-                arch["p3b_run"].update(seconds=time.time() - t0, device=args.device, epochs=list(args.epochs),
-                                       data=args.data if not args.train_images else f"{args.data}, first "
-                                       f"{args.train_images} training images", update_every=args.update_every,
-                                       bf16=args.bf16, batch_size=args.batch_size, **STRUCTURES[structure])
+                arch["p3b_run"].update(
+                    seconds=time.time() - t0,
+                    device=args.device,
+                    epochs=list(args.epochs),
+                    data=args.data
+                    if not args.train_images
+                    else f"{args.data}, first {args.train_images} training images",
+                    update_every=args.update_every,
+                    bf16=args.bf16,
+                    batch_size=args.batch_size,
+                    **STRUCTURES[structure],
+                )
                 write_json_atomic(out / f"{key}_{structure}_{prune}.json", arch)
-                print(f"{key} {structure} {prune}%: kept {s['total_keep']:.4f} of all ({s['params_kept']:,}), "
-                      f"{s['block_keep_nominal']:.4f} of blocks, digits top-1 {s['val_acc_pruned']:.1f}, "
-                      f"in {time.time() - t0:.0f} s", flush=True)
+                print(
+                    f"{key} {structure} {prune}%: kept {s['total_keep']:.4f} of all ({s['params_kept']:,}), "
+                    f"{s['block_keep_nominal']:.4f} of blocks, digits top-1 {s['val_acc_pruned']:.1f}, "
+                    f"in {time.time() - t0:.0f} s",
+                    flush=True,
+                )
                 if "latency" in s:
                     lat = s["latency"]
-                    print(f"  predicted {lat['predicted_ms']:.2f} ms = {lat['predicted_speedup']:.2f}× (asked "
-                          f"{lat['target_speedup']:.2f}×; {lat['bound']} bound; fastest at this parameter budget "
-                          f"{lat['fastest_at_parameter_budget_speedup']:.2f}×)", flush=True)
+                    print(
+                        f"  predicted {lat['predicted_ms']:.2f} ms = {lat['predicted_speedup']:.2f}× (asked "
+                        f"{lat['target_speedup']:.2f}×; {lat['bound']} bound; fastest at this parameter budget "
+                        f"{lat['fastest_at_parameter_budget_speedup']:.2f}×)",
+                        flush=True,
+                    )
                     if "measured_speedup" in lat.get("measured", {}):
-                        print(f"  measured {lat['measured']['measured_speedup']:.2f}× beside the dense model after "
-                              f"{len(lat['speed_checks'])} speed check(s)", flush=True)
+                        print(
+                            f"  measured {lat['measured']['measured_speedup']:.2f}× beside the dense model after "
+                            f"{len(lat['speed_checks'])} speed check(s)",
+                            flush=True,
+                        )
                 shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ onnxruntime and OpenVINO (CPU, batch 1, fp32) with per-op-type profiles.
     python benchmarks/residual_io.py --runs 50
 Writes benchmarks/results/residual_io.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,33 +58,51 @@ def main() -> None:
         model = apply_arch(create_stock_model(arch.source), variant(arch, mode, dim))
         refs["folded" if mode == "dense" else mode] = str(save(model, work / mode))
     out_rows, report = [], {"allocation": args.allocation, "runs": args.runs, "backends": {}}
-    for backend, fmt, write_ops in (("onnxruntime", "onnx", ("scatter", "gather")), ("openvino", "openvino", ("scatter", "gather"))):
+    for backend, fmt, write_ops in (
+        ("onnxruntime", "onnx", ("scatter", "gather")),
+        ("openvino", "openvino", ("scatter", "gather")),
+    ):
         arts = {}
         for label, ref in refs.items():
-            for op in (write_ops if label in ("index", "auto") else ("scatter",)):
+            for op in write_ops if label in ("index", "auto") else ("scatter",):
                 name = f"{label}/{op}" if label in ("index", "auto") else label
                 rec = export_model(ref, fmt, work / f"{fmt}-{label}-{op}", write_op=op)
                 arts[name] = str(work / f"{fmt}-{label}-{op}" / rec.files[0])
-        rep = run_bench(list(arts.values()), backend, "cpu", cfg=BenchConfig(runs=args.runs, warmup=10, threads=args.threads),
-                        profile=True)
+        rep = run_bench(
+            list(arts.values()),
+            backend,
+            "cpu",
+            cfg=BenchConfig(runs=args.runs, warmup=10, threads=args.threads),
+            profile=True,
+        )
         report["machine"] = rep["machine"]
         rows = {}
         base = rep["results"][0]["stats"]["median_ms"]
         for (name, art), r in zip(arts.items(), rep["results"]):
             prof = rep["profile"][art]
             top = dict(sorted(prof.items(), key=lambda kv: -kv[1])[:6])
-            rows[name] = {"median_ms": r["stats"]["median_ms"], "speedup": base / r["stats"]["median_ms"],
-                          "flops": r["flops"], "top_ops_ms": top}
-            out_rows.append(f"| {backend} | {name} | {r['stats']['median_ms']:.2f} | {base / r['stats']['median_ms']:.2f}× | "
-                            + ", ".join(f"{k} {v:.2f}" for k, v in top.items()) + " |")
+            rows[name] = {
+                "median_ms": r["stats"]["median_ms"],
+                "speedup": base / r["stats"]["median_ms"],
+                "flops": r["flops"],
+                "top_ops_ms": top,
+            }
+            out_rows.append(
+                f"| {backend} | {name} | {r['stats']['median_ms']:.2f} | {base / r['stats']['median_ms']:.2f}× | "
+                + ", ".join(f"{k} {v:.2f}" for k, v in top.items())
+                + " |"
+            )
         report["backends"][backend] = rows
         print(rep["table"], flush=True)
     m = report["machine"]
-    md = [f"# Residual read/write formulations — {Path(args.allocation).stem}\n",
-          f"{m['cpu']}, {m['threads']} threads, fp32, batch 1, median of {args.runs} interleaved runs. "
-          "Time per op type from the backend's own profiler (ms per inference; profiling adds overhead).\n",
-          "| backend | variant (read-write / write op) | median ms | speedup vs unpruned | top op types (ms) |",
-          "|---|---|---|---|---|", *out_rows]
+    md = [
+        f"# Residual read/write formulations — {Path(args.allocation).stem}\n",
+        f"{m['cpu']}, {m['threads']} threads, fp32, batch 1, median of {args.runs} interleaved runs. "
+        "Time per op type from the backend's own profiler (ms per inference; profiling adds overhead).\n",
+        "| backend | variant (read-write / write op) | median ms | speedup vs unpruned | top op types (ms) |",
+        "|---|---|---|---|---|",
+        *out_rows,
+    ]
     (HERE / "results" / "residual_io.md").write_text("\n".join(md) + "\n")
     (HERE / "results" / "residual_io.json").write_text(json.dumps(report, indent=1))
 

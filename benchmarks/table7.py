@@ -21,6 +21,7 @@ dense baselines: a dynamic axis made the pruned DeiT-S 5–12% slower on OpenVIN
 with latency tables in results/latency/<model>_<backend>.json from this CPU, each row also shows the
 table's prediction.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,22 +85,38 @@ def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -
 def run(args) -> None:
     machine = args.machine or platform.node()
     out = HERE / "results" / f"table7_{machine}{'-compile' if args.compile else ''}_{args.device}.json"
-    report = {"device": args.device, "machine_label": machine + (" torch.compile" if args.compile else ""),
-              "runs": args.runs, "models": {}, "budget": "fractions of all parameters (the paper's)", "precision": "fp32"}
+    report = {
+        "device": args.device,
+        "machine_label": machine + (" torch.compile" if args.compile else ""),
+        "runs": args.runs,
+        "models": {},
+        "budget": "fractions of all parameters (the paper's)",
+        "precision": "fp32",
+    }
     work = Path(tempfile.mkdtemp(prefix="table7-"))
     atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     for key in args.models:
         refs, params, shapes = build_models(Path(args.allocations), work, key, args.structures)
         for backend in args.backends:
-            rep = run_bench(list(refs.values()), backend, "gpu" if args.device == "cuda" else "cpu",
-                            cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads),
-                            compile=args.compile and backend == "torch")
+            rep = run_bench(
+                list(refs.values()),
+                backend,
+                "gpu" if args.device == "cuda" else "cpu",
+                cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads),
+                compile=args.compile and backend == "torch",
+            )
             report["machine"] = rep["machine"]
             rows = {}
             for label, r in zip(refs, rep["results"]):
-                rows[label] = {"median_ms": r["stats"]["median_ms"], "images_per_s": r["stats"]["images_per_s"],
-                               "flops": r["flops"], "batch": r["batch"], "params": params[label],
-                               "shape": shapes[label], "latencies_ms": r["latencies_ms"]}
+                rows[label] = {
+                    "median_ms": r["stats"]["median_ms"],
+                    "images_per_s": r["stats"]["images_per_s"],
+                    "flops": r["flops"],
+                    "batch": r["batch"],
+                    "params": params[label],
+                    "shape": shapes[label],
+                    "latencies_ms": r["latencies_ms"],
+                }
             report["models"].setdefault(key, {})[backend] = rows
             print(f"{key} {backend}\n{rep['table']}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,9 +130,16 @@ def run_one(args) -> None:
 
     machine = args.machine or platform.node()
     out = HERE / "results" / f"table7_{machine}-one-run_cpu.json"
-    report = {"device": "cpu", "machine_label": machine, "runs": args.runs, "models": {}, "one_run": True,
-              "export": "fixed batch axis (batch 1): p3bkit export --static-batch 1",
-              "budget": "fractions of all parameters (the paper's)", "precision": "fp32"}
+    report = {
+        "device": "cpu",
+        "machine_label": machine,
+        "runs": args.runs,
+        "models": {},
+        "one_run": True,
+        "export": "fixed batch axis (batch 1): p3bkit export --static-batch 1",
+        "budget": "fractions of all parameters (the paper's)",
+        "precision": "fp32",
+    }
     work = Path(tempfile.mkdtemp(prefix="table7-"))
     atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     for key in args.models:
@@ -131,17 +155,29 @@ def run_one(args) -> None:
                 labels.append(label)
                 bench_refs.append(str(work / f"{key}_{label}_{fmt}" / artefact_name(fmt)))
         tables = [str(t) for t in sorted((HERE / "results" / "latency").glob(f"{key}_*.json"))]
-        rep = run_bench(bench_refs, None, "cpu", cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads),
-                        dense_baselines=True, latency_table=tables or None)
+        rep = run_bench(
+            bench_refs,
+            None,
+            "cpu",
+            cfg=BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads),
+            dense_baselines=True,
+            latency_table=tables or None,
+        )
         report["machine"], report["protocol"] = rep["machine"], rep["protocol"]
         rows: dict = {}
         results = rep["results"]
         for label, r in zip(labels + ["dense"] * (len(results) - len(labels)), results):
             backend = r["runtime"]
             rows.setdefault(backend, {})[label] = {
-                "median_ms": r["stats"]["median_ms"], "images_per_s": r["stats"]["images_per_s"], "flops": r["flops"],
-                "batch": r["batch"], "params": params[label], "predicted_ms": r.get("predicted_ms"),
-                "shape": shapes[label], "latencies_ms": r["latencies_ms"]}
+                "median_ms": r["stats"]["median_ms"],
+                "images_per_s": r["stats"]["images_per_s"],
+                "flops": r["flops"],
+                "batch": r["batch"],
+                "params": params[label],
+                "predicted_ms": r.get("predicted_ms"),
+                "shape": shapes[label],
+                "latencies_ms": r["latencies_ms"],
+            }
         report["models"][key] = rows
         print(f"{key}\n{rep['table']}", flush=True)
         for w in rep["warnings"]:
@@ -164,12 +200,15 @@ def report_md(results_dir: Path) -> None:
         m = rep["machine"]
         where = m["gpu"] if dev == "gpu" else f"{m['cpu']}, {m['threads']} threads"
         one = rep.get("one_run", False)
-        lines += [f"\n### {f.stem}: {where}, fp32, batch {'1024' if dev == 'gpu' else '1'}, median of {rep['runs']} runs, "
-                  f"budget: {rep.get('budget', 'fractions of block parameters (before the paper budget)')}"
-                  + (f"; {rep['protocol']}" if one else "") + "\n",
-                  "| model | variant | backend | params (M) | paper params (M) | median ms | images/s | speedup | "
-                  "FLOP ratio | measured/ideal | paper speedup |" + (" vs fastest dense | predicted ms |" if one else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if one else "")]
+        lines += [
+            f"\n### {f.stem}: {where}, fp32, batch {'1024' if dev == 'gpu' else '1'}, median of {rep['runs']} runs, "
+            f"budget: {rep.get('budget', 'fractions of block parameters (before the paper budget)')}"
+            + (f"; {rep['protocol']}" if one else "")
+            + "\n",
+            "| model | variant | backend | params (M) | paper params (M) | median ms | images/s | speedup | "
+            "FLOP ratio | measured/ideal | paper speedup |" + (" vs fastest dense | predicted ms |" if one else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if one else ""),
+        ]
         for key, per_backend in rep["models"].items():
             fastest = min(rows["dense"]["median_ms"] for rows in per_backend.values() if "dense" in rows)
             for backend, rows in per_backend.items():
@@ -184,10 +223,12 @@ def report_md(results_dir: Path) -> None:
                         pred = r.get("predicted_ms")
                         extra = f" {fastest / r['median_ms']:.2f}× | {f'{pred:.2f}' if pred else ''} |"
                     shape = f" ({r['shape']})" if r.get("shape") else ""
-                    lines.append(f"| {key} | {variant_name(label)}{shape} | {backend} | {r['params'] / 1e6:.2f} | "
-                                 f"{PAPER_PARAMS_M[key][prune]:.1f} | {r['median_ms']:.2f} | {r['images_per_s']:.1f} | "
-                                 f"{speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} | {f'{paper:.2f}×' if paper else '1.00×'} |"
-                                 + extra)
+                    lines.append(
+                        f"| {key} | {variant_name(label)}{shape} | {backend} | {r['params'] / 1e6:.2f} | "
+                        f"{PAPER_PARAMS_M[key][prune]:.1f} | {r['median_ms']:.2f} | {r['images_per_s']:.1f} | "
+                        f"{speed:.2f}× | {ideal:.2f}× | {speed / ideal:.2f} | {f'{paper:.2f}×' if paper else '1.00×'} |"
+                        + extra
+                    )
                     if label != "dense":
                         bars.append((f"{key} {variant_name(label)}\n{backend} {dev}", speed, paper))
     (results_dir / "table7.md").write_text("# Table 7 reproduction\n" + "\n".join(lines) + "\n")
@@ -217,9 +258,13 @@ def main() -> None:
     ap.add_argument("--machine", help="label for the result file name")
     ap.add_argument("--report", action="store_true", help="only (re)write table7.md/png from the JSONs")
     ap.add_argument("--one-run", action="store_true", help="CPU: all runtimes of a model in one interleaved run")
-    ap.add_argument("--pruned-on", nargs="+", default=["torch", "onnxruntime", "openvino"],
-                    choices=["torch", "onnxruntime", "openvino"],
-                    help="--one-run: the runtimes the pruned models are timed on (dense: every runtime)")
+    ap.add_argument(
+        "--pruned-on",
+        nargs="+",
+        default=["torch", "onnxruntime", "openvino"],
+        choices=["torch", "onnxruntime", "openvino"],
+        help="--one-run: the runtimes the pruned models are timed on (dense: every runtime)",
+    )
     args = ap.parse_args()
     if args.one_run:
         run_one(args)

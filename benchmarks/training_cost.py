@@ -10,6 +10,7 @@ with N loader workers. Models: the digits-vit preset (16 px), DeiT-Tiny at 32 px
     python benchmarks/training_cost.py --threads 2
 Writes benchmarks/results/training_cost.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,13 +49,15 @@ def step_times(name: str, rounds: int, fractions: list[float]) -> dict:
     torch.manual_seed(0)
     c = 1 if model_ref == "digits-vit" else 3
     x, y = torch.randn(batch, c, size, size), torch.randint(0, 10, (batch,))
-    plain = TrainStep(create_model(model_ref, **kwargs).train(), FitConfig(epochs=1), 10)  # `p3bkit train`'s step
+    plain = TrainStep(create_model(model_ref, **kwargs).train(), FitConfig(epochs=10), 10)  # `p3bkit train`'s step
     pruners = []
     for f in fractions:
         gated = add_gates(create_model(model_ref, **kwargs), "heads").train()
-        pruners.append(P3BPruner(gated, P3BConfig(keep=0.25, update_every=10 ** 6, bpi_fraction=f), Schedule(0, 100, 0)))
-    steps = [Timed("plain", "torch", lambda: plain(x, y)),
-             *(Timed(f"p3b@{f:g}", "torch", lambda p=p: p.train_step(x, y)) for f, p in zip(fractions, pruners))]
+        pruners.append(P3BPruner(gated, P3BConfig(keep=0.25, update_every=10**6, bpi_fraction=f), Schedule(0, 100, 0)))
+    steps = [
+        Timed("plain", "torch", lambda: plain(x, y)),
+        *(Timed(f"p3b@{f:g}", "torch", lambda p=p: p.train_step(x, y)) for f, p in zip(fractions, pruners)),
+    ]
     # one untimed step each (allocations, first-call costs), then one step of each in turn per round
     ms = time_interleaved(steps, BenchConfig(runs=rounds, warmup=1, warmup_seconds=0.0, block=1, block_warmup=0))
     times = {t.name: [v / 1e3 for v in lat] for t, lat in zip(steps, ms)}
@@ -94,9 +97,15 @@ def main() -> None:
     fractions = list(dict.fromkeys(args.fractions))
     work = Path(tempfile.mkdtemp(prefix="training-cost-"))
     atexit.register(shutil.rmtree, work, True)
-    report = {"machine": machine_info(args.threads), "command": "python benchmarks/training_cost.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
-              "models": {}}
+    report = {
+        "machine": machine_info(args.threads),
+        "command": "python benchmarks/training_cost.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+        ),
+        "models": {},
+    }
     earlier = RESULTS / "training_cost.json"
     if earlier.is_file():  # keep the other models of an earlier run (each row names its command)
         old = json.loads(earlier.read_text())
@@ -115,23 +124,39 @@ def main() -> None:
 
 def render(report: dict, fractions: list[float]) -> str:
     m = report["machine"]
-    lines = ["# Training and pruning cost per step", "",
-             f"{m['cpu']}, {m['threads']} threads; `python benchmarks/training_cost.py` (each model's command below). "
-             "Median seconds per step on one fixed random "
-             "batch, every variant timed interleaved in one process; data loading timed separately from an ImageFolder "
-             "of PNGs (light augmentation). P3B runs with structure `heads`; `p3b@f`: the indicators see a share f of "
-             "each batch.", "",
-             "| model | batch | plain step s | " + " | ".join(f"P3B step s (f={f:g})" for f in fractions) + " | "
-             + " | ".join(f"P3B / plain (f={f:g})" for f in fractions) + " | images/s train | images/s prune (default f) |"
-             + " load s/batch (workers 0 / 1) |", "|---" * (6 + 2 * len(fractions)) + "|"]
+    lines = [
+        "# Training and pruning cost per step",
+        "",
+        f"{m['cpu']}, {m['threads']} threads; `python benchmarks/training_cost.py` (each model's command below). "
+        "Median seconds per step on one fixed random "
+        "batch, every variant timed interleaved in one process; data loading timed separately from an ImageFolder "
+        "of PNGs (light augmentation). P3B runs with structure `heads`; `p3b@f`: the indicators see a share f of "
+        "each batch.",
+        "",
+        "| model | batch | plain step s | "
+        + " | ".join(f"P3B step s (f={f:g})" for f in fractions)
+        + " | "
+        + " | ".join(f"P3B / plain (f={f:g})" for f in fractions)
+        + " | images/s train | images/s prune (default f) |"
+        + " load s/batch (workers 0 / 1) |",
+        "|---" * (6 + 2 * len(fractions)) + "|",
+    ]
     for name, r in report["models"].items():
         s, load = r["steps"], r["load"]
         p3b = [s[f"p3b@{f:g}"] for f in fractions]
-        lines.append(f"| {name} | {s['batch']} | {s['plain']:.3f} | " + " | ".join(f"{t:.3f}" for t in p3b) + " | "
-                     + " | ".join(f"{t / s['plain']:.2f}×" for t in p3b) + f" | {s['batch'] / s['plain']:.1f} | "
-                     f"{s['batch'] / p3b[-1]:.1f} | " + " / ".join(f"{v:.3f}" for v in load.values()) + " |")
-    lines += ["", "Commands: " + "; ".join(f"{name}: `{r.get('command', report['command'])}`"
-                                        for name, r in report["models"].items())]
+        lines.append(
+            f"| {name} | {s['batch']} | {s['plain']:.3f} | "
+            + " | ".join(f"{t:.3f}" for t in p3b)
+            + " | "
+            + " | ".join(f"{t / s['plain']:.2f}×" for t in p3b)
+            + f" | {s['batch'] / s['plain']:.1f} | "
+            f"{s['batch'] / p3b[-1]:.1f} | " + " / ".join(f"{v:.3f}" for v in load.values()) + " |"
+        )
+    lines += [
+        "",
+        "Commands: "
+        + "; ".join(f"{name}: `{r.get('command', report['command'])}`" for name, r in report["models"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ walk-through trains with `--augment none` (the default, light, flips images).
 
 Writes benchmarks/results/walkthrough.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,33 +77,111 @@ def main() -> None:
             steps.append({"step": name, "command": command, "seconds": round(seconds, 1)})
             return out
 
-        step("train", "train", "--model", "vit_tiny_patch16_224", "--num-classes", 10, "--img-size", 32,
-             "--model-kwargs", json.dumps(MODEL), "--data", data, "--epochs", args.epochs, "--augment", "none",
-             "--no-progress", "-o", work / "dense")
-        step("prune", "prune", "--model", work / "dense", "--data", data, "--prune", 0.5, "--augment", "none",
-             "--no-progress", "-o", work / "prune")
-        step("finetune", "finetune", work / "prune" / "pruned", "--data", data, "--epochs", args.finetune,
-             "--augment", "none", "--no-progress", "-o", work / "pruned")
+        step(
+            "train",
+            "train",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--num-classes",
+            10,
+            "--img-size",
+            32,
+            "--model-kwargs",
+            json.dumps(MODEL),
+            "--data",
+            data,
+            "--epochs",
+            args.epochs,
+            "--augment",
+            "none",
+            "--no-progress",
+            "-o",
+            work / "dense",
+        )
+        step(
+            "prune",
+            "prune",
+            "--model",
+            work / "dense",
+            "--data",
+            data,
+            "--prune",
+            0.5,
+            "--augment",
+            "none",
+            "--no-progress",
+            "-o",
+            work / "prune",
+        )
+        step(
+            "finetune",
+            "finetune",
+            work / "prune" / "pruned",
+            "--data",
+            data,
+            "--epochs",
+            args.finetune,
+            "--augment",
+            "none",
+            "--no-progress",
+            "-o",
+            work / "pruned",
+        )
         step("export fp32", "export", work / "pruned", "--format", "openvino", "-o", work / "ov")
-        step("export int8", "export", work / "pruned", "--format", "openvino", "--precision", "int8",
-             "--calib-data", data, "-o", work / "ov-int8")
-        acc = {"dense (torch)": top1(work / "dense", data, env),
-               "pruned, before fine-tuning (torch)": top1(work / "prune" / "pruned", data, env),
-               "pruned + fine-tuned (torch)": top1(work / "pruned", data, env),
-               "pruned, OpenVINO fp32": top1(work / "ov" / "model.xml", data, env),
-               "pruned, OpenVINO INT8": top1(work / "ov-int8" / "model.xml", data, env)}
-        step("bench", "bench", work / "dense", work / "ov" / "model.xml", work / "ov-int8" / "model.xml",
-             "--dense-baselines", "--runs", args.runs, "--threads", args.threads, "--json", work / "bench.json")
+        step(
+            "export int8",
+            "export",
+            work / "pruned",
+            "--format",
+            "openvino",
+            "--precision",
+            "int8",
+            "--calib-data",
+            data,
+            "-o",
+            work / "ov-int8",
+        )
+        acc = {
+            "dense (torch)": top1(work / "dense", data, env),
+            "pruned, before fine-tuning (torch)": top1(work / "prune" / "pruned", data, env),
+            "pruned + fine-tuned (torch)": top1(work / "pruned", data, env),
+            "pruned, OpenVINO fp32": top1(work / "ov" / "model.xml", data, env),
+            "pruned, OpenVINO INT8": top1(work / "ov-int8" / "model.xml", data, env),
+        }
+        step(
+            "bench",
+            "bench",
+            work / "dense",
+            work / "ov" / "model.xml",
+            work / "ov-int8" / "model.xml",
+            "--dense-baselines",
+            "--runs",
+            args.runs,
+            "--threads",
+            args.threads,
+            "--json",
+            work / "bench.json",
+        )
         bench = json.loads((work / "bench.json").read_text())
         prune = json.loads((work / "prune" / "summary.json").read_text())
-        report = {"machine": {"cpu": bench["machine"]["cpu"], "threads": args.threads, "python": platform.python_version()},
-                  "data": "sklearn digits as a 32-px RGB ImageFolder (1,437 train / 360 val)",
-                  "model": {"timm": "vit_tiny_patch16_224", "img_size": 32, "num_classes": 10, **MODEL},
-                  "steps": steps, "top1": acc,
-                  "params": {"dense": prune["params_dense"], "pruned": prune["params_stored"]},
-                  "bench": [{"name": r["name"].replace(f"{work}/", "./"), "backend": r["backend"], "precision": r["precision"],
-                             "median_ms": r["stats"]["median_ms"], "baseline": r["baseline"]}
-                            for r in bench["results"]]}
+        report = {
+            "machine": {"cpu": bench["machine"]["cpu"], "threads": args.threads, "python": platform.python_version()},
+            "data": "sklearn digits as a 32-px RGB ImageFolder (1,437 train / 360 val)",
+            "model": {"timm": "vit_tiny_patch16_224", "img_size": 32, "num_classes": 10, **MODEL},
+            "steps": steps,
+            "top1": acc,
+            "params": {"dense": prune["params_dense"], "pruned": prune["params_stored"]},
+            "bench": [
+                {
+                    "name": r["name"].replace(f"{work}/", "./"),
+                    "backend": r["backend"],
+                    "precision": r["precision"],
+                    "median_ms": r["stats"]["median_ms"],
+                    "baseline": r["baseline"],
+                }
+                for r in bench["results"]
+            ],
+        }
         write(report)
     finally:
         if not args.work:
@@ -116,19 +195,34 @@ def write(report: dict) -> None:
     write_json_atomic(RESULTS / "walkthrough.json", report)
     m = report["machine"]
     dense = min(r["median_ms"] for r in report["bench"] if r["baseline"])
-    lines = ["# Your data on a laptop", "",
-             f"`python benchmarks/walkthrough.py` on {m['cpu']}, {m['threads']} threads; {report['data']}; "
-             f"a {report['model']['depth']}-layer, {report['model']['embed_dim']}-wide ViT "
-             f"({report['params']['dense']:,} parameters, {report['params']['pruned']:,} after pruning).", "",
-             "| step | command | wall time |", "|---|---|---|"]
-    lines += [f"| {s['step']} | `{s['command'].split(' --data')[0].split(' --model-kwargs')[0]} …` | "
-              f"{s['seconds']:.0f} s |" for s in report["steps"]]
+    lines = [
+        "# Your data on a laptop",
+        "",
+        f"`python benchmarks/walkthrough.py` on {m['cpu']}, {m['threads']} threads; {report['data']}; "
+        f"a {report['model']['depth']}-layer, {report['model']['embed_dim']}-wide ViT "
+        f"({report['params']['dense']:,} parameters, {report['params']['pruned']:,} after pruning).",
+        "",
+        "| step | command | wall time |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {s['step']} | `{s['command'].split(' --data')[0].split(' --model-kwargs')[0]} …` | {s['seconds']:.0f} s |"
+        for s in report["steps"]
+    ]
     lines += ["", "| model | val top-1 (%) |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["top1"].items()]
-    lines += ["", "Batch 1, CPU, median of interleaved runs (`p3bkit bench --dense-baselines`); speedup vs the "
-              "fastest dense runtime.", "", "| model | backend | precision | median ms | speedup |", "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['backend']} | {r['precision']} | {r['median_ms']:.3f} | {dense / r['median_ms']:.2f}× |"
-              for r in report["bench"]]
+    lines += [
+        "",
+        "Batch 1, CPU, median of interleaved runs (`p3bkit bench --dense-baselines`); speedup vs the "
+        "fastest dense runtime.",
+        "",
+        "| model | backend | precision | median ms | speedup |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['backend']} | {r['precision']} | {r['median_ms']:.3f} | {dense / r['median_ms']:.2f}× |"
+        for r in report["bench"]
+    ]
     (RESULTS / "walkthrough.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,4 +1,5 @@
 """p3bkit: prune timm Vision Transformers with P3B (Pruning by Block Benefit) and ship them."""
+
 from __future__ import annotations
 
 from p3bkit.version import __version__

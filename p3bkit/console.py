@@ -3,6 +3,7 @@
 The library reports through these two functions only, so a caller (the CLI, a test, a script)
 sees every note in one place and can turn progress bars off with one flag.
 """
+
 from __future__ import annotations
 
 import sys

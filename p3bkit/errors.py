@@ -1,4 +1,5 @@
 """Typed errors. The CLI turns every `P3BError` into one line and exit code 1."""
+
 from __future__ import annotations
 
 

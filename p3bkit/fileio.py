@@ -6,6 +6,7 @@ input), and they are checked for writability before any work starts. While a com
 a folder it holds the folder's lock (`folder_lock`): a second run into the same folder is refused
 instead of interleaving its files; the lock of a run that was killed is taken over.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,14 +30,19 @@ def set_usual_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    """Write `obj` as JSON; a crash mid-write leaves the previous file (or none), never half a file."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text`; a crash mid-write leaves the previous file (or none), never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """Write `obj` as JSON, atomically (`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def check_writable(folder: str | os.PathLike) -> None:
@@ -85,7 +91,9 @@ def check_not_in_use(folder: str | os.PathLike) -> None:
 def _in_use(folder: Path) -> None:
     pid = _holder(folder / LOCK)
     if pid is not None and pid != os.getpid():
-        raise P3BError(f"{folder} is in use by another p3bkit run (pid {pid}): wait for it to end or choose another folder")
+        raise P3BError(
+            f"{folder} is in use by another p3bkit run (pid {pid}): wait for it to end or choose another folder"
+        )
 
 
 @contextlib.contextmanager
@@ -120,8 +128,13 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_output_folder(out: str | os.PathLike, command: str, inputs: tuple[str | os.PathLike, ...] = (),
-                        force: bool = False, allowed: tuple[str, ...] = ()) -> None:
+def check_output_folder(
+    out: str | os.PathLike,
+    command: str,
+    inputs: tuple[str | os.PathLike, ...] = (),
+    force: bool = False,
+    allowed: tuple[str, ...] = (),
+) -> None:
     """Refuse an output folder that would lose data; then check that it is writable.
 
     The folder must not be (or contain, or lie inside) one of the `inputs`; it must be new or
@@ -132,8 +145,9 @@ def check_output_folder(out: str | os.PathLike, command: str, inputs: tuple[str 
     for src in inputs:
         src = Path(src).resolve()
         if _inside(src, out) or _inside(out, src):
-            raise P3BError(f"`p3bkit {command}` would write its output {out} over its input {src}: "
-                           "choose another output folder")
+            raise P3BError(
+                f"`p3bkit {command}` would write its output {out} over its input {src}: choose another output folder"
+            )
     if out.exists() and not out.is_dir():
         raise P3BError(f"{out} exists and is not a folder")
     if out.is_dir():
@@ -142,6 +156,8 @@ def check_output_folder(out: str | os.PathLike, command: str, inputs: tuple[str 
     foreign = [e for e in entries if e not in allowed]
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
-        raise P3BError(f"{out} is not empty ({shown}): choose a new folder, or pass --force to write into it "
-                       "(files this command did not write are kept)")
+        raise P3BError(
+            f"{out} is not empty ({shown}): choose a new folder, or pass --force to write into it "
+            "(files this command did not write are kept)"
+        )
     check_writable(out)

@@ -7,6 +7,7 @@ channels either with index ops (gather / index_add) or, where a cost model says 
 the channel selection into zero weight columns/rows (`io_mode`): backends run a Gather or
 ScatterND on the residual stream slower than the few extra GEMM columns when most channels are kept.
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,11 +70,12 @@ def masks_to_arch(gated: GatedViT, round_to: int = 1, io_mode: IoMode = "auto") 
     if io_mode not in ("auto", "index", "dense"):
         raise SurgeryError(f"io_mode must be auto, index or dense, got {io_mode!r}")
     dim = gated.spec.dim
-    layers = [{"attn": _branch_arch(blk.attn, dim, round_to, io_mode),
-               "mlp": _branch_arch(blk.mlp, dim, round_to, io_mode)} for blk in gated.model.blocks]
+    layers = [
+        {"attn": _branch_arch(blk.attn, dim, round_to, io_mode), "mlp": _branch_arch(blk.mlp, dim, round_to, io_mode)}
+        for blk in gated.model.blocks
+    ]
     source = gated.source or ModelSource(name=type(gated.model).__name__)
-    return PrunedArch(source=source, layers=layers, structure=gated.structure, round_to=round_to,
-                      versions=versions())
+    return PrunedArch(source=source, layers=layers, structure=gated.structure, round_to=round_to, versions=versions())
 
 
 def harden_masks(gated: GatedViT, arch: PrunedArch) -> None:

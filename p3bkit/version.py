@@ -1,5 +1,6 @@
 """The package version (one place; `p3bkit.__version__` and every written record read it), and the
 one record of the versions a file was made with (`package_versions`)."""
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """Fixtures shared by the test files; helper functions live in helpers.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,9 @@ def pruned_folder(tmp_path_factory):
     from p3bkit.prune.pruner import P3BConfig
 
     out = tmp_path_factory.mktemp("prune")
-    run_prune(PruneJob(out=str(out), epochs=(0, 1, 1), structure="full", progress=False,
-                       p3b=P3BConfig(keep=0.4, update_every=5)))
+    run_prune(
+        PruneJob(
+            out=str(out), epochs=(0, 1, 1), structure="full", progress=False, p3b=P3BConfig(keep=0.4, update_every=5)
+        )
+    )
     return out / "pruned"

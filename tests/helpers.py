@@ -1,5 +1,6 @@
 """Shared test helpers (plain functions; the fixtures are in conftest.py): tiny timm ViTs of
 several shapes, random gate masks, and a real-digits ImageFolder."""
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,7 @@ def digit_image_folder(root, n_per_class=6, classes=3):
     for split in ("train", "val"):
         for c in range(classes):
             (root / split / f"c{c}").mkdir(parents=True)
-            imgs = digits.images[digits.target == c][: n_per_class]
+            imgs = digits.images[digits.target == c][:n_per_class]
             for i, im in enumerate(imgs):
                 arr = (im * 15).astype("uint8").repeat(4, 0).repeat(4, 1)
                 Image.fromarray(arr).convert("RGB").save(root / split / f"c{c}" / f"{i}.png")

@@ -1,4 +1,5 @@
 """Baseline allocations and `p3bkit analyze` on a real tiny run."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("alloc")
     out = {}
     for alloc in ("uniform", "global-magnitude"):
-        job = PruneJob(out=str(root / alloc), epochs=(0, 1, 1), progress=False,
-                       p3b=P3BConfig(keep=0.4, budget="blocks", update_every=5, allocation=alloc))
+        job = PruneJob(
+            out=str(root / alloc),
+            epochs=(0, 1, 1),
+            progress=False,
+            p3b=P3BConfig(keep=0.4, budget="blocks", update_every=5, allocation=alloc),
+        )
         out[alloc] = (root / alloc, run_prune(job))
     return out
 
@@ -83,6 +88,7 @@ def test_analyze_follows_the_output_rule(tmp_path):
     for _ in range(2):  # the second run replaces its own report
         res = CliRunner().invoke(main, ["analyze", "digits-vit", "--steps", "3", "-o", str(tmp_path / "r")])
         assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(["block_performance.json", "block_performance.png",
-                                                                        "index.html"])  # ... gone: this one has none
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(
+        ["block_performance.json", "block_performance.png", "index.html"]
+    )  # ... gone: this one has none
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,4 +1,5 @@
 """Training augmentation: the DeiT recipe never crashes at its top magnitude; the default fits the task."""
+
 from __future__ import annotations
 
 import random

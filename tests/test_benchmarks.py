@@ -5,6 +5,7 @@ names (nothing starting with an underscore, no module patched at run time) and i
 pieces live in benchmarks/common.py. `benchmarks/gpu_table7.py --dry-run` walks the GPU script's
 every step on the CPU, so the script a lent GPU runs has run before.
 """
+
 from __future__ import annotations
 
 import ast
@@ -40,8 +41,10 @@ def private_uses(source: str) -> list[str]:
 
 
 def test_the_check_finds_private_names_and_patches():
-    src = ("from p3bkit.train.fit import FitConfig, _optimizer\nimport p3bkit.data.datasets as datasets\n"
-           "from p3bkit.data import datasets as ds\nds.load_digits_data = None\nx = ds._pick\n")
+    src = (
+        "from p3bkit.train.fit import FitConfig, _optimizer\nimport p3bkit.data.datasets as datasets\n"
+        "from p3bkit.data import datasets as ds\nds.load_digits_data = None\nx = ds._pick\n"
+    )
     assert private_uses(src) == ["from p3bkit.train.fit import _optimizer", "assigns ds.load_digits_data", "ds._pick"]
     assert private_uses("from p3bkit.export import export_model\nexport_model('a', 'onnx', 'b')\n") == []
 
@@ -57,8 +60,23 @@ def test_gpu_table7_dry_run_walks_every_row(tmp_path):
     """The GPU script on the CPU (batch 2): torch eager, torch.compile and ONNX Runtime run (on its
     CPU provider); TensorRT cannot run here and its rows say why; JSON and markdown are written."""
     out = tmp_path / "gpu_table7.json"
-    res = subprocess.run([sys.executable, "benchmarks/gpu_table7.py", "--dry-run", "--models", "deit_s", "--prunes",
-                          "90", "-o", str(out)], cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu_table7.py",
+            "--dry-run",
+            "--models",
+            "deit_s",
+            "--prunes",
+            "90",
+            "-o",
+            str(out),
+        ],
+        cwd=BENCHMARKS.parent,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {(r["variant"], r["row"]): r for r in report["rows"]}
@@ -67,6 +85,8 @@ def test_gpu_table7_dry_run_walks_every_row(tmp_path):
         for row in ("torch eager", "torch.compile", "onnxruntime cuda"):
             assert rows[variant, row]["status"] == "ok" and rows[variant, row]["median_ms"] > 0, rows[variant, row]
         for row in ("tensorrt fp32", "tensorrt fp16", "tensorrt int8"):
-            assert rows[variant, row]["status"].startswith("could not run: ") and "ensorRT" in rows[variant, row]["status"]
+            assert (
+                rows[variant, row]["status"].startswith("could not run: ") and "ensorRT" in rows[variant, row]["status"]
+            )
     md = out.with_suffix(".md").read_text()
     assert "| deit_s | heads_90 |" in md and "×)" in md

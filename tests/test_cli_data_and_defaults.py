@@ -1,6 +1,7 @@
 """A newcomer's first hour on their own data, driven through the CLI: data checked before any work,
 training defaults that learn and say what they do, one output rule for every writer, numbers that
 agree. Each refusal is one line, exit code 1 (2 for a bad option), and leaves the files as they were."""
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,8 @@ def folders(tmp_path_factory):
             (root / "gray" / split / f"c{c}").mkdir(parents=True)
             for i, im in enumerate(digits.images[digits.target == c][:n]):
                 Image.fromarray((im * 15).astype("uint8").repeat(2, 0).repeat(2, 1), mode="L").save(
-                    root / "gray" / split / f"c{c}" / f"{i}.png")
+                    root / "gray" / split / f"c{c}" / f"{i}.png"
+                )
     missing = digit_image_folder(root / "missing", n_per_class=2, classes=3)
     for f in (missing / "val" / "c2").iterdir():
         f.unlink()
@@ -60,8 +62,22 @@ def folders(tmp_path_factory):
 
 
 def test_grayscale_folder_is_read_as_one_channel_for_a_one_channel_model(folders, tmp_path):
-    res = _cli(["train", "--model", "digits-vit", "--data", folders["gray"], "--epochs", 1, "--batch-size", 16,
-                "--no-progress", "-o", tmp_path / "m"])
+    res = _cli(
+        [
+            "train",
+            "--model",
+            "digits-vit",
+            "--data",
+            folders["gray"],
+            "--epochs",
+            1,
+            "--batch-size",
+            16,
+            "--no-progress",
+            "-o",
+            tmp_path / "m",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "train epoch 1/1: train loss" in res.output  # the epoch's line without progress bars
     res = _cli(["eval", tmp_path / "m", "--data", folders["gray"], "--json", "--no-progress"])
@@ -69,29 +85,118 @@ def test_grayscale_folder_is_read_as_one_channel_for_a_one_channel_model(folders
     assert json.loads(res.stdout)["images"] == 30
 
 
-@pytest.mark.parametrize("case,args,code,msg", [
-    ("colour for 1 channel", ["train", "--model", "digits-vit", "--data", "{rgb}"], 1,
-     "3-channel images, but the model takes 1 channel"),
-    ("class sets differ", ["train", "--model", "vit_tiny_patch16_224", "--img-size", 32, "--num-classes", 3,
-                           "--model-kwargs", TINY, "--data", "{missing}"], 1,
-     "train/ and val/ have different classes (only in train/: c2; only in val/: -)"),
-    ("img_size vs patch", ["train", "--model", "vit_tiny_patch16_224", "--img-size", 30, "--num-classes", 3,
-                           "--data", "{rgb}"], 1, "image size 30 is not a multiple of the patch size 16; use e.g. --img-size 32"),
-    ("not a ViT", ["train", "--model", "resnet18", "--img-size", 32, "--data", "{rgb}"], 1,
-     "model 'resnet18' is not a timm VisionTransformer"),
-    ("unreadable image", ["train", "--model", "vit_tiny_patch16_224", "--img-size", 32, "--num-classes", 3,
-                          "--model-kwargs", TINY, "--data", "{broken}"], 1, "bad.png: unreadable image"),
-    ("batch > data", ["train", "--model", "vit_tiny_patch16_224", "--img-size", 32, "--num-classes", 3,
-                      "--model-kwargs", TINY, "--data", "{rgb}", "--batch-size", 64], 1,
-     "the training set has 12 images, fewer than one batch of 64"),
-    ("train needs --data", ["train", "--model", "vit_tiny_patch16_224", "--img-size", 32, "--num-classes", 3], 1,
-     "give --data"),
-    ("prune needs --data", ["prune", "--model", "vit_tiny_patch16_224", "--img-size", 32, "--keep", 0.5], 1,
-     "give --data"),
-    ("prune batch > data", ["prune", "--model", "vit_tiny_patch16_224", "--img-size", 32, "--num-classes", 3,
-                            "--model-kwargs", TINY, "--data", "{rgb}", "--keep", 0.5], 1, "fewer than one batch of 64"),
-    ("eval needs --data", ["eval", "deit_tiny_patch16_224"], 1, "give --data"),
-])
+@pytest.mark.parametrize(
+    "case,args,code,msg",
+    [
+        (
+            "colour for 1 channel",
+            ["train", "--model", "digits-vit", "--data", "{rgb}"],
+            1,
+            "3-channel images, but the model takes 1 channel",
+        ),
+        (
+            "class sets differ",
+            [
+                "train",
+                "--model",
+                "vit_tiny_patch16_224",
+                "--img-size",
+                32,
+                "--num-classes",
+                3,
+                "--model-kwargs",
+                TINY,
+                "--data",
+                "{missing}",
+            ],
+            1,
+            "train/ and val/ have different classes (only in train/: c2; only in val/: -)",
+        ),
+        (
+            "img_size vs patch",
+            ["train", "--model", "vit_tiny_patch16_224", "--img-size", 30, "--num-classes", 3, "--data", "{rgb}"],
+            1,
+            "image size 30 is not a multiple of the patch size 16; use e.g. --img-size 32",
+        ),
+        (
+            "not a ViT",
+            ["train", "--model", "resnet18", "--img-size", 32, "--data", "{rgb}"],
+            1,
+            "model 'resnet18' is not a timm VisionTransformer",
+        ),
+        (
+            "unreadable image",
+            [
+                "train",
+                "--model",
+                "vit_tiny_patch16_224",
+                "--img-size",
+                32,
+                "--num-classes",
+                3,
+                "--model-kwargs",
+                TINY,
+                "--data",
+                "{broken}",
+            ],
+            1,
+            "bad.png: unreadable image",
+        ),
+        (
+            "batch > data",
+            [
+                "train",
+                "--model",
+                "vit_tiny_patch16_224",
+                "--img-size",
+                32,
+                "--num-classes",
+                3,
+                "--model-kwargs",
+                TINY,
+                "--data",
+                "{rgb}",
+                "--batch-size",
+                64,
+            ],
+            1,
+            "the training set has 12 images, fewer than one batch of 64",
+        ),
+        (
+            "train needs --data",
+            ["train", "--model", "vit_tiny_patch16_224", "--img-size", 32, "--num-classes", 3],
+            1,
+            "give --data",
+        ),
+        (
+            "prune needs --data",
+            ["prune", "--model", "vit_tiny_patch16_224", "--img-size", 32, "--keep", 0.5],
+            1,
+            "give --data",
+        ),
+        (
+            "prune batch > data",
+            [
+                "prune",
+                "--model",
+                "vit_tiny_patch16_224",
+                "--img-size",
+                32,
+                "--num-classes",
+                3,
+                "--model-kwargs",
+                TINY,
+                "--data",
+                "{rgb}",
+                "--keep",
+                0.5,
+            ],
+            1,
+            "fewer than one batch of 64",
+        ),
+        ("eval needs --data", ["eval", "deit_tiny_patch16_224"], 1, "give --data"),
+    ],
+)
 def test_data_is_checked_before_any_work(folders, tmp_path, case, args, code, msg):
     out = tmp_path / "out"
     args = [folders[a[1:-1]] if isinstance(a, str) and a[1:-1] in folders else a for a in args]
@@ -110,17 +215,61 @@ def test_training_defaults_learn_say_what_they_use_and_warn_when_the_loss_is_fla
     import p3bkit.train.run as run
 
     monkeypatch.setattr(run, "ESTIMATE_ABOVE_S", 0.0)  # say the estimate even for this short run
-    res = _cli(["train", "--model", "digits-vit", "--data", folders["gray"], "--epochs", 2, "--batch-size", 8,
-                "--no-progress", "-o", tmp_path / "scratch"])
+    res = _cli(
+        [
+            "train",
+            "--model",
+            "digits-vit",
+            "--data",
+            folders["gray"],
+            "--epochs",
+            2,
+            "--batch-size",
+            8,
+            "--no-progress",
+            "-o",
+            tmp_path / "scratch",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "lr 2.50e-04 (recipe scratch: 0.016 × 8/512)" in res.stderr  # no weights loaded: the scratch recipe
     assert "steps × " in res.stderr and "s/step ≈" in res.stderr  # the estimate after the first steps
     # from the trained folder: weights loaded, the fine-tune recipe; an lr that cannot learn is named
-    res = _cli(["train", "--model", tmp_path / "scratch", "--data", folders["gray"], "--epochs", 1,
-                "--batch-size", 8, "--no-progress", "-o", tmp_path / "again"])
+    res = _cli(
+        [
+            "train",
+            "--model",
+            tmp_path / "scratch",
+            "--data",
+            folders["gray"],
+            "--epochs",
+            1,
+            "--batch-size",
+            8,
+            "--no-progress",
+            "-o",
+            tmp_path / "again",
+        ]
+    )
     assert res.exit_code == 0 and "(recipe finetune: 0.004 × 8/512)" in res.stderr, res.output
-    res = _cli(["train", "--model", "digits-vit", "--data", folders["gray"], "--epochs", 1, "--batch-size", 4,
-                "--lr", 1e-9, "--no-progress", "-o", tmp_path / "flat"])
+    res = _cli(
+        [
+            "train",
+            "--model",
+            "digits-vit",
+            "--data",
+            folders["gray"],
+            "--epochs",
+            1,
+            "--batch-size",
+            4,
+            "--lr",
+            1e-9,
+            "--no-progress",
+            "-o",
+            tmp_path / "flat",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "warning: the training loss did not fall in epoch 1" in res.stderr and "peak lr 7.81e-12" in res.stderr
     # a batch of 512 does not scale the small-data rate past its cap
@@ -130,21 +279,31 @@ def test_training_defaults_learn_say_what_they_use_and_warn_when_the_loss_is_fla
     assert learning_rate(TRAIN_RECIPES["scratch"], 512, base_lr=1e-3).value == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("losses,warm,warned", [
-    ([2.3 - 0.01 * i for i in range(30)], 0, False),        # falls in epoch 1
-    ([2.3] * 30, 0, True),                                  # flat
-    ([2.3] * 30 + [2.3 - 0.02 * i for i in range(30)], 1, False),  # flat in warm-up, falls after it
-    ([2.3] * 60, 1, True),                                  # flat over warm-up and the epoch after it
-    ([2.3] * 10, 0, False),                                 # too few steps to tell
-])
+@pytest.mark.parametrize(
+    "losses,warm,warned",
+    [
+        ([2.3 - 0.01 * i for i in range(30)], 0, False),  # falls in epoch 1
+        ([2.3] * 30, 0, True),  # flat
+        ([2.3] * 30 + [2.3 - 0.02 * i for i in range(30)], 1, False),  # flat in warm-up, falls after it
+        ([2.3] * 60, 1, True),  # flat over warm-up and the epoch after it
+        ([2.3] * 10, 0, False),  # too few steps to tell
+    ],
+)
 def test_the_flat_loss_warning_watches_warm_up_and_one_more_epoch(capsys, losses, warm, warned):
     from p3bkit.train.dist import DistContext
     from p3bkit.train.run import EpochLoop, run_epochs
 
     per_epoch = len(losses) // (warm + 1)
-    loop = EpochLoop(warm + 2, lambda e, first: range(per_epoch), lambda e, i: {"loss": losses[min(e * per_epoch + i,
-                     len(losses) - 1)]}, lambda e, n: None, dict, progress=False, lr_note="peak lr 1e-3",
-                     watch_epochs=warm + 1)
+    loop = EpochLoop(
+        warm + 2,
+        lambda e, first: range(per_epoch),
+        lambda e, i: {"loss": losses[min(e * per_epoch + i, len(losses) - 1)]},
+        lambda e, n: None,
+        dict,
+        progress=False,
+        lr_note="peak lr 1e-3",
+        watch_epochs=warm + 1,
+    )
     run_epochs(loop, DistContext())
     err = capsys.readouterr().err
     assert ("did not fall" in err) == warned, err
@@ -153,8 +312,21 @@ def test_the_flat_loss_warning_watches_warm_up_and_one_more_epoch(capsys, losses
 
 
 def test_finetune_says_its_recipe_and_augmentation(folders, tmp_path, pruned_folder):
-    res = _cli(["finetune", pruned_folder, "--data", folders["gray"], "--epochs", 1, "--batch-size", 8,
-                "--no-progress", "-o", tmp_path / "ft"])
+    res = _cli(
+        [
+            "finetune",
+            pruned_folder,
+            "--data",
+            folders["gray"],
+            "--epochs",
+            1,
+            "--batch-size",
+            8,
+            "--no-progress",
+            "-o",
+            tmp_path / "ft",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "augmentation: light" in res.stderr and "(recipe finetune: 0.004 × 8/512)" in res.stderr
     assert "label smoothing 0.1" in res.stderr and "Mixup" not in res.stderr  # what light augmentation trains with
@@ -162,10 +334,12 @@ def test_finetune_says_its_recipe_and_augmentation(folders, tmp_path, pruned_fol
 
 
 def test_help_describes_every_data_option():
-    for cmd, words in [("finetune", ["--data", "ImageFolder", "--recipe", "per-epoch lines are printed"]),
-                       ("export", ["--gate-data", "INT8 gate only", "--eval-data", "--force"]),
-                       ("train", ["--recipe", "scratch", "finetune", "auto picks"]),
-                       ("prune", ["--accept-table-error"])]:
+    for cmd, words in [
+        ("finetune", ["--data", "ImageFolder", "--recipe", "per-epoch lines are printed"]),
+        ("export", ["--gate-data", "INT8 gate only", "--eval-data", "--force"]),
+        ("train", ["--recipe", "scratch", "finetune", "auto picks"]),
+        ("prune", ["--accept-table-error"]),
+    ]:
         res = _cli([cmd, "--help"])
         text = " ".join(res.output.split())  # click wraps the help text
         assert res.exit_code == 0 and all(w in text for w in words), (cmd, res.output)
@@ -221,8 +395,22 @@ def test_latency_table_with_a_large_check_error_is_refused_by_prune(tmp_path):
 
     bad = {"check": {"models": 2, "median_abs_error": 0.476, "max_abs_error": 0.667, "rows": []}}
     lut = _digits_table(tmp_path, protocol=bad)
-    args = ["prune", "--target-speedup", "1.5", "--latency-table", lut, "--epochs", 0, 1, 0, "--update-every", 5,
-            "--no-progress", "-o", tmp_path / "run"]
+    args = [
+        "prune",
+        "--target-speedup",
+        "1.5",
+        "--latency-table",
+        lut,
+        "--epochs",
+        0,
+        1,
+        0,
+        "--update-every",
+        5,
+        "--no-progress",
+        "-o",
+        tmp_path / "run",
+    ]
     _refused(_cli(args), 1, "median error of 47.6% (> 15%)")
     assert not (tmp_path / "run").exists()
     res = _cli([*args, "--accept-table-error"])
@@ -235,11 +423,38 @@ def test_latency_table_warns_when_its_check_error_is_large(tmp_path, monkeypatch
     import p3bkit.latency.measure as measure
 
     # the check's timings stand in as two badly predicted models; the table itself is measured
-    monkeypatch.setattr(measure, "in_fresh_process", lambda fn, *a, **kw: (
-        [{"error": 0.4}, {"error": -0.5}] if fn.__name__ == "validate_table" else fn(*a, **kw)))
-    res = _cli(["latency-table", "vit_tiny_patch16_224", "--img-size", 32, "--model-kwargs", TINY, "--backend",
-                "torch", "--head-dim-step", 8, "--hidden-step", 64, "--runs", 2, "--calibration", 0, "--check", 2,
-                "--no-progress", "--threads", 1, "-o", tmp_path / "lut.json"])
+    monkeypatch.setattr(
+        measure,
+        "in_fresh_process",
+        lambda fn, *a, **kw: [{"error": 0.4}, {"error": -0.5}] if fn.__name__ == "validate_table" else fn(*a, **kw),
+    )
+    res = _cli(
+        [
+            "latency-table",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            32,
+            "--model-kwargs",
+            TINY,
+            "--backend",
+            "torch",
+            "--head-dim-step",
+            8,
+            "--hidden-step",
+            64,
+            "--runs",
+            2,
+            "--calibration",
+            0,
+            "--check",
+            2,
+            "--no-progress",
+            "--threads",
+            1,
+            "-o",
+            tmp_path / "lut.json",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "warning: a median prediction error of 45.0% (> 15%)" in res.stderr
     assert json.loads((tmp_path / "lut.json").read_text())["protocol"]["check"]["median_abs_error"] == 0.45
@@ -276,8 +491,26 @@ def test_int8_gate_record_and_eval_give_one_number(tmp_path):
     """The gate measures the artefact as written: the record's accuracy and `eval` on the same images agree."""
     res = _cli(["train", "--model", "digits-vit", "--epochs", 3, "--no-progress", "-o", tmp_path / "m"])
     assert res.exit_code == 0, res.output
-    res = _cli(["export", tmp_path / "m", "--format", "onnx", "--precision", "int8", "--calib-data", "digits",
-                "--calib-size", 64, "--max-drop", 100, "--eval-data", "digits", "-o", tmp_path / "q"])
+    res = _cli(
+        [
+            "export",
+            tmp_path / "m",
+            "--format",
+            "onnx",
+            "--precision",
+            "int8",
+            "--calib-data",
+            "digits",
+            "--calib-size",
+            64,
+            "--max-drop",
+            100,
+            "--eval-data",
+            "digits",
+            "-o",
+            tmp_path / "q",
+        ]
+    )
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "q" / "model.onnx.json").read_text())
     gate = rec["extra"]["int8"]
@@ -295,10 +528,31 @@ def test_loader_processes_give_the_same_training(folders, tmp_path, monkeypatch)
     from safetensors.torch import load_file
 
     for workers in (0, 1):
-        res = subprocess.run([sys.executable, "-m", "p3bkit", "train", "--model", "digits-vit", "--data",
-                              str(folders["gray"]), "--epochs", "1", "--batch-size", "16", "--augment", "none",
-                              "--workers", str(workers), "--no-progress", "-o", str(tmp_path / f"w{workers}")],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "p3bkit",
+                "train",
+                "--model",
+                "digits-vit",
+                "--data",
+                str(folders["gray"]),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--augment",
+                "none",
+                "--workers",
+                str(workers),
+                "--no-progress",
+                "-o",
+                str(tmp_path / f"w{workers}"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert res.returncode == 0, res.stderr
     a, b = (load_file(tmp_path / f"w{w}" / "model.safetensors") for w in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -312,8 +566,26 @@ def test_loader_processes_give_the_same_training(folders, tmp_path, monkeypatch)
         return make(*args, **{**kw, "num_workers": 0})
 
     monkeypatch.setattr(loaders, "DataLoader", recording)
-    res = _cli(["train", "--model", "digits-vit", "--data", folders["gray"], "--epochs", 1, "--batch-size", 16,
-                "--augment", "none", "--workers", 3, "--no-progress", "-o", tmp_path / "w3"])
+    res = _cli(
+        [
+            "train",
+            "--model",
+            "digits-vit",
+            "--data",
+            folders["gray"],
+            "--epochs",
+            1,
+            "--batch-size",
+            16,
+            "--augment",
+            "none",
+            "--workers",
+            3,
+            "--no-progress",
+            "-o",
+            tmp_path / "w3",
+        ]
+    )
     assert res.exit_code == 0 and 3 in seen, res.output
 
 
@@ -362,13 +634,16 @@ def test_prune_from_scratch_caps_its_rate_like_train():
     assert resolve_recipe("quick", scratch=True, batch_size=512, lr=0.05)["lr"] == 0.05  # the user's, uncapped
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["train", "--model", "digits-vit", "--workers", "-1"], "'--workers'"),
-    (["prune", "--workers", "-2"], "'--workers'"),
-    (["finetune", ".", "--workers", "x"], "'--workers'"),
-    (["train", "--model", "digits-vit", "--recipe", "paper"], "'--recipe'"),
-    (["train", "--model", "digits-vit", "--lr", "0"], "'--lr'"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["train", "--model", "digits-vit", "--workers", "-1"], "'--workers'"),
+        (["prune", "--workers", "-2"], "'--workers'"),
+        (["finetune", ".", "--workers", "x"], "'--workers'"),
+        (["train", "--model", "digits-vit", "--recipe", "paper"], "'--recipe'"),
+        (["train", "--model", "digits-vit", "--lr", "0"], "'--lr'"),
+    ],
+)
 def test_new_options_refuse_bad_values(tmp_path, args, msg):
     res = _cli([*args, "-o", tmp_path / "out"])
     assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output
@@ -376,8 +651,22 @@ def test_new_options_refuse_bad_values(tmp_path, args, msg):
 
 
 def test_export_gate_data_that_does_not_exist_is_refused(tmp_path):
-    res = _cli(["export", "digits-vit", "--format", "onnx", "--precision", "int8", "--calib-data", "digits",
-                "--gate-data", tmp_path / "nowhere", "-o", tmp_path / "q"])
+    res = _cli(
+        [
+            "export",
+            "digits-vit",
+            "--format",
+            "onnx",
+            "--precision",
+            "int8",
+            "--calib-data",
+            "digits",
+            "--gate-data",
+            tmp_path / "nowhere",
+            "-o",
+            tmp_path / "q",
+        ]
+    )
     _refused(res, 1, "nowhere")
     assert not (tmp_path / "q").exists()
 
@@ -408,4 +697,6 @@ def test_prune_options_are_the_settings_model():
     from p3bkit.surgery import IoMode
 
     # the engine's own names (allocations: tests/test_contracts.py)
-    assert list(choices["structure"]) == list(get_args(Structure)) and list(choices["io_mode"]) == list(get_args(IoMode))
+    assert list(choices["structure"]) == list(get_args(Structure)) and list(choices["io_mode"]) == list(
+        get_args(IoMode)
+    )

@@ -1,4 +1,5 @@
 """Nothing lost: output folders, inputs, permissions, re-runs and resumes, driven through the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -38,15 +39,18 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,msg", [
-    (["finetune", "{run}/pruned", "--epochs", "1", "-o", "{run}"], "over its input"),
-    (["finetune", "{run}/pruned", "--epochs", "1", "-o", "{run}/pruned"], "over its input"),
-    (["finetune", "{run}/pruned", "--epochs", "1", "--force", "-o", "{run}"], "over its input"),
-    (["prune", "--keep", "0.5", "-o", "{run}"], "is not empty"),
-    (["prune", "--model", "{run}/pruned", "--keep", "0.5", "--force", "-o", "{run}/pruned/again"], "not supported"),
-    (["prune", "--keep", "0.5", "--resume", "-o", "{run}"], "finished run"),
-    (["finetune", "{run}/pruned", "--epochs", "1", "-o", "{run}/.."], "over its input"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["finetune", "{run}/pruned", "--epochs", "1", "-o", "{run}"], "over its input"),
+        (["finetune", "{run}/pruned", "--epochs", "1", "-o", "{run}/pruned"], "over its input"),
+        (["finetune", "{run}/pruned", "--epochs", "1", "--force", "-o", "{run}"], "over its input"),
+        (["prune", "--keep", "0.5", "-o", "{run}"], "is not empty"),
+        (["prune", "--model", "{run}/pruned", "--keep", "0.5", "--force", "-o", "{run}/pruned/again"], "not supported"),
+        (["prune", "--keep", "0.5", "--resume", "-o", "{run}"], "finished run"),
+        (["finetune", "{run}/pruned", "--epochs", "1", "-o", "{run}/.."], "over its input"),
+    ],
+)
 def test_commands_never_touch_what_they_did_not_write(run_dir, args, msg):
     before = _tree(run_dir.parent)
     res = _invoke([a.format(run=run_dir) for a in args])
@@ -115,11 +119,17 @@ def test_resume_refuses_other_settings_and_says_when_it_starts_fresh(tmp_path):
     from p3bkit.prune.job import PruneJob, run_prune
     from p3bkit.prune.pruner import P3BConfig
 
-    job = PruneJob(out=str(tmp_path / "r"), epochs=(1, 1, 1), progress=False, stop_after_epoch=1,
-                   p3b=P3BConfig(keep=0.7, update_every=5))
+    job = PruneJob(
+        out=str(tmp_path / "r"),
+        epochs=(1, 1, 1),
+        progress=False,
+        stop_after_epoch=1,
+        p3b=P3BConfig(keep=0.7, update_every=5),
+    )
     assert run_prune(job) == {"stopped_after_epoch": 1}
-    res = _invoke(["prune", "--keep", "0.3", "--epochs", "1", "1", "1", "--update-every", "5", "--resume",
-                   "-o", tmp_path / "r"])
+    res = _invoke(
+        ["prune", "--keep", "0.3", "--epochs", "1", "1", "1", "--update-every", "5", "--resume", "-o", tmp_path / "r"]
+    )
     assert res.exit_code == 1 and "p3b.keep" in res.output and "other settings" in res.output
     res = _invoke([*PRUNE, "--resume", "-o", tmp_path / "fresh"])
     assert res.exit_code == 0, res.output
@@ -139,12 +149,17 @@ def test_finetune_resumes_exactly_after_a_stop(run_dir, tmp_path, sig):
     import torch
 
     args = ["finetune", str(run_dir / "pruned"), "--epochs", "4", "--seed", "3"]
-    ref = subprocess.run([sys.executable, "-m", "p3bkit.cli", *args, "-o", str(tmp_path / "ref")],
-                         capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        [sys.executable, "-m", "p3bkit.cli", *args, "-o", str(tmp_path / "ref")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "ft"
-    proc = subprocess.Popen([sys.executable, "-m", "p3bkit.cli", *args, "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p3bkit.cli", *args, "-o", str(out)], stderr=subprocess.PIPE, text=True
+    )
     t0 = time.time()
     while not (out / "checkpoint.pt").exists():  # epoch 1 done: the stop lands in epoch 2
         assert proc.poll() is None, proc.stderr.read()
@@ -177,31 +192,42 @@ def rgb_folder(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("args,code,msg", [
-    (["prune", "--keep", "0.5", "--batch-size", "0", "-o", "{tmp}/p"], 2, "'--batch-size': 0 is not in the range"),
-    (["prune", "--keep", "0.5", "--round-to", "0", "-o", "{tmp}/p"], 2, "'--round-to'"),
-    (["prune", "--keep", "0.5", "--tau", "-1", "-o", "{tmp}/p"], 2, "'--tau'"),
-    (["prune", "--keep", "0.5", "--alpha", "7", "-o", "{tmp}/p"], 2, "'--alpha'"),
-    (["prune", "--prune", "1", "-o", "{tmp}/p"], 2, "'--prune'"),
-    (["prune", "--keep", "0.5", "--device", "banana", "-o", "{tmp}/p"], 2, "is not a device"),
-    (["prune", "--keep", "0.5", "--device", "gpu", "-o", "{tmp}/p"], 1, "no CUDA GPU"),
-    (["finetune", "{run}/pruned", "--device", "cuda", "-o", "{tmp}/f"], 1, "no CUDA GPU"),
-    (["prune", "--keep", "0.5", "--data", "{rgb}", "-o", "{tmp}/p"], 1, "3-channel images, but the model takes 1"),
-    (["export", "digits-vit", "--format", "onnx", "--static-batch", "-3", "-o", "{tmp}/e"], 2, "'--static-batch'"),
-    (["bench", "digits-vit", "--duration", "-1"], 2, "'--duration'"),
-    (["demo", "--keep", "0", "-o", "{tmp}/d"], 2, "'--keep'"),
-    (["demo", "--keep", "1.5", "-o", "{tmp}/d"], 2, "'--keep'"),
-    (["finetune", "{run}/pruned", "--epochs", "0", "-o", "{tmp}/f"], 2, "'--epochs'"),
-    (["analyze", "digits-vit", "--steps", "0", "-o", "{tmp}/a"], 2, "'--steps'"),
-    (["info", "resnet18"], 1, "not a timm VisionTransformer"),
-    (["info", "vit_small_patch16_18x2_224"], 1, "only timm's standard Block"),
-    (["export", "vit_pwee_patch16_reg1_gap_256", "--format", "onnx", "-o", "{tmp}/e"], 1, "only timm's standard Block"),
-    (["bench", "resnet18", "--runs", "1"], 1, "not a timm VisionTransformer"),
-    (["info", "{run}"], 1, "did you mean"),
-    (["info", "{tmp}/nope/model"], 1, "no such file or folder"),
-    (["prune", "--model", "{run}/pruned", "--keep", "0.5", "-o", "{tmp}/p"], 1, "pruning it again is not supported"),
-    (["prune", "--keep", "0.01", "-o", "{tmp}/p"], 1, "leaves nothing for the blocks"),
-])
+@pytest.mark.parametrize(
+    "args,code,msg",
+    [
+        (["prune", "--keep", "0.5", "--batch-size", "0", "-o", "{tmp}/p"], 2, "'--batch-size': 0 is not in the range"),
+        (["prune", "--keep", "0.5", "--round-to", "0", "-o", "{tmp}/p"], 2, "'--round-to'"),
+        (["prune", "--keep", "0.5", "--tau", "-1", "-o", "{tmp}/p"], 2, "'--tau'"),
+        (["prune", "--keep", "0.5", "--alpha", "7", "-o", "{tmp}/p"], 2, "'--alpha'"),
+        (["prune", "--prune", "1", "-o", "{tmp}/p"], 2, "'--prune'"),
+        (["prune", "--keep", "0.5", "--device", "banana", "-o", "{tmp}/p"], 2, "is not a device"),
+        (["prune", "--keep", "0.5", "--device", "gpu", "-o", "{tmp}/p"], 1, "no CUDA GPU"),
+        (["finetune", "{run}/pruned", "--device", "cuda", "-o", "{tmp}/f"], 1, "no CUDA GPU"),
+        (["prune", "--keep", "0.5", "--data", "{rgb}", "-o", "{tmp}/p"], 1, "3-channel images, but the model takes 1"),
+        (["export", "digits-vit", "--format", "onnx", "--static-batch", "-3", "-o", "{tmp}/e"], 2, "'--static-batch'"),
+        (["bench", "digits-vit", "--duration", "-1"], 2, "'--duration'"),
+        (["demo", "--keep", "0", "-o", "{tmp}/d"], 2, "'--keep'"),
+        (["demo", "--keep", "1.5", "-o", "{tmp}/d"], 2, "'--keep'"),
+        (["finetune", "{run}/pruned", "--epochs", "0", "-o", "{tmp}/f"], 2, "'--epochs'"),
+        (["analyze", "digits-vit", "--steps", "0", "-o", "{tmp}/a"], 2, "'--steps'"),
+        (["info", "resnet18"], 1, "not a timm VisionTransformer"),
+        (["info", "vit_small_patch16_18x2_224"], 1, "only timm's standard Block"),
+        (
+            ["export", "vit_pwee_patch16_reg1_gap_256", "--format", "onnx", "-o", "{tmp}/e"],
+            1,
+            "only timm's standard Block",
+        ),
+        (["bench", "resnet18", "--runs", "1"], 1, "not a timm VisionTransformer"),
+        (["info", "{run}"], 1, "did you mean"),
+        (["info", "{tmp}/nope/model"], 1, "no such file or folder"),
+        (
+            ["prune", "--model", "{run}/pruned", "--keep", "0.5", "-o", "{tmp}/p"],
+            1,
+            "pruning it again is not supported",
+        ),
+        (["prune", "--keep", "0.01", "-o", "{tmp}/p"], 1, "leaves nothing for the blocks"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(run_dir, rgb_folder, tmp_path, args, code, msg):
     import torch
 
@@ -248,8 +274,24 @@ def test_demo_resumes_after_a_stop(tmp_path, sig):
 
 @pytest.mark.slow
 def test_honest_prune_and_export_messages(tmp_path):
-    res = _invoke(["prune", "--keep", "0.5", "--epochs", "0", "1", "1", "--update-every", "1000", "--round-to", "8",
-                   "--no-progress", "-o", tmp_path / "p"])
+    res = _invoke(
+        [
+            "prune",
+            "--keep",
+            "0.5",
+            "--epochs",
+            "0",
+            "1",
+            "1",
+            "--update-every",
+            "1000",
+            "--round-to",
+            "8",
+            "--no-progress",
+            "-o",
+            tmp_path / "p",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "warning: only 0 mask update(s) during sparsify" in res.output
     assert "the saved model stores" in res.output and "--round-to" in res.output
@@ -262,8 +304,21 @@ def test_honest_prune_and_export_messages(tmp_path):
 def test_bench_takes_an_export_folder_and_warns_about_mixed_comparisons(tmp_path):
     res = _invoke(["export", "digits-vit", "--format", "onnx", "-o", tmp_path / "e"])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(main, ["bench", "digits-vit", str(tmp_path / "e"), "deit_tiny_patch16_224",
-                                    "--runs", "3", "--warmup", "1", "--json", str(tmp_path / "b.json")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "digits-vit",
+            str(tmp_path / "e"),
+            "deit_tiny_patch16_224",
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "b.json").read_text())
     assert [r["backend"] for r in rep["results"]] == ["torch", "onnxruntime", "torch"]

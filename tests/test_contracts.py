@@ -1,4 +1,5 @@
 """Import contracts that bite, errors that surface, options honoured or refused."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,13 @@ def _cli(args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("planted,broken", [
-    ("from p3bkit.cli import main  # noqa\n", "Each package imports only the layers below it"),
-    ("import onnxruntime  # noqa\n", "Only p3bkit.backends imports a runtime"),
-])
+@pytest.mark.parametrize(
+    "planted,broken",
+    [
+        ("from p3bkit.cli import main  # noqa\n", "Each package imports only the layers below it"),
+        ("import onnxruntime  # noqa\n", "Only p3bkit.backends imports a runtime"),
+    ],
+)
 def test_import_contracts_catch_a_violation(tmp_path, planted, broken):
     """The contracts in pyproject.toml pass on the tree, and fail once a model module imports upwards or a runtime."""
     shutil.copytree(ROOT / "p3bkit", tmp_path / "p3bkit", ignore=shutil.ignore_patterns("__pycache__"))
@@ -79,6 +83,7 @@ def test_a_runtime_crash_is_not_reported_as_a_parity_failure(monkeypatch, tmp_pa
     def crashing(self, path, precision=None, threads=None, device=None):
         def run(x):
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory\nmore detail")
+
         return run
 
     monkeypatch.setattr(OnnxRuntimeBackend, "runner", crashing)
@@ -88,13 +93,16 @@ def test_a_runtime_crash_is_not_reported_as_a_parity_failure(monkeypatch, tmp_pa
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("args,code,msg", [
-    (["bench", "digits-vit", "--backend", "onnxruntime", "--compile"], 1, "--compile is torch.compile"),
-    (["bench", "digits-vit", "--device", "cuda", "--threads", "2"], 2, "--threads pins CPU threads"),
-    (["latency-table", "digits-vit", "--checkpoint", "w.pt", "-o", "t.json"], 2, "No such option '--checkpoint'"),
-    (["latency-table", "digits-vit", "--pretrained", "-o", "t.json"], 2, "No such option '--pretrained'"),
-    (["eval", "{export}", "--device", "cuda"], 1, "onnxruntime runs on the CPU here, not on cuda"),
-])
+@pytest.mark.parametrize(
+    "args,code,msg",
+    [
+        (["bench", "digits-vit", "--backend", "onnxruntime", "--compile"], 1, "--compile is torch.compile"),
+        (["bench", "digits-vit", "--device", "cuda", "--threads", "2"], 2, "--threads pins CPU threads"),
+        (["latency-table", "digits-vit", "--checkpoint", "w.pt", "-o", "t.json"], 2, "No such option '--checkpoint'"),
+        (["latency-table", "digits-vit", "--pretrained", "-o", "t.json"], 2, "No such option '--pretrained'"),
+        (["eval", "{export}", "--device", "cuda"], 1, "onnxruntime runs on the CPU here, not on cuda"),
+    ],
+)
 def test_options_a_runner_would_ignore_are_refused(args, code, msg, onnx_export, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = _cli([a.replace("{export}", str(onnx_export)) for a in args])
@@ -110,7 +118,9 @@ def test_nothing_outside_backends_names_a_runtime_package():
             continue
         for i, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
-            if any(f"import {m}" in code or f"from {m}" in code for m in ("onnxruntime", "openvino", "tensorrt", "nncf")):
+            if any(
+                f"import {m}" in code or f"from {m}" in code for m in ("onnxruntime", "openvino", "tensorrt", "nncf")
+            ):
                 offenders.append(f"{path.relative_to(ROOT)}:{i}")
     assert offenders == []
 
@@ -139,16 +149,29 @@ def test_allocation_choices_are_the_registry():
 def test_the_command_line_starts_without_torch_or_a_runtime():
     """`p3bkit --help` stays fast: the CLI, the registry's choices and the defaults it shows import
     neither torch nor any runtime."""
-    code = ("import sys, p3bkit.cli; heavy = [m for m in ('torch', 'timm', 'onnxruntime', 'openvino') if m in sys.modules]; "
-            "sys.exit(1 if heavy else 0)")
+    code = (
+        "import sys, p3bkit.cli; heavy = [m for m in ('torch', 'timm', 'onnxruntime', 'openvino') if m in sys.modules]; "
+        "sys.exit(1 if heavy else 0)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_every_command_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "p3bkit", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("analyze", "bench", "demo", "doctor", "eval", "export", "finetune", "info", "latency-table", "prune",
-                    "train"):
+    for command in (
+        "analyze",
+        "bench",
+        "demo",
+        "doctor",
+        "eval",
+        "export",
+        "finetune",
+        "info",
+        "latency-table",
+        "prune",
+        "train",
+    ):
         assert f"  {command} " in out
     res = subprocess.run([sys.executable, "-m", "p3bkit.cli", "analyze", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "Block Performance" in res.stdout

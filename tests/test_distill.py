@@ -1,4 +1,5 @@
 """Recovery with the dense teacher: `finetune` distils from the model a pruned folder was pruned from."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,20 @@ from safetensors.torch import save_file
 
 from p3bkit.cli import main
 
-PRUNE = ["prune", "--model", "digits-vit", "--keep", "0.5", "--epochs", "0", "1", "1", "--update-every", "5",
-         "--no-progress"]
+PRUNE = [
+    "prune",
+    "--model",
+    "digits-vit",
+    "--keep",
+    "0.5",
+    "--epochs",
+    "0",
+    "1",
+    "1",
+    "--update-every",
+    "5",
+    "--no-progress",
+]
 FINETUNE = ["--epochs", "1", "--no-progress", "--teacher", "auto"]  # a later --teacher overrides it
 
 
@@ -39,9 +52,9 @@ def dense_weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, dense_weights):
-    """A prune run that started from the dense weights file."""
+    """A prune run that started from the dense weights file, without a teacher."""
     out = tmp_path_factory.mktemp("kd") / "run"
-    res = _invoke([*PRUNE, "--weights", dense_weights, "-o", out])
+    res = _invoke([*PRUNE, "--weights", dense_weights, "--teacher", "none", "-o", out])
     assert res.exit_code == 0, res.output
     return out
 
@@ -67,7 +80,8 @@ def test_distillation_loss_by_hand():
     p = math.sqrt(3) / (math.sqrt(3) + 1)
     kl2 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
     assert distillation_loss(student, teacher, hard, 0.25, 2.0).item() == pytest.approx(
-        0.75 * math.log(2) + 0.25 * 4 * kl2)
+        0.75 * math.log(2) + 0.25 * 4 * kl2
+    )
     # batchmean: a batch of a row that agrees with its teacher and this one halves the KL
     both = distillation_loss(torch.zeros(2, 2), torch.cat([torch.zeros(1, 2), teacher]), torch.tensor(0.0), 1.0, 1.0)
     assert both.item() == pytest.approx(kl1 / 2)
@@ -101,6 +115,7 @@ def test_the_training_step_resumes_exactly_from_its_state():
     model, step, x, y = _step_pair(teacher=False)
     step(x, y)
     step(x, y)
+    assert set(step.state_dict()) == {"optimizer", "scheduler"}  # the keys run checkpoints have always had
     saved = copy.deepcopy({"model": model.state_dict(), **step.state_dict()})
     expected = [step(x, y) for _ in range(3)]
     other, restored, _, _ = _step_pair(teacher=False)
@@ -145,20 +160,32 @@ def test_pruned_from_scratch_finetunes_without_a_teacher_and_says_why(pruned_fol
     assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["distillation"] == {"teacher": None}
 
 
-@pytest.mark.parametrize("teacher,msg", [
-    ("{tmp}/missing", "no such file or folder"),
-    ("{tmp}/narrow", "not a dense model of the pruned model's architecture (embed_dim 32 vs 64"),
-    ("{tmp}/shallow.safetensors", "does not fit the model"),
-    ("{run}/pruned", "is a pruned model; a teacher is a dense one"),
-])
+@pytest.mark.parametrize(
+    "teacher,msg",
+    [
+        ("{tmp}/missing", "no such file or folder"),
+        ("{tmp}/narrow", "not a dense model of the pruned model's architecture (embed_dim 32 vs 64"),
+        ("{tmp}/shallow.safetensors", "does not fit the model"),
+        ("{run}/pruned", "is a pruned model; a teacher is a dense one"),
+    ],
+)
 def test_a_bad_teacher_is_one_line_and_writes_nothing(run_dir, tmp_path, teacher, msg):
     from p3bkit.models import save
     from p3bkit.models.factory import create_model
 
     save(create_model("digits-vit", embed_dim=32), tmp_path / "narrow")
     _weights_of(tmp_path / "shallow.safetensors", depth=2)
-    res = _invoke(["finetune", run_dir / "pruned", *FINETUNE, "--teacher", teacher.format(tmp=tmp_path, run=run_dir),
-                   "-o", tmp_path / "ft"])
+    res = _invoke(
+        [
+            "finetune",
+            run_dir / "pruned",
+            *FINETUNE,
+            "--teacher",
+            teacher.format(tmp=tmp_path, run=run_dir),
+            "-o",
+            tmp_path / "ft",
+        ]
+    )
     assert res.exit_code == 1 and res.output.startswith("error: teacher ") and msg in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "ft").exists()
 
@@ -186,9 +213,18 @@ def test_auto_without_the_recorded_weights_and_an_explicit_dense_folder(run_dir,
     p3bkit.save(create_model("digits-vit", weights=str(dense_weights)), tmp_path / "dense")
     module, record = choose_teacher(str(tmp_path / "dense"), str(moved), 0.3, 2.0, notes.append)
     assert not module.training and not any(p.requires_grad for p in module.parameters())
-    assert record == {"teacher": {"model": str((tmp_path / "dense").resolve()), "model_kwargs": {}, "pretrained": False,
-                                  "pretrained_file": None, "weights": None, "from": "path"},
-                      "kd_weight": 0.3, "kd_temperature": 2.0}
+    assert record == {
+        "teacher": {
+            "model": str((tmp_path / "dense").resolve()),
+            "model_kwargs": {},
+            "pretrained": False,
+            "pretrained_file": None,
+            "weights": None,
+            "from": "path",
+        },
+        "kd_weight": 0.3,
+        "kd_temperature": 2.0,
+    }
 
 
 def test_resume_with_other_kd_settings_is_refused(distilled, run_dir):
@@ -210,7 +246,8 @@ def test_a_classifier_started_from_random_weights_is_no_teacher(dense_weights):
     assert origin["dense"] is None and "7-class classifier started from random weights" in origin["why"]
     same = build_user_model("digits-vit", pretrained_file=str(dense_weights))
     assert dense_origin(same, "digits-vit", {}, pretrained_file=str(dense_weights))["dense"]["pretrained_file"] == str(
-        dense_weights.resolve())
+        dense_weights.resolve()
+    )
 
 
 @pytest.mark.slow
@@ -226,17 +263,27 @@ def test_a_fresh_prune_from_scratch_replaces_the_earlier_runs_teacher(run_dir, t
 
 # ---- prune --teacher: distilling while pruning ----------------------------------------------------
 
+
 def test_prune_distils_from_the_model_it_starts_from(dense_weights, run_dir, tmp_path):
-    """`prune --teacher auto` from a weights file: the record names it, and the loss it trains on is
-    not the label loss alone (the same seed without a teacher, `run_dir`, logs other losses)."""
-    res = _invoke([*PRUNE, "--weights", dense_weights, "--teacher", "auto", "--kd-weight", "0.7", "-o", tmp_path / "p"])
+    """`prune` from a weights file distils from it by default (`--teacher auto`): the record names it, and
+    the loss it trains on is not the label loss alone (the same seed with `--teacher none`, `run_dir`,
+    logs other losses)."""
+    res = _invoke([*PRUNE, "--weights", dense_weights, "--kd-weight", "0.7", "-o", tmp_path / "p"])
     assert res.exit_code == 0, res.output
     assert "distilling from the dense model while pruning (weight 0.7, temperature 1)" in res.output
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["distillation"] == {
-        "teacher": {"model": "digits-vit", "model_kwargs": {}, "pretrained": False, "pretrained_file": None,
-                    "weights": str(dense_weights.resolve()), "from": "auto"},
-        "kd_weight": 0.7, "kd_temperature": 1.0}
+        "teacher": {
+            "model": "digits-vit",
+            "model_kwargs": {},
+            "pretrained": False,
+            "pretrained_file": None,
+            "weights": str(dense_weights.resolve()),
+            "from": "auto",
+        },
+        "kd_weight": 0.7,
+        "kd_temperature": 1.0,
+    }
     assert json.loads((run_dir / "summary.json").read_text())["distillation"] == {"teacher": None}
 
     def losses(folder):
@@ -259,10 +306,12 @@ def test_prune_with_a_bad_teacher_is_one_line_and_writes_nothing(dense_weights, 
     from p3bkit.models.factory import create_model
 
     save(create_model("digits-vit", embed_dim=32), tmp_path / "narrow")
-    for teacher, msg in ((tmp_path / "nowhere", "no such file or folder"),
-                         (tmp_path / "narrow", "not a dense model of the pruned model's architecture (embed_dim 32 vs 64"),
-                         (_weights_of(tmp_path / "wide.safetensors", embed_dim=96), "does not fit the model"),
-                         (run_dir / "pruned", "is a pruned model; a teacher is a dense one")):
+    for teacher, msg in (
+        (tmp_path / "nowhere", "no such file or folder"),
+        (tmp_path / "narrow", "not a dense model of the pruned model's architecture (embed_dim 32 vs 64"),
+        (_weights_of(tmp_path / "wide.safetensors", embed_dim=96), "does not fit the model"),
+        (run_dir / "pruned", "is a pruned model; a teacher is a dense one"),
+    ):
         res = _invoke([*PRUNE, "--weights", dense_weights, "--teacher", teacher, "-o", tmp_path / "p"])
         assert res.exit_code == 1 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
         assert not (tmp_path / "p").exists()
@@ -293,8 +342,13 @@ def _prune_job(tmp_path, dense_weights, **kw):
     from p3bkit.prune.config import P3BConfig, PruneJob
 
     settings = {"out": str(tmp_path / "p"), "teacher": "auto", **kw}
-    return PruneJob(weights=str(dense_weights), epochs=(0, 1, 1), progress=False, p3b=P3BConfig(keep=0.5, update_every=5),
-                    **settings)
+    return PruneJob(
+        weights=str(dense_weights),
+        epochs=(0, 1, 1),
+        progress=False,
+        p3b=P3BConfig(keep=0.5, update_every=5),
+        **settings,
+    )
 
 
 def test_prune_resume_refuses_other_kd_settings(dense_weights, tmp_path):
@@ -302,8 +356,10 @@ def test_prune_resume_refuses_other_kd_settings(dense_weights, tmp_path):
     from p3bkit.prune.job import run_prune
 
     assert run_prune(_prune_job(tmp_path, dense_weights, stop_after_epoch=1)) == {"stopped_after_epoch": 1}
-    for other, differ in (({"teacher": "none"}, "kd_temperature, kd_weight, teacher differ"),
-                          ({"kd_weight": 0.3}, "kd_weight differ")):
+    for other, differ in (
+        ({"teacher": "none"}, "kd_temperature, kd_weight, teacher differ"),
+        ({"kd_weight": 0.3}, "kd_weight differ"),
+    ):
         with pytest.raises(P3BError, match=differ):
             run_prune(_prune_job(tmp_path, dense_weights, **other), resume=True)
 

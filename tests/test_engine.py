@@ -1,4 +1,5 @@
 """P3B formulas against hand-computed values, and the engine end to end on digits."""
+
 from __future__ import annotations
 
 import json
@@ -131,6 +132,13 @@ def test_surgery_is_checked_with_rounded_widths(tmp_path):
     from p3bkit.prune.job import PruneJob, run_prune
     from p3bkit.prune.pruner import P3BConfig
 
-    s = run_prune(PruneJob(out=str(tmp_path / "r"), epochs=(0, 1, 1), round_to=8, progress=False,
-                           p3b=P3BConfig(keep=0.4, update_every=5)))
+    s = run_prune(
+        PruneJob(
+            out=str(tmp_path / "r"),
+            epochs=(0, 1, 1),
+            round_to=8,
+            progress=False,
+            p3b=P3BConfig(keep=0.4, update_every=5),
+        )
+    )
     assert s["surgery_max_abs_diff"] <= 1e-5

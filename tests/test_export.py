@@ -1,4 +1,5 @@
 """Exporters: ONNX / OpenVINO parity, failure paths, TensorRT preparation without TensorRT."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ def models(tmp_path_factory):
     random_masks(gated, 0.6, empty=("blocks.1.attn.head_dim",))  # one branch emptied to identity
     dist = p3bkit.add_gates(tiny_model("distilled"))
     random_masks(dist, 0.5)
-    return {"emptied": str(p3bkit.save(apply_surgery(gated, io_mode="index"), root / "emptied")),
-            "distilled": str(p3bkit.save(apply_surgery(dist), root / "distilled"))}
+    return {
+        "emptied": str(p3bkit.save(apply_surgery(gated, io_mode="index"), root / "emptied")),
+        "distilled": str(p3bkit.save(apply_surgery(dist), root / "distilled")),
+    }
 
 
 @pytest.mark.parametrize("fmt", ["onnx", pytest.param("openvino", marks=pytest.mark.slow)])
@@ -79,8 +82,9 @@ def test_failed_export_keeps_previous_artefact(pruned_folder, tmp_path, monkeypa
     before = (out / "model.onnx").read_bytes()
     import p3bkit.export.verify as verify
 
-    monkeypatch.setattr(verify, "verify_runner", lambda *a, **kw: (_ for _ in ()).throw(
-        p3bkit.errors.ToleranceError("forced")))
+    monkeypatch.setattr(
+        verify, "verify_runner", lambda *a, **kw: (_ for _ in ()).throw(p3bkit.errors.ToleranceError("forced"))
+    )
     res = CliRunner().invoke(main, ["export", str(pruned_folder), "--format", "onnx", "-o", str(out), "--force"])
     assert res.exit_code == 1 and (out / "model.onnx").read_bytes() == before
 
@@ -104,6 +108,7 @@ def test_trt_export_fails_fast_without_tensorrt(pruned_folder, tmp_path):
     pytest.importorskip("torch")
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
@@ -160,29 +165,56 @@ def _fake_tensorrt(layer_types: list[str]):
             return b"timing-cache"
 
     class Config:
-        def set_memory_pool_limit(self, pool, size): seen["workspace"] = size
-        def set_flag(self, flag): seen["set"].append(flag)
-        def clear_flag(self, flag): seen["cleared"].append(flag)
-        def add_optimization_profile(self, prof): seen["profiles"] = seen.get("profiles", 0) + 1
-        def create_timing_cache(self, data): seen.update(cache_in=data); return Cache()
-        def set_timing_cache(self, cache, ignore_mismatch): pass
-        def get_timing_cache(self): return Cache()
+        def set_memory_pool_limit(self, pool, size):
+            seen["workspace"] = size
+
+        def set_flag(self, flag):
+            seen["set"].append(flag)
+
+        def clear_flag(self, flag):
+            seen["cleared"].append(flag)
+
+        def add_optimization_profile(self, prof):
+            seen["profiles"] = seen.get("profiles", 0) + 1
+
+        def create_timing_cache(self, data):
+            seen.update(cache_in=data)
+            return Cache()
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            pass
+
+        def get_timing_cache(self):
+            return Cache()
 
     class Profile:
-        def set_shape(self, name, *shapes): seen["shapes"] = (name, shapes)
+        def set_shape(self, name, *shapes):
+            seen["shapes"] = (name, shapes)
 
     class Builder:
-        def __init__(self, logger): pass
-        def create_network(self, flags): return Network()
-        def create_builder_config(self): return Config()
-        def create_optimization_profile(self): return Profile()
-        def build_serialized_network(self, network, config): return b"serialized-engine"
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"serialized-engine"
 
     class Parser:
         num_errors = 0
 
-        def __init__(self, network, logger): pass
-        def parse(self, data): return bool(data)
+        def __init__(self, network, logger):
+            pass
+
+        def parse(self, data):
+            return bool(data)
 
     names = ("FP16", "BF16", "INT8", "TF32", "OBEY_PRECISION_CONSTRAINTS")
     trt = types.ModuleType("tensorrt")
@@ -195,8 +227,9 @@ def _fake_tensorrt(layer_types: list[str]):
     return trt, seen
 
 
-@pytest.mark.parametrize("precision,flags,cleared", [("fp32", [], ["TF32"]),
-                                                    ("fp16", ["FP16", "OBEY_PRECISION_CONSTRAINTS"], [])])
+@pytest.mark.parametrize(
+    "precision,flags,cleared", [("fp32", [], ["TF32"]), ("fp16", ["FP16", "OBEY_PRECISION_CONSTRAINTS"], [])]
+)
 def test_trt_engine_build_follows_the_precision_plan(tmp_path, monkeypatch, precision, flags, cleared):
     """The engine build, run against a recording stand-in for TensorRT: the precision's builder flags,
     LayerNorm/Softmax pinned to fp32 outside fp32, the batch profile, the engine and timing cache written."""
@@ -211,7 +244,9 @@ def test_trt_engine_build_follows_the_precision_plan(tmp_path, monkeypatch, prec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     (tmp_path / "m.onnx").write_bytes(b"graph")
     cache = tmp_path / "cache.bin"
-    engine = build_trt_engine(tmp_path / "m.onnx", tmp_path / "m.plan", (3, 8, 8), TrtProfile(1, 4, 8), precision, cache)
+    engine = build_trt_engine(
+        tmp_path / "m.onnx", tmp_path / "m.plan", (3, 8, 8), TrtProfile(1, 4, 8), precision, cache
+    )
     assert engine.read_bytes() == b"serialized-engine" and cache.read_bytes() == b"timing-cache"
     assert seen["set"] == flags and seen["cleared"] == cleared
     assert seen["pinned"] == ([] if precision == "fp32" else ["NORMALIZATION", "SOFTMAX"])

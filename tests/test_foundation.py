@@ -1,4 +1,5 @@
 """Gates, surgery exactness, arch.json round trip, refusal of unsupported models."""
+
 from __future__ import annotations
 
 import json
@@ -89,10 +90,13 @@ def test_load_rejects_bad_folders(tmp_path):
         p3bkit.load(tmp_path)
 
 
-@pytest.mark.parametrize("kwargs,reason", [
-    ({"qk_norm": True}, "qk_norm"),
-    ({"scale_attn_norm": True}, "scale_norm"),
-])
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        ({"qk_norm": True}, "qk_norm"),
+        ({"scale_attn_norm": True}, "scale_norm"),
+    ],
+)
 def test_unsupported_models_are_refused(kwargs, reason):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, **kwargs)
     with pytest.raises(ArchError, match=reason):

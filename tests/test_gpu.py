@@ -1,4 +1,5 @@
 """GPU paths: pruning on CUDA, the batch-1024 bench preset, TensorRT engines (skipped without)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,15 @@ def test_prune_on_cuda_is_exact_after_surgery(tmp_path):
     from p3bkit.prune.job import PruneJob, run_prune
     from p3bkit.prune.pruner import P3BConfig
 
-    s = run_prune(PruneJob(out=str(tmp_path / "run"), epochs=(0, 1, 1), device="cuda", progress=False,
-                           p3b=P3BConfig(keep=0.5, update_every=5)))
+    s = run_prune(
+        PruneJob(
+            out=str(tmp_path / "run"),
+            epochs=(0, 1, 1),
+            device="cuda",
+            progress=False,
+            p3b=P3BConfig(keep=0.5, update_every=5),
+        )
+    )
     assert abs(s["block_keep_nominal"] - 0.5) < 0.02
     assert s["surgery_max_abs_diff"] <= 1e-5
 
@@ -49,8 +57,14 @@ def test_tensorrt_int8_engine_passes_the_gate(tmp_path):
     model = create_model("digits-vit")
     fit(model, load_data("digits"), FitConfig(epochs=20, lr=2e-3, device="cuda", progress=False))
     save(model.cpu(), tmp_path / "trained")
-    rec = export_model(str(tmp_path / "trained"), "trt", tmp_path / "trt8", precision="int8", trt_profile=(1, 64, 64),
-                       int8=Int8Config("digits", 64))
+    rec = export_model(
+        str(tmp_path / "trained"),
+        "trt",
+        tmp_path / "trt8",
+        precision="int8",
+        trt_profile=(1, 64, 64),
+        int8=Int8Config("digits", 64),
+    )
     gate = rec.extra["int8"]
     assert rec.precision == "int8" and gate["calib_size"] == 64 and "QuantizeLinear" in rec.op_types
     assert gate["fp32_top1"] >= 80 and gate["drop"] <= 1.0 and "measured on the engine" in gate["remedy"]

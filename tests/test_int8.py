@@ -6,6 +6,7 @@ set (over-exposed white frames) must trip the gate and leave nothing behind; eve
 honours a precision or refuses it; the CLI's choices come from the registry, and a new backend
 is one registered class.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,28 @@ def user_model(tmp_path_factory):
             (root / "white" / split / f"c{c}").mkdir(parents=True)
             for i in range(4):
                 Image.new("RGB", (32, 32), (255, 255, 255)).save(root / "white" / split / f"c{c}" / f"{i}.png")
-    res = _cli(["train", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(SMALL), "--num-classes", 3,
-                "--data", data, "--epochs", 40, "--lr", 2e-3, "--augment", "none", "-o", root / "model",
-                "--no-progress"])
+    res = _cli(
+        [
+            "train",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--model-kwargs",
+            json.dumps(SMALL),
+            "--num-classes",
+            3,
+            "--data",
+            data,
+            "--epochs",
+            40,
+            "--lr",
+            2e-3,
+            "--augment",
+            "none",
+            "-o",
+            root / "model",
+            "--no-progress",
+        ]
+    )
     assert res.exit_code == 0, res.output
     return root, data
 
@@ -50,8 +70,24 @@ def user_model(tmp_path_factory):
 def test_int8_export_passes_the_gate_and_records_it(user_model, fmt):
     root, data = user_model
     out = root / f"q-{fmt}"
-    res = _cli(["export", root / "model", "--format", fmt, "--precision", "int8", "--calib-data", data,
-                "--calib-size", 60, "-o", out, "--eval-data", data])
+    res = _cli(
+        [
+            "export",
+            root / "model",
+            "--format",
+            fmt,
+            "--precision",
+            "int8",
+            "--calib-data",
+            data,
+            "--calib-size",
+            60,
+            "-o",
+            out,
+            "--eval-data",
+            data,
+        ]
+    )
     assert res.exit_code == 0, res.output
     rec = json.loads(next(out.glob("model.*.json")).read_text())
     gate = rec["extra"]["int8"]
@@ -63,7 +99,9 @@ def test_int8_export_passes_the_gate_and_records_it(user_model, fmt):
         assert not any("i8" in op.lower() for op in gate["op_profile"]["fp32"])
     assert rec["accuracy"]["top1"] == pytest.approx(gate["int8_top1"])  # eval through the runtime agrees
     stats = [s for b in rec["parity"].values() for s in b.values()]
-    assert stats and all((s["top1_agreement"] or 1.0) >= 0.95 and s["cosine_mean"] >= 0.98 for s in stats)  # real images
+    assert stats and all(
+        (s["top1_agreement"] or 1.0) >= 0.95 and s["cosine_mean"] >= 0.98 for s in stats
+    )  # real images
     assert sum(s["confident_images"] for s in stats) > 0  # a trained model: top-1 agreement was measured
     ops = rec["op_types"] if fmt == "onnx" else {}
     assert fmt != "onnx" or ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
@@ -79,8 +117,24 @@ def test_int8_with_a_static_batch(user_model, fmt):
     """A fixed-batch graph is calibrated and gated in batches of exactly that size (the last padded)."""
     root, data = user_model
     out = root / f"static-{fmt}"
-    res = _cli(["export", root / "model", "--format", fmt, "--precision", "int8", "--calib-data", data,
-                "--calib-size", 10, "--static-batch", 4, "-o", out])
+    res = _cli(
+        [
+            "export",
+            root / "model",
+            "--format",
+            fmt,
+            "--precision",
+            "int8",
+            "--calib-data",
+            data,
+            "--calib-size",
+            10,
+            "--static-batch",
+            4,
+            "-o",
+            out,
+        ]
+    )
     assert res.exit_code == 0, res.output
     rec = json.loads(next(out.glob("model.*.json")).read_text())
     assert rec["input_shape"][0] == 4 and rec["extra"]["int8"]["val_images"] == 90 and set(rec["parity"]) == {"batch4"}
@@ -94,8 +148,22 @@ def test_broken_calibration_is_refused_and_leaves_nothing(user_model, fmt):
     in fp32 and top-1 passes, but the outputs on real images no longer match: the parity check refuses."""
     root, data = user_model
     out = root / f"bad-{fmt}"
-    res = _cli(["export", root / "model", "--format", fmt, "--precision", "int8", "--calib-data", root / "white",
-                "--val-data", data, "-o", out])
+    res = _cli(
+        [
+            "export",
+            root / "model",
+            "--format",
+            fmt,
+            "--precision",
+            "int8",
+            "--calib-data",
+            root / "white",
+            "--val-data",
+            data,
+            "-o",
+            out,
+        ]
+    )
     assert res.exit_code == 1 and "Traceback" not in res.output
     if fmt == "onnx":
         assert "INT8 accuracy gate failed" in res.output and "nothing was written" in res.output
@@ -104,8 +172,23 @@ def test_broken_calibration_is_refused_and_leaves_nothing(user_model, fmt):
         assert "parity check failed" in res.output and "cosine" in res.output
     assert not out.exists() and not list(root.glob(f".bad-{fmt}*"))
     if fmt == "openvino":
-        kept = _cli(["export", root / "model", "--format", fmt, "--precision", "int8", "--calib-data", root / "white",
-                     "--val-data", data, "-o", root / "bad-kept", "--no-verify"])
+        kept = _cli(
+            [
+                "export",
+                root / "model",
+                "--format",
+                fmt,
+                "--precision",
+                "int8",
+                "--calib-data",
+                root / "white",
+                "--val-data",
+                data,
+                "-o",
+                root / "bad-kept",
+                "--no-verify",
+            ]
+        )
         assert kept.exit_code == 0, kept.output
         gate = json.loads((root / "bad-kept" / "model.xml.json").read_text())["extra"]["int8"]
         assert gate["attempts"][0]["int8_top1"] < gate["fp32_top1"] - 1.0  # plain PTQ fails the gate
@@ -118,8 +201,23 @@ def test_failed_gate_keeps_the_previous_artefact(user_model):
     out = root / "keep"
     assert _cli(["export", root / "model", "--format", "onnx", "-o", out]).exit_code == 0
     before = (out / "model.onnx").read_bytes()
-    res = _cli(["export", root / "model", "--format", "onnx", "--precision", "int8", "--calib-data", root / "white",
-                "--val-data", data, "-o", out, "--force"])
+    res = _cli(
+        [
+            "export",
+            root / "model",
+            "--format",
+            "onnx",
+            "--precision",
+            "int8",
+            "--calib-data",
+            root / "white",
+            "--val-data",
+            data,
+            "-o",
+            out,
+            "--force",
+        ]
+    )
     assert res.exit_code == 1 and (out / "model.onnx").read_bytes() == before
 
 
@@ -143,8 +241,20 @@ def test_remedy_keeps_an_outlier_layer_in_fp32_and_passes(user_model, tmp_path, 
         model.norm.bias[0] = 1000.0
         assert torch.allclose(model(x), before, atol=1e-4)
     save(model, tmp_path / "outlier")
-    res = _cli(["export", tmp_path / "outlier", "--format", fmt, "--precision", "int8", "--calib-data", data,
-                "-o", tmp_path / "q"])
+    res = _cli(
+        [
+            "export",
+            tmp_path / "outlier",
+            "--format",
+            fmt,
+            "--precision",
+            "int8",
+            "--calib-data",
+            data,
+            "-o",
+            tmp_path / "q",
+        ]
+    )
     assert res.exit_code == 0, res.output
     gate = json.loads(next((tmp_path / "q").glob("model.*.json")).read_text())["extra"]["int8"]
     assert gate["attempts"][0]["int8_top1"] < gate["fp32_top1"] - 1.0  # plain PTQ fails the gate
@@ -169,12 +279,15 @@ def test_layer_errors_rank_quantised_nodes(user_model, tmp_path):
     assert max(errs.values()) > 0
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--format", "onnx", "--precision", "int8"], "needs calibration images"),
-    (["--format", "onnx", "--precision", "bf16"], "onnxruntime does not export precision 'bf16'"),
-    (["--format", "trt", "--precision", "int8", "--calib-data", "digits"], "tensorrt"),
-    (["--format", "openvino", "--precision", "int8", "--calib-data", "no/such/folder"], "neither 'digits'"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--format", "onnx", "--precision", "int8"], "needs calibration images"),
+        (["--format", "onnx", "--precision", "bf16"], "onnxruntime does not export precision 'bf16'"),
+        (["--format", "trt", "--precision", "int8", "--calib-data", "digits"], "tensorrt"),
+        (["--format", "openvino", "--precision", "int8", "--calib-data", "no/such/folder"], "neither 'digits'"),
+    ],
+)
 def test_int8_bad_input_is_one_line(args, msg, tmp_path):
     res = _cli(["export", "digits-vit", *args, "-o", tmp_path / "o"])
     assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output
@@ -213,8 +326,9 @@ def test_every_runner_honours_a_precision_or_refuses_it(tmp_path):
             workdir = tmp_path / f"{name}-{prec}"
             workdir.mkdir()
             try:
-                p = prepare("digits-vit", name, 1, "cuda" if get_backend(name).device == "cuda" else "cpu", prec, 1,
-                            workdir)
+                p = prepare(
+                    "digits-vit", name, 1, "cuda" if get_backend(name).device == "cuda" else "cpu", prec, 1, workdir
+                )
                 assert p.precision == prec
                 p.step()
                 honoured[(name, prec)] = True
@@ -267,7 +381,9 @@ def test_a_new_backend_is_one_registered_class(tmp_path):
     try:
         assert "onnx-gather" in formats() and "ort-gather" in runtimes()
         rec = export_model("digits-vit", "onnx-gather", tmp_path / "g")
-        assert rec.write_op == "gather" and rec.format == "onnx-gather" and (tmp_path / "g" / "model.ortg.json").is_file()
+        assert (
+            rec.write_op == "gather" and rec.format == "onnx-gather" and (tmp_path / "g" / "model.ortg.json").is_file()
+        )
         assert "ScatterND" not in rec.op_types
         assert run_eval(str(tmp_path / "g"), "digits", progress=False)["backend"] == "ort-gather"
         p = prepare(str(tmp_path / "g" / "model.ortg"), None, 1, "cpu", None, 1, tmp_path)
@@ -295,8 +411,25 @@ def test_eval_runs_at_a_precision_the_runtime_honours_or_refuses(user_model):
     else:
         assert res.exit_code == 1 and "no bf16 units" in res.output
     q = root / "q-eval"
-    assert _cli(["export", root / "model", "--format", "onnx", "--precision", "int8", "--calib-data", data,
-                 "--calib-size", 30, "-o", q]).exit_code == 0
+    assert (
+        _cli(
+            [
+                "export",
+                root / "model",
+                "--format",
+                "onnx",
+                "--precision",
+                "int8",
+                "--calib-data",
+                data,
+                "--calib-size",
+                30,
+                "-o",
+                q,
+            ]
+        ).exit_code
+        == 0
+    )
     refused = _cli(["eval", q, "--data", data, "--precision", "fp32", "--no-progress"])
     assert refused.exit_code == 1 and "cannot run this int8 model at fp32" in refused.output
 
@@ -305,9 +438,29 @@ def test_synthetic_gate_data_is_not_gated_and_the_profile_is_printed(user_model,
     """Synthetic images have random labels: no accuracy gate and no remedy over label noise (even at
     --max-drop 0), said on stderr and in the record; the per-op time of fp32 vs INT8 is printed."""
     root, _ = user_model
-    res = CliRunner().invoke(main, [str(a) for a in [
-        "export", root / "model", "--format", "onnx", "--precision", "int8", "--calib-data", "synthetic",
-        "--calib-size", 16, "--max-drop", 0, "-o", tmp_path / "q", "--no-verify"]])
+    res = CliRunner().invoke(
+        main,
+        [
+            str(a)
+            for a in [
+                "export",
+                root / "model",
+                "--format",
+                "onnx",
+                "--precision",
+                "int8",
+                "--calib-data",
+                "synthetic",
+                "--calib-size",
+                16,
+                "--max-drop",
+                0,
+                "-o",
+                tmp_path / "q",
+                "--no-verify",
+            ]
+        ],
+    )
     assert res.exit_code == 0, res.output
     gate = json.loads((tmp_path / "q" / "model.onnx.json").read_text())["extra"]["int8"]
     assert gate["gated"] is False and "random labels" in gate["not_gated_because"]
@@ -323,8 +476,25 @@ def test_synthetic_gate_data_is_not_gated_and_the_profile_is_printed(user_model,
 def test_a_coarse_gate_is_flagged(user_model, tmp_path):
     """50 validation images: one changed prediction is 2 points, above --max-drop 1: the user is told."""
     root, data = user_model
-    res = _cli(["export", root / "model", "--format", "onnx", "--precision", "int8", "--calib-data", data,
-                "--calib-size", 16, "--val-size", 50, "-o", tmp_path / "q", "--no-verify"])
+    res = _cli(
+        [
+            "export",
+            root / "model",
+            "--format",
+            "onnx",
+            "--precision",
+            "int8",
+            "--calib-data",
+            data,
+            "--calib-size",
+            16,
+            "--val-size",
+            50,
+            "-o",
+            tmp_path / "q",
+            "--no-verify",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "moves top-1 by 2.00 points, more than --max-drop 1" in res.output
     gate = json.loads((tmp_path / "q" / "model.onnx.json").read_text())["extra"]["int8"]

@@ -1,4 +1,5 @@
 """Latency tables and latency budgets: measured through real runtimes, on the user's path."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,16 @@ QUICK = dict(head_dim_step=4, hidden_step=64, runs=5, calibration=3, progress=Fa
 
 def user_vit():
     """A model made the way a user makes one: timm.create_model with constructor arguments."""
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                             depth=3, num_heads=4, num_classes=5).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=3,
+        num_heads=4,
+        num_classes=5,
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +50,13 @@ def test_table_grid_and_prediction_of_the_dense_model(ort_table):
     # the dense model written out layer by layer predicts what the dense shortcut does (how close a
     # prediction comes to a measurement is timing, left to `latency-table --check` and benchmarks/)
     full = list(range(64))
-    layers = [{"attn": {"in": full, "out": full, "head_dim": list(range(16)), "heads": list(range(4))},
-               "mlp": {"in": full, "out": full, "hidden": list(range(256))}} for _ in range(3)]
+    layers = [
+        {
+            "attn": {"in": full, "out": full, "head_dim": list(range(16)), "heads": list(range(4))},
+            "mlp": {"in": full, "out": full, "hidden": list(range(256))},
+        }
+        for _ in range(3)
+    ]
     assert t.predict(layers) == pytest.approx(t.predict(), rel=1e-12)
     assert t.predict([{"attn": None, "mlp": None}] * 3) == pytest.approx(t.fixed_ms, rel=1e-12)
     curve = t.branch_curve("mlp", 256)
@@ -68,13 +82,30 @@ def test_validation_times_unseen_pruned_models(ort_table):
 
 
 def test_prediction_interpolates_and_counts_emptied_branches():
-    t = LatencyTable(model="m", dims={"dim": 8, "depth": 2, "num_heads": 2, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
-                     backend="torch", device="cpu", batch=1, precision="fp32", threads=1, machine={}, fixed_ms=1.0,
-                     dense_ms=9.0, heads=[1, 2], head_dims=[1, 4], attn_ms=[[0.5, 1.0], [1.0, 2.0]], hidden=[1, 8],
-                     mlp_ms=[0.2, 1.6], scale=1.0, per_branch_ms=0.1)
+    t = LatencyTable(
+        model="m",
+        dims={"dim": 8, "depth": 2, "num_heads": 2, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
+        backend="torch",
+        device="cpu",
+        batch=1,
+        precision="fp32",
+        threads=1,
+        machine={},
+        fixed_ms=1.0,
+        dense_ms=9.0,
+        heads=[1, 2],
+        head_dims=[1, 4],
+        attn_ms=[[0.5, 1.0], [1.0, 2.0]],
+        hidden=[1, 8],
+        mlp_ms=[0.2, 1.6],
+        scale=1.0,
+        per_branch_ms=0.1,
+    )
     full = list(range(8))
-    layers = [{"attn": {"in": full, "out": full, "head_dim": [0, 1, 2, 3]}, "mlp": None},
-              {"attn": None, "mlp": {"in": full, "out": full, "hidden": list(range(4))}}]
+    layers = [
+        {"attn": {"in": full, "out": full, "head_dim": [0, 1, 2, 3]}, "mlp": None},
+        {"attn": None, "mlp": {"in": full, "out": full, "hidden": list(range(4))}},
+    ]
     assert t.predict(layers) == pytest.approx(1.0 + 2.0 + 0.1 + (0.2 + 3 / 7 * 1.4) + 0.1)
     assert t.predict() == pytest.approx(1.0 + 2 * (2.0 + 1.6) + 0.4)
     assert t.attn(1, 4) == 1.0 and t.attn(2, 0) == 0.0
@@ -90,10 +121,23 @@ def test_budget_curves_charge_the_next_measured_width_and_keep_only_measured_wid
 
     from p3bkit.prune.masks import threshold_count
 
-    t = LatencyTable(model="m", dims={"dim": 8, "depth": 1, "num_heads": 2, "head_dim": 8, "mlp_hidden": 8, "num_tokens": 5},
-                     backend="torch", device="cpu", batch=1, precision="fp32", threads=1, machine={}, fixed_ms=1.0,
-                     dense_ms=0.0, heads=[1, 2], head_dims=[2, 4, 8], attn_ms=[[0.2, 0.3, 0.5], [0.3, 0.5, 0.9]],
-                     hidden=[2, 4, 8], mlp_ms=[0.2, 0.4, 1.6])
+    t = LatencyTable(
+        model="m",
+        dims={"dim": 8, "depth": 1, "num_heads": 2, "head_dim": 8, "mlp_hidden": 8, "num_tokens": 5},
+        backend="torch",
+        device="cpu",
+        batch=1,
+        precision="fp32",
+        threads=1,
+        machine={},
+        fixed_ms=1.0,
+        dense_ms=0.0,
+        heads=[1, 2],
+        head_dims=[2, 4, 8],
+        attn_ms=[[0.2, 0.3, 0.5], [0.3, 0.5, 0.9]],
+        hidden=[2, 4, 8],
+        mlp_ms=[0.2, 0.4, 1.6],
+    )
     curve = t.branch_curve("mlp", 8)
     assert curve[1] == curve[2] == pytest.approx(0.2) and curve[3] == curve[4] == pytest.approx(0.4)
     assert curve[5] == curve[8] == pytest.approx(1.6)
@@ -105,13 +149,33 @@ def test_budget_curves_charge_the_next_measured_width_and_keep_only_measured_wid
 
 
 def test_calibration_fits_scale_and_per_branch_cost():
-    t = LatencyTable(model="m", dims={"dim": 8, "depth": 1, "num_heads": 1, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
-                     backend="torch", device="cpu", batch=1, precision="fp32", threads=1, machine={}, fixed_ms=1.0,
-                     dense_ms=0.0, heads=[1], head_dims=[1, 4], attn_ms=[[1.0, 4.0]], hidden=[1, 8], mlp_ms=[1.0, 8.0])
+    t = LatencyTable(
+        model="m",
+        dims={"dim": 8, "depth": 1, "num_heads": 1, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
+        backend="torch",
+        device="cpu",
+        batch=1,
+        precision="fp32",
+        threads=1,
+        machine={},
+        fixed_ms=1.0,
+        dense_ms=0.0,
+        heads=[1],
+        head_dims=[1, 4],
+        attn_ms=[[1.0, 4.0]],
+        hidden=[1, 8],
+        mlp_ms=[1.0, 8.0],
+    )
     full = list(range(8))
-    models = [None] + [[{"attn": {"in": full, "out": full, "head_dim": list(range(a))} if a else None,
-                         "mlp": {"in": full, "out": full, "hidden": list(range(h))} if h else None}] for a, h in
-                       [(1, 0), (0, 3), (4, 8), (2, 5)]]
+    models = [None] + [
+        [
+            {
+                "attn": {"in": full, "out": full, "head_dim": list(range(a))} if a else None,
+                "mlp": {"in": full, "out": full, "hidden": list(range(h))} if h else None,
+            }
+        ]
+        for a, h in [(1, 0), (0, 3), (4, 8), (2, 5)]
+    ]
     truth = [1.0 + 1.5 * t.branch_sum(m)[0] + 0.3 * t.branch_sum(m)[1] for m in models]
     calibrate(t, models, truth)
     assert t.scale == pytest.approx(1.5) and t.per_branch_ms == pytest.approx(0.3)
@@ -120,10 +184,31 @@ def test_calibration_fits_scale_and_per_branch_cost():
 @pytest.mark.slow
 def test_cli_writes_a_table_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "lut.json"
-    args = ["latency-table", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs",
-            '{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}', "--backend", "torch",
-            "--head-dim-step", "8", "--hidden-step", "64", "--runs", "3", "--calibration", "2", "--check", "2",
-            "--no-progress", "--threads", "1", "-o", str(out)]
+    args = [
+        "latency-table",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "32",
+        "--model-kwargs",
+        '{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
+        "--backend",
+        "torch",
+        "--head-dim-step",
+        "8",
+        "--hidden-step",
+        "64",
+        "--runs",
+        "3",
+        "--calibration",
+        "2",
+        "--check",
+        "2",
+        "--no-progress",
+        "--threads",
+        "1",
+        "-o",
+        str(out),
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "prediction error on 2 random pruned models" in r.output
@@ -138,10 +223,12 @@ def _digits_table(tmp_path, **changes) -> str:
     """A latency table for the digits-vit preset, measured with torch (fast) on this machine."""
     from p3bkit.models.factory import create_model
 
-    table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
-                                  TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "threads": None,
-                                                                  "heads": "all"}),
-                                  isolate=False)
+    table = measure_latency_table(
+        create_model("digits-vit").eval(),
+        "digits-vit",
+        TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "threads": None, "heads": "all"}),
+        isolate=False,
+    )
     data = {**dataclasses.asdict(table), **changes}
     path = tmp_path / "digits_lut.json"
     path.write_text(json.dumps(data))
@@ -153,8 +240,27 @@ def test_prune_meets_a_latency_target_on_the_tables_curve(tmp_path):
     lut = _digits_table(tmp_path)
     table = LatencyTable.load(lut)
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["prune", "--model", "digits-vit", "--target-speedup", "2.5", "--latency-table", lut,
-                                  "--epochs", "0", "1", "1", "--speed-checks", "0", "--no-progress", "-o", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            "--model",
+            "digits-vit",
+            "--target-speedup",
+            "2.5",
+            "--latency-table",
+            lut,
+            "--epochs",
+            "0",
+            "1",
+            "1",
+            "--speed-checks",
+            "0",
+            "--no-progress",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     s = json.loads((out / "summary.json").read_text())
     lat = s["latency"]
@@ -177,22 +283,46 @@ def test_latency_budget_refusals(tmp_path):
     assert r.exit_code == 1 and "measured on another machine" in r.output and "Some Other CPU" in r.output
     assert not (tmp_path / "a" / "pruned").exists()
     good = _digits_table(tmp_path)
-    r = CliRunner().invoke(main, base + ["--target-speedup", "2", "--latency-table", good, "--structure", "full",
-                                         "-o", str(tmp_path / "b")])
+    r = CliRunner().invoke(
+        main,
+        base + ["--target-speedup", "2", "--latency-table", good, "--structure", "full", "-o", str(tmp_path / "b")],
+    )
     assert r.exit_code == 1 and "--structure inner" in r.output
-    r = CliRunner().invoke(main, base + ["--target-latency-ms", "1e-6", "--latency-table", good, "-o", str(tmp_path / "c")])
+    r = CliRunner().invoke(
+        main, base + ["--target-latency-ms", "1e-6", "--latency-table", good, "-o", str(tmp_path / "c")]
+    )
     assert r.exit_code == 1 and "every block removed" in r.output
     r = CliRunner().invoke(main, base + ["--target-speedup", "2", "-o", str(tmp_path / "d")])
     assert r.exit_code == 1 and "needs --latency-table" in r.output
-    r = CliRunner().invoke(main, base + ["--target-latency-ms", "3", "--target-speedup", "2", "-o", str(tmp_path / "e")])
+    r = CliRunner().invoke(
+        main, base + ["--target-latency-ms", "3", "--target-speedup", "2", "-o", str(tmp_path / "e")]
+    )
     assert r.exit_code == 2 and "or one of each" in r.output
-    r = CliRunner().invoke(main, ["prune", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--data", "digits",
-                                  "--target-speedup", "2",
-                                  "--latency-table", good, "--no-progress", "-o", str(tmp_path / "f")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--data",
+            "digits",
+            "--target-speedup",
+            "2",
+            "--latency-table",
+            good,
+            "--no-progress",
+            "-o",
+            str(tmp_path / "f"),
+        ],
+    )
     assert r.exit_code == 1 and "does not fit" in r.output
     (tmp_path / "junk.json").write_text("{}")
-    r = CliRunner().invoke(main, base + ["--target-speedup", "2", "--latency-table", str(tmp_path / "junk.json"),
-                                         "-o", str(tmp_path / "g")])
+    r = CliRunner().invoke(
+        main,
+        base + ["--target-speedup", "2", "--latency-table", str(tmp_path / "junk.json"), "-o", str(tmp_path / "g")],
+    )
     assert r.exit_code == 1 and "not a p3bkit latency table" in r.output
 
 
@@ -203,12 +333,29 @@ def test_bench_shows_fastest_dense_and_table_prediction(tmp_path):
     pytest.importorskip("onnxruntime")
     lut = _digits_table(tmp_path)
     run = tmp_path / "run"
-    r = CliRunner().invoke(main, ["prune", "--model", "digits-vit", "--keep", "0.3", "--epochs", "0", "1", "1",
-                                  "--no-progress", "-o", str(run)])
+    r = CliRunner().invoke(
+        main,
+        ["prune", "--model", "digits-vit", "--keep", "0.3", "--epochs", "0", "1", "1", "--no-progress", "-o", str(run)],
+    )
     assert r.exit_code == 0, r.output
     out = tmp_path / "b.json"
-    r = CliRunner().invoke(main, ["bench", "digits-vit", str(run / "pruned"), "--runs", "5", "--warmup", "1",
-                                  "--dense-baselines", "--latency-table", lut, "--json", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "digits-vit",
+            str(run / "pruned"),
+            "--runs",
+            "5",
+            "--warmup",
+            "1",
+            "--dense-baselines",
+            "--latency-table",
+            lut,
+            "--json",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     names = [(x["name"], x["backend"], x["baseline"]) for x in rep["results"]]
@@ -217,8 +364,9 @@ def test_bench_shows_fastest_dense_and_table_prediction(tmp_path):
     assert sum(b for *_, b in names) >= 3 and not names[1][2]
     assert "vs fastest dense" in rep["table"] and "predicted ms" in rep["table"]
     pruned = rep["results"][1]
-    assert pruned["predicted_ms"] == pytest.approx(LatencyTable.load(lut).predict(
-        json.loads((run / "pruned" / "arch.json").read_text())["layers"]))
+    assert pruned["predicted_ms"] == pytest.approx(
+        LatencyTable.load(lut).predict(json.loads((run / "pruned" / "arch.json").read_text())["layers"])
+    )
     assert "allow_spinning" in rep["protocol"]
 
 
@@ -230,8 +378,16 @@ def latency_demo(tmp_path_factory):
     from p3bkit.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    s = run_demo(str(out), dense_epochs=1, prune_epochs=(0, 1, 1), finetune_epochs=1, progress=False, speed_runs=10,
-                 target_speedup=2.0, table_settings={"runs": 8, "calibration": 4, "hidden_step": 64})
+    s = run_demo(
+        str(out),
+        dense_epochs=1,
+        prune_epochs=(0, 1, 1),
+        finetune_epochs=1,
+        progress=False,
+        speed_runs=10,
+        target_speedup=2.0,
+        table_settings={"runs": 8, "calibration": 4, "hidden_step": 64},
+    )
     return out, s
 
 
@@ -239,7 +395,9 @@ def latency_demo(tmp_path_factory):
 def test_demo_ends_with_a_speed_table(latency_demo):
     out, s = latency_demo
     speed = s["speed"]
-    assert {"torch fp32", "onnxruntime fp32", "openvino fp32"} <= set(speed["pruned_ms"]) and "torch" in speed["dense_ms"]
+    assert {"torch fp32", "onnxruntime fp32", "openvino fp32"} <= set(speed["pruned_ms"]) and "torch" in speed[
+        "dense_ms"
+    ]
     for backend in ("onnxruntime", "openvino"):  # INT8 next to fp32, or the gate's reason why not
         gate = speed["int8"][backend]
         assert "error" in gate or f"{backend} int8" in speed["pruned_ms"] and gate["drop"] <= gate["max_drop"]
@@ -260,15 +418,31 @@ def test_demo_with_a_latency_budget(latency_demo):
     assert table.has_head_axis and "Structure: branches removed:" in (out / "table.md").read_text()
 
 
-@pytest.mark.parametrize("args,code,msg", [
-    (["latency-table", "digits-vit", "-o", "{tmp}"], 2, "is a directory"),
-    (["latency-table", "digits-vit", "--backend", "nope", "-o", "{tmp}/t.json"], 2, "Invalid value"),
-    (["latency-table", "digits-vit", "--backend", "tensorrt", "-o", "{tmp}/t.json"], 1, "GPU"),
-    (["latency-table", "resnet18", "-o", "{tmp}/t.json"], 1, "not a timm VisionTransformer"),
-    (["bench", "digits-vit", "--latency-table", "{tmp}/junk.json", "--runs", "2"], 1, "not a p3bkit latency table"),
-    (["prune", "--target-speedup", "2", "--latency-table", "{tmp}/junk.json", "--speed-checks", "-1", "-o", "{tmp}/t.json"],
-     2, "'--speed-checks'"),
-])
+@pytest.mark.parametrize(
+    "args,code,msg",
+    [
+        (["latency-table", "digits-vit", "-o", "{tmp}"], 2, "is a directory"),
+        (["latency-table", "digits-vit", "--backend", "nope", "-o", "{tmp}/t.json"], 2, "Invalid value"),
+        (["latency-table", "digits-vit", "--backend", "tensorrt", "-o", "{tmp}/t.json"], 1, "GPU"),
+        (["latency-table", "resnet18", "-o", "{tmp}/t.json"], 1, "not a timm VisionTransformer"),
+        (["bench", "digits-vit", "--latency-table", "{tmp}/junk.json", "--runs", "2"], 1, "not a p3bkit latency table"),
+        (
+            [
+                "prune",
+                "--target-speedup",
+                "2",
+                "--latency-table",
+                "{tmp}/junk.json",
+                "--speed-checks",
+                "-1",
+                "-o",
+                "{tmp}/t.json",
+            ],
+            2,
+            "'--speed-checks'",
+        ),
+    ],
+)
 def test_latency_bad_inputs(args, code, msg, tmp_path):
     (tmp_path / "junk.json").write_text("[]")
     r = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
@@ -277,13 +451,30 @@ def test_latency_bad_inputs(args, code, msg, tmp_path):
 
 
 def test_prediction_counts_kept_heads_and_removed_branches():
-    t = LatencyTable(model="m", dims={"dim": 8, "depth": 2, "num_heads": 2, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
-                     backend="torch", device="cpu", batch=1, precision="fp32", threads=1, machine={}, fixed_ms=1.0,
-                     dense_ms=9.0, heads=[1, 2], head_dims=[1, 4], attn_ms=[[0.5, 1.0], [1.0, 2.0]], hidden=[1, 8],
-                     mlp_ms=[0.2, 1.6], scale=1.0, per_branch_ms=0.1)
+    t = LatencyTable(
+        model="m",
+        dims={"dim": 8, "depth": 2, "num_heads": 2, "head_dim": 4, "mlp_hidden": 8, "num_tokens": 5},
+        backend="torch",
+        device="cpu",
+        batch=1,
+        precision="fp32",
+        threads=1,
+        machine={},
+        fixed_ms=1.0,
+        dense_ms=9.0,
+        heads=[1, 2],
+        head_dims=[1, 4],
+        attn_ms=[[0.5, 1.0], [1.0, 2.0]],
+        hidden=[1, 8],
+        mlp_ms=[0.2, 1.6],
+        scale=1.0,
+        per_branch_ms=0.1,
+    )
     full = list(range(8))
-    one_head = [{"attn": {"in": full, "out": full, "head_dim": [0, 1, 2, 3], "heads": [1]}, "mlp": None},
-                {"attn": None, "mlp": None}]
+    one_head = [
+        {"attn": {"in": full, "out": full, "head_dim": [0, 1, 2, 3], "heads": [1]}, "mlp": None},
+        {"attn": None, "mlp": None},
+    ]
     assert t.predict(one_head) == pytest.approx(1.0 + 1.0 + 0.1)  # one head of 4 dims, everything else removed
     grid = t.attn_grid()
     assert grid.shape == (3, 5) and grid[0].sum() == 0 and grid[:, 0].sum() == 0
@@ -297,14 +488,33 @@ def test_prune_whole_heads_and_branches_for_a_latency_target(tmp_path):
     time meets the target to within one branch, with fewer heads where they were dropped."""
     from p3bkit.models.factory import create_model
 
-    table = measure_latency_table(create_model("digits-vit").eval(), "digits-vit",
-                                  TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "heads": "all"}),
-                                  isolate=False)
+    table = measure_latency_table(
+        create_model("digits-vit").eval(),
+        "digits-vit",
+        TableConfig(backend="torch", **{**QUICK, "hidden_step": 128, "heads": "all"}),
+        isolate=False,
+    )
     assert table.has_head_axis and table.heads == [1, 2, 3, 4]
     lut = tmp_path / "lut.json"
     table.save(lut)
-    base = ["prune", "--model", "digits-vit", "--target-speedup", "3", "--latency-table", str(lut), "--epochs", "0", "1", "1",
-            "--update-every", "4", "--speed-checks", "0", "--no-progress"]
+    base = [
+        "prune",
+        "--model",
+        "digits-vit",
+        "--target-speedup",
+        "3",
+        "--latency-table",
+        str(lut),
+        "--epochs",
+        "0",
+        "1",
+        "1",
+        "--update-every",
+        "4",
+        "--speed-checks",
+        "0",
+        "--no-progress",
+    ]
     r = CliRunner().invoke(main, [*base, "--structure", "heads", "--remove-below", "0.1", "-o", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -316,8 +526,10 @@ def test_prune_whole_heads_and_branches_for_a_latency_target(tmp_path):
     assert any(l["attn"] and len(l["attn"]["heads"]) < 4 for l in layers) or any(not l["attn"] for l in layers)
     inner_only = dataclasses.replace(table, heads=[4], attn_ms=[table.attn_ms[-1]])
     inner_only.save(tmp_path / "inner.json")
-    r = CliRunner().invoke(main, [*base[:6], str(tmp_path / "inner.json"), *base[7:], "--structure", "heads",
-                                  "-o", str(tmp_path / "refused")])
+    r = CliRunner().invoke(
+        main,
+        [*base[:6], str(tmp_path / "inner.json"), *base[7:], "--structure", "heads", "-o", str(tmp_path / "refused")],
+    )
     assert r.exit_code == 1 and "--heads all" in r.output
 
 
@@ -329,10 +541,23 @@ def _priced_table(path, dims: dict) -> str:
 
     heads, head_dims = list(range(1, dims["num_heads"] + 1)), list(range(1, dims["head_dim"] + 1))
     hidden = list(range(1, dims["mlp_hidden"] + 1))
-    t = LatencyTable(model="digits-vit", dims=dims, backend="torch", device="cpu", batch=1, precision="fp32", threads=1,
-                     machine=machine_info(1), fixed_ms=0.1, dense_ms=0.0, heads=heads, head_dims=head_dims,
-                     attn_ms=[[0.02 + 0.03 * h + 0.002 * h * d for d in head_dims] for h in heads], hidden=hidden,
-                     mlp_ms=[0.01 + 0.0005 * k for k in hidden])
+    t = LatencyTable(
+        model="digits-vit",
+        dims=dims,
+        backend="torch",
+        device="cpu",
+        batch=1,
+        precision="fp32",
+        threads=1,
+        machine=machine_info(1),
+        fixed_ms=0.1,
+        dense_ms=0.0,
+        heads=heads,
+        head_dims=head_dims,
+        attn_ms=[[0.02 + 0.03 * h + 0.002 * h * d for d in head_dims] for h in heads],
+        hidden=hidden,
+        mlp_ms=[0.01 + 0.0005 * k for k in hidden],
+    )
     t.dense_ms = t.predict()
     t.save(path)
     return str(path)
@@ -356,8 +581,17 @@ def test_fastest_architecture_at_a_parameter_budget_is_a_lower_bound():
     from p3bkit.models import add_gates
     from p3bkit.prune.costs import LatencyCosts, ParameterCosts
 
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16, depth=1,
-                            num_heads=2, mlp_ratio=1.0, num_classes=3)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        mlp_ratio=1.0,
+        num_classes=3,
+    )
     gated = add_gates(vit, "heads")
     dims = model_dims(gated.spec)
     import tempfile
@@ -367,8 +601,9 @@ def test_fastest_architecture_at_a_parameter_budget_is_a_lower_bound():
     params = ParameterCosts(gated, 0.5, "blocks")
     lat = LatencyCosts(gated, table, table.dense_ms / 2)
     options = [lat.options(i, params) for i in range(2)]
-    combos = [(float(p1 + p2), float(t1 + t2)) for (p1, t1), (p2, t2) in
-              itertools.product(*(list(zip(*o)) for o in options))]
+    combos = [
+        (float(p1 + p2), float(t1 + t2)) for (p1, t1), (p2, t2) in itertools.product(*(list(zip(*o)) for o in options))
+    ]
     assert len(combos) == (2 + 1) * (8 + 1) * (16 + 1)
     full = float(params.full.sum())
     for share in (0.1, 0.3, 0.5, 0.8):
@@ -385,9 +620,30 @@ def test_fastest_architecture_at_a_parameter_budget_is_a_lower_bound():
 def _both_budgets(tmp_path, keep: str, speedup: str, out: str):
     _, dims = _gated_digits()
     lut = _priced_table(tmp_path / "priced.json", dims)
-    args = ["prune", "--model", "digits-vit", "--structure", "heads", "--keep", keep, "--target-speedup", speedup,
-            "--latency-table", lut, "--epochs", "0", "1", "1", "--update-every", "4", "--speed-checks", "0", "--no-progress",
-            "-o", str(tmp_path / out)]
+    args = [
+        "prune",
+        "--model",
+        "digits-vit",
+        "--structure",
+        "heads",
+        "--keep",
+        keep,
+        "--target-speedup",
+        speedup,
+        "--latency-table",
+        lut,
+        "--epochs",
+        "0",
+        "1",
+        "1",
+        "--update-every",
+        "4",
+        "--speed-checks",
+        "0",
+        "--no-progress",
+        "-o",
+        str(tmp_path / out),
+    ]
     return CliRunner().invoke(main, args), LatencyTable.load(lut)
 
 
@@ -414,7 +670,10 @@ def test_prune_honours_a_parameter_budget_and_a_latency_target_together(tmp_path
     else:
         assert lat["bound"] == "latency" and lat["predicted_ms"] >= lat["target_ms"] - step
     assert lat["fastest_at_parameter_budget_speedup"] > float(speedup)
-    assert "no architecture is predicted faster than" in r.output and f"the {'parameter budget' if lat['bound'] == 'parameters' else 'latency target'} bound" in r.output
+    assert (
+        "no architecture is predicted faster than" in r.output
+        and f"the {'parameter budget' if lat['bound'] == 'parameters' else 'latency target'} bound" in r.output
+    )
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(rec.get("bound") in ("latency", "parameters") for rec in log if rec.get("type") == "mask_update")
 
@@ -429,8 +688,12 @@ def test_a_latency_target_alone_keeps_no_parameter_ceiling(tmp_path):
     alone = P3BPruner(gated, P3BConfig(keep=0.5, target_ms=table.dense_ms / 5), Schedule(0, 4, 4), latency_table=table)
     assert not alone.both_budgets and alone.costs.limit_ms is None
     with pytest.raises(P3BError, match="conflict"):
-        P3BPruner(gated, P3BConfig(keep=0.9, target_ms=table.dense_ms / 5, keep_too=True), Schedule(0, 4, 4),
-                  latency_table=table)
+        P3BPruner(
+            gated,
+            P3BConfig(keep=0.9, target_ms=table.dense_ms / 5, keep_too=True),
+            Schedule(0, 4, 4),
+            latency_table=table,
+        )
 
 
 def _slower_runtime(monkeypatch, table: LatencyTable, slower: float) -> list[list[dict]]:
@@ -444,6 +707,7 @@ def _slower_runtime(monkeypatch, table: LatencyTable, slower: float) -> list[lis
     def fake(model, tab, archs, runs=50):
         timed.extend(archs)
         return tab.dense_ms, [tab.predict(a) * slower for a in archs]
+
     monkeypatch.setattr(measure, "time_beside_dense", fake)
     return timed
 
@@ -461,8 +725,28 @@ def test_speed_checks_correct_the_target_by_what_the_runtime_measures(tmp_path, 
     table = LatencyTable.load(lut)
     timed = _slower_runtime(monkeypatch, table, 1.25)
     out = tmp_path / "run"
-    args = ["prune", "--model", "digits-vit", "--structure", "heads", "--target-speedup", "2", "--latency-table", lut,
-            "--epochs", "0", "2", "1", "--update-every", "2", "--speed-checks", checks, "--no-progress", "-o", str(out)]
+    args = [
+        "prune",
+        "--model",
+        "digits-vit",
+        "--structure",
+        "heads",
+        "--target-speedup",
+        "2",
+        "--latency-table",
+        lut,
+        "--epochs",
+        "0",
+        "2",
+        "1",
+        "--update-every",
+        "2",
+        "--speed-checks",
+        checks,
+        "--no-progress",
+        "-o",
+        str(out),
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     lat = json.loads((out / "summary.json").read_text())["latency"]
@@ -484,10 +768,15 @@ def test_speed_checks_correct_the_target_by_what_the_runtime_measures(tmp_path, 
     assert lat["target_ms_used"] == pytest.approx(rows[-1]["target_ms_after"])
     measured = lat["measured"]["measured_speedup"]
     assert abs(measured - 2) / 2 <= 0.05, measured
+
     def widths(layers):
-        return [(len(l["attn"]["heads"]), len(l["attn"]["head_dim"])) if l["attn"] else None for l in layers] + \
-            [len(l["mlp"]["hidden"]) if l["mlp"] else None for l in layers]
-    assert len(timed) == 4 and widths(timed[-1]) == widths(json.loads((out / "pruned" / "arch.json").read_text())["layers"])
+        return [(len(l["attn"]["heads"]), len(l["attn"]["head_dim"])) if l["attn"] else None for l in layers] + [
+            len(l["mlp"]["hidden"]) if l["mlp"] else None for l in layers
+        ]
+
+    assert len(timed) == 4 and widths(timed[-1]) == widths(
+        json.loads((out / "pruned" / "arch.json").read_text())["layers"]
+    )
     assert f"measured {measured:.2f}× over the dense model timed beside it" in r.output
     assert "speed check at 50% of sparsify" in r.output
 
@@ -498,8 +787,24 @@ def test_speed_checks_resume_with_the_corrected_target(tmp_path, monkeypatch):
     _, dims = _gated_digits()
     lut = _priced_table(tmp_path / "priced.json", dims)
     timed = _slower_runtime(monkeypatch, LatencyTable.load(lut), 1.25)
-    base = ["prune", "--model", "digits-vit", "--structure", "heads", "--target-speedup", "2", "--latency-table", lut,
-            "--epochs", "0", "8", "1", "--update-every", "4", "--no-progress"]
+    base = [
+        "prune",
+        "--model",
+        "digits-vit",
+        "--structure",
+        "heads",
+        "--target-speedup",
+        "2",
+        "--latency-table",
+        lut,
+        "--epochs",
+        "0",
+        "8",
+        "1",
+        "--update-every",
+        "4",
+        "--no-progress",
+    ]
     r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "whole")])
     assert r.exit_code == 0, r.output
     whole_timings = len(timed)
@@ -507,20 +812,36 @@ def test_speed_checks_resume_with_the_corrected_target(tmp_path, monkeypatch):
     from p3bkit.prune.job import run_prune
 
     settings = json.loads((tmp_path / "whole" / "summary.json").read_text())["job"]
-    job = PruneJob(**{**settings, "out": str(tmp_path / "cut"), "stop_after_epoch": 5, "epochs": tuple(settings["epochs"]),
-                      "p3b": P3BConfig(**settings["p3b"])})
+    job = PruneJob(
+        **{
+            **settings,
+            "out": str(tmp_path / "cut"),
+            "stop_after_epoch": 5,
+            "epochs": tuple(settings["epochs"]),
+            "p3b": P3BConfig(**settings["p3b"]),
+        }
+    )
     assert run_prune(job) == {"stopped_after_epoch": 5}  # 5/8 of sparsify: the ½ check done, the ¾ one not
+
     def checks_logged():
-        return [rec for rec in map(json.loads, (tmp_path / "cut" / "log.jsonl").read_text().splitlines())
-                if rec["type"] == "speed_check"]
+        return [
+            rec
+            for rec in map(json.loads, (tmp_path / "cut" / "log.jsonl").read_text().splitlines())
+            if rec["type"] == "speed_check"
+        ]
+
     assert len(checks_logged()) == 1
     r = CliRunner().invoke(main, [*base, "--resume", "-o", str(tmp_path / "cut")])
     assert r.exit_code == 0, r.output
     assert len(checks_logged()) == 3 and len(timed) == 2 * whole_timings
     whole, cut = (json.loads((tmp_path / d / "summary.json").read_text())["latency"] for d in ("whole", "cut"))
     assert cut["target_ms_used"] == whole["target_ms_used"]
-    assert [rec["target_ms_after"] for rec in cut["speed_checks"]] == [rec["target_ms_after"] for rec in whole["speed_checks"]]
-    assert (tmp_path / "cut" / "pruned" / "arch.json").read_text() == (tmp_path / "whole" / "pruned" / "arch.json").read_text()
+    assert [rec["target_ms_after"] for rec in cut["speed_checks"]] == [
+        rec["target_ms_after"] for rec in whole["speed_checks"]
+    ]
+    assert (tmp_path / "cut" / "pruned" / "arch.json").read_text() == (
+        tmp_path / "whole" / "pruned" / "arch.json"
+    ).read_text()
 
 
 def _checks_and_plan(tmp_path, low: float, high: float, seed: int):
@@ -534,8 +855,11 @@ def _checks_and_plan(tmp_path, low: float, high: float, seed: int):
     table = LatencyTable.load(_priced_table(tmp_path / "priced.json", dims))
     rng = np.random.default_rng(seed)
     asked = table.dense_ms / 2
-    plan = next(a for a in (random_layers(gated.spec, rng, heads=True) for _ in range(200))
-                if low * asked < table.predict(a) < high * asked)
+    plan = next(
+        a
+        for a in (random_layers(gated.spec, rng, heads=True) for _ in range(200))
+        if low * asked < table.predict(a) < high * asked
+    )
     return SpeedChecks(create_model("digits-vit"), table, asked, rounds=3), table, plan, asked
 
 
@@ -561,6 +885,7 @@ def test_speed_checks_average_the_runtime_over_table_ratio(tmp_path, monkeypatch
     def runtime(model, tab, archs, runs=50):
         r = next(ratios)
         return tab.dense_ms, [tab.predict(a) / r for a in archs]
+
     monkeypatch.setattr(measure, "time_beside_dense", runtime)
     first = checks.check(plan, asked)
     assert first["target_ms_after"] == pytest.approx(asked * 0.9) and first["runtime_over_table"] == pytest.approx(0.9)
@@ -587,6 +912,7 @@ def test_a_busy_host_is_timed_again_and_never_corrects_the_target(tmp_path, monk
         busy = len(calls) < busy_tries
         calls.append(busy)
         return tab.dense_ms * (1.3 if busy else 1.0), [tab.predict(a) * (1.6 if busy else 1.1) for a in archs]
+
     monkeypatch.setattr(measure, "time_beside_dense", runtime)
     layers = random_layers(gated.spec, np.random.default_rng(1), heads=True)
     asked = 0.9 * table.predict(layers)
@@ -595,8 +921,12 @@ def test_a_busy_host_is_timed_again_and_never_corrects_the_target(tmp_path, monk
     if busy_tries == 3:
         assert row["host_busy"] and row["target_ms_after"] == asked
     else:
-        assert not row["host_busy"] and row["measured_speedup"] == pytest.approx(table.dense_ms / (1.1 * row["predicted_ms"]))
-        assert row["target_ms_after"] == pytest.approx(row["predicted_ms"] * row["measured_speedup"] / row["asked_speedup"])
+        assert not row["host_busy"] and row["measured_speedup"] == pytest.approx(
+            table.dense_ms / (1.1 * row["predicted_ms"])
+        )
+        assert row["target_ms_after"] == pytest.approx(
+            row["predicted_ms"] * row["measured_speedup"] / row["asked_speedup"]
+        )
 
 
 def test_a_failed_speed_check_keeps_the_target_and_the_run(tmp_path, monkeypatch):
@@ -606,17 +936,40 @@ def test_a_failed_speed_check_keeps_the_target_and_the_run(tmp_path, monkeypatch
 
     def broken(*a, **k):
         raise RuntimeError("the timing process died")
+
     monkeypatch.setattr(measure, "time_beside_dense", broken)
     _, dims = _gated_digits()
     lut = _priced_table(tmp_path / "priced.json", dims)
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["prune", "--model", "digits-vit", "--structure", "heads", "--target-speedup", "2",
-                                  "--latency-table", lut, "--epochs", "0", "2", "1", "--update-every", "2",
-                                  "--no-progress", "-o", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            "--model",
+            "digits-vit",
+            "--structure",
+            "heads",
+            "--target-speedup",
+            "2",
+            "--latency-table",
+            lut,
+            "--epochs",
+            "0",
+            "2",
+            "1",
+            "--update-every",
+            "2",
+            "--no-progress",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     lat = json.loads((out / "summary.json").read_text())["latency"]
     assert "target_ms_used" not in lat and lat["speed_checks"] == [] and "died" in lat["measured"]["error"]
-    errors = [rec for rec in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if rec["type"] == "speed_check"]
+    errors = [
+        rec for rec in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if rec["type"] == "speed_check"
+    ]
     assert len(errors) == 3 and all("died" in rec["error"] for rec in errors)
     assert "speed check at 50% of sparsify failed" in r.output and "not timed beside the dense one" in r.output
     assert (out / "pruned" / "arch.json").exists()
@@ -628,8 +981,27 @@ def test_speed_checks_time_on_the_tables_runtime(tmp_path):
     speed checks; each check and the result are timed whole in their own process (real numbers)."""
     lut = _digits_table(tmp_path)
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["prune", "--model", "digits-vit", "--target-speedup", "2", "--latency-table", lut,
-                                  "--epochs", "0", "2", "1", "--update-every", "4", "--no-progress", "-o", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            "--model",
+            "digits-vit",
+            "--target-speedup",
+            "2",
+            "--latency-table",
+            lut,
+            "--epochs",
+            "0",
+            "2",
+            "1",
+            "--update-every",
+            "4",
+            "--no-progress",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     lat = json.loads((out / "summary.json").read_text())["latency"]
     assert len(lat["speed_checks"]) >= 1

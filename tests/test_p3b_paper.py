@@ -1,4 +1,5 @@
 """The engine as published: emptied blocks, warm-up accumulators, budget scopes, Mixup, optimiser, recipes."""
+
 from __future__ import annotations
 
 import json
@@ -140,16 +141,20 @@ def test_recipes():
 def test_quick_recipe_is_what_prune_runs_by_default(tmp_path):
     """Without flags, `p3bkit prune` trains with the quick recipe's batch, learning rates and cadence."""
     quick = RECIPES["quick"]
-    res = CliRunner().invoke(main, ["prune", "--epochs", "0", "1", "1", "--keep", "0.5", "--no-progress",
-                                    "-o", str(tmp_path / "run")])
+    res = CliRunner().invoke(
+        main, ["prune", "--epochs", "0", "1", "1", "--keep", "0.5", "--no-progress", "-o", str(tmp_path / "run")]
+    )
     assert res.exit_code == 0, res.output
     assert "(no weights loaded: from scratch)" in res.output
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["job"]["batch_size"] == quick.batch_size and s["job"]["p3b"]["update_every"] == quick.update_every
     assert s["lr_model"] == pytest.approx(SCRATCH_LR * quick.batch_size / 512)  # random init: the scratch lr
     assert s["lr_bpi"] == pytest.approx(quick.lr_bpi * quick.batch_size / 512)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
-             if json.loads(x)["type"] == "mask_update"]
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+        if json.loads(x)["type"] == "mask_update"
+    ]
     assert steps and all(st % quick.update_every == 0 for st in steps[:-1])  # the last update ends the schedule
 
 
@@ -160,8 +165,23 @@ def test_quick_recipe_with_loaded_weights_keeps_its_lr(tmp_path):
 
     quick = RECIPES["quick"]
     save_file(create_model("digits-vit").state_dict(), str(tmp_path / "w.safetensors"))
-    res = CliRunner().invoke(main, ["prune", "--weights", str(tmp_path / "w.safetensors"), "--epochs", "0", "1", "0",
-                                    "--keep", "0.5", "--no-progress", "-o", str(tmp_path / "run")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            "--weights",
+            str(tmp_path / "w.safetensors"),
+            "--epochs",
+            "0",
+            "1",
+            "0",
+            "--keep",
+            "0.5",
+            "--no-progress",
+            "-o",
+            str(tmp_path / "run"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "from scratch" not in res.output
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -171,8 +191,26 @@ def test_quick_recipe_with_loaded_weights_keeps_its_lr(tmp_path):
 @pytest.mark.slow
 def test_cli_paper_recipe_total_budget(tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["prune", "--recipe", "paper", "--epochs", "0", "1", "1", "--update-every", "5",
-                                    "--batch-size", "64", "--keep", "0.3", "-o", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            "--recipe",
+            "paper",
+            "--epochs",
+            "0",
+            "1",
+            "1",
+            "--update-every",
+            "5",
+            "--batch-size",
+            "64",
+            "--keep",
+            "0.3",
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "recipe paper: epochs 0/1/1, mask update every 5 it, batch 64, model lr 6.25e-05" in res.output
     s = json.loads((out / "summary.json").read_text())
@@ -193,11 +231,23 @@ def test_mixup_is_applied_while_pruning_an_image_folder(tmp_path):
 
     data = digit_image_folder(tmp_path / "data", classes=3)
     kw = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 3}
-    job = PruneJob(out=str(tmp_path / "run"), model="vit_tiny_patch16_224", model_kwargs=kw, data=str(data), augment="deit",
-                   epochs=(0, 1, 1), batch_size=4, progress=False, p3b=P3BConfig(keep=0.6, update_every=2))
+    job = PruneJob(
+        out=str(tmp_path / "run"),
+        model="vit_tiny_patch16_224",
+        model_kwargs=kw,
+        data=str(data),
+        augment="deit",
+        epochs=(0, 1, 1),
+        batch_size=4,
+        progress=False,
+        p3b=P3BConfig(keep=0.6, update_every=2),
+    )
     s = run_prune(job)
-    epochs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
-              if json.loads(line)["type"] == "epoch"]
+    epochs = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+        if json.loads(line)["type"] == "epoch"
+    ]
     assert [e["soft_target_steps"] for e in epochs] == [18 // 4] * 2  # every step of every epoch
     assert s["total_keep"] == pytest.approx(0.6, abs=0.02)
     assert p3bkit.load(tmp_path / "run" / "pruned")(torch.randn(1, 3, 32, 32)).shape == (1, 3)

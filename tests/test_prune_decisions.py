@@ -2,6 +2,7 @@
 one window, reversible while sparsify runs and frozen after it; pruned heads that can return; the
 floor loop, the rounding carry and the blocks budget never empty or miscount the model; the
 indicators never see a degenerate handful of images."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,19 @@ def _input(delta: list[float], budget: float = 0.1, sparsify: bool = True) -> Al
     """Six branches of 100 units, one unit each, a useful width of 5% (the removal floor)."""
     n = len(delta)
     full = torch.full((n,), 100.0, dtype=torch.float64)
-    return AllocationInput(torch.tensor(delta), torch.tensor(delta), full.clone(), full, torch.ones(n, dtype=torch.float64),
-                           torch.zeros(n, dtype=torch.bool), budget, lambda: [], torch.full((n,), 5.0, dtype=torch.float64),
-                           True, sparsify)
+    return AllocationInput(
+        torch.tensor(delta),
+        torch.tensor(delta),
+        full.clone(),
+        full,
+        torch.ones(n, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.bool),
+        budget,
+        lambda: [],
+        torch.full((n,), 5.0, dtype=torch.float64),
+        True,
+        sparsify,
+    )
 
 
 def test_a_branch_that_leads_the_second_window_is_not_removed():
@@ -105,8 +116,9 @@ def test_the_floor_loop_never_empties_the_model_or_misses_the_budget():
     kappa = allocate_keep_ratios(torch.ones(4), sizes, 0.04, floor=torch.full((4,), 20.0))
     assert float((kappa * sizes).sum()) == pytest.approx(16.0)
     assert (kappa > 0).sum() >= 1
-    capped = allocate_keep_ratios(torch.tensor([1.0, 1.0, 0.01]), torch.full((3,), 100.0), 0.9,
-                                  floor=torch.full((3,), 50.0))
+    capped = allocate_keep_ratios(
+        torch.tensor([1.0, 1.0, 0.01]), torch.full((3,), 100.0), 0.9, floor=torch.full((3,), 50.0)
+    )
     assert float((capped * 100).sum()) == pytest.approx(270.0)  # the others cannot hold 270 alone
 
 
@@ -124,8 +136,11 @@ def test_the_blocks_budget_counts_a_removed_branchs_norms_out():
     """What `total_keep_ratio` reports is what the surgically pruned model stores, under either scope."""
     for scope in ("blocks", "total"):
         gated = p3bkit.add_gates(tiny_model(), "inner")
-        pr = P3BPruner(gated, P3BConfig(keep=0.5, budget=scope, keep_ratios=[0.5, 0.0, 0.5, 0.5, 0.0, 0.5],
-                                        update_every=1), Schedule(0, 1, 0))
+        pr = P3BPruner(
+            gated,
+            P3BConfig(keep=0.5, budget=scope, keep_ratios=[0.5, 0.0, 0.5, 0.5, 0.0, 0.5], update_every=1),
+            Schedule(0, 1, 0),
+        )
         pr.train_step(X, Y)
         pr.update_masks(step=pr.schedule.total)
         pruned = p3bkit.apply_surgery(gated.eval(), io_mode="index")
@@ -135,8 +150,9 @@ def test_the_blocks_budget_counts_a_removed_branchs_norms_out():
 
 def _heads_pruner(ratios: list[float], floor: float = 0.5) -> P3BPruner:
     gated = p3bkit.add_gates(tiny_model(), "heads")
-    return P3BPruner(gated, P3BConfig(keep_ratios=ratios, update_every=1, tau=0.1, head_score_floor=floor),
-                     Schedule(0, 4, 4))
+    return P3BPruner(
+        gated, P3BConfig(keep_ratios=ratios, update_every=1, tau=0.1, head_score_floor=floor), Schedule(0, 4, 4)
+    )
 
 
 @pytest.mark.parametrize("floor,back", [(0.5, True), (1.0, True), (0.0, False)])
@@ -186,9 +202,30 @@ def test_prune_warns_when_the_batch_leaves_the_indicators_too_few_images(tmp_pat
     from p3bkit.cli import main
 
     data = digit_image_folder(tmp_path / "data", n_per_class=6, classes=3)
-    args = ["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "patch_size": 8, "depth": 2}',
-            "--num-classes", "3", "--data", data, "--keep", "0.5", "--batch-size", "8", "--epochs", "0", "1", "1", "--update-every", "1", "--no-progress",
-            "-o", tmp_path / "run"]
+    args = [
+        "prune",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        '{"img_size": 32, "patch_size": 8, "depth": 2}',
+        "--num-classes",
+        "3",
+        "--data",
+        data,
+        "--keep",
+        "0.5",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "0",
+        "1",
+        "1",
+        "--update-every",
+        "1",
+        "--no-progress",
+        "-o",
+        tmp_path / "run",
+    ]
     res = CliRunner().invoke(main, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     assert "a batch of 8 per process gives the block performance indicators 8 images per step" in res.output
@@ -199,8 +236,16 @@ def test_prune_on_the_first_training_images_only(tmp_path):
     from p3bkit.prune.job import PruneJob, run_prune
     from p3bkit.prune.pruner import P3BConfig
 
-    s = run_prune(PruneJob(out=str(tmp_path / "run"), epochs=(0, 1, 0), batch_size=32, train_images=64,
-                           progress=False, p3b=P3BConfig(keep=0.5, update_every=1)))
+    s = run_prune(
+        PruneJob(
+            out=str(tmp_path / "run"),
+            epochs=(0, 1, 0),
+            batch_size=32,
+            train_images=64,
+            progress=False,
+            p3b=P3BConfig(keep=0.5, update_every=1),
+        )
+    )
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert s["train_images"] == 64 and s["job"]["train_images"] == 64
     assert max(r.get("step", 0) for r in log) == 2  # 64 images at batch 32: two steps, not the whole split

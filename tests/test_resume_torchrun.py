@@ -1,4 +1,5 @@
 """torchrun (DDP, gloo) runs, SIGKILL/SIGTERM resume, and the bad-input matrix across commands."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,23 @@ from click.testing import CliRunner
 
 from p3bkit.cli import main
 
-PRUNE = ["prune", "--model", "digits-vit", "--structure", "full", "--keep", "0.5", "--epochs", "1", "1", "1",
-         "--update-every", "5", "--batch-size", "64"]
+PRUNE = [
+    "prune",
+    "--model",
+    "digits-vit",
+    "--structure",
+    "full",
+    "--keep",
+    "0.5",
+    "--epochs",
+    "1",
+    "1",
+    "1",
+    "--update-every",
+    "5",
+    "--batch-size",
+    "64",
+]
 
 
 def _layers(run: Path) -> list:
@@ -46,11 +62,14 @@ def _wait_for(ready, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 def _in_epoch_2(out: Path):
     """True once the run has logged a mask update of its second epoch (and so is past a checkpoint)."""
+
     def ready() -> bool:
         log = out / "log.jsonl"
         lines = log.read_text().splitlines() if log.is_file() else []
         return (out / "checkpoint.pt").is_file() and any(
-            '"mask_update"' in x and json.loads(x).get("epoch") == 2 for x in lines)
+            '"mask_update"' in x and json.loads(x).get("epoch") == 2 for x in lines
+        )
+
     return ready
 
 
@@ -92,8 +111,18 @@ def test_sigterm_writes_checkpoint_and_resume_matches(reference, tmp_path):
 def test_torchrun_two_ranks_gloo(reference, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "p3bkit.cli", *PRUNE, "-o", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "p3bkit.cli",
+        *PRUNE,
+        "-o",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -105,8 +134,13 @@ def test_torchrun_two_ranks_gloo(reference, tmp_path):
     # BPI patch heads are per rank, augmentation RNG streams are per rank, all-reduce sums in another order)
     assert abs(summary["block_keep_nominal"] - ref["block_keep_nominal"]) <= 0.01
     a, b = _layers(out), _layers(reference)
-    overlap = [len(set(x[k][key]) & set(y[k][key])) / max(len(y[k][key]), 1)
-               for x, y in zip(a, b) for k in ("attn", "mlp") if x[k] and y[k] for key in ("in", "out")]
+    overlap = [
+        len(set(x[k][key]) & set(y[k][key])) / max(len(y[k][key]), 1)
+        for x, y in zip(a, b)
+        for k in ("attn", "mlp")
+        if x[k] and y[k]
+        for key in ("in", "out")
+    ]
     assert sum(overlap) / len(overlap) >= 0.8
 
 
@@ -124,19 +158,26 @@ def tampered(pruned_folder, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("args,code,msg", [
-    (["info", "{root}/bad_json"], 1, "not valid JSON"),
-    (["info", "{root}/bad_shape"], 1, "does not match arch.json"),
-    (["export", "{root}/bad_shape", "--format", "onnx", "-o", "{root}/out"], 1, "does not match"),
-    (["bench", "{root}/model.pt"], 1, "unknown artefact type"),
-    (["bench", "{root}/bad_json"], 1, "not valid JSON"),
-    (["finetune", "{root}/missing", "-o", "{root}/ft"], 2, "does not exist"),
-    (["prune", "--keep", "0.5", "--checkpoint", "{root}/model.pt", "-o", "{root}/p"], 1, "unreadable"),
-    (["prune", "--keep", "0.5", "--device", "cuda", "-o", "{root}/p"], 1, "no CUDA GPU"),
-    (["prune", "--keep", "0", "-o", "{root}/p"], 2, "'--keep'"),
-    (["prune", "--keep", "0.5", "--resume", "--checkpoint", "{root}/missing.pt", "-o", "{root}/p"], 1, "does not exist"),
-    (["export", "digits-vit", "--format", "tflite", "-o", "{root}/x"], 2, "Invalid value"),
-])
+@pytest.mark.parametrize(
+    "args,code,msg",
+    [
+        (["info", "{root}/bad_json"], 1, "not valid JSON"),
+        (["info", "{root}/bad_shape"], 1, "does not match arch.json"),
+        (["export", "{root}/bad_shape", "--format", "onnx", "-o", "{root}/out"], 1, "does not match"),
+        (["bench", "{root}/model.pt"], 1, "unknown artefact type"),
+        (["bench", "{root}/bad_json"], 1, "not valid JSON"),
+        (["finetune", "{root}/missing", "-o", "{root}/ft"], 2, "does not exist"),
+        (["prune", "--keep", "0.5", "--checkpoint", "{root}/model.pt", "-o", "{root}/p"], 1, "unreadable"),
+        (["prune", "--keep", "0.5", "--device", "cuda", "-o", "{root}/p"], 1, "no CUDA GPU"),
+        (["prune", "--keep", "0", "-o", "{root}/p"], 2, "'--keep'"),
+        (
+            ["prune", "--keep", "0.5", "--resume", "--checkpoint", "{root}/missing.pt", "-o", "{root}/p"],
+            1,
+            "does not exist",
+        ),
+        (["export", "digits-vit", "--format", "tflite", "-o", "{root}/x"], 2, "Invalid value"),
+    ],
+)
 def test_bad_input_matrix(args, code, msg, tampered):
     import torch
 
@@ -154,8 +195,21 @@ def test_bad_input_matrix(args, code, msg, tampered):
 def test_torchrun_finetune_two_ranks(pruned_folder, tmp_path):
     out = tmp_path / "ft"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "p3bkit.cli", "finetune", str(pruned_folder), "--epochs", "1", "-o", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "p3bkit.cli",
+        "finetune",
+        str(pruned_folder),
+        "--epochs",
+        "1",
+        "-o",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "finetune.json").read_text())
@@ -163,4 +217,5 @@ def test_torchrun_finetune_two_ranks(pruned_folder, tmp_path):
     import p3bkit
 
     assert sum(p.numel() for p in p3bkit.load(out).parameters()) == sum(
-        p.numel() for p in p3bkit.load(pruned_folder).parameters())
+        p.numel() for p in p3bkit.load(pruned_folder).parameters()
+    )

@@ -1,5 +1,6 @@
 """Whole heads and whole branches: the head gate, the (heads, head dims) choice, branch removal with
 hysteresis, the carry through removed branches, and the engine details around them."""
+
 from __future__ import annotations
 
 import json
@@ -83,9 +84,18 @@ def test_a_floor_removes_a_branch_and_re_solves_the_others():
 
 def _input(delta: list[float], kept: torch.Tensor, full_window: bool = True) -> AllocationInput:
     n = len(delta)
-    return AllocationInput(torch.tensor(delta), torch.tensor(delta), kept, torch.full((n,), 100.0),
-                           torch.full((n,), 1.0), torch.zeros(n, dtype=torch.bool), 0.3, lambda: [],
-                           torch.full((n,), 8.0), full_window)
+    return AllocationInput(
+        torch.tensor(delta),
+        torch.tensor(delta),
+        kept,
+        torch.full((n,), 100.0),
+        torch.full((n,), 1.0),
+        torch.zeros(n, dtype=torch.bool),
+        0.3,
+        lambda: [],
+        torch.full((n,), 8.0),
+        full_window,
+    )
 
 
 def test_removal_needs_patience_and_then_holds():
@@ -149,16 +159,25 @@ def test_removed_branches_take_their_norms_along(tmp_path):
     pruner reports kept is what the saved model stores, removed branches included."""
     from p3bkit.prune.job import PruneJob, run_prune
 
-    s = run_prune(PruneJob(out=str(tmp_path / "r"), model="digits-vit-cls", epochs=(0, 2, 1), structure="heads",
-                           progress=False, p3b=P3BConfig(keep=0.12, update_every=4, remove_below=0.15)))
+    s = run_prune(
+        PruneJob(
+            out=str(tmp_path / "r"),
+            model="digits-vit-cls",
+            epochs=(0, 2, 1),
+            structure="heads",
+            progress=False,
+            p3b=P3BConfig(keep=0.12, update_every=4, remove_below=0.15),
+        )
+    )
     pruned = p3bkit.load(tmp_path / "r" / "pruned")
     removed = sum(isinstance(b, torch.nn.Identity) for blk in pruned.blocks for b in (blk.attn, blk.mlp))
     assert removed >= 1 and s["surgery_max_abs_diff"] <= 1e-5
     assert s["params_stored"] == s["params_kept"] and s["total_keep"] == pytest.approx(0.12, abs=0.01)
     log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     heads = [r["heads"] for r in log if r["type"] == "mask_update"][-1]
-    assert heads[::2] == [b.attn.fn.num_heads if not isinstance(b.attn, torch.nn.Identity) else 0
-                          for b in pruned.blocks]
+    assert heads[::2] == [
+        b.attn.fn.num_heads if not isinstance(b.attn, torch.nn.Identity) else 0 for b in pruned.blocks
+    ]
 
 
 def test_cifar100_gets_mixup_under_the_deit_recipe(tmp_path, monkeypatch):
@@ -171,8 +190,13 @@ def test_cifar100_gets_mixup_under_the_deit_recipe(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for split, n in (("train", 16), ("test", 8)):
         with open(root / "cifar-100-python" / split, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                         "fine_labels": rng.integers(0, 100, n).tolist()}, f)
+            pickle.dump(
+                {
+                    "data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                    "fine_labels": rng.integers(0, 100, n).tolist(),
+                },
+                f,
+            )
     with open(root / "cifar-100-python" / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
     import torchvision.datasets.cifar as cifar
@@ -181,10 +205,36 @@ def test_cifar100_gets_mixup_under_the_deit_recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
     assert load_data(str(root), img_size=32, augment="deit").mixup is not None
     assert load_data(str(root), img_size=32, augment="light").mixup is None
-    res = _cli(["prune", "--model", "vit_tiny_patch16_224", "--img-size", 32, "--num-classes", 100, "--model-kwargs",
-                '{"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}', "--data", root, "--recipe", "paper",
-                "--epochs", 0, 1, 0, "--batch-size", 8, "--update-every", 1, "--keep", 0.6, "--no-progress",
-                "-o", tmp_path / "run"])
+    res = _cli(
+        [
+            "prune",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            32,
+            "--num-classes",
+            100,
+            "--model-kwargs",
+            '{"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}',
+            "--data",
+            root,
+            "--recipe",
+            "paper",
+            "--epochs",
+            0,
+            1,
+            0,
+            "--batch-size",
+            8,
+            "--update-every",
+            1,
+            "--keep",
+            0.6,
+            "--no-progress",
+            "-o",
+            tmp_path / "run",
+        ]
+    )
     assert res.exit_code == 0, res.output
     epochs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [e["soft_target_steps"] for e in epochs if e["type"] == "epoch"] == [2]  # every step: Mixup/CutMix
@@ -194,13 +244,17 @@ SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_head
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kwargs", [
-    {"num_classes": 5},
-    {"num_classes": 5, "global_pool": "avg", "class_token": False},
-    {"num_classes": 3, "reg_tokens": 2, "init_values": 0.1},
-    {"num_classes": 6, "qkv_bias": False},
-    {"num_classes": 5, "global_pool": "map", "class_token": False},
-], ids=["cls", "avgpool", "registers", "no-qkv-bias", "attention-pool"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_classes": 5},
+        {"num_classes": 5, "global_pool": "avg", "class_token": False},
+        {"num_classes": 3, "reg_tokens": 2, "init_values": 0.1},
+        {"num_classes": 6, "qkv_bias": False},
+        {"num_classes": 5, "global_pool": "map", "class_token": False},
+    ],
+    ids=["cls", "avgpool", "registers", "no-qkv-bias", "attention-pool"],
+)
 def test_a_users_vit_with_heads_and_branches_removed_round_trips_and_exports(kwargs, tmp_path):
     pytest.importorskip("openvino")
     from p3bkit.export import export_model
@@ -218,8 +272,10 @@ def test_a_users_vit_with_heads_and_branches_removed_round_trips_and_exports(kwa
     p3bkit.save(pruned, tmp_path / "m")
     x = torch.randn(2, 3, 32, 32)
     torch.save({"x": x, "y": pruned(x)}, tmp_path / "io.pt")
-    code = ("import sys, torch, p3bkit; io = torch.load(sys.argv[2]); m = p3bkit.load(sys.argv[1]); "
-            "ok = torch.equal(m(io['x']), io['y']) and m.blocks[0].attn.fn.num_heads == 1; sys.exit(0 if ok else 3)")
+    code = (
+        "import sys, torch, p3bkit; io = torch.load(sys.argv[2]); m = p3bkit.load(sys.argv[1]); "
+        "ok = torch.equal(m(io['x']), io['y']) and m.blocks[0].attn.fn.num_heads == 1; sys.exit(0 if ok else 3)"
+    )
     assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / "io.pt")]).returncode == 0
     for fmt in ("onnx", "openvino"):
         rec = export_model(str(tmp_path / "m"), fmt, tmp_path / fmt)

@@ -1,4 +1,5 @@
 """A user's own timm model: saved through the Python API, rebuilt from what was written, or refused."""
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,17 @@ def _prune_half(gated) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kwargs", [
-    ("deit_tiny_patch16_224", {"num_classes": 10}),
-    ("vit_tiny_patch16_224", {**SMALL, "num_classes": 5, "global_pool": "avg", "class_token": False}),
-    ("vit_tiny_patch16_224", {**SMALL, "num_classes": 3, "reg_tokens": 2, "init_values": 0.1, "qkv_bias": False}),
-    ("deit_tiny_distilled_patch16_224", {**SMALL, "num_classes": 4}),
-    ("vit_tiny_patch16_224", {**SMALL, "num_classes": 6, "qkv_bias": False}),
-    ("vit_tiny_patch16_224", {**SMALL, "num_classes": 5, "global_pool": "map", "class_token": False}),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("deit_tiny_patch16_224", {"num_classes": 10}),
+        ("vit_tiny_patch16_224", {**SMALL, "num_classes": 5, "global_pool": "avg", "class_token": False}),
+        ("vit_tiny_patch16_224", {**SMALL, "num_classes": 3, "reg_tokens": 2, "init_values": 0.1, "qkv_bias": False}),
+        ("deit_tiny_distilled_patch16_224", {**SMALL, "num_classes": 4}),
+        ("vit_tiny_patch16_224", {**SMALL, "num_classes": 6, "qkv_bias": False}),
+        ("vit_tiny_patch16_224", {**SMALL, "num_classes": 5, "global_pool": "map", "class_token": False}),
+    ],
+)
 def test_readme_snippet_round_trips_a_timm_model(tmp_path, name, kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
@@ -43,9 +47,13 @@ def test_readme_snippet_round_trips_a_timm_model(tmp_path, name, kwargs):
     loaded = p3bkit.load(tmp_path / "pruned")
     assert torch.equal(loaded(x), pruned(x))
     torch.save({"x": x, "y": pruned(x)}, tmp_path / "io.pt")  # and in a fresh process, as a user would
-    code = ("import sys, torch, p3bkit; io = torch.load(sys.argv[2]); "
-            "sys.exit(0 if torch.equal(p3bkit.load(sys.argv[1])(io['x']), io['y']) else 3)")
-    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "pruned"), str(tmp_path / "io.pt")]).returncode == 0
+    code = (
+        "import sys, torch, p3bkit; io = torch.load(sys.argv[2]); "
+        "sys.exit(0 if torch.equal(p3bkit.load(sys.argv[1])(io['x']), io['y']) else 3)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "pruned"), str(tmp_path / "io.pt")]).returncode == 0
+    )
 
 
 def test_dense_user_model_is_a_folder_too(tmp_path):
@@ -95,10 +103,35 @@ def _cli(args):
 
 def test_prune_a_pretrained_model_on_your_classes_in_one_command(imagenet_like, tmp_path):
     root, src, data = imagenet_like
-    res = _cli(["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs", KW, "--num-classes", "10",
-                "--pretrained-file", root / "in1k.safetensors", "--data", data, "--keep", "0.6", "--frozen",
-                "--epochs", "0", "1", "1", "--batch-size", "8", "--update-every", "2", "--no-progress",
-                "-o", tmp_path / "run"])
+    res = _cli(
+        [
+            "prune",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--model-kwargs",
+            KW,
+            "--num-classes",
+            "10",
+            "--pretrained-file",
+            root / "in1k.safetensors",
+            "--data",
+            data,
+            "--keep",
+            "0.6",
+            "--frozen",
+            "--epochs",
+            "0",
+            "1",
+            "1",
+            "--batch-size",
+            "8",
+            "--update-every",
+            "2",
+            "--no-progress",
+            "-o",
+            tmp_path / "run",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "has a 1000-class classifier; the model's 10-class classifier starts from random weights" in res.output
     pruned = p3bkit.load(tmp_path / "run" / "pruned")
@@ -110,28 +143,80 @@ def test_prune_a_pretrained_model_on_your_classes_in_one_command(imagenet_like, 
 
 def test_train_then_prune_your_own_model(imagenet_like, tmp_path):
     root, _, data = imagenet_like
-    res = _cli(["train", "--model", "vit_tiny_patch16_224", "--model-kwargs", KW, "--num-classes", "10",
-                "--pretrained-file", root / "in1k.safetensors", "--data", data, "--epochs", "1", "--batch-size", "8",
-                "--no-progress", "-o", tmp_path / "dense"])
+    res = _cli(
+        [
+            "train",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--model-kwargs",
+            KW,
+            "--num-classes",
+            "10",
+            "--pretrained-file",
+            root / "in1k.safetensors",
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--no-progress",
+            "-o",
+            tmp_path / "dense",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "dense" / "arch.json").read_text())["structure"] == "dense"
-    res = _cli(["prune", "--model", tmp_path / "dense", "--data", data, "--keep", "0.6", "--epochs", "0", "1", "1",
-                "--batch-size", "8", "--update-every", "2", "--no-progress", "-o", tmp_path / "run"])
+    res = _cli(
+        [
+            "prune",
+            "--model",
+            tmp_path / "dense",
+            "--data",
+            data,
+            "--keep",
+            "0.6",
+            "--epochs",
+            "0",
+            "1",
+            "1",
+            "--batch-size",
+            "8",
+            "--update-every",
+            "2",
+            "--no-progress",
+            "-o",
+            tmp_path / "run",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert p3bkit.load(tmp_path / "run" / "pruned")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("args,code,msg", [
-    (["--model-kwargs", '{"nope": 1}'], 1, "unknown timm VisionTransformer argument(s) nope"),
-    (["--model-kwargs", "{not json"], 2, "not valid JSON"),
-    (["--model-kwargs", "[1, 2]"], 2, "must be a JSON object"),
-    (["--pretrained-file", "{root}/missing.safetensors"], 1, "does not exist"),
-    (["--num-classes", "0"], 2, "'--num-classes'"),
-])
+@pytest.mark.parametrize(
+    "args,code,msg",
+    [
+        (["--model-kwargs", '{"nope": 1}'], 1, "unknown timm VisionTransformer argument(s) nope"),
+        (["--model-kwargs", "{not json"], 2, "not valid JSON"),
+        (["--model-kwargs", "[1, 2]"], 2, "must be a JSON object"),
+        (["--pretrained-file", "{root}/missing.safetensors"], 1, "does not exist"),
+        (["--num-classes", "0"], 2, "'--num-classes'"),
+    ],
+)
 def test_model_options_refuse_bad_values(imagenet_like, tmp_path, args, code, msg):
     root, _, _ = imagenet_like
-    res = _cli(["prune", "--model", "vit_tiny_patch16_224", "--keep", "0.5",
-                *[a.replace("{root}", str(root)) for a in args], "-o", tmp_path / "p"])
+    res = _cli(
+        [
+            "prune",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--keep",
+            "0.5",
+            *[a.replace("{root}", str(root)) for a in args],
+            "-o",
+            tmp_path / "p",
+        ]
+    )
     assert res.exit_code == code, res.output
     assert msg in res.output and "Traceback" not in res.output
     assert not (tmp_path / "p").exists()
@@ -156,11 +241,14 @@ def test_eval_measures_the_deployed_artefact_through_its_runtime(pruned_folder, 
         assert got["top1"] == pytest.approx(ref["top1"]) and got["top5"] == pytest.approx(ref["top5"])
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["eval", "resnet18"], "not a timm VisionTransformer"),
-    (["eval", "digits-vit", "--backend", "onnxruntime"], "export digits-vit first"),
-    (["eval", "digits-vit", "--data", "{data}"], "3-channel images, but the model takes 1"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["eval", "resnet18"], "not a timm VisionTransformer"),
+        (["eval", "digits-vit", "--backend", "onnxruntime"], "export digits-vit first"),
+        (["eval", "digits-vit", "--data", "{data}"], "3-channel images, but the model takes 1"),
+    ],
+)
 def test_eval_bad_inputs(imagenet_like, args, msg):
     _, _, data = imagenet_like
     res = _cli([a.replace("{data}", str(data)) for a in args])
@@ -172,10 +260,28 @@ def test_attention_pool_model_prunes_with_a_mean_token_class_head(tmp_path):
     from p3bkit.prune.job import PruneJob, run_prune
     from p3bkit.prune.pruner import P3BConfig
 
-    kw = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 48, "depth": 2,
-          "num_heads": 3, "global_pool": "map", "class_token": False}
-    s = run_prune(PruneJob(out=str(tmp_path / "r"), model="vit_tiny_patch16_224", model_kwargs=kw, epochs=(0, 1, 1),
-                           data="digits", progress=False, p3b=P3BConfig(keep=0.6, update_every=5)))
+    kw = {
+        "img_size": 16,
+        "patch_size": 4,
+        "in_chans": 1,
+        "num_classes": 10,
+        "embed_dim": 48,
+        "depth": 2,
+        "num_heads": 3,
+        "global_pool": "map",
+        "class_token": False,
+    }
+    s = run_prune(
+        PruneJob(
+            out=str(tmp_path / "r"),
+            model="vit_tiny_patch16_224",
+            model_kwargs=kw,
+            epochs=(0, 1, 1),
+            data="digits",
+            progress=False,
+            p3b=P3BConfig(keep=0.6, update_every=5),
+        )
+    )
     assert s["surgery_max_abs_diff"] <= 1e-5 and s["total_keep"] == pytest.approx(0.6, abs=0.01)
     pruned = p3bkit.load(tmp_path / "r" / "pruned")
     assert pruned.attn_pool is not None  # the pooling head is kept whole
@@ -187,9 +293,32 @@ def test_attention_pool_model_prunes_with_a_mean_token_class_head(tmp_path):
 @pytest.mark.slow
 def test_deit_on_your_classes_pruned_exported_and_evaluated(imagenet_like, tmp_path):
     _, _, data = imagenet_like
-    res = _cli(["prune", "--model", "deit_tiny_patch16_224", "--num-classes", "10", "--img-size", "32", "--data", data,
-                "--keep", "0.5", "--epochs", "0", "1", "1", "--batch-size", "8", "--update-every", "2",
-                "--no-progress", "-o", tmp_path / "run"])
+    res = _cli(
+        [
+            "prune",
+            "--model",
+            "deit_tiny_patch16_224",
+            "--num-classes",
+            "10",
+            "--img-size",
+            "32",
+            "--data",
+            data,
+            "--keep",
+            "0.5",
+            "--epochs",
+            "0",
+            "1",
+            "1",
+            "--batch-size",
+            "8",
+            "--update-every",
+            "2",
+            "--no-progress",
+            "-o",
+            tmp_path / "run",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "augmentation: light" in res.output
     tops = []
@@ -205,9 +334,34 @@ def test_deit_on_your_classes_pruned_exported_and_evaluated(imagenet_like, tmp_p
 
 def test_paper_recipe_prunes_with_the_deit_augmentation(imagenet_like, tmp_path):
     _, _, data = imagenet_like
-    res = _cli(["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs", KW, "--num-classes", "10", "--data", data,
-                "--recipe", "paper", "--epochs", "0", "1", "0", "--batch-size", "8", "--update-every", "2",
-                "--keep", "0.6", "--no-progress", "-o", tmp_path / "run"])
+    res = _cli(
+        [
+            "prune",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--model-kwargs",
+            KW,
+            "--num-classes",
+            "10",
+            "--data",
+            data,
+            "--recipe",
+            "paper",
+            "--epochs",
+            "0",
+            "1",
+            "0",
+            "--batch-size",
+            "8",
+            "--update-every",
+            "2",
+            "--keep",
+            "0.6",
+            "--no-progress",
+            "-o",
+            tmp_path / "run",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "augmentation: deit" in res.output
     epochs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -219,9 +373,13 @@ def test_info_counts_block_parameters_as_stored():
 
     from p3bkit.models.report import describe
 
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                              qkv_bias=False)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, qkv_bias=False
+    )
     rows = describe(model)["blocks"]
-    want = [sum(p.numel() for m in br.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
-            for blk in model.blocks for br in (blk.attn, blk.mlp)]
+    want = [
+        sum(p.numel() for m in br.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+        for blk in model.blocks
+        for br in (blk.attn, blk.mlp)
+    ]
     assert [r["params"] for r in rows] == want

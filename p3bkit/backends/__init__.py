@@ -5,6 +5,7 @@ registered `Backend`: export (and INT8 quantisation), a runner (verification, ev
 gate), a timer (bench, latency tables, the demo) and parity tolerances. The timing harness
 (`timing`) and the ONNX graph export (`onnx`) that the runtimes share live here too.
 """
+
 from p3bkit.backends.registry import (
     BF16,
     FP16,
@@ -28,6 +29,27 @@ from p3bkit.backends.registry import (
 )
 from p3bkit.backends.timing import BenchConfig, Timed, machine_info
 
-__all__ = ["BF16", "FP16", "FP32", "INT8", "PRECISIONS", "Backend", "BenchConfig", "PrecisionError", "Runner", "Timed",
-           "all_backends", "artefact_suffixes", "backend_for_artefact", "backend_status", "cpu_backends",
-           "default_table_backend", "eager_backend", "formats", "get_backend", "machine_info", "register", "runtimes"]
+__all__ = [
+    "BF16",
+    "FP16",
+    "FP32",
+    "INT8",
+    "PRECISIONS",
+    "Backend",
+    "BenchConfig",
+    "PrecisionError",
+    "Runner",
+    "Timed",
+    "all_backends",
+    "artefact_suffixes",
+    "backend_for_artefact",
+    "backend_status",
+    "cpu_backends",
+    "default_table_backend",
+    "eager_backend",
+    "formats",
+    "get_backend",
+    "machine_info",
+    "register",
+    "runtimes",
+]

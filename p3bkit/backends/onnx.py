@@ -6,6 +6,7 @@ TorchScript exporter emits an Expand that onnxruntime rejects; both run dense De
 Input `pixel_values` [batch, C, H, W] (dynamic batch unless a static one is asked for), output
 `logits`. `export_onnx_quick` is the TorchScript exporter for the latency tables' small graphs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,14 @@ def op_types(path: str | Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, sample_shape: tuple[int, ...],
-                static_batch: int | None = None, fp16: bool = False, opset: int = OPSET) -> Path:
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | Path,
+    sample_shape: tuple[int, ...],
+    static_batch: int | None = None,
+    fp16: bool = False,
+    opset: int = OPSET,
+) -> Path:
     """Write `model` as a single-file ONNX graph and run onnx.checker on it."""
     import onnx
 
@@ -46,8 +53,17 @@ def export_onnx(model: torch.nn.Module, path: str | Path, sample_shape: tuple[in
     dynamic = None if static_batch else {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
-            torch.onnx.export(model, (x,), str(path), input_names=["pixel_values"], output_names=["logits"],
-                              opset_version=opset, dynamo=True, dynamic_shapes=dynamic, external_data=False)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                input_names=["pixel_values"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                external_data=False,
+            )
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # the exporter and checker raise many types; all mean "no valid file"
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from exc
@@ -59,7 +75,14 @@ def export_onnx_quick(module: torch.nn.Module, x: torch.Tensor, path: str | Path
     (OpenVINO 1.86 vs 1.82 ms, onnxruntime 2.34 vs 2.45 ms on a 4-branch DeiT-S chain)."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=OPSET,
-                          dynamo=False, external_data=False)
+        torch.onnx.export(
+            module,
+            (x,),
+            str(path),
+            input_names=["x"],
+            output_names=["y"],
+            opset_version=OPSET,
+            dynamo=False,
+            external_data=False,
+        )
     return Path(path)
-

@@ -8,6 +8,7 @@ limit the remedy keeps the 1, 2, 4 … layers that add the most quantisation err
 Sessions do not spin (`session.intra_op.allow_spinning=0`): an idle spinning pool takes a core
 from whatever else is being timed.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def ort_session(path: str | Path | bytes, threads: int | None = None, profile: b
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.enable_profiling = profile
-    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"]
+    )
 
 
 def _input_dtype(sess):
@@ -83,8 +86,11 @@ class OnnxRuntimeBackend(Backend):
         outputs = [o.name for o in sess.get_outputs()]
 
         def run(x) -> dict:
-            return {n: np.asarray(v, dtype=np.float32) for n, v in
-                    zip(outputs, sess.run(None, {inp.name: x.astype(dtype, copy=False)}))}
+            return {
+                n: np.asarray(v, dtype=np.float32)
+                for n, v in zip(outputs, sess.run(None, {inp.name: x.astype(dtype, copy=False)}))
+            }
+
         return FnRunner(run, list(inp.shape), dtype, inp.name)
 
     def timer(self, ref, batch, precision, threads=None, device=None, compile=False) -> Timed:
@@ -106,8 +112,9 @@ class OnnxRuntimeBackend(Backend):
 
         out = workdir / f"{Path(artefact).stem}.{TRANSFORMER_TAG}.onnx"
         with contextlib.redirect_stdout(io.StringIO()):
-            opt = optimizer.optimize_model(str(artefact), model_type="vit", num_heads=num_heads, hidden_size=dim,
-                                           opt_level=0)
+            opt = optimizer.optimize_model(
+                str(artefact), model_type="vit", num_heads=num_heads, hidden_size=dim, opt_level=0
+            )
         opt.save_model_to_file(str(out))
         plain, fused = self.runner(artefact), self.runner(out)
         batch = plain.input_shape[0] if isinstance(plain.input_shape[0], int) else 2  # a fixed axis takes its own
@@ -115,7 +122,9 @@ class OnnxRuntimeBackend(Backend):
         a, b = plain(x), fused(x)
         diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
         if diff > 1e-3:
-            raise P3BError(f"onnxruntime's transformer optimiser changed the outputs of {artefact} (max abs diff {diff:.2e})")
+            raise P3BError(
+                f"onnxruntime's transformer optimiser changed the outputs of {artefact} (max abs diff {diff:.2e})"
+            )
         return [(TRANSFORMER_TAG, "transformer-optimised", out)]
 
     # ---- INT8: static QDQ, per-channel weights ----------------------------------------------
@@ -171,8 +180,14 @@ def weighted_nodes(path: Path) -> list:
     return [n for n in graph.node if n.op_type in QUANTIZED_OPS and any(i in inits for i in n.input)]
 
 
-def quantize_static_qdq(src: Path, out: Path, calib: list[np.ndarray], exclude: list[str], symmetric: bool = False,
-                        nodes: list[str] | None = None) -> None:
+def quantize_static_qdq(
+    src: Path,
+    out: Path,
+    calib: list[np.ndarray],
+    exclude: list[str],
+    symmetric: bool = False,
+    nodes: list[str] | None = None,
+) -> None:
     """onnxruntime's static QDQ quantisation (per-channel S8S8) of the weighted layers of `src`
     (or of `nodes`), except `exclude`, calibrated on `calib` batches."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -191,9 +206,18 @@ def quantize_static_qdq(src: Path, out: Path, calib: list[np.ndarray], exclude: 
     # symmetric: zero points of 0, which TensorRT's explicit quantization requires
     options = {"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else {}
     with quiet():
-        quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=chosen, extra_options=options)
+        quantize_static(
+            str(src),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_quantize=chosen,
+            extra_options=options,
+        )
 
 
 def layer_errors(fp32: Path, int8: Path, x: np.ndarray) -> dict[str, float]:
@@ -208,8 +232,9 @@ def layer_errors(fp32: Path, int8: Path, x: np.ndarray) -> dict[str, float]:
     for path in (fp32, int8):
         model = onnx.load(str(path))
         have = {o.name for o in model.graph.output}
-        model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                                  for t in names if t not in have)
+        model.graph.output.extend(
+            onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names if t not in have
+        )
         sess = ort_session(model.SerializeToString())
         acts.append(dict(zip(names, sess.run(names, {"pixel_values": x}))))
     ref, q = acts
@@ -218,4 +243,5 @@ def layer_errors(fp32: Path, int8: Path, x: np.ndarray) -> dict[str, float]:
         if t not in ref:
             return 0.0
         return float(np.linalg.norm(ref[t] - q[t]) / (np.linalg.norm(ref[t]) + 1e-12))
+
     return {n.name: err(n.output[0]) - err(n.input[0]) for n in nodes}

@@ -8,6 +8,7 @@ ignored scope), as onnxruntime's does. (NNCF's own accuracy-controlled quantisat
 90%-pruned DeiT-S, a graph with no quantiser left and outputs unlike the fp32 graph's.) On CPUs with bf16 units
 OpenVINO infers in bf16 by default, so every runner pins its precision hint.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,6 +56,7 @@ def ov_runner(model, hint: str = "f32", threads: int | None = None) -> FnRunner:
     def run(x: np.ndarray) -> dict[str, np.ndarray]:
         res = request.infer({0: x})
         return {n: np.array(res[o]) for n, o in zip(names, compiled.outputs)}
+
     return FnRunner(run, [d.get_length() if d.is_static else None for d in compiled.inputs[0].get_partial_shape()])
 
 
@@ -160,8 +162,13 @@ class OpenVinoBackend(Backend):
         def quantize(kept: list[str]):
             scope = nncf.IgnoredScope(names=kept, validate=False) if kept else None
             with quiet():
-                return nncf.quantize(fp32_model, calib, subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER,
-                                     **({"ignored_scope": scope} if scope else {}))
+                return nncf.quantize(
+                    fp32_model,
+                    calib,
+                    subset_size=len(items),
+                    model_type=nncf.ModelType.TRANSFORMER,
+                    **({"ignored_scope": scope} if scope else {}),
+                )
 
         q = quantize([])
         int8 = data.top1(ov_runner(q))
@@ -211,4 +218,5 @@ def layer_errors(fp32_model, q, x: np.ndarray) -> dict[str, float]:
 
     def err(n: str) -> float:
         return float(np.linalg.norm(ref[n] - qa[n]) / (np.linalg.norm(ref[n]) + 1e-12))
+
     return {layer: err(layer) - err(src) for layer, src in pairs.items()}

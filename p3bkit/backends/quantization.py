@@ -6,6 +6,7 @@ the INT8 artefact through the runtime, what stayed in fp32, every attempt); the 
 gate judges it. `runner_top1` is the one accuracy loop: the gate, the record and `p3bkit eval`
 score an artefact with it, so they agree on the same images.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,32 +22,39 @@ from p3bkit.errors import ExportError
 def fixed_batches(x: np.ndarray, size: int) -> list[np.ndarray]:
     """`x` cut into batches of exactly `size` for a static-batch graph, the last one filled by
     repeating images (callers keep the first `len(x)` outputs)."""
-    return [np.resize(x[i:i + size], (size, *x.shape[1:])) for i in range(0, len(x), size)]
+    return [np.resize(x[i : i + size], (size, *x.shape[1:])) for i in range(0, len(x), size)]
 
 
 def batches(x: np.ndarray, size: int, static_batch: int | None = None) -> list[np.ndarray]:
     """`x` in batches of `size`, or of exactly `static_batch` when the graph has a fixed batch."""
-    return fixed_batches(x, static_batch) if static_batch else [x[i:i + size] for i in range(0, len(x), size)]
+    return fixed_batches(x, static_batch) if static_batch else [x[i : i + size] for i in range(0, len(x), size)]
 
 
 def run_logits(runner, x: np.ndarray, batch: int = 64, static_batch: int | None = None) -> np.ndarray:
     """The first output (logits) of `runner` on every image of `x`, in batches."""
     outs = [np.asarray(next(iter(runner(b).values())), dtype=np.float32) for b in batches(x, batch, static_batch)]
-    return np.concatenate(outs)[:len(x)] if outs else np.zeros((0,), dtype=np.float32)
+    return np.concatenate(outs)[: len(x)] if outs else np.zeros((0,), dtype=np.float32)
+
+
+def top_hits(logits: np.ndarray, y: np.ndarray, k: int = 5) -> tuple[int, int]:
+    """How many rows of `logits` have their label `y` first, and within the first `k` (ties broken as
+    argmax breaks them: the lower class first; ties are common in INT8 logits)."""
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return int((top[:, 0] == y).sum()), int((top == y[:, None]).any(-1).sum())
 
 
 def runner_top1(runner, x: np.ndarray, y: np.ndarray, batch: int = 64, static_batch: int | None = None) -> float:
     """Top-1 in percent of a runner on images `x` with labels `y`."""
     if not len(y):
         return 0.0
-    return 100.0 * float((run_logits(runner, x, batch, static_batch).argmax(-1) == y).mean())
+    return 100.0 * top_hits(run_logits(runner, x, batch, static_batch), y, k=1)[0] / len(y)
 
 
 @dataclass
 class Int8Data:
     """Calibration and validation images at the model's input size, and the gate's limit."""
 
-    calib: np.ndarray   # [N, C, H, W] float32
+    calib: np.ndarray  # [N, C, H, W] float32
     val_x: np.ndarray
     val_y: np.ndarray
     max_drop: float = 1.0  # top-1 points; above it a quantiser applies its remedy
@@ -79,13 +87,16 @@ class QuantResult:
     def check(self, max_drop: float) -> None:
         """The accuracy gate: raise when the drop is above `max_drop` top-1 points (nothing is written)."""
         if self.drop > max_drop:
-            raise ExportError(f"INT8 accuracy gate failed: top-1 {self.int8_top1:.2f}% vs {self.fp32_top1:.2f}% in "
-                              f"fp32 (drop {self.drop:.2f} > --max-drop {max_drop:g}) after {self.remedy}; "
-                              "nothing was written")
+            raise ExportError(
+                f"INT8 accuracy gate failed: top-1 {self.int8_top1:.2f}% vs {self.fp32_top1:.2f}% in "
+                f"fp32 (drop {self.drop:.2f} > --max-drop {max_drop:g}) after {self.remedy}; "
+                "nothing was written"
+            )
 
 
-def keep_worst_in_fp32(fp32: float, int8: float, ranked: list[str], max_drop: float,
-                      quantize_keeping) -> tuple[float, list[str], list[dict]]:
+def keep_worst_in_fp32(
+    fp32: float, int8: float, ranked: list[str], max_drop: float, quantize_keeping
+) -> tuple[float, list[str], list[dict]]:
     """The remedy every CPU quantiser shares: while the drop is above `max_drop`, quantise again keeping
     the 1, 2, 4 … layers of `ranked` (most error-adding first) in fp32, at most a quarter of them.
     `quantize_keeping(kept)` writes the artefact and returns its top-1. Returns the last top-1, the
@@ -100,8 +111,11 @@ def keep_worst_in_fp32(fp32: float, int8: float, ranked: list[str], max_drop: fl
 
 
 def remedy_name(attempts: list[dict]) -> str:
-    return "nothing (within the gate)" if len(attempts) == 1 else \
-        f"keeping up to {attempts[-1]['kept']} most error-adding layers in fp32"
+    return (
+        "nothing (within the gate)"
+        if len(attempts) == 1
+        else f"keeping up to {attempts[-1]['kept']} most error-adding layers in fp32"
+    )
 
 
 def op_profile(fp32, int8, runs: int = 20, top: int = 10) -> dict:

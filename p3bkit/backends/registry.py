@@ -10,6 +10,7 @@ tables and the demo) and how closely it must match PyTorch (`tolerance`). Everyt
 package reads this registry; this package is the only one that imports a runtime, and adding a
 backend is one class with `@register`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -60,16 +61,16 @@ class PrecisionError(P3BError):
 class Backend:
     """One runtime. Subclasses set the class attributes and implement what they support."""
 
-    name: ClassVar[str]                       # runtime name (bench/eval/latency-table --backend)
-    format: ClassVar[str | None] = None       # export format (export --format); None: runs models, exports nothing
+    name: ClassVar[str]  # runtime name (bench/eval/latency-table --backend)
+    format: ClassVar[str | None] = None  # export format (export --format); None: runs models, exports nothing
     packages: ClassVar[tuple[str, ...]] = ()  # importable modules it needs
-    extra: ClassVar[str] = ""                 # pip extra that installs them
-    artefact: ClassVar[str | None] = None     # file the export writes (the one eval/bench run)
+    extra: ClassVar[str] = ""  # pip extra that installs them
+    artefact: ClassVar[str | None] = None  # file the export writes (the one eval/bench run)
     suffixes: ClassVar[tuple[str, ...]] = ()  # artefact suffixes it runs
     precisions: ClassVar[dict[str, str]] = {FP32: "fp32"}  # canonical → native, for export
-    write_op: ClassVar[str] = "gather"        # residual write op of exported graphs
-    device: ClassVar[str] = "cpu"             # where its artefacts run: cpu or cuda
-    table_preference: ClassVar[int] = 0       # latency tables when the user names no runtime: highest first
+    write_op: ClassVar[str] = "gather"  # residual write op of exported graphs
+    device: ClassVar[str] = "cpu"  # where its artefacts run: cpu or cuda
+    table_preference: ClassVar[int] = 0  # latency tables when the user names no runtime: highest first
 
     # ---- names and precisions ---------------------------------------------------------------
 
@@ -85,8 +86,9 @@ class Backend:
             return default
         canonical = self._canonical(name)
         if canonical not in self.precisions:
-            raise PrecisionError(f"{self.name} does not export precision {name!r} "
-                                 f"(it has {', '.join(self.precisions)})")
+            raise PrecisionError(
+                f"{self.name} does not export precision {name!r} (it has {', '.join(self.precisions)})"
+            )
         return canonical
 
     def run_precisions(self, artefact_precision: str) -> tuple[str, ...]:
@@ -99,8 +101,11 @@ class Backend:
         run = (self._canonical(asked) or asked) if asked else artefact_precision
         allowed = self.run_precisions(artefact_precision)
         if run not in allowed:
-            how = (f"export it at {run} (p3bkit export --format {self.format} --precision {run}) and run that"
-                   if self.format and run in self.precisions else f"it runs {', '.join(allowed)}")
+            how = (
+                f"export it at {run} (p3bkit export --format {self.format} --precision {run}) and run that"
+                if self.format and run in self.precisions
+                else f"it runs {', '.join(allowed)}"
+            )
             raise PrecisionError(f"the {self.name} runner cannot run this {artefact_precision} model at {run}: {how}")
         return run
 
@@ -143,8 +148,9 @@ class Backend:
             raise ExportError(f"{self.name} runs models but exports none: choose an export format")
         return self.format, self.artefact
 
-    def export(self, model: nn.Module, tmp: Path, sample: tuple[int, ...], precision: str,
-               static_batch: int | None, opts: dict) -> tuple[list[str], dict]:
+    def export(
+        self, model: nn.Module, tmp: Path, sample: tuple[int, ...], precision: str, static_batch: int | None, opts: dict
+    ) -> tuple[list[str], dict]:
         """Write the artefact (and its side files) into `tmp`; return (files, info). INT8 runs the
         runtime's quantiser on `opts["int8"]` (`Int8Data`) and puts its `QuantResult` in info["int8"]."""
         raise ExportError(f"{self.name} runs models but exports none")
@@ -156,8 +162,9 @@ class Backend:
 
     # ---- running and timing ----------------------------------------------------------------------
 
-    def runner(self, path: str | Path, precision: str | None = None, threads: int | None = None,
-               device: str | None = None) -> Runner:
+    def runner(
+        self, path: str | Path, precision: str | None = None, threads: int | None = None, device: str | None = None
+    ) -> Runner:
         """A callable that runs the artefact (or, for torch, the model reference) on numpy images."""
         raise NotImplementedError
 
@@ -169,8 +176,15 @@ class Backend:
             raise P3BError(f"{self.name} runs on the {self.device.upper()} here, not on {device}")
         return device
 
-    def timer(self, ref: str, batch: int, precision: str, threads: int | None = None, device: str | None = None,
-              compile: bool = False) -> Timed:
+    def timer(
+        self,
+        ref: str,
+        batch: int,
+        precision: str,
+        threads: int | None = None,
+        device: str | None = None,
+        compile: bool = False,
+    ) -> Timed:
         """One batch of random input, ready to be timed: `step()` runs it, `sync()` waits for it."""
         raise NotImplementedError
 
@@ -178,8 +192,9 @@ class Backend:
         """The artefact this runtime runs, built from an ONNX graph (latency tables time graphs this way)."""
         return onnx_path
 
-    def time_module(self, module: nn.Module, x, workdir: Path, whole: bool, threads: int | None = None,
-                    device: str | None = None) -> Timed:
+    def time_module(
+        self, module: nn.Module, x, workdir: Path, whole: bool, threads: int | None = None, device: str | None = None
+    ) -> Timed:
         """`module(x)` on this runtime, ready to be timed: exported like `p3bkit export` (`whole`) or
         with the quick exporter for the latency tables' small branch graphs."""
         import dataclasses
@@ -207,8 +222,9 @@ def require(module: str, extra: str, need: str = ""):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise BackendUnavailable(f"{need or module.split('.')[0]} is not importable ({exc}); install it with "
-                                 f"pip install 'p3bkit[{extra}]'") from exc
+        raise BackendUnavailable(
+            f"{need or module.split('.')[0]} is not importable ({exc}); install it with pip install 'p3bkit[{extra}]'"
+        ) from exc
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -287,6 +303,14 @@ def backend_status() -> list[dict]:
     rows = []
     for b in all_backends():
         usable, note = b.status()
-        rows.append({"backend": b.name, "format": b.format or "-", "version": b.version(), "usable": usable,
-                     "note": note, "precisions": list(b.precisions)})
+        rows.append(
+            {
+                "backend": b.name,
+                "format": b.format or "-",
+                "version": b.version(),
+                "usable": usable,
+                "note": note,
+                "precisions": list(b.precisions),
+            }
+        )
     return rows

@@ -8,6 +8,7 @@ cache file reused across builds. `check_trt_available` runs first so a machine w
 before any work, and `check_trt_ops` checks the graph's operators against the ONNX parser's support
 table (onnx-tensorrt's operators.md, TensorRT 10.x, opset 9–20) before any engine build.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,12 +21,49 @@ from p3bkit.backends.registry import BF16, FP16, FP32, INT8, Backend, register, 
 from p3bkit.backends.timing import Timed
 from p3bkit.errors import BackendUnavailable, ExportError, P3BError
 
-TRT_SUPPORTED_OPS: frozenset[str] = frozenset({
-    "Abs", "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "DequantizeLinear", "Div", "Erf", "Expand",
-    "Flatten", "Gather", "GatherElements", "Gemm", "Identity", "LayerNormalization", "MatMul", "Mul",
-    "Neg", "Pow", "QuantizeLinear", "ReduceMean", "Relu", "Reshape", "ScatterND", "ScatterElements", "Shape", "Sigmoid",
-    "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
-})
+TRT_SUPPORTED_OPS: frozenset[str] = frozenset(
+    {
+        "Abs",
+        "Add",
+        "Cast",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Conv",
+        "DequantizeLinear",
+        "Div",
+        "Erf",
+        "Expand",
+        "Flatten",
+        "Gather",
+        "GatherElements",
+        "Gemm",
+        "Identity",
+        "LayerNormalization",
+        "MatMul",
+        "Mul",
+        "Neg",
+        "Pow",
+        "QuantizeLinear",
+        "ReduceMean",
+        "Relu",
+        "Reshape",
+        "ScatterND",
+        "ScatterElements",
+        "Shape",
+        "Sigmoid",
+        "Slice",
+        "Softmax",
+        "Split",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Tanh",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+    }
+)
 # ScatterND's `reduction` attribute was ignored by older ONNX-parser releases (onnx-tensorrt issue
 # 957): our TRT path therefore writes residual channels with Concat + Gather (`set_write_op`).
 TRT_FORBIDDEN_ATTRS: dict[str, str] = {"ScatterND": "reduction"}
@@ -58,7 +96,9 @@ class TrtProfile:
 
     def shapes(self, sample_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ExportError(f"profile needs 1 ≤ min ≤ opt ≤ max batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
+            raise ExportError(
+                f"profile needs 1 ≤ min ≤ opt ≤ max batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
         return tuple((b, *sample_shape) for b in (self.min_batch, self.opt_batch, self.max_batch))
 
 
@@ -69,8 +109,10 @@ def check_trt_available():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise BackendUnavailable("TensorRT export needs the `tensorrt` Python package (not importable here) "
-                                 "and a CUDA GPU; run it on a GPU machine with pip install 'p3bkit[tensorrt]'") from exc
+        raise BackendUnavailable(
+            "TensorRT export needs the `tensorrt` Python package (not importable here) "
+            "and a CUDA GPU; run it on a GPU machine with pip install 'p3bkit[tensorrt]'"
+        ) from exc
     if not torch.cuda.is_available():
         raise BackendUnavailable("TensorRT export needs a CUDA GPU, and none is visible here")
     return trt
@@ -80,18 +122,36 @@ def precision_plan(precision: str) -> dict:
     """Builder flags and fp32-pinned layer types for a precision (no TensorRT needed)."""
     if precision not in (FP32, FP16, BF16, INT8):
         raise ExportError(f"TensorRT precision must be fp32, fp16, bf16 or int8, got {precision!r}")
-    return {"fp32": {"flags": [], "clear": ["TF32"], "pin_fp32": []},
-            "fp16": {"flags": ["FP16", "OBEY_PRECISION_CONSTRAINTS"], "clear": [], "pin_fp32": ["NORMALIZATION", "SOFTMAX"]},
-            "bf16": {"flags": ["BF16", "OBEY_PRECISION_CONSTRAINTS"], "clear": [], "pin_fp32": ["NORMALIZATION", "SOFTMAX"]},
-            # explicit quantization: the Q/DQ scales come with the graph; unquantised layers may run fp16
-            "int8": {"flags": ["INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"], "clear": [],
-                     "pin_fp32": ["NORMALIZATION", "SOFTMAX"]},
-            }[precision]
+    return {
+        "fp32": {"flags": [], "clear": ["TF32"], "pin_fp32": []},
+        "fp16": {
+            "flags": ["FP16", "OBEY_PRECISION_CONSTRAINTS"],
+            "clear": [],
+            "pin_fp32": ["NORMALIZATION", "SOFTMAX"],
+        },
+        "bf16": {
+            "flags": ["BF16", "OBEY_PRECISION_CONSTRAINTS"],
+            "clear": [],
+            "pin_fp32": ["NORMALIZATION", "SOFTMAX"],
+        },
+        # explicit quantization: the Q/DQ scales come with the graph; unquantised layers may run fp16
+        "int8": {
+            "flags": ["INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"],
+            "clear": [],
+            "pin_fp32": ["NORMALIZATION", "SOFTMAX"],
+        },
+    }[precision]
 
 
-def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, sample_shape: tuple[int, ...],
-                     profile: TrtProfile = TrtProfile(), precision: str = "fp32",
-                     timing_cache: str | Path | None = None, workspace_gib: float = 8.0) -> Path:
+def build_trt_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    sample_shape: tuple[int, ...],
+    profile: TrtProfile = TrtProfile(),
+    precision: str = "fp32",
+    timing_cache: str | Path | None = None,
+    workspace_gib: float = 8.0,
+) -> Path:
     """Parse the ONNX file, build and serialise an engine to `engine_path`."""
     trt = check_trt_available()
     plan = precision_plan(precision)
@@ -180,8 +240,10 @@ class TensorRTBackend(Backend):
         check_trt_available()
 
     def detect_precision(self, path) -> str:
-        raise P3BError(f"{path} has no export record, and a serialized TensorRT engine does not say its precision: "
-                       "build engines with p3bkit export --format trt (which writes the record)")
+        raise P3BError(
+            f"{path} has no export record, and a serialized TensorRT engine does not say its precision: "
+            "build engines with p3bkit export --format trt (which writes the record)"
+        )
 
     def status(self) -> tuple[bool, str]:
         import importlib.util
@@ -209,7 +271,11 @@ class TensorRTBackend(Backend):
             result.int8_top1 = data.top1(TrtRunner(tmp / "model.plan"), batch=min(64, prof.max_batch))
             result.remedy += "; measured on the engine"
             result.attempts.append({"method": "TensorRT engine", "int8_top1": result.int8_top1})
-        return ["model.plan", "model.onnx"], {"op_types": ops, "extra": {"profile": list(prof.__dict__.values())}, **info}
+        return ["model.plan", "model.onnx"], {
+            "op_types": ops,
+            "extra": {"profile": list(prof.__dict__.values())},
+            **info,
+        }
 
     def quantize(self, src_onnx, out, data: Int8Data) -> QuantResult:
         """The same calibrated QDQ graph as onnxruntime's, with symmetric scales (TensorRT requires them)."""
@@ -233,8 +299,9 @@ class TensorRTBackend(Backend):
         runner = self.runner(ref, precision, threads, device)
         shape = tuple(runner.engine.get_tensor_shape(runner.input))[1:]
         x = torch.randn(batch, *shape, device=device)
-        return Timed(str(ref), self.name, lambda: runner.run_device(x), torch.cuda.synchronize, str(ref),
-                     precision=precision)
+        return Timed(
+            str(ref), self.name, lambda: runner.run_device(x), torch.cuda.synchronize, str(ref), precision=precision
+        )
 
     def onnx_artefact(self, onnx_path, workdir, batch) -> Path:
         import onnx

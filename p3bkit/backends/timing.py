@@ -8,6 +8,7 @@ model's threads go idle (interleaving single calls measured onnxruntime's dense 
 instead of 43 ms). `time_in_passes` times one model at a time, the lowest median of a few passes
 (latency tables: a transient disturbance during one graph's turn does not enter the table).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,7 +56,10 @@ class BenchConfig:
     block_warmup: int = 2  # untimed runs at the start of every block
 
 
-DEVICE_PRESETS: dict[str, dict[str, Any]] = {"cpu": {"batch": 1, "device": "cpu"}, "gpu": {"batch": 1024, "device": "cuda"}}  # the paper's protocol
+DEVICE_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"batch": 1, "device": "cpu"},
+    "gpu": {"batch": 1024, "device": "cuda"},
+}  # the paper's protocol
 
 
 @contextlib.contextmanager
@@ -150,10 +154,16 @@ def latency_stats(lat_ms: list[float], batch: int) -> dict:
     a = np.asarray(lat_ms, dtype=np.float64)
     median = float(np.median(a))
     # images/s from the median (the number the table's speedups use); the mean-based rate is kept too
-    return {"runs": len(a), "median_ms": median, "mean_ms": float(a.mean()),
-            "p90_ms": float(np.percentile(a, 90)), "p99_ms": float(np.percentile(a, 99)),
-            "std_ms": float(a.std()), "images_per_s": batch / (median / 1e3),
-            "images_per_s_mean": float(batch * len(a) / (a.sum() / 1e3))}
+    return {
+        "runs": len(a),
+        "median_ms": median,
+        "mean_ms": float(a.mean()),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "std_ms": float(a.std()),
+        "images_per_s": batch / (median / 1e3),
+        "images_per_s_mean": float(batch * len(a) / (a.sum() / 1e3)),
+    }
 
 
 def machine_info(threads: int | None = None) -> dict:
@@ -170,6 +180,11 @@ def machine_info(threads: int | None = None) -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {k: v for k, v in package_versions(*runtime_packages()).items() if v != "missing"}
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads or torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "versions": versions,
+    }

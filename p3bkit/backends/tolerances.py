@@ -1,4 +1,5 @@
 """Parity tolerances per backend and precision (one table; `verify` reads it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Eager PyTorch: runs model references (pruned folders, presets, timm names); exports nothing."""
+
 from __future__ import annotations
 
 from p3bkit.backends.registry import BF16, FP16, FP32, Backend, FnRunner, Runner, register
@@ -52,6 +53,7 @@ class TorchBackend(Backend):
         def run(x) -> dict:
             with _autocast(device, run_precision):
                 return {"logits": logits_of(model(torch.from_numpy(x).to(device))).float().cpu().numpy()}
+
         return FnRunner(run, [None, model.patch_embed.proj.in_channels, *model.patch_embed.img_size])
 
     def timer(self, ref, batch, precision, threads=None, device=None, compile=False) -> Timed:
@@ -84,6 +86,8 @@ class TorchBackend(Backend):
             with tprof(activities=acts) as prof:
                 for _ in range(runs):
                     step()
-            return {e.key: e.self_cpu_time_total / 1e3 / runs for e in prof.key_averages() if e.key.startswith("aten::")}
+            return {
+                e.key: e.self_cpu_time_total / 1e3 / runs for e in prof.key_averages() if e.key.startswith("aten::")
+            }
 
         return Timed("module", self.name, step, _sync_for(device), profile=profile, precision=precision)

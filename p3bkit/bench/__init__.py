@@ -4,6 +4,7 @@ Speedups are relative to the first model (the dense baseline); `dense_baselines`
 every CPU runtime here and adds each model's speedup against the fastest; a latency table adds
 its prediction. The timing itself is the one harness (`p3bkit.backends.timing`).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -17,9 +18,11 @@ from p3bkit.errors import P3BError, first_line
 from p3bkit.fileio import write_json_atomic
 
 # written into every report: how the numbers were taken
-PROTOCOL = ("all models in one process, timed round-robin in blocks with untimed lead-in runs; onnxruntime "
-            "intra-op threads do not spin (session.intra_op.allow_spinning=0); models bench exports itself have "
-            "a fixed batch axis (the batch timed); median latency")
+PROTOCOL = (
+    "all models in one process, timed round-robin in blocks with untimed lead-in runs; onnxruntime "
+    "intra-op threads do not spin (session.intra_op.allow_spinning=0); models bench exports itself have "
+    "a fixed batch axis (the batch timed); median latency"
+)
 
 __all__ = ["BenchConfig", "BenchResult", "compare_table", "run_bench"]
 
@@ -68,10 +71,19 @@ def _predictions(timed, results, table_path: str, threads: int | None) -> None:
                 r.predicted_ms = None
 
 
-def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", batch: int | None = None,
-              precision: str | None = None, cfg: BenchConfig | None = None, profile: bool = False,
-              json_out: str | None = None, compile: bool = False, dense_baselines: bool = False,
-              latency_table: str | list[str] | None = None) -> dict:
+def run_bench(
+    refs: list[str],
+    backend: str | None = None,
+    device: str = "cpu",
+    batch: int | None = None,
+    precision: str | None = None,
+    cfg: BenchConfig | None = None,
+    profile: bool = False,
+    json_out: str | None = None,
+    compile: bool = False,
+    dense_baselines: bool = False,
+    latency_table: str | list[str] | None = None,
+) -> dict:
     """Benchmark models interleaved; returns the JSON-able report (also written to `json_out`).
 
     `device`: cpu (batch 1) or cuda[:N] / gpu (batch 1024, the paper's protocol) unless `batch`.
@@ -94,22 +106,39 @@ def run_bench(refs: list[str], backend: str | None = None, device: str = "cpu", 
         timed = [prepare(r, backend, batch, device, precision, cfg.threads, workdir, compile) for r in refs]
         if dense_baselines or any(backend_for_artefact(t.name) is None for t in timed):  # bench exported some
             notes += [n for n in (dynamic_batch_note(t.name, batch) for t in timed) if n]
-        extra = baselines_of(timed[0].source or refs[0], batch, cfg.threads, workdir, timed[0].backend) \
-            if dense_baselines else []
+        extra = (
+            baselines_of(timed[0].source or refs[0], batch, cfg.threads, workdir, timed[0].backend)
+            if dense_baselines
+            else []
+        )
         lat = time_interleaved(timed + extra, cfg)
-        results = [BenchResult(t.name, t.backend, batch, ms, latency_stats(ms, batch), _flops(t.source or t.name, notes),
-                               t.precision, baseline=i >= len(timed) or (dense_baselines and i == 0))
-                   for i, (t, ms) in enumerate(zip(timed + extra, lat))]
+        results = [
+            BenchResult(
+                t.name,
+                t.backend,
+                batch,
+                ms,
+                latency_stats(ms, batch),
+                _flops(t.source or t.name, notes),
+                t.precision,
+                baseline=i >= len(timed) or (dense_baselines and i == 0),
+            )
+            for i, (t, ms) in enumerate(zip(timed + extra, lat))
+        ]
         for table in [latency_table] if isinstance(latency_table, str) else latency_table or []:
             _predictions(timed + extra, results, table, cfg.threads)
-        report = results_json(results, cfg, {"device": device, "precision": precision or "as exported",
-                                             "protocol": PROTOCOL})
+        report = results_json(
+            results, cfg, {"device": device, "precision": precision or "as exported", "protocol": PROTOCOL}
+        )
         for r, t in zip(report["results"], timed + extra):
             r["runtime"] = t.runtime
         report["table"] = compare_table(results)
         n = len(timed)  # the dense baselines are other runtimes on purpose: only their noise is worth a warning
-        report["warnings"] = timing_warnings(results[:n], [_architecture(t.source or t.name) for t in timed]) + [
-            w for w in timing_warnings(results[n:], []) if "noisy" in w] + notes
+        report["warnings"] = (
+            timing_warnings(results[:n], [_architecture(t.source or t.name) for t in timed])
+            + [w for w in timing_warnings(results[n:], []) if "noisy" in w]
+            + notes
+        )
         if profile:
             report["profile"] = {t.name: t.profile(min(cfg.runs, 50)) if t.profile else {} for t in timed}
     finally:

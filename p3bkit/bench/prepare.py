@@ -8,6 +8,7 @@ DeiT-S 5–12% slower at batch 1 on OpenVINO, `benchmarks/static_batch.py`). The
 does the rest. The precision is an artefact's own unless another one its runtime honours is asked
 for; anything a runner would ignore or silently change is refused.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,11 +37,14 @@ def run_precision(backend: Backend, ref: str, is_artefact: bool, asked: str | No
     try:
         run = backend.precision(asked)
     except P3BError:
-        raise P3BError(f"the {backend.name} runner cannot run --precision {asked} (it takes "
-                       f"{', '.join(backend.precisions)})") from None
+        raise P3BError(
+            f"the {backend.name} runner cannot run --precision {asked} (it takes {', '.join(backend.precisions)})"
+        ) from None
     if run == INT8:
-        raise P3BError(f"INT8 needs calibration images: p3bkit export {ref} --format {backend.format or 'onnx'} "
-                       "--precision int8 --calib-data DATA, then bench that artefact")
+        raise P3BError(
+            f"INT8 needs calibration images: p3bkit export {ref} --format {backend.format or 'onnx'} "
+            "--precision int8 --calib-data DATA, then bench that artefact"
+        )
     return backend.run_precision(run)  # the runtime's own refusals (OpenVINO: bf16 on a CPU without bf16 units)
 
 
@@ -58,12 +62,22 @@ def dynamic_batch_note(ref: str, batch: int) -> str | None:
     one, so a dense baseline it exports can run ahead of the user's artefact for that reason alone."""
     if backend_for_artefact(ref) is None or read_record(ref).get("input_shape", [None])[0] != "batch":
         return None
-    return (f"{ref} has a dynamic batch axis; the models bench exports itself have a fixed one (batch {batch}), "
-            f"which CPU runtimes run faster: export it with --static-batch {batch} to compare like with like")
+    return (
+        f"{ref} has a dynamic batch axis; the models bench exports itself have a fixed one (batch {batch}), "
+        f"which CPU runtimes run faster: export it with --static-batch {batch} to compare like with like"
+    )
 
 
-def prepare(ref: str, backend: str | None, batch: int, device: str, precision: str | None, threads: int | None,
-            workdir: Path, compile: bool = False) -> Timed:
+def prepare(
+    ref: str,
+    backend: str | None,
+    batch: int,
+    device: str,
+    precision: str | None,
+    threads: int | None,
+    workdir: Path,
+    compile: bool = False,
+) -> Timed:
     """Build the timer for `ref` (backend inferred from an artefact's suffix when not given)."""
     import torch
 
@@ -73,12 +87,16 @@ def prepare(ref: str, backend: str | None, batch: int, device: str, precision: s
     if backend and owner and backend != owner.name:
         raise P3BError(f"{ref} is a {suffix} artefact, which the {backend} backend cannot run (use {owner.name})")
     if suffix and not owner and not Path(ref).is_dir():
-        raise P3BError(f"{ref}: unknown artefact type {suffix!r} (expected a pruned folder, a model name, "
-                       f"or one of {', '.join(artefact_suffixes())})")
+        raise P3BError(
+            f"{ref}: unknown artefact type {suffix!r} (expected a pruned folder, a model name, "
+            f"or one of {', '.join(artefact_suffixes())})"
+        )
     be = get_backend(backend) if backend else owner or eager_backend()
     if owner is None and be.device == "cuda" and be.format:  # an engine is built for one GPU and batch profile
-        raise P3BError(f"the {be.name} backend runs built artefacts: p3bkit export {ref} --format {be.format} "
-                       f"(--min-batch/--opt-batch/--max-batch {batch}), then bench {be.artefact}")
+        raise P3BError(
+            f"the {be.name} backend runs built artefacts: p3bkit export {ref} --format {be.format} "
+            f"(--min-batch/--opt-batch/--max-batch {batch}), then bench {be.artefact}"
+        )
     if compile and be.format:
         raise P3BError(f"--compile is torch.compile: it applies to the torch backend, not to {be.name}")
     run = run_precision(be, ref, owner is not None, precision)

@@ -1,4 +1,5 @@
 """Bench results and how they are reported: statistics, warnings, the comparison table, JSON."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -24,9 +25,12 @@ NOISY_P90 = 1.5  # p90 above 1.5× the median: something else was competing for 
 
 def timing_warnings(results: list[BenchResult], archs: list[str | None]) -> list[str]:
     """What makes a comparison untrustworthy: noisy timings, mixed backends, different models."""
-    out = [f"timing of {r.name} is noisy (p90 {r.stats['p90_ms']:.3f} ms vs median {r.stats['median_ms']:.3f} ms): "
-           "run the benchmark alone, with more --runs" for r in results
-           if r.stats["p90_ms"] > NOISY_P90 * r.stats["median_ms"]]
+    out = [
+        f"timing of {r.name} is noisy (p90 {r.stats['p90_ms']:.3f} ms vs median {r.stats['median_ms']:.3f} ms): "
+        "run the benchmark alone, with more --runs"
+        for r in results
+        if r.stats["p90_ms"] > NOISY_P90 * r.stats["median_ms"]
+    ]
     backends = sorted({r.backend for r in results})
     if len(backends) > 1:
         out.append(f"the models run on different backends ({', '.join(backends)}): speedups mix model and runtime")
@@ -54,9 +58,11 @@ def compare_table(results: list[BenchResult]) -> str:
     for r in results:
         speed = base.stats["median_ms"] / r.stats["median_ms"]
         ideal = base.flops / r.flops if base.flops and r.flops else None
-        row = (f"| {r.name} | {r.backend} | {r.precision or 'fp32'} | {r.batch} | {r.stats['median_ms']:.3f} | "
-               f"{r.stats['p90_ms']:.3f} | {r.stats['images_per_s']:.1f} | {speed:.2f}× | "
-               + (f"{ideal:.2f}× | {speed / ideal:.2f} |" if ideal else "– | – |"))
+        row = (
+            f"| {r.name} | {r.backend} | {r.precision or 'fp32'} | {r.batch} | {r.stats['median_ms']:.3f} | "
+            f"{r.stats['p90_ms']:.3f} | {r.stats['images_per_s']:.1f} | {speed:.2f}× | "
+            + (f"{ideal:.2f}× | {speed / ideal:.2f} |" if ideal else "– | – |")
+        )
         if fastest:
             row += f" {fastest.stats['median_ms'] / r.stats['median_ms']:.2f}× |"
         if predicted:
@@ -66,5 +72,9 @@ def compare_table(results: list[BenchResult]) -> str:
 
 
 def results_json(results: list[BenchResult], cfg: BenchConfig, extra: dict | None = None) -> dict:
-    return {"machine": machine_info(cfg.threads), "config": asdict(cfg), **(extra or {}),
-            "results": [asdict(r) for r in results]}
+    return {
+        "machine": machine_info(cfg.threads),
+        "config": asdict(cfg),
+        **(extra or {}),
+        "results": [asdict(r) for r in results],
+    }

@@ -5,6 +5,7 @@ this checks the latency side, not accuracy) chooses an architecture from the tab
 without speed checks (`prune.speed`); the chosen models are exported and timed beside the dense
 model, each in a process of its own.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,15 @@ from p3bkit.latency.table import LatencyTable
 from p3bkit.models.adapter import TimmModule
 
 
-def allocate_for_speedup(model: TimmModule, table: LatencyTable, speedup: float, seed: int,
-                         structure: str = "inner", remove_below: float = 0.0, target_ms: float | None = None) -> TimmModule:
+def allocate_for_speedup(
+    model: TimmModule,
+    table: LatencyTable,
+    speedup: float,
+    seed: int,
+    structure: str = "inner",
+    remove_below: float = 0.0,
+    target_ms: float | None = None,
+) -> TimmModule:
     """P3B's latency allocation for `speedup` over the table's dense model, from random measurements
     (`structure` heads and `remove_below` > 0: whole heads and branches too); `target_ms`: allocate
     for this target instead (a speed check's correction)."""
@@ -40,8 +48,15 @@ def allocate_for_speedup(model: TimmModule, table: LatencyTable, speedup: float,
     return apply_surgery(gated.eval(), io_mode="auto")
 
 
-def check_speedups(model: TimmModule, table: LatencyTable, cfg: TableConfig, speedups: list[float],
-                   structure: str = "inner", remove_below: float = 0.0, speed_checks: int = 0) -> list[dict]:
+def check_speedups(
+    model: TimmModule,
+    table: LatencyTable,
+    cfg: TableConfig,
+    speedups: list[float],
+    structure: str = "inner",
+    remove_below: float = 0.0,
+    speed_checks: int = 0,
+) -> list[dict]:
     """Allocate for each asked speedup, then time the result beside the dense model.
 
     `speed_checks` > 0: also allocate with that many speed checks (`prune.speed`: the allocated
@@ -63,8 +78,9 @@ def check_speedups(model: TimmModule, table: LatencyTable, cfg: TableConfig, spe
                 target = history[-1]["target_ms_after"]
                 m = allocate_for_speedup(model, table, s, i, structure, remove_below, target)
             models.append(m)
-        dense, times, busy = steady_time(model, table, [m.p3b_arch.layers for m in models], cfg.runs * 2,
-                                         table.dense_ms)
+        dense, times, busy = steady_time(
+            model, table, [m.p3b_arch.layers for m in models], cfg.runs * 2, table.dense_ms
+        )
         row = {"asked": s, "host_busy": busy, **_result(model, table, plain, times[0], dense, s)}
         if speed_checks:
             row["with_checks"] = {**_result(model, table, models[1], times[1], dense, s), "checks": history}
@@ -74,9 +90,15 @@ def check_speedups(model: TimmModule, table: LatencyTable, cfg: TableConfig, spe
 
 def _result(model: TimmModule, table: LatencyTable, m: TimmModule, ms: float, dense: float, asked: float) -> dict:
     layers = m.p3b_arch.layers
-    return {"measured_speedup": dense / ms, "predicted_ms": table.predict(layers), "measured_ms": ms,
-            "dense_ms": dense, "miss": (dense / ms - asked) / asked,
-            "head_dims": [len(l["attn"]["head_dim"]) if l["attn"] else 0 for l in layers],
-            "heads": [len(l["attn"].get("heads", [])) or model.blocks[0].attn.num_heads if l["attn"] else 0
-                      for l in layers],
-            "hidden": [len(l["mlp"]["hidden"]) if l["mlp"] else 0 for l in layers]}
+    return {
+        "measured_speedup": dense / ms,
+        "predicted_ms": table.predict(layers),
+        "measured_ms": ms,
+        "dense_ms": dense,
+        "miss": (dense / ms - asked) / asked,
+        "head_dims": [len(l["attn"]["head_dim"]) if l["attn"] else 0 for l in layers],
+        "heads": [
+            len(l["attn"].get("heads", [])) or model.blocks[0].attn.num_heads if l["attn"] else 0 for l in layers
+        ],
+        "hidden": [len(l["mlp"]["hidden"]) if l["mlp"] else 0 for l in layers],
+    }

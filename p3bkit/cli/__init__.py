@@ -4,6 +4,7 @@ One module per command group (`prune`, `train`, `export`, `bench`, `latency`, `i
 shared option types and the one error boundary in `options`: a `P3BError` becomes `error: ...`
 on stderr and exit code 1 (`p3bkit --debug ...` shows its traceback instead).
 """
+
 from __future__ import annotations
 
 import click

@@ -1,4 +1,5 @@
 """`p3bkit info`: parameters, FLOPs, both pruning rates and per-branch widths of a model."""
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,11 @@ def info(model, as_json) -> None:
     click.echo(f"{model}: {d['params']:,} parameters, {d['flops'] / 1e9:.3f} GFLOPs (multiply-adds, per image)")
     if "rates" in d:
         r = d["rates"]
-        click.echo(f"pruned {100 * r['prune_rate_total']:.1f}% of all parameters ({r['dense_params']:,} → "
-                   f"{r['params']:,}) and {100 * r['prune_rate_blocks']:.1f}% of block parameters "
-                   f"({r['dense_block_params']:,} → {r['block_params']:,})")
+        click.echo(
+            f"pruned {100 * r['prune_rate_total']:.1f}% of all parameters ({r['dense_params']:,} → "
+            f"{r['params']:,}) and {100 * r['prune_rate_blocks']:.1f}% of block parameters "
+            f"({r['dense_block_params']:,} → {r['block_params']:,})"
+        )
     removed = sum(r["removed"] for r in d["blocks"])
     if removed:
         click.echo(f"{removed} of {len(d['blocks'])} branches removed (identity residuals)")

@@ -1,11 +1,19 @@
 """Data: datasets (embedded digits, ImageFolder, CIFAR-100, synthetic), augmentation, resumable
 loaders, and images as arrays for calibration, validation and parity checks. Used by train,
 prune, export and eval; imports nothing from them."""
+
 from __future__ import annotations
 
-_EXPORTS = {"DataBundle": "datasets", "load_data": "datasets", "load_data_for": "datasets",
-            "EpochSampler": "loaders", "make_loader": "loaders", "AUGMENTS": "transforms",
-            "resolve_augment": "transforms", "train_transform": "transforms"}
+_EXPORTS = {
+    "DataBundle": "datasets",
+    "load_data": "datasets",
+    "load_data_for": "datasets",
+    "EpochSampler": "loaders",
+    "make_loader": "loaders",
+    "AUGMENTS": "transforms",
+    "resolve_augment": "transforms",
+    "train_transform": "transforms",
+}
 __all__ = sorted(_EXPORTS)
 
 

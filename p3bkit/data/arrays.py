@@ -4,6 +4,7 @@ Calibration images come from a data set's train split with the evaluation transf
 set without its shift augmentation); validation images are a seeded random subset of its
 validation split (an ImageFolder is sorted by class, so the first N would be a few classes).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sized
@@ -31,8 +32,9 @@ def _arrays(ds, pick: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([x.numpy() for x, _ in items]).astype(np.float32), np.array([int(y) for _, y in items])
 
 
-def train_images(name: str, img_size: int, in_chans: int, num_classes: int | None, size: int,
-                 seed: int = 0) -> ImageArrays:
+def train_images(
+    name: str, img_size: int, in_chans: int, num_classes: int | None, size: int, seed: int = 0
+) -> ImageArrays:
     """`size` images of the train split (evaluation transform), a seeded random subset."""
     from p3bkit.data.datasets import ShiftAugment, load_data
 
@@ -43,8 +45,9 @@ def train_images(name: str, img_size: int, in_chans: int, num_classes: int | Non
     return ImageArrays(x, y, bundle.num_classes)
 
 
-def val_images(name: str, img_size: int, in_chans: int, num_classes: int | None, size: int | None = None,
-               seed: int = 0) -> ImageArrays:
+def val_images(
+    name: str, img_size: int, in_chans: int, num_classes: int | None, size: int | None = None, seed: int = 0
+) -> ImageArrays:
     """The validation split, or a seeded random subset of `size` images of it."""
     from p3bkit.data.datasets import load_data
 

@@ -4,6 +4,7 @@
 80/20 split (seed 0), upsampled to 16×16, normalised. It ships with scikit-learn, so demos and
 accuracy tests run offline.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sized
@@ -67,8 +68,9 @@ def load_synthetic_data(num_classes: int, img_size: int, in_chans: int = 3, n: i
     return DataBundle(TensorDataset(x, y), TensorDataset(x[: n // 4], y[: n // 4]), num_classes, img_size, in_chans)
 
 
-def load_image_folder(root: Path, img_size: int, num_classes: int | None, augment: str = "deit",
-                      in_chans: int = 3) -> DataBundle:
+def load_image_folder(
+    root: Path, img_size: int, num_classes: int | None, augment: str = "deit", in_chans: int = 3
+) -> DataBundle:
     """ImageFolder train/ and val/, checked first (`data.folders`), read with `in_chans` channels;
     with `augment="deit"` also Mixup/CutMix (0.8 / 1.0) + smoothing 0.1."""
     from torchvision.datasets import ImageFolder
@@ -111,8 +113,13 @@ def load_cifar100(root: Path, img_size: int, augment: str = "deit") -> DataBundl
     return DataBundle(train, val, 100, img_size, 3, deit_mixup(100) if augment == "deit" else None)
 
 
-def load_data(name: str, img_size: int | None = None, num_classes: int | None = None,
-              in_chans: int | None = None, augment: str = "deit") -> DataBundle:
+def load_data(
+    name: str,
+    img_size: int | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    augment: str = "deit",
+) -> DataBundle:
     """'digits' (default, embedded), 'synthetic', or a path (ImageFolder or CIFAR-100 folder).
 
     Raises:
@@ -146,8 +153,7 @@ def check_batch(bundle: DataBundle, batch_size: int, world: int = 1, mixup: bool
     n = len(cast(Sized, bundle.train))
     steps = (n // world) // local if local else 0
     if steps == 0:
-        raise DataError(f"the training set has {n} images, fewer than one batch of {batch_size}: "
-                        "lower --batch-size")
+        raise DataError(f"the training set has {n} images, fewer than one batch of {batch_size}: lower --batch-size")
     if mixup and local % 2:
         raise DataError(f"Mixup/CutMix pair up images: the per-rank batch ({local}) must be even")
     return steps
@@ -160,10 +166,18 @@ def load_data_for(model, name: str, augment: str, pretrained: bool, say=None) ->
     """
     size = model.patch_embed.img_size[0]
     chosen = resolve_augment(augment, pretrained, size)
-    bundle = load_data(name, img_size=size, num_classes=model.num_classes,
-                       in_chans=model.patch_embed.proj.in_channels, augment=chosen)
+    bundle = load_data(
+        name, img_size=size, num_classes=model.num_classes, in_chans=model.patch_embed.proj.in_channels, augment=chosen
+    )
     if say is not None and name not in ("digits", "synthetic"):
-        why = "" if augment != "auto" else (" (fine-tuning a pretrained model on images ≥ 128 px)" if chosen == "deit"
-                                             else " (training from scratch or images < 128 px; --augment deit for the DeiT recipe)")
+        why = (
+            ""
+            if augment != "auto"
+            else (
+                " (fine-tuning a pretrained model on images ≥ 128 px)"
+                if chosen == "deit"
+                else " (training from scratch or images < 128 px; --augment deit for the DeiT recipe)"
+            )
+        )
         say(f"augmentation: {chosen}{why}")
     return bundle

@@ -5,6 +5,7 @@ the union of the ranks' k-th batches equals the k-th batch of a single process w
 the global batch. It can start mid-epoch (resume after an interruption) without touching the
 skipped samples, so augmentation RNG streams continue exactly.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sized
@@ -17,12 +18,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 class EpochSampler(Sampler[int]):
     """Seeded permutation, sharded by rank, truncated to whole batches, optionally started mid-epoch."""
 
-    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1, start_batch: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1, start_batch: int = 0, shuffle: bool = True
+    ) -> None:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
         mine = perm[rank::world]
         whole = (len(mine) // batch) * batch if shuffle else len(mine)
-        self.indices = mine[:whole][start_batch * batch:].tolist()
+        self.indices = mine[:whole][start_batch * batch :].tolist()
 
     def __iter__(self):
         return iter(self.indices)
@@ -31,8 +33,16 @@ class EpochSampler(Sampler[int]):
         return len(self.indices)
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0,
-                rank: int = 0, world: int = 1, start_batch: int = 0) -> DataLoader:
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    start_batch: int = 0,
+) -> DataLoader:
     """A loader whose order depends only on `seed` (so a resumed epoch replays exactly).
 
     Training loaders (shuffle) drop the last partial batch; `rank`/`world` shard it for DDP.
@@ -41,4 +51,3 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, work
     # an own generator: creating the iterator must not draw from the global RNG (resume exactness)
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=gen)
-

@@ -4,6 +4,7 @@
 fine-tune a pretrained model on images of 128 px or more, and light augmentation to train from
 scratch or on small images, where the DeiT recipe was measured far off (benchmarks/augment_digits.py).
 """
+
 from __future__ import annotations
 
 from p3bkit.errors import DataError
@@ -46,9 +47,23 @@ def train_transform(img_size: int, augment: str, in_chans: int = 3):
 
     mean, std = normalisation(in_chans)
     if augment == "deit":
-        return create_transform(img_size, is_training=True, auto_augment=DEIT_RAND_AUGMENT, re_prob=0.25,
-                                interpolation="bicubic", mean=mean, std=std)
+        return create_transform(
+            img_size,
+            is_training=True,
+            auto_augment=DEIT_RAND_AUGMENT,
+            re_prob=0.25,
+            interpolation="bicubic",
+            mean=mean,
+            std=std,
+        )
     if augment == "none":
         return eval_transform(img_size, in_chans)
-    return T.Compose([T.Resize((img_size, img_size)), T.RandomAffine(0, translate=(0.1, 0.1), scale=(0.9, 1.1)),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.Resize((img_size, img_size)),
+            T.RandomAffine(0, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )

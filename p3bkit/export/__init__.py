@@ -8,6 +8,7 @@ follows the rule of every writer: new or empty, or `force` (then only this expor
 replaced), never the model it exports, and locked while the export writes into it. Runtime-agnostic:
 everything runtime-specific is the backend's (`p3bkit.backends`).
 """
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,9 @@ def _versions(backend) -> dict[str, str]:
     return package_versions(*backend.packages, *runtime_packages())
 
 
-def _parity_images(model, precision: str, static_batch: int | None, images: Int8Images | None) -> tuple[list | None, str]:
+def _parity_images(
+    model, precision: str, static_batch: int | None, images: Int8Images | None
+) -> tuple[list | None, str]:
     """Inputs for the parity check: fp32 keeps seeded noise (max abs diff); reduced precision is
     judged on real images — the INT8 validation split (unless synthetic), else sklearn's digits at
     the model's input size (real pixels, if not the user's domain), else noise for other channel counts."""
@@ -74,7 +77,9 @@ def _parity_images(model, precision: str, static_batch: int | None, images: Int8
     n = static_batch or 64
     if images is not None and images.config.gated:
         data = images.data
-        return [data.chunks(data.val_x[:n], n)[0]], f"{min(n, len(data.val_x))} validation images of {images.config.val_name}"
+        return [
+            data.chunks(data.val_x[:n], n)[0]
+        ], f"{min(n, len(data.val_x))} validation images of {images.config.val_name}"
     c, (h, w) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
     val = digits_images(h, c, n) if precision != FP32 and h == w else None
     if val is None:
@@ -85,10 +90,19 @@ def _parity_images(model, precision: str, static_batch: int | None, images: Int8
     return [val], seen
 
 
-def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str | None = None,
-                 static_batch: int | None = None, verify: bool = True, write_op: str | None = None,
-                 trt_profile: tuple[int, int, int] = (1, 1024, 1024), timing_cache: str | None = None,
-                 int8: Int8Config | None = None, force: bool = False) -> ExportRecord:
+def export_model(
+    model_ref: str,
+    fmt: str,
+    out_dir: str | Path,
+    precision: str | None = None,
+    static_batch: int | None = None,
+    verify: bool = True,
+    write_op: str | None = None,
+    trt_profile: tuple[int, int, int] = (1, 1024, 1024),
+    timing_cache: str | None = None,
+    int8: Int8Config | None = None,
+    force: bool = False,
+) -> ExportRecord:
     """Export a pruned folder / timm name / preset to `out_dir` and verify it (see module doc).
 
     INT8 needs `int8` (calibration data and the accuracy gate); its parity check runs on real
@@ -122,35 +136,65 @@ def export_model(model_ref: str, fmt: str, out_dir: str | Path, precision: str |
     t0 = time.time()
     try:
         try:
-            files, info = backend.export(model, tmp, sample, precision, static_batch,
-                                         {"trt_profile": trt_profile, "timing_cache": timing_cache,
-                                          "int8": images.data if images else None})
+            files, info = backend.export(
+                model,
+                tmp,
+                sample,
+                precision,
+                static_batch,
+                {"trt_profile": trt_profile, "timing_cache": timing_cache, "int8": images.data if images else None},
+            )
         except P3BError:
             raise
         except Exception as exc:  # the runtimes' own converters and quantisers raise many types
-            raise ExportError(f"{backend.name} {precision} export failed: {type(exc).__name__}: {first_line(exc)}") from exc
+            raise ExportError(
+                f"{backend.name} {precision} export failed: {type(exc).__name__}: {first_line(exc)}"
+            ) from exc
         extra = dict(info.get("extra", {}))
-        if "int8" in info and images is not None:  # the gate judges the artefact as written: the number its record and `eval` show
+        if (
+            "int8" in info and images is not None
+        ):  # the gate judges the artefact as written: the number its record and `eval` show
             written = images.data.top1(backend.runner(tmp / files[0], precision))
             extra["int8"] = gate(replace(info["int8"], int8_top1=written), images)
         parity, seen = {}, "seeded noise"
         if verify:
             inputs, seen = _parity_images(model, precision, static_batch, images)
             try:
-                parity = verify_runner(model.to(backend.device), backend.runner(tmp / files[0], precision), sample,
-                                       backend.tolerance(precision), (static_batch,) if static_batch else (1, 4),
-                                       device=backend.device, inputs=inputs)
+                parity = verify_runner(
+                    model.to(backend.device),
+                    backend.runner(tmp / files[0], precision),
+                    sample,
+                    backend.tolerance(precision),
+                    (static_batch,) if static_batch else (1, 4),
+                    device=backend.device,
+                    inputs=inputs,
+                )
             except ToleranceError as exc:
                 if int8 is None or int8.calib_data != "synthetic":
                     raise
-                raise ToleranceError(f"{exc} (on {seen}; INT8 ranges calibrated on synthetic noise: calibrate on "
-                                     "real images with --calib-data, or --no-verify to keep them)") from exc
-        record = ExportRecord(format=fmt, files=files, source=str(model_ref), opset=OPSET, precision=precision,
-                              input_name="pixel_values", input_shape=[static_batch or "batch", *sample],
-                              write_op=write_op, verified=verify, parity=parity,
-                              tolerance=asdict(backend.tolerance(precision)), op_types=info.get("op_types", {}),
-                              seconds=time.time() - t0, versions=_versions(backend), extra=extra,
-                              native_precision=backend.precisions[precision], parity_inputs=seen)
+                raise ToleranceError(
+                    f"{exc} (on {seen}; INT8 ranges calibrated on synthetic noise: calibrate on "
+                    "real images with --calib-data, or --no-verify to keep them)"
+                ) from exc
+        record = ExportRecord(
+            format=fmt,
+            files=files,
+            source=str(model_ref),
+            opset=OPSET,
+            precision=precision,
+            input_name="pixel_values",
+            input_shape=[static_batch or "batch", *sample],
+            write_op=write_op,
+            verified=verify,
+            parity=parity,
+            tolerance=asdict(backend.tolerance(precision)),
+            op_types=info.get("op_types", {}),
+            seconds=time.time() - t0,
+            versions=_versions(backend),
+            extra=extra,
+            native_precision=backend.precisions[precision],
+            parity_inputs=seen,
+        )
         with folder_lock(out_dir):  # another export or run writing here is refused, not interleaved
             for f in files:
                 os.replace(tmp / f, out_dir / f)

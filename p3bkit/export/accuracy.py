@@ -3,8 +3,10 @@
 A model reference is a pruned or dense model folder, a preset or timm name (run in torch), an
 exported artefact (`.onnx` → onnxruntime, `.xml` → OpenVINO, `.plan` → TensorRT) or an export
 folder holding one. The validation split is read at the artefact's own input size and channels
-and scored with the same batched loop as the INT8 gate (`runner_top1`), so the two agree.
+and scored with the same batched logits and hit count as the INT8 gate (`run_logits`, `top_hits`), so
+the two agree.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from p3bkit.backends import FP32, backend_for_artefact, eager_backend, get_backend
-from p3bkit.backends.quantization import run_logits
+from p3bkit.backends.quantization import run_logits, top_hits
 from p3bkit.errors import P3BError
 from p3bkit.export.records import artefact_in_folder, artefact_precision, read_record, record_path
 
@@ -43,8 +45,16 @@ def _resolve(ref: str, backend: str | None, precision: str | None) -> tuple[str,
     return ref, name, get_backend(name).run_precision(artefact_precision(ref), precision)
 
 
-def run_eval(ref: str, data: str | None = None, backend: str | None = None, batch_size: int = 64, threads: int | None = None,
-             device: str | None = None, progress: bool = True, precision: str | None = None) -> dict:
+def run_eval(
+    ref: str,
+    data: str | None = None,
+    backend: str | None = None,
+    batch_size: int = 64,
+    threads: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    precision: str | None = None,
+) -> dict:
     """Top-1 (and top-5 with ≥ 5 classes) in percent on the validation split of `data`.
 
     `precision`: run an artefact at another precision its runtime honours (an fp32 OpenVINO IR at
@@ -69,11 +79,16 @@ def run_eval(ref: str, data: str | None = None, backend: str | None = None, batc
     total = 0
     for x, y in bar(make_loader(val, batch_size, shuffle=False), desc=f"eval {backend}", enabled=progress):
         logits = run_logits(run, x.numpy().astype(np.float32), batch_size, fixed)
-        top = np.argsort(-logits, axis=-1, kind="stable")[:, :5]  # ties (common in INT8 logits) as argmax breaks them
-        hits += [(top[:, 0] == y.numpy()).sum(), (top == y.numpy()[:, None]).any(-1).sum()]
+        hits += top_hits(logits, y.numpy())
         total += len(y)
-    out = {"model": ref, "backend": backend, "precision": precision, "data": data, "images": total,
-           "top1": 100.0 * hits[0] / max(total, 1)}
+    out = {
+        "model": ref,
+        "backend": backend,
+        "precision": precision,
+        "data": data,
+        "images": total,
+        "top1": 100.0 * hits[0] / max(total, 1),
+    }
     if num_classes >= 5:
         out["top5"] = 100.0 * hits[1] / max(total, 1)
     return out

@@ -12,6 +12,7 @@ synthetic validation set the gate is not applied (no remedy runs, the record say
 reverting layers to fp32 over label noise. A validation set whose one changed prediction moves
 top-1 by more than `max_drop` makes the gate allow no change at all: the record notes the step.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,9 @@ class Int8Config:
 
     calib_data: str
     calib_size: int = 300
-    val_data: str | None = None   # default: the validation split of calib_data
-    max_drop: float = 1.0         # top-1 points
-    val_size: int = 2000          # validation images for the gate (a seeded random subset of larger splits)
+    val_data: str | None = None  # default: the validation split of calib_data
+    max_drop: float = 1.0  # top-1 points
+    val_size: int = 2000  # validation images for the gate (a seeded random subset of larger splits)
     seed: int = 0
 
     @property
@@ -76,8 +77,19 @@ def gate(result: QuantResult, images: Int8Images) -> dict:
         result.check(cfg.max_drop)
     drop = result.drop
     step = 100.0 / max(len(data.val_y), 1)
-    return {"gated": cfg.gated, "not_gated_because": None if cfg.gated else NOT_GATED, "top1_step": step,
-            "calib_data": cfg.calib_data, "calib_size": len(data.calib), "val_data": cfg.val_name,
-            "val_images": len(data.val_x), "val_classes": images.data_classes, "model_classes": images.model_classes,
-            "fp32_top1": result.fp32_top1, "int8_top1": result.int8_top1, "drop": drop, "max_drop": cfg.max_drop,
-            **{k: v for k, v in asdict(result).items() if k not in ("fp32_top1", "int8_top1")}}
+    return {
+        "gated": cfg.gated,
+        "not_gated_because": None if cfg.gated else NOT_GATED,
+        "top1_step": step,
+        "calib_data": cfg.calib_data,
+        "calib_size": len(data.calib),
+        "val_data": cfg.val_name,
+        "val_images": len(data.val_x),
+        "val_classes": images.data_classes,
+        "model_classes": images.model_classes,
+        "fp32_top1": result.fp32_top1,
+        "int8_top1": result.int8_top1,
+        "drop": drop,
+        "max_drop": cfg.max_drop,
+        **{k: v for k, v in asdict(result).items() if k not in ("fp32_top1", "int8_top1")},
+    }

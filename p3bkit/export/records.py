@@ -1,4 +1,5 @@
 """Export records and export folders: what an artefact is, read back (the record is its JSON beside it)."""
+
 from __future__ import annotations
 
 import json

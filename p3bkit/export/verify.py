@@ -3,6 +3,7 @@
 Order: output names, then shapes, then values; every failure is collected before raising one
 `ToleranceError` that lists each output's max abs diff and the tolerance used.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,8 +53,13 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], tol
         cos, mean_cos = float(np.min(cosines)), float(np.mean(cosines))
         sure = confident(a)
         top1 = float((a.argmax(1) == b.argmax(1))[sure].mean()) if sure.any() else None
-        stats[name] = {"max_abs_diff": diff, "cosine_min": cos, "cosine_mean": mean_cos, "top1_agreement": top1,
-                       "confident_images": int(sure.sum())}
+        stats[name] = {
+            "max_abs_diff": diff,
+            "cosine_min": cos,
+            "cosine_mean": mean_cos,
+            "top1_agreement": top1,
+            "confident_images": int(sure.sum()),
+        }
         if not np.isfinite(out).all():
             failures.append(f"{name}: non-finite values")
         if not diff <= allowed:
@@ -63,17 +69,25 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], tol
         if tol.min_mean_cosine is not None and not mean_cos >= tol.min_mean_cosine:
             failures.append(f"{name}: mean cosine {mean_cos:.5f} < {tol.min_mean_cosine}")
         if tol.min_top1 is not None and top1 is not None and not top1 >= tol.min_top1:
-            failures.append(f"{name}: top-1 agreement {top1:.3f} < {tol.min_top1} on the {int(sure.sum())} "
-                            "images the model is confident about")
+            failures.append(
+                f"{name}: top-1 agreement {top1:.3f} < {tol.min_top1} on the {int(sure.sum())} "
+                "images the model is confident about"
+            )
     if failures:
         raise ToleranceError("parity check failed: " + "; ".join(failures))
     return stats
 
 
 @torch.inference_mode()
-def verify_runner(model: torch.nn.Module, runner: Runner, sample_shape: tuple[int, ...], tol: Tolerance,
-                  batches: tuple[int, ...] = (1, 4), device: str = "cpu",
-                  inputs: list[np.ndarray] | None = None) -> dict:
+def verify_runner(
+    model: torch.nn.Module,
+    runner: Runner,
+    sample_shape: tuple[int, ...],
+    tol: Tolerance,
+    batches: tuple[int, ...] = (1, 4),
+    device: str = "cpu",
+    inputs: list[np.ndarray] | None = None,
+) -> dict:
     """Run seeded inputs of each batch size (or the given real `inputs`, e.g. validation images)
     through `model` and `runner`; return stats per batch."""
     model = model.eval()
@@ -85,7 +99,9 @@ def verify_runner(model: torch.nn.Module, runner: Runner, sample_shape: tuple[in
         try:
             out = runner(x)
         except Exception as exc:  # the runtimes raise many types; a crash is not a parity failure
-            raise ExportError(f"the runtime could not run the exported model on a batch of {b}: "
-                              f"{type(exc).__name__}: {first_line(exc)}") from exc
+            raise ExportError(
+                f"the runtime could not run the exported model on a batch of {b}: "
+                f"{type(exc).__name__}: {first_line(exc)}"
+            ) from exc
         report[f"batch{b}"] = compare({"logits": ref}, out, tol)
     return report

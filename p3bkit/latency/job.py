@@ -1,4 +1,5 @@
 """`p3bkit latency-table` end to end: build the model, measure, check on unseen models, write."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,9 @@ from p3bkit.fileio import check_writable
 from p3bkit.latency.table import LatencyTable
 
 
-def run_latency_table(model_ref: str, out: str | Path, cfg_kw: dict, check: int = 0, model_kwargs: dict | None = None,
-                      force: bool = False) -> tuple[LatencyTable, list[float]]:
+def run_latency_table(
+    model_ref: str, out: str | Path, cfg_kw: dict, check: int = 0, model_kwargs: dict | None = None, force: bool = False
+) -> tuple[LatencyTable, list[float]]:
     """Measure MODEL's table on this machine; `check` > 0 also times that many unseen random pruned
     models and stores the prediction errors in the table. Nothing is written unless all of it worked.
 
@@ -28,8 +30,10 @@ def run_latency_table(model_ref: str, out: str | Path, cfg_kw: dict, check: int 
         raise P3BError(f"{out} exists; use --force to replace it")
     check_writable(out.parent)
     if (Path(model_ref) / ARCH_FILE).is_file() and read_arch(model_ref).layers:
-        raise P3BError(f"{model_ref} is a pruned model; measure the table of the dense model it came from "
-                       f"({read_arch(model_ref).source.name})")
+        raise P3BError(
+            f"{model_ref} is a pruned model; measure the table of the dense model it came from "
+            f"({read_arch(model_ref).source.name})"
+        )
     cfg = TableConfig(**cfg_kw)
     model = build_user_model(model_ref, kwargs=model_kwargs).eval()
     table = measure_latency_table(model, model_ref, cfg)
@@ -38,7 +42,11 @@ def run_latency_table(model_ref: str, out: str | Path, cfg_kw: dict, check: int 
         rows = in_fresh_process(validate_table, model, table, cfg, check)
         errors = [r["error"] for r in rows]
         e = np.abs(np.asarray(errors))
-        table.protocol["check"] = {"models": check, "median_abs_error": float(np.median(e)),
-                                   "max_abs_error": float(e.max()), "rows": rows}
+        table.protocol["check"] = {
+            "models": check,
+            "median_abs_error": float(np.median(e)),
+            "max_abs_error": float(e.max()),
+            "rows": rows,
+        }
     table.save(out)
     return table, errors

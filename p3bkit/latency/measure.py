@@ -11,6 +11,7 @@ it never saw is measured, not assumed: `latency.check.validate_table`.
 Timing protocol: one model at a time, untimed warm-up, lowest median of 3 passes
 (`backends.timing.time_in_passes`); onnxruntime's intra-op threads do not spin.
 """
+
 from __future__ import annotations
 
 import copy
@@ -103,13 +104,28 @@ def measure_latency_table(model: nn.Module, name: str, cfg: TableConfig, isolate
     calib = _calibration_archs(spec, cfg)
     dense_ms, fixed_ms, *calib_ms = run(time_whole_models, model, cfg, [None, []] + calib)
     here = machine_info(cfg.threads)
-    table = LatencyTable(model=name, dims=model_dims(spec), backend=cfg.backend, device=cfg.device, batch=cfg.batch,
-                         precision=FP32, threads=here["threads"], machine=here, fixed_ms=fixed_ms, dense_ms=dense_ms,
-                         **grid["table"],
-                         protocol={"design": "isolated branches, fitted to whole models timed in another process",
-                                   "copies": cfg.copies, "runs": cfg.runs, "statistic": "lowest median of 3 passes",
-                                   "chain_overhead_ms": grid["empty_ms"], "onnxruntime_spinning": False,
-                                   "calibration_models": cfg.calibration})
+    table = LatencyTable(
+        model=name,
+        dims=model_dims(spec),
+        backend=cfg.backend,
+        device=cfg.device,
+        batch=cfg.batch,
+        precision=FP32,
+        threads=here["threads"],
+        machine=here,
+        fixed_ms=fixed_ms,
+        dense_ms=dense_ms,
+        **grid["table"],
+        protocol={
+            "design": "isolated branches, fitted to whole models timed in another process",
+            "copies": cfg.copies,
+            "runs": cfg.runs,
+            "statistic": "lowest median of 3 passes",
+            "chain_overhead_ms": grid["empty_ms"],
+            "onnxruntime_spinning": False,
+            "calibration_models": cfg.calibration,
+        },
+    )
     return calibrate(table, [None] + calib, [dense_ms] + calib_ms)
 
 
@@ -132,25 +148,36 @@ def time_branch_grid(model: nn.Module, cfg: TableConfig) -> dict:
     hidden = _grid(spec.mlp_hidden, cfg.hidden_step, (1, 8, 16))
     tokens = torch.randn(cfg.batch, spec.num_tokens, D)
     points = [("attn", h, d) for h in heads for d in head_dims] + [("mlp", 0, k) for k in hidden]
-    bar = progress_bar(desc=f"latency table ({cfg.backend}): branch graphs", total=len(points) + 1,
-                       enabled=cfg.progress)
+    bar = progress_bar(
+        desc=f"latency table ({cfg.backend}): branch graphs", total=len(points) + 1, enabled=cfg.progress
+    )
     with torch_threads(cfg.threads), tempfile.TemporaryDirectory(prefix="p3bkit-lut-") as tmp:
         timed = [time_module(BranchChain([], D), tokens, cfg, Path(tmp))]
         for kind, h, w in points:
-            fns = [Attention(D, num_heads=h, attn_head_dim=w) if kind == "attn" else Mlp(D, hidden_features=w)
-                   for _ in range(cfg.copies)]
+            fns = [
+                Attention(D, num_heads=h, attn_head_dim=w) if kind == "attn" else Mlp(D, hidden_features=w)
+                for _ in range(cfg.copies)
+            ]
             timed.append(time_module(BranchChain(fns, D), tokens, cfg, Path(tmp)))
             bar.update()
         bar.close()
         empty_ms, *chains = time_in_passes(timed, cfg.runs, progress=cfg.progress)
     values = {p: max(t - empty_ms, 0.0) / cfg.copies for p, t in zip(points, chains)}
-    return {"empty_ms": empty_ms, "table": {
-        "heads": heads, "head_dims": head_dims, "attn_ms": [[values[("attn", h, d)] for d in head_dims] for h in heads],
-        "hidden": hidden, "mlp_ms": [values[("mlp", 0, k)] for k in hidden]}}
+    return {
+        "empty_ms": empty_ms,
+        "table": {
+            "heads": heads,
+            "head_dims": head_dims,
+            "attn_ms": [[values[("attn", h, d)] for d in head_dims] for h in heads],
+            "hidden": hidden,
+            "mlp_ms": [values[("mlp", 0, k)] for k in hidden],
+        },
+    }
 
 
-def time_whole_models(model: nn.Module, cfg: TableConfig, archs: Sequence[list[dict] | None],
-                      against_first: bool = False) -> list[float]:
+def time_whole_models(
+    model: nn.Module, cfg: TableConfig, archs: Sequence[list[dict] | None], against_first: bool = False
+) -> list[float]:
     """Median ms of whole models exported like `p3bkit export`: `model` itself for None, else
     `model` pruned to the given layers ([] = every branch removed); `against_first`: each timed by
     its speedup over the first, round by round (`time_against_first`)."""
@@ -175,13 +202,16 @@ def time_whole_models(model: nn.Module, cfg: TableConfig, archs: Sequence[list[d
         return time_in_passes(timed, cfg.runs, progress=cfg.progress)
 
 
-def time_beside_dense(model: nn.Module, table: LatencyTable, archs: list[list[dict]], runs: int = 50) -> tuple[float, list[float]]:
+def time_beside_dense(
+    model: nn.Module, table: LatencyTable, archs: list[list[dict]], runs: int = 50
+) -> tuple[float, list[float]]:
     """(dense ms, ms of each architecture): `model` (a stock timm ViT; weights do not matter) and
     its pruned versions `archs` (`PrunedArch.layers`), exported like `p3bkit export` and timed
     interleaved on the table's runtime, device, batch and threads, in a process of its own; each
     architecture's ms is the dense ms over its speedup measured round by round (`time_against_first`)."""
-    cfg = TableConfig(backend=table.backend, device=table.device, batch=table.batch, threads=table.threads,
-                      runs=runs, progress=False)
+    cfg = TableConfig(
+        backend=table.backend, device=table.device, batch=table.batch, threads=table.threads, runs=runs, progress=False
+    )
     dense, *times = in_fresh_process(time_whole_models, model, cfg, [None, *archs], True)
     return dense, times
 
@@ -232,6 +262,7 @@ def random_layers(spec, rng: np.random.Generator, heads: bool = False) -> list[d
     def mlp() -> dict | None:
         out = branch(spec.mlp_hidden, "hidden")
         return None if heads and out is not None and rng.random() < 0.15 else out
+
     return [{"attn": attention(), "mlp": mlp()} for _ in range(spec.depth)]
 
 

@@ -16,6 +16,7 @@ allocation keeps for that cost is the measured one, where prediction and table a
 
 This module is plain data (no runtime imports): prune reads tables, `latency.measure` makes them.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,15 @@ class LatencyTable:
         non-decreasing along both axes (a dip is noise), 0 for a removed branch."""
         H, d = self.dims["num_heads"], self.dims["head_dim"]
         snap = (lambda h: _measured(self.heads, h)) if self.has_head_axis else (lambda h: h)  # noqa: E731
-        grid = np.array([[self.branch_ms("attn", _measured(self.head_dims, k), snap(h)) if k and h else 0.0
-                          for k in range(d + 1)] for h in range(H + 1)])
+        grid = np.array(
+            [
+                [
+                    self.branch_ms("attn", _measured(self.head_dims, k), snap(h)) if k and h else 0.0
+                    for k in range(d + 1)
+                ]
+                for h in range(H + 1)
+            ]
+        )
         return np.maximum.accumulate(np.maximum.accumulate(grid, axis=0), axis=1)
 
     def predict(self, layers: list[dict] | None = None) -> float:
@@ -123,8 +131,10 @@ class LatencyTable:
             attn, mlp = layer.get("attn"), layer.get("mlp")
             for branch in (attn, mlp):
                 if branch and (len(branch["in"]) < self.dims["dim"] or len(branch["out"]) < self.dims["dim"]):
-                    raise P3BError(f"layer {i} reads or writes a subset of the residual channels; latency tables "
-                                   "model heads, head dims and hidden units only (--structure inner or heads)")
+                    raise P3BError(
+                        f"layer {i} reads or writes a subset of the residual channels; latency tables "
+                        "model heads, head dims and hidden units only (--structure inner or heads)"
+                    )
             heads = len(attn["heads"]) if attn and "heads" in attn else self.dims["num_heads"]
             total += self.attn(heads, len(attn["head_dim"])) if attn else 0.0
             total += self.mlp(len(mlp["hidden"])) if mlp else 0.0
@@ -145,8 +155,10 @@ class LatencyTable:
         keys = ("dim", "depth", "num_heads", "head_dim", "mlp_hidden", "num_tokens")
         diff = [f"{k} {self.dims.get(k)} vs {dims.get(k)}" for k in keys if self.dims.get(k) != dims.get(k)]
         if diff:
-            raise P3BError(f"the latency table was measured for {self.model} and does not fit {name} ({'; '.join(diff)}); "
-                           f"measure one for it: p3bkit latency-table MODEL --backend {self.backend}")
+            raise P3BError(
+                f"the latency table was measured for {self.model} and does not fit {name} ({'; '.join(diff)}); "
+                f"measure one for it: p3bkit latency-table MODEL --backend {self.backend}"
+            )
 
     def check_machine(self, here: dict) -> None:
         """Refuse a table measured on another CPU/GPU or runtime version (threads are the table's own setting)."""
@@ -157,13 +169,18 @@ class LatencyTable:
         from p3bkit.backends import get_backend
 
         pkg = get_backend(self.backend).packages[0].split(".")[0]  # the runtime's own package
-        mine, theirs = (str(v).split("+")[0] if v else v for v in (self.machine.get("versions", {}).get(pkg),
-                                                                     here.get("versions", {}).get(pkg)))
+        mine, theirs = (
+            str(v).split("+")[0] if v else v
+            for v in (self.machine.get("versions", {}).get(pkg), here.get("versions", {}).get(pkg))
+        )
         if mine != theirs:  # local build tags (torch's "+cu121") are not part of the version compared
             diff.append(f"{pkg}: table {mine}, here {theirs}")
         if diff:
-            raise P3BError("the latency table was measured on another machine or runtime (" + "; ".join(diff)
-                           + f"); measure one here: p3bkit latency-table {self.model} --backend {self.backend}")
+            raise P3BError(
+                "the latency table was measured on another machine or runtime ("
+                + "; ".join(diff)
+                + f"); measure one here: p3bkit latency-table {self.model} --backend {self.backend}"
+            )
 
     def save(self, path: str | os.PathLike) -> Path:
         from p3bkit.fileio import write_json_atomic
@@ -178,13 +195,18 @@ class LatencyTable:
         except (OSError, ValueError) as exc:
             raise P3BError(f"cannot read latency table {path}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(data, dict) or data.get("schema") != TABLE_SCHEMA:
-            raise P3BError(f"{path} is not a p3bkit latency table (schema {TABLE_SCHEMA}); make one with p3bkit latency-table")
+            raise P3BError(
+                f"{path} is not a p3bkit latency table (schema {TABLE_SCHEMA}); make one with p3bkit latency-table"
+            )
         try:
             table = cls(**data)
         except TypeError as exc:
             raise P3BError(f"{path}: malformed latency table ({exc})") from exc
-        if len(table.attn_ms) != len(table.heads) or any(len(r) != len(table.head_dims) for r in table.attn_ms) \
-                or len(table.mlp_ms) != len(table.hidden):
+        if (
+            len(table.attn_ms) != len(table.heads)
+            or any(len(r) != len(table.head_dims) for r in table.attn_ms)
+            or len(table.mlp_ms) != len(table.hidden)
+        ):
             raise P3BError(f"{path}: malformed latency table (grid and values differ in size)")
         return table
 
@@ -208,5 +230,11 @@ def isotonic(values: list[float]) -> np.ndarray:
 
 def model_dims(spec) -> dict:
     """The shape keys a table is made for, from a `ViTSpec`."""
-    return {"dim": spec.dim, "depth": spec.depth, "num_heads": spec.num_heads, "head_dim": spec.head_dim,
-            "mlp_hidden": spec.mlp_hidden, "num_tokens": spec.num_tokens}
+    return {
+        "dim": spec.dim,
+        "depth": spec.depth,
+        "num_heads": spec.num_heads,
+        "head_dim": spec.head_dim,
+        "mlp_hidden": spec.mlp_hidden,
+        "num_tokens": spec.num_tokens,
+    }

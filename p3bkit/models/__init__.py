@@ -1,10 +1,22 @@
 """Models: the ViT adapter, gates, pruned branches and layers, the architecture file, costs and
 reports (shared by every stage)."""
+
 from __future__ import annotations
 
-_EXPORTS = {"ViTSpec": "adapter", "inspect_vit": "adapter", "ModelSource": "arch", "PrunedArch": "arch",
-            "apply_arch": "arch", "create_stock_model": "arch", "load": "arch", "read_arch": "arch", "save": "arch",
-            "Gate": "gates", "GatedViT": "gates", "add_gates": "gates"}
+_EXPORTS = {
+    "ViTSpec": "adapter",
+    "inspect_vit": "adapter",
+    "ModelSource": "arch",
+    "PrunedArch": "arch",
+    "apply_arch": "arch",
+    "create_stock_model": "arch",
+    "load": "arch",
+    "read_arch": "arch",
+    "save": "arch",
+    "Gate": "gates",
+    "GatedViT": "gates",
+    "add_gates": "gates",
+}
 __all__ = sorted(_EXPORTS)
 
 

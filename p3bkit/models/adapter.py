@@ -4,6 +4,7 @@ P3B prunes inside the Attention and MLP branches of a ViT's layers; this module 
 model has exactly the structure the gates and the surgery assume, and reads its dimensions. An
 attention-pool head (`global_pool="map"`, SigLIP-style) sits after the blocks and is kept whole.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,9 +78,14 @@ def inspect_vit(model: nn.Module) -> ViTSpec:
     a, m = blocks[0].attn, blocks[0].mlp
     grid = model.patch_embed.grid_size
     return ViTSpec(
-        dim=model.embed_dim, depth=len(blocks), num_heads=a.num_heads, head_dim=a.head_dim,
-        mlp_hidden=m.fc1.out_features, qkv_bias=a.qkv.bias is not None,
-        proj_bias=a.proj.bias is not None, fc1_bias=m.fc1.bias is not None,
+        dim=model.embed_dim,
+        depth=len(blocks),
+        num_heads=a.num_heads,
+        head_dim=a.head_dim,
+        mlp_hidden=m.fc1.out_features,
+        qkv_bias=a.qkv.bias is not None,
+        proj_bias=a.proj.bias is not None,
+        fc1_bias=m.fc1.bias is not None,
         fc2_bias=m.fc2.bias is not None,
         num_tokens=grid[0] * grid[1] + model.num_prefix_tokens,
         num_prefix_tokens=model.num_prefix_tokens,

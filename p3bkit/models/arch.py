@@ -4,6 +4,7 @@ Loading follows timm's `build_model_with_cfg` for pruned variants: create the st
 `pretrained=False` → apply the architecture file → `load_state_dict(strict=True)`. Nothing is
 unpickled and nothing touches the network.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,20 @@ class PrunedArch:
     def from_json(cls, data: dict, where: str = ARCH_FILE) -> PrunedArch:
         if not isinstance(data, dict) or data.get("schema") not in READABLE_SCHEMAS:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise ArchError(f"{where}: unsupported schema version {found!r} (this p3bkit reads "
-                            f"{', '.join(map(str, READABLE_SCHEMAS))})")
+            raise ArchError(
+                f"{where}: unsupported schema version {found!r} (this p3bkit reads "
+                f"{', '.join(map(str, READABLE_SCHEMAS))})"
+            )
         try:
             src = ModelSource(**data["source"])
-            arch = cls(source=src, layers=data["layers"], structure=data["structure"],
-                       round_to=int(data["round_to"]), schema=data["schema"], versions=data.get("versions", {}))
+            arch = cls(
+                source=src,
+                layers=data["layers"],
+                structure=data["structure"],
+                round_to=int(data["round_to"]),
+                schema=data["schema"],
+                versions=data.get("versions", {}),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArchError(f"{where}: malformed architecture file ({exc})") from exc
         arch.validate(where)
@@ -101,8 +110,13 @@ def apply_arch(model: TimmModule, arch: PrunedArch, spec: ViTSpec | None = None)
 
 
 def _check_ranges(i: int, layer: dict, spec) -> None:
-    limits = {"in": spec.dim, "out": spec.dim, "head_dim": spec.head_dim, "hidden": spec.mlp_hidden,
-              "heads": spec.num_heads}
+    limits = {
+        "in": spec.dim,
+        "out": spec.dim,
+        "head_dim": spec.head_dim,
+        "hidden": spec.mlp_hidden,
+        "heads": spec.num_heads,
+    }
     for kind in ("attn", "mlp"):
         branch = layer[kind]
         for key in (*BRANCH_KEYS[kind], *(k for k in OPTIONAL_KEYS[kind] if k in (branch or {}))) if branch else ():
@@ -141,8 +155,10 @@ def save(model: nn.Module, folder: str | os.PathLike, overwrite: bool = False) -
 
     arch = getattr(model, "p3b_arch", None) or _dense_arch(model)
     if arch.source.name not in _timm_names():
-        raise ArchError(f"cannot save a model p3bkit cannot rebuild: {arch.source.name!r} is not a timm model name "
-                        "(build the model with timm.create_model or p3bkit.create_model)")
+        raise ArchError(
+            f"cannot save a model p3bkit cannot rebuild: {arch.source.name!r} is not a timm model name "
+            "(build the model with timm.create_model or p3bkit.create_model)"
+        )
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ArchError(f"cannot save a model to {folder}: it exists and is not a folder")
@@ -151,8 +167,10 @@ def save(model: nn.Module, folder: str | os.PathLike, overwrite: bool = False) -
     if folder.is_dir():
         check_not_in_use(folder)  # a folder another run is writing: refused, overwrite or not
     if not overwrite and folder.is_dir() and any(p.name != LOCK for p in folder.iterdir()):
-        raise ArchError(f"cannot save a model to {folder}: it is not empty (save(..., overwrite=True) replaces "
-                        "its arch.json and model.safetensors)")
+        raise ArchError(
+            f"cannot save a model to {folder}: it is not empty (save(..., overwrite=True) replaces "
+            "its arch.json and model.safetensors)"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -212,8 +230,10 @@ def _check_rebuilds(model: TimmModule, folder: Path) -> None:
         model.train(was_training)
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
         diff = (want - got).abs().max().item() if want.shape == got.shape else f"shape {tuple(got.shape)}"
-        raise ArchError(f"the model rebuilt from {ARCH_FILE} ({read_arch(folder).source.name}) does not reproduce the model "
-                        f"being saved (max abs diff {diff}); nothing was written")
+        raise ArchError(
+            f"the model rebuilt from {ARCH_FILE} ({read_arch(folder).source.name}) does not reproduce the model "
+            f"being saved (max abs diff {diff}); nothing was written"
+        )
 
 
 def read_arch(folder: str | os.PathLike) -> PrunedArch:

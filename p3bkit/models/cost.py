@@ -4,6 +4,7 @@ The P3B budget (Appendix A) is measured in branch ("block" in the paper) paramet
 same formulas give the ideal speedup (FLOP ratio) the bench compares against. FLOPs follow the
 fvcore convention used by DeiT and the paper: one multiply-add counts as one FLOP.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

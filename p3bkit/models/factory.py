@@ -1,4 +1,5 @@
 """One entry point for every model a command accepts: preset, timm name, pruned folder."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,10 @@ def check_model_kwargs(kwargs: dict) -> None:
     known = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ArchError(f"unknown timm VisionTransformer argument(s) {', '.join(unknown)} (it takes e.g. img_size, "
-                        "num_classes, drop_path_rate, global_pool, reg_tokens, init_values)")
+        raise ArchError(
+            f"unknown timm VisionTransformer argument(s) {', '.join(unknown)} (it takes e.g. img_size, "
+            "num_classes, drop_path_rate, global_pool, reg_tokens, init_values)"
+        )
 
 
 def resolve_source(name: str, **kwargs) -> ModelSource:
@@ -39,11 +42,15 @@ def resolve_source(name: str, **kwargs) -> ModelSource:
         base = MODEL_PRESETS[name]
         return ModelSource(base.name, {**base.kwargs, **kwargs})
     if not timm.is_model(name):
-        raise ArchError(f"unknown model {name!r}: not a p3bkit preset ({', '.join(MODEL_PRESETS)}), "
-                        "a timm model name or a pruned model folder")
+        raise ArchError(
+            f"unknown model {name!r}: not a p3bkit preset ({', '.join(MODEL_PRESETS)}), "
+            "a timm model name or a pruned model folder"
+        )
     if not timm.models.is_model_in_modules(name, VIT_MODULES):  # before its constructor sees ViT arguments
-        raise ArchError(f"model {name!r} is not a timm VisionTransformer (p3bkit prunes the ViTs of timm's "
-                        f"{' and '.join(VIT_MODULES)} modules)")
+        raise ArchError(
+            f"model {name!r} is not a timm VisionTransformer (p3bkit prunes the ViTs of timm's "
+            f"{' and '.join(VIT_MODULES)} modules)"
+        )
     return ModelSource(name, dict(kwargs))
 
 
@@ -58,14 +65,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         try:
             state: Any = load_file(path)
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise ArchError(f"weights file {path} is unreadable as safetensors ({type(exc).__name__}: "
-                            f"{first_line(exc)})") from exc
+            raise ArchError(
+                f"weights file {path} is unreadable as safetensors ({type(exc).__name__}: {first_line(exc)})"
+            ) from exc
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe files
-            raise ArchError(f"weights file {path} is unreadable: not a .safetensors file nor a torch state dict "
-                            f"that loads with weights_only=True ({type(exc).__name__})") from exc
+            raise ArchError(
+                f"weights file {path} is unreadable: not a .safetensors file nor a torch state dict "
+                f"that loads with weights_only=True ({type(exc).__name__})"
+            ) from exc
         state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
     try:
         model.load_state_dict(state, strict=True)
@@ -83,8 +93,10 @@ def _classifier_rows(path: Path) -> int | None:
                 return f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else None
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, unsafe or foreign files raise many types
-        raise ArchError(f"pretrained file {path} is unreadable: not a .safetensors file nor a torch state dict that "
-                        f"loads with weights_only=True ({type(exc).__name__})") from exc
+        raise ArchError(
+            f"pretrained file {path} is unreadable: not a .safetensors file nor a torch state dict that "
+            f"loads with weights_only=True ({type(exc).__name__})"
+        ) from exc
     state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else {}
     head = state.get("head.weight") if isinstance(state, dict) else None
     return int(head.shape[0]) if head is not None else None
@@ -99,8 +111,9 @@ def pretrained_overlay(pretrained_file: str | os.PathLike) -> dict:
     return {"file": str(path), **({"num_classes": rows} if rows else {})}
 
 
-def create_model(name: str, pretrained: bool = False, weights: str | None = None,
-                 pretrained_file: str | None = None, **kwargs) -> TimmModule:
+def create_model(
+    name: str, pretrained: bool = False, weights: str | None = None, pretrained_file: str | None = None, **kwargs
+) -> TimmModule:
     """Build a model from a pruned folder, a preset or a timm name (+ optional local weights).
 
     `pretrained=True` uses timm's own loader (hub or local cache); `pretrained_file` loads a local
@@ -118,8 +131,9 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
     if looks_like_path and not Path(name).exists():
         raise ArchError(f"{name}: no such file or folder (nor a preset or timm model name)")
     overlay = pretrained_overlay(pretrained_file) if pretrained_file else None
-    model = create_stock_model(resolve_source(name, **kwargs), pretrained=pretrained or overlay is not None,
-                               overlay=overlay)
+    model = create_stock_model(
+        resolve_source(name, **kwargs), pretrained=pretrained or overlay is not None, overlay=overlay
+    )
     inspect_vit(model)  # refuse what p3bkit cannot prune, export or measure, before any work
     _check_patch_grid(model, name)
     if weights:
@@ -133,8 +147,10 @@ def _check_patch_grid(model: TimmModule, name: str) -> None:
     size, patch = tuple(pe.img_size), tuple(pe.patch_size)
     if any(s % p for s, p in zip(size, patch)):
         fit = patch[0] * max(1, round(size[0] / patch[0]))
-        raise ArchError(f"{name}: image size {size[0] if size[0] == size[1] else size} is not a multiple of the patch "
-                        f"size {patch[0] if patch[0] == patch[1] else patch}; use e.g. --img-size {fit}")
+        raise ArchError(
+            f"{name}: image size {size[0] if size[0] == size[1] else size} is not a multiple of the patch "
+            f"size {patch[0] if patch[0] == patch[1] else patch}; use e.g. --img-size {fit}"
+        )
 
 
 def source_of(ref: str) -> ModelSource | None:
@@ -152,14 +168,21 @@ def source_of(ref: str) -> ModelSource | None:
         return None
 
 
-def loads_weights(name: str, pretrained: bool = False, pretrained_file: str | None = None,
-                  weights: str | None = None) -> bool:
+def loads_weights(
+    name: str, pretrained: bool = False, pretrained_file: str | None = None, weights: str | None = None
+) -> bool:
     """Whether `build_user_model` with these options loads trained weights (else: random init)."""
     return bool(pretrained or pretrained_file or weights) or (Path(name) / ARCH_FILE).is_file()
 
 
-def build_user_model(name: str, pretrained: bool = False, pretrained_file: str | None = None,
-                     weights: str | None = None, kwargs: dict | None = None, say=None) -> TimmModule:
+def build_user_model(
+    name: str,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
+    weights: str | None = None,
+    kwargs: dict | None = None,
+    say=None,
+) -> TimmModule:
     """`create_model` for a command's --model and its options, saying (through `say`) when a
     pretrained classifier was dropped for another class count."""
     kwargs = kwargs or {}
@@ -168,6 +191,8 @@ def build_user_model(name: str, pretrained: bool = False, pretrained_file: str |
     model = create_model(name, pretrained=pretrained, weights=weights, pretrained_file=pretrained_file, **kwargs)
     rows = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
     if say is not None and pretrained_file and rows and rows != model.num_classes:
-        say(f"note: {pretrained_file} has a {rows}-class classifier; the model's {model.num_classes}-class "
-            "classifier starts from random weights (everything else is loaded)")
+        say(
+            f"note: {pretrained_file} has a {rows}-class classifier; the model's {model.num_classes}-class "
+            "classifier starts from random weights (everything else is loaded)"
+        )
     return model

@@ -6,6 +6,7 @@ block's Linear layers, which is what makes the surgery exact. Each gate can also
 the first-order Taylor score (m · ∂L/∂m)² of its elements (Molchanov et al. 2019), used by the
 P3B local importance (paper Eq. 7); masks are buffers and never receive gradients.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -129,7 +130,9 @@ class GatedAttention(nn.Module):
         self.gate_in = _gate_or_identity(names, "in", dim)
         # whole heads: on each head's attention output (B, N, H, d), so a zero removes the head's
         # q, k, v rows and proj columns together (its softmax no longer matters)
-        self.gate_heads = Gate(self.num_heads, axis=-2, score_floor=HEAD_SCORE_FLOOR) if "heads" in names else nn.Identity()
+        self.gate_heads = (
+            Gate(self.num_heads, axis=-2, score_floor=HEAD_SCORE_FLOOR) if "heads" in names else nn.Identity()
+        )
         self.gate_head_dim = Gate(self.head_dim)
         self.gate_out = _gate_or_identity(names, "out", dim_out)
 
@@ -146,8 +149,12 @@ class GatedAttention(nn.Module):
         red = torch.mean if mean else torch.sum
         head = (red(q, (0, 2)) + red(p, (0, 1))) / (2 if mean else 1)
         heads = (red(q.reshape(3, H, d, -1), (0, 2, 3)) + red(p, (0, 2))) / (2 if mean else 1)
-        return {"in": red(self.qkv.weight.pow(2), 0), "heads": heads, "head_dim": head,
-                "out": red(self.proj.weight.pow(2), 1)}
+        return {
+            "in": red(self.qkv.weight.pow(2), 0),
+            "heads": heads,
+            "head_dim": head,
+            "out": red(self.proj.weight.pow(2), 1),
+        }
 
     def widths(self) -> BranchWidths:
         c_in = self.gate_in.kept() if isinstance(self.gate_in, Gate) else self.qkv.in_features

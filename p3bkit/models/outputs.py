@@ -1,4 +1,5 @@
 """What a ViT's forward returns, read the same way everywhere."""
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ attn_head_dim, dim_out)` or `Mlp(in, hidden, out)` and writes its output back in
 residual channels (`IndexAddWrite`, or a plain residual add when folded). A transformer layer of
 pruned branches is a `PrunedLayer`; an emptied branch is `nn.Identity`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -96,8 +97,9 @@ class PrunedBranch(nn.Module):
 
     norm: TimmModule  # the timm block's norm layer (LayerNorm: normalized_shape)
 
-    def __init__(self, norm: nn.Module, read: nn.Module, fn: nn.Module, ls: nn.Module,
-                 drop_path: nn.Module, write: nn.Module) -> None:
+    def __init__(
+        self, norm: nn.Module, read: nn.Module, fn: nn.Module, ls: nn.Module, drop_path: nn.Module, write: nn.Module
+    ) -> None:
         super().__init__()
         self.norm, self.read, self.fn, self.ls, self.drop_path, self.write = norm, read, fn, ls, drop_path, write
 
@@ -147,6 +149,7 @@ class _IoPlan:
 def _io_plan(arch: dict, dim: int) -> _IoPlan:
     """Folded ('dense') or complete reads/writes keep all `dim` channels (zeros where not kept);
     indexed ones keep only the kept channels, in order."""
+
     def side(idx: list[int], mode: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         kept = torch.tensor(idx, dtype=torch.long)
         if mode == "dense" or len(idx) == dim:
@@ -176,8 +179,14 @@ def build_attn_branch(blk: TimmModule, attn: Attention, arch: dict, dim: int) ->
     dp, hp = len(hd), len(heads)
     qkv_heads = (torch.arange(3).unsqueeze(1) * H + heads.unsqueeze(0)).reshape(-1)  # (q|k|v, kept head)
     rows = (qkv_heads.unsqueeze(1) * d + hd.unsqueeze(0)).reshape(-1)  # (q|k|v, kept head, kept dim)
-    new = Attention(io.c_in, num_heads=hp, attn_head_dim=dp, dim_out=io.c_out,
-                    qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None)
+    new = Attention(
+        io.c_in,
+        num_heads=hp,
+        attn_head_dim=dp,
+        dim_out=io.c_out,
+        qkv_bias=attn.qkv.bias is not None,
+        proj_bias=attn.proj.bias is not None,
+    )
     new.attn_drop, new.proj_drop = copy.deepcopy(attn.attn_drop), copy.deepcopy(attn.proj_drop)
     # keep the original 1/sqrt(d_h) attention scale: SDPA uses 1/sqrt(d'), so scale q by sqrt(d'/d_h)
     q_scale = torch.ones(3 * hp * dp)
@@ -190,8 +199,14 @@ def build_attn_branch(blk: TimmModule, attn: Attention, arch: dict, dim: int) ->
         proj_cols = (heads.unsqueeze(1) * d + hd.unsqueeze(0)).reshape(-1)
         _copy_output_layer(new.proj, attn.proj, io, proj_cols)
     ls = _sliced_layerscale(blk.ls1, torch.arange(dim) if io.c_out == dim else io.src_out)
-    return PrunedBranch(blk.norm1, _reader(arch["in"], dim, arch["read"]), new, ls, blk.drop_path1,
-                        _writer(arch["out"], dim, arch["write"]))
+    return PrunedBranch(
+        blk.norm1,
+        _reader(arch["in"], dim, arch["read"]),
+        new,
+        ls,
+        blk.drop_path1,
+        _writer(arch["out"], dim, arch["write"]),
+    )
 
 
 def build_mlp_branch(blk: TimmModule, mlp: Mlp, arch: dict, dim: int) -> nn.Module:
@@ -200,9 +215,13 @@ def build_mlp_branch(blk: TimmModule, mlp: Mlp, arch: dict, dim: int) -> nn.Modu
     hid = torch.tensor(arch["hidden"], dtype=torch.long)
     act = mlp.act
     # timm calls act_layer() for the activation (typed as a class there; any factory works)
-    new: TimmModule = Mlp(io.c_in, hidden_features=len(hid), out_features=io.c_out,
-                          act_layer=lambda: copy.deepcopy(act),  # type: ignore[arg-type]
-                          bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None))
+    new: TimmModule = Mlp(
+        io.c_in,
+        hidden_features=len(hid),
+        out_features=io.c_out,
+        act_layer=lambda: copy.deepcopy(act),  # type: ignore[arg-type]
+        bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None),
+    )
     new.drop1, new.drop2 = copy.deepcopy(mlp.drop1), copy.deepcopy(mlp.drop2)
     with torch.no_grad():
         new.fc1.weight.zero_()
@@ -211,5 +230,11 @@ def build_mlp_branch(blk: TimmModule, mlp: Mlp, arch: dict, dim: int) -> nn.Modu
             new.fc1.bias.copy_(mlp.fc1.bias[hid])
         _copy_output_layer(new.fc2, cast(nn.Linear, mlp.fc2), io, hid)  # inspect_vit accepts Linear only
     ls = _sliced_layerscale(blk.ls2, torch.arange(dim) if io.c_out == dim else io.src_out)
-    return PrunedBranch(blk.norm2, _reader(arch["in"], dim, arch["read"]), new, ls, blk.drop_path2,
-                        _writer(arch["out"], dim, arch["write"]))
+    return PrunedBranch(
+        blk.norm2,
+        _reader(arch["in"], dim, arch["read"]),
+        new,
+        ls,
+        blk.drop_path2,
+        _writer(arch["out"], dim, arch["write"]),
+    )

@@ -1,4 +1,5 @@
 """Parameters, FLOPs and per-branch widths (and heads) of stock, gated and pruned ViTs (`p3bkit info`)."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -19,7 +20,7 @@ def _branch_widths(branch: TimmModule, kind: BranchKind) -> BranchWidths:
     return BranchWidths(kind, fn.fc1.in_features, fn.fc1.out_features, fn.fc2.out_features)
 
 
-def block_widths(model: TimmModule) -> list[BranchWidths]:
+def branch_widths(model: TimmModule) -> list[BranchWidths]:
     """Widths of the 2·depth blocks in forward order (hard-mask counts for a gated model)."""
     if isinstance(model, GatedViT):
         return [b.widths() for _, b in model.branches()]
@@ -32,8 +33,14 @@ def block_widths(model: TimmModule) -> list[BranchWidths]:
 def _heads(model: TimmModule) -> int:
     """The most heads any attention branch has (the stock model's head count unless all were pruned)."""
     inner = model.model if isinstance(model, GatedViT) else model
-    counts = [getattr(blk.attn.fn if isinstance(blk, PrunedLayer) and not isinstance(blk.attn, nn.Identity)
-                      else blk.attn, "num_heads", 0) for blk in inner.blocks]
+    counts = [
+        getattr(
+            blk.attn.fn if isinstance(blk, PrunedLayer) and not isinstance(blk.attn, nn.Identity) else blk.attn,
+            "num_heads",
+            0,
+        )
+        for blk in inner.blocks
+    ]
     return max(counts, default=0) or 1
 
 
@@ -52,23 +59,41 @@ def describe(model: TimmModule) -> dict:
     pe = inner.patch_embed
     num_tokens = pe.num_patches + inner.num_prefix_tokens
     heads = _heads(model)
-    widths = block_widths(model)
+    widths = branch_widths(model)
     dim = inner.embed_dim
-    full_attn = BranchWidths("attn", dim, (inner.blocks[0].attn.head_dim if hasattr(inner.blocks[0].attn, "head_dim")
-                                          else dim // heads), dim)
+    full_attn = BranchWidths(
+        "attn", dim, (inner.blocks[0].attn.head_dim if hasattr(inner.blocks[0].attn, "head_dim") else dim // heads), dim
+    )
     blocks_flops = sum(branch_flops(w, heads, num_tokens) for w in widths)
     k = pe.proj.kernel_size
     embed_flops = pe.num_patches * pe.proj.in_channels * k[0] * k[1] * dim
-    head_flops = sum(m.in_features * m.out_features for m in (getattr(inner, "head", None), getattr(inner, "head_dist", None))
-                     if isinstance(m, nn.Linear))
+    head_flops = sum(
+        m.in_features * m.out_features
+        for m in (getattr(inner, "head", None), getattr(inner, "head_dist", None))
+        if isinstance(m, nn.Linear)
+    )
     branches = [b for blk in inner.blocks for b in (blk.attn, blk.mlp)]
-    rows = [{"block": f"{i // 2}.{w.kind}", "c_in": w.c_in, "inner": w.inner, "c_out": w.c_out,
-             "heads": (heads if w.heads is None else w.heads) if w.kind == "attn" and not w.empty else 0,
-             "removed": w.empty, "params": _kept_params(model, w, br, heads)}
-            for i, (w, br) in enumerate(zip(widths, branches))]
-    return {"params": sum(p.numel() for p in inner.parameters()), "flops": int(blocks_flops + embed_flops + head_flops),
-            "block_flops": int(blocks_flops), "num_tokens": num_tokens, "num_heads": heads,
-            "full_head_dim": full_attn.inner, "blocks": rows}
+    rows = [
+        {
+            "block": f"{i // 2}.{w.kind}",
+            "c_in": w.c_in,
+            "inner": w.inner,
+            "c_out": w.c_out,
+            "heads": (heads if w.heads is None else w.heads) if w.kind == "attn" and not w.empty else 0,
+            "removed": w.empty,
+            "params": _kept_params(model, w, br, heads),
+        }
+        for i, (w, br) in enumerate(zip(widths, branches))
+    ]
+    return {
+        "params": sum(p.numel() for p in inner.parameters()),
+        "flops": int(blocks_flops + embed_flops + head_flops),
+        "block_flops": int(blocks_flops),
+        "num_tokens": num_tokens,
+        "num_heads": heads,
+        "full_head_dim": full_attn.inner,
+        "blocks": rows,
+    }
 
 
 def pruning_rates(pruned: TimmModule, dense: TimmModule) -> dict:
@@ -79,5 +104,11 @@ def pruning_rates(pruned: TimmModule, dense: TimmModule) -> dict:
     """
     p, d = describe(pruned), describe(dense)
     blocks_p, blocks_d = sum(r["params"] for r in p["blocks"]), sum(r["params"] for r in d["blocks"])
-    return {"params": p["params"], "dense_params": d["params"], "prune_rate_total": 1 - p["params"] / d["params"],
-            "block_params": blocks_p, "dense_block_params": blocks_d, "prune_rate_blocks": 1 - blocks_p / blocks_d}
+    return {
+        "params": p["params"],
+        "dense_params": d["params"],
+        "prune_rate_total": 1 - p["params"] / d["params"],
+        "block_params": blocks_p,
+        "dense_block_params": blocks_d,
+        "prune_rate_blocks": 1 - blocks_p / blocks_d,
+    }

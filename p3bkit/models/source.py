@@ -6,6 +6,7 @@ module itself (image and patch size, channels, classes, width, depth, heads, MLP
 class/register tokens, pooling, LayerScale, norms), so `p3bkit.save` can write a folder that
 `p3bkit.load` rebuilds; `save` then rebuilds it and compares outputs before moving it into place.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -35,19 +36,30 @@ def infer_source(model: TimmModule) -> ModelSource:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("architecture")
     if not name:
-        raise ArchError(f"cannot tell which timm architecture this {type(model).__name__} is (no "
-                        "pretrained_cfg['architecture']): build it with timm.create_model or p3bkit.create_model")
+        raise ArchError(
+            f"cannot tell which timm architecture this {type(model).__name__} is (no "
+            "pretrained_cfg['architecture']): build it with timm.create_model or p3bkit.create_model"
+        )
     blk, pe = model.blocks[0], model.patch_embed
     attn = getattr(blk.attn, "fn", blk.attn)
     kwargs = {
-        "img_size": _size(pe.img_size), "patch_size": _size(pe.patch_size), "in_chans": pe.proj.in_channels,
-        "num_classes": model.num_classes, "global_pool": model.global_pool, "embed_dim": model.embed_dim,
-        "depth": len(model.blocks), "num_heads": attn.num_heads,
+        "img_size": _size(pe.img_size),
+        "patch_size": _size(pe.patch_size),
+        "in_chans": pe.proj.in_channels,
+        "num_classes": model.num_classes,
+        "global_pool": model.global_pool,
+        "embed_dim": model.embed_dim,
+        "depth": len(model.blocks),
+        "num_heads": attn.num_heads,
         "mlp_ratio": _mlp_ratio(model),
-        "qkv_bias": attn.qkv.bias is not None, "class_token": getattr(model, "cls_token", None) is not None,
-        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)), "no_embed_class": bool(model.no_embed_class),
-        "pre_norm": not isinstance(model.norm_pre, nn.Identity), "fc_norm": not isinstance(model.fc_norm, nn.Identity),
-        "init_values": _layer_scale(blk), "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+        "qkv_bias": attn.qkv.bias is not None,
+        "class_token": getattr(model, "cls_token", None) is not None,
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
+        "no_embed_class": bool(model.no_embed_class),
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "init_values": _layer_scale(blk),
+        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
     }
     if "distilled" in name:  # the distilled DeiT constructor fixes its tokens and pooling itself
         for key in ("class_token", "global_pool", "fc_norm", "no_embed_class"):

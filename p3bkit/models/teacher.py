@@ -7,6 +7,7 @@ was cut from: `build_user_model`'s arguments (`model`, `model_kwargs`, `pretrain
 distils from that model (Hinton et al. 2015 logit distillation, `train/fit.py`). `p3bkit.load`
 reads only `arch.json` and `model.safetensors`, so the file never changes what a folder loads.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,14 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
-def dense_origin(model: nn.Module, name: str, kwargs: dict, pretrained: bool = False,
-                 pretrained_file: str | None = None, weights: str | None = None) -> dict:
+def dense_origin(
+    model: nn.Module,
+    name: str,
+    kwargs: dict,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
+    weights: str | None = None,
+) -> dict:
     """The `teacher.json` of a model built by `build_user_model(name, ...)` before anything trained it:
     its reference, or none and why (no weights loaded, or a classifier that started from random weights)."""
     from p3bkit.models.factory import loads_weights
@@ -55,11 +62,19 @@ def dense_origin(model: nn.Module, name: str, kwargs: dict, pretrained: bool = F
         return {**origin, "why": "it was pruned from randomly initialised weights"}
     rows = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
     if (pretrained or pretrained_file) and not weights and rows and rows != model.num_classes:
-        return {**origin, "why": f"its dense model's {model.num_classes}-class classifier started from random weights "
-                                 f"(the pretrained weights have {rows} classes)"}
+        return {
+            **origin,
+            "why": f"its dense model's {model.num_classes}-class classifier started from random weights "
+            f"(the pretrained weights have {rows} classes)",
+        }
     folder = (Path(name) / ARCH_FILE).is_file()
-    ref = DenseRef(str(Path(name).resolve()) if folder else name, dict(kwargs), pretrained, _absolute(pretrained_file),
-                   _absolute(weights))
+    ref = DenseRef(
+        str(Path(name).resolve()) if folder else name,
+        dict(kwargs),
+        pretrained,
+        _absolute(pretrained_file),
+        _absolute(weights),
+    )
     return {**origin, "dense": asdict(ref)}
 
 
@@ -98,8 +113,11 @@ def build_dense(ref: DenseRef, source: ModelSource) -> nn.Module:
         stock = create_stock_model(source)
     have, want = infer_source(model), infer_source(stock)
     keys = sorted(set(have.kwargs) | set(want.kwargs))
-    differ = [f"{k} {have.kwargs.get(k)!r} vs {want.kwargs.get(k)!r}" for k in keys
-              if have.kwargs.get(k) != want.kwargs.get(k)]
+    differ = [
+        f"{k} {have.kwargs.get(k)!r} vs {want.kwargs.get(k)!r}"
+        for k in keys
+        if have.kwargs.get(k) != want.kwargs.get(k)
+    ]
     if have.name != want.name or differ:
         what = f"{have.name} vs {want.name}" if have.name != want.name else ", ".join(differ)
         raise ArchError(f"{ref.weights or ref.model} is not a dense model of the pruned model's architecture ({what})")

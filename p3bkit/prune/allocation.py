@@ -10,6 +10,7 @@ A branch emptied at a mask update is disabled — κ = 0 from then on, outside t
 allocation: it has no kept elements to rank, so regrowing it would pick its units without
 information (measured on digits, disabling beats letting it regrow).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,9 +23,15 @@ from p3bkit.prune.config import GATE_FACTORS
 from p3bkit.prune.importance import ImportanceEMA, block_importance, magnitude_scores, taylor_scores
 
 
-def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: float,
-                         disabled: torch.Tensor | None = None, cap: torch.Tensor | None = None,
-                         floor: torch.Tensor | None = None, minimum: torch.Tensor | None = None) -> torch.Tensor:
+def allocate_keep_ratios(
+    importance: torch.Tensor,
+    sizes: torch.Tensor,
+    keep: float,
+    disabled: torch.Tensor | None = None,
+    cap: torch.Tensor | None = None,
+    floor: torch.Tensor | None = None,
+    minimum: torch.Tensor | None = None,
+) -> torch.Tensor:
     """κ = clip(λ·I, 0, cap) with Σ κ·|W| = keep·Σ|W|; saturated branches fixed at their cap (1 by
     default), the rest re-solved until valid (Appendix A).
 
@@ -44,8 +51,9 @@ def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: fl
     if disabled is not None:
         free &= ~disabled.bool()
     if minimum is not None:
-        kappa[free] = _clipped(importance[free], sizes[free], float(budget), minimum.double()[free].minimum(cap[free]),
-                               cap[free])
+        kappa[free] = _clipped(
+            importance[free], sizes[free], float(budget), minimum.double()[free].minimum(cap[free]), cap[free]
+        )
         return kappa.float()
     for _ in range(2 * len(importance) + 2):
         rest = budget - (kappa * sizes)[~free].sum()
@@ -75,10 +83,12 @@ def allocate_keep_ratios(importance: torch.Tensor, sizes: torch.Tensor, keep: fl
     return kappa.clamp(min=0).minimum(cap).float()
 
 
-def _clipped(importance: torch.Tensor, sizes: torch.Tensor, budget: float, low: torch.Tensor,
-             high: torch.Tensor) -> torch.Tensor:
+def _clipped(
+    importance: torch.Tensor, sizes: torch.Tensor, budget: float, low: torch.Tensor, high: torch.Tensor
+) -> torch.Tensor:
     """κ = clip(λ·I, low, high) with Σ κ·|W| = budget, λ by bisection (Σ rises with λ). When even
     the lows exceed the budget they are scaled down to it (a narrow branch beats missing it)."""
+
     def total(lam: float) -> float:
         return float((torch.maximum(torch.minimum(lam * importance, high), low) * sizes).sum())
 
@@ -201,8 +211,15 @@ class P3BAllocation(Allocation):
 
     restore_margin: ClassVar[float] = 2.0  # hysteresis: back at twice the useful cost, removed below it
 
-    def __init__(self, gate_factors=None, alpha: float = 0.5, smoothing: float = 10.0, ema_momentum: float = 0.2,
-                 remove_below: float = 0.0, patience: int = 2) -> None:
+    def __init__(
+        self,
+        gate_factors=None,
+        alpha: float = 0.5,
+        smoothing: float = 10.0,
+        ema_momentum: float = 0.2,
+        remove_below: float = 0.0,
+        patience: int = 2,
+    ) -> None:
         super().__init__(gate_factors)
         self.alpha, self.smoothing, self.remove_below, self.patience = alpha, smoothing, remove_below, patience
         self.ema = ImportanceEMA(ema_momentum)
@@ -252,8 +269,10 @@ class P3BAllocation(Allocation):
         removed, streak = self._decisions()
         now = block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
         smooth = self._smoothed(self.ema_full, now, inp.full_window)
-        kept = [allocate_keep_ratios(imp, inp.full, inp.budget, inp.disabled, floor=inp.useful).double() * inp.full
-                for imp in (smooth, now.double())]
+        kept = [
+            allocate_keep_ratios(imp, inp.full, inp.budget, inp.disabled, floor=inp.useful).double() * inp.full
+            for imp in (smooth, now.double())
+        ]
         below = (kept[0] == 0) & (kept[1] == 0) & active
         self.streak = streak = torch.where(below & ~removed, streak + 1, torch.zeros_like(streak))
         budget = inp.budget * float(inp.full.sum())
@@ -272,8 +291,11 @@ class P3BAllocation(Allocation):
         smoothed) while they cannot fit it at their smallest useful widths; then no more decisions."""
         self.settled = True
         removed, _ = self._decisions()
-        imp = self.ema_full.value if self.ema_full.value is not None else \
-            block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
+        imp = (
+            self.ema_full.value
+            if self.ema_full.value is not None
+            else block_importance(inp.delta_c, inp.delta_p, inp.full, self.alpha, self.smoothing, inp.unit, active)
+        )
         kept = active & ~removed
         budget = inp.budget * float(inp.full.sum())
         for i in torch.argsort(imp.double(), descending=True, stable=True).tolist():  # most important first
@@ -289,8 +311,13 @@ class P3BAllocation(Allocation):
                 removed[i] = True
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema.state_dict(), "ema_full": self.ema_full.state_dict(), "streak": self.streak,
-                "removed": self.removed, "settled": self.settled}
+        return {
+            "ema": self.ema.state_dict(),
+            "ema_full": self.ema_full.state_dict(),
+            "streak": self.streak,
+            "removed": self.removed,
+            "settled": self.settled,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.load_state_dict(state["ema"])

@@ -5,6 +5,7 @@ For a plain model (or its weights file) it freezes the model and trains only the
 (Appendix I), then measures ΔΨ. Writes `block_performance.png`, `keep_ratios.png`,
 `kept_widths.png` (runs with a pruned model) and `index.html` with the figures and the numbers.
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,8 +30,13 @@ def read_run(run: str | Path) -> dict:
         raise P3BError(f"{path}: no mask updates logged yet")
     n = len(updates[0]["delta_c"])
     mean = lambda key: [sum(u[key][i] for u in updates) / len(updates) for i in range(n)]  # noqa: E731
-    out = {"label": Path(run).name, "delta_c": mean("delta_c"), "delta_p": mean("delta_p"),
-           "kappa": updates[-1]["kappa"], "updates": len(updates)}
+    out = {
+        "label": Path(run).name,
+        "delta_c": mean("delta_c"),
+        "delta_p": mean("delta_p"),
+        "kappa": updates[-1]["kappa"],
+        "updates": len(updates),
+    }
     arch = Path(run) / "pruned" / "arch.json"
     if arch.is_file():
         out["layers"] = json.loads(arch.read_text())["layers"]
@@ -41,8 +47,15 @@ def read_run(run: str | Path) -> dict:
     return out
 
 
-def measure_model(model_ref: str, data: str | None = None, steps: int = 200, batch_size: int = 64,
-                  weights: str | None = None, device: str = "cpu", seed: int = 0) -> dict:
+def measure_model(
+    model_ref: str,
+    data: str | None = None,
+    steps: int = 200,
+    batch_size: int = 64,
+    weights: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
     """Train only the BPI heads on the frozen model, then average ΔΨ over the second half of the steps."""
     from p3bkit.data import load_data, make_loader
     from p3bkit.models.factory import create_model
@@ -56,8 +69,12 @@ def measure_model(model_ref: str, data: str | None = None, steps: int = 200, bat
     from p3bkit.console import notify
     from p3bkit.models.presets import default_data, model_source
 
-    bundle = load_data(data or default_data(model_source(model), notify), img_size=model.patch_embed.img_size[0], num_classes=model.num_classes,
-                       in_chans=model.patch_embed.proj.in_channels)
+    bundle = load_data(
+        data or default_data(model_source(model), notify),
+        img_size=model.patch_embed.img_size[0],
+        num_classes=model.num_classes,
+        in_chans=model.patch_embed.proj.in_channels,
+    )
     bpi = BPI.for_model(model).to(device)
     from p3bkit.prune.recipes import RECIPES
 
@@ -86,9 +103,14 @@ def measure_model(model_ref: str, data: str | None = None, steps: int = 200, bat
         rec.remove()
     k = max(1, len(losses) // 5)  # the BPI loss at the start and the end, each averaged over a fifth of the steps
     change = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
-    return {"label": Path(weights or model_ref).name, "delta_c": (acc_c / count).tolist(),
-            "delta_p": (acc_p / count).tolist(), "updates": 0,
-            "bpi_loss": [sum(losses[:k]) / k, sum(losses[-k:]) / k], "model_change": change}
+    return {
+        "label": Path(weights or model_ref).name,
+        "delta_c": (acc_c / count).tolist(),
+        "delta_p": (acc_p / count).tolist(),
+        "updates": 0,
+        "bpi_loss": [sum(losses[:k]) / k, sum(losses[-k:]) / k],
+        "model_change": change,
+    }
 
 
 def _png(fig, path: Path) -> str:
@@ -137,12 +159,24 @@ def plot_block_performance(runs: list[dict], out: Path) -> dict[str, str]:
 def _heatmap(run: dict, out: Path, plt) -> str:
     """Kept widths per layer (heads too, where whole heads were pruned); removed branches are 0."""
     heads = any(b and "heads" in b for layer in run["layers"] for b in (layer["attn"],))
-    cols = ["attn.in", *(["attn.heads"] if heads else []), "attn.head_dim", "attn.out", "mlp.in", "mlp.hidden", "mlp.out"]
+    cols = [
+        "attn.in",
+        *(["attn.heads"] if heads else []),
+        "attn.head_dim",
+        "attn.out",
+        "mlp.in",
+        "mlp.hidden",
+        "mlp.out",
+    ]
     rows = []
     for layer in run["layers"]:
         a, m = layer["attn"], layer["mlp"]
-        row = [len(a["in"]) if a else 0, *([len(a.get("heads", [])) if a else 0] if heads else []),
-               len(a["head_dim"]) if a else 0, len(a["out"]) if a else 0]
+        row = [
+            len(a["in"]) if a else 0,
+            *([len(a.get("heads", [])) if a else 0] if heads else []),
+            len(a["head_dim"]) if a else 0,
+            len(a["out"]) if a else 0,
+        ]
         row += [len(m[k]) if m else 0 for k in ("in", "hidden", "out")]
         rows.append(row)
     full = [max(r[c] for r in rows) or 1 for c in range(len(cols))]
@@ -195,26 +229,37 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
 
 def _write_report(runs: list[dict], out: Path) -> None:
     images = plot_block_performance(runs, out)
-    parts = ["<html><head><meta charset='utf-8'><title>p3bkit block performance</title></head><body>",
-             "<h1>Block Performance (ΔΨ) per Attention and MLP block</h1>"]
+    parts = [
+        "<html><head><meta charset='utf-8'><title>p3bkit block performance</title></head><body>",
+        "<h1>Block Performance (ΔΨ) per Attention and MLP block</h1>",
+    ]
     for name, data in images.items():
         parts.append(f"<h2>{name.replace('_', ' ')}</h2><img src='data:image/png;base64,{data}'>")
     for run in runs:
         parts.append(f"<h2>{html.escape(run['label'])}</h2>")
         r = run.get("rates", {})
         if "prune_rate_total" in r:
-            parts.append(f"<p>pruned {100 * r['prune_rate_total']:.1f}% of all parameters, "
-                         f"{100 * r['prune_rate_blocks']:.1f}% of block parameters (budget: {r.get('budget', '?')})</p>")
+            parts.append(
+                f"<p>pruned {100 * r['prune_rate_total']:.1f}% of all parameters, "
+                f"{100 * r['prune_rate_blocks']:.1f}% of block parameters (budget: {r.get('budget', '?')})</p>"
+            )
         if "layers" in run:
             removed = [f"{i}.{k}" for i, layer in enumerate(run["layers"]) for k in ("attn", "mlp") if not layer[k]]
-            heads = [len(layer["attn"]["heads"]) for layer in run["layers"] if layer["attn"] and "heads" in layer["attn"]]
-            parts.append(f"<p>branches removed: {', '.join(removed) or 'none'}"
-                         + (f"; heads kept per attention branch: {heads}" if heads else "") + "</p>")
+            heads = [
+                len(layer["attn"]["heads"]) for layer in run["layers"] if layer["attn"] and "heads" in layer["attn"]
+            ]
+            parts.append(
+                f"<p>branches removed: {', '.join(removed) or 'none'}"
+                + (f"; heads kept per attention branch: {heads}" if heads else "")
+                + "</p>"
+            )
         parts.append("<table border=1><tr><th>block</th><th>ΔΨᶜ</th><th>ΔΨᵖ</th><th>κ</th></tr>")
         for i, (c, p) in enumerate(zip(run["delta_c"], run["delta_p"])):
             kappa = f"{run['kappa'][i]:.6g}" if "kappa" in run else "–"
-            parts.append(f"<tr><td>{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}</td><td>{c:.6g}</td><td>{p:.6g}</td>"
-                         f"<td>{kappa}</td></tr>")
+            parts.append(
+                f"<tr><td>{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}</td><td>{c:.6g}</td><td>{p:.6g}</td>"
+                f"<td>{kappa}</td></tr>"
+            )
         parts.append("</table>")
     (out / "index.html").write_text("\n".join(parts) + "</body></html>")
     (out / "block_performance.json").write_text(json.dumps(runs, indent=1))

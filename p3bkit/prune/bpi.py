@@ -7,6 +7,7 @@ own head) and Ψᵖᵢ (one ResNet basic block on the patch grid + global averag
 Linear). Both see the block's input x_{i−1} and output x_i, detached, so the BPI never trains
 the backbone. ΔΨᵢ = L(Ψᵢ(x_{i−1})) − L(Ψᵢ(x_i)).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, cast
@@ -24,13 +25,16 @@ if TYPE_CHECKING:
 Criterion = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def ce_loss(cls: torch.Tensor, dist: torch.Tensor | None, y: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+def ce_loss(
+    cls: torch.Tensor, dist: torch.Tensor | None, y: torch.Tensor, teacher: torch.Tensor | None
+) -> torch.Tensor:
     """Cross entropy on the class logits (the default BPI / model loss); `y` may be soft (Mixup)."""
     return nn.functional.cross_entropy(cls, y)
 
 
-def hard_distillation_loss(cls: torch.Tensor, dist: torch.Tensor | None, y: torch.Tensor,
-                           teacher: torch.Tensor | None) -> torch.Tensor:
+def hard_distillation_loss(
+    cls: torch.Tensor, dist: torch.Tensor | None, y: torch.Tensor, teacher: torch.Tensor | None
+) -> torch.Tensor:
     """DeiT hard distillation: ½·CE(class, y) + ½·CE(dist, argmax teacher) (Appendix F, Eq. 10)."""
     if teacher is None:
         raise P3BError("hard distillation needs the teacher's logits (none were computed for this batch)")
@@ -82,8 +86,17 @@ class BlockIndicator(nn.Module):
 class BPI(nn.Module):
     """The indicators of all 2·depth blocks and the ΔΨ they measure."""
 
-    def __init__(self, dim: int, depth: int, num_classes: int, grid: tuple[int, int],
-                 num_prefix_tokens: int, has_class_token: bool, distilled: bool, class_head: ClassHead = "linear") -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_classes: int,
+        grid: tuple[int, int],
+        num_prefix_tokens: int,
+        has_class_token: bool,
+        distilled: bool,
+        class_head: ClassHead = "linear",
+    ) -> None:
         super().__init__()
         self.grid, self.prefix = grid, num_prefix_tokens
         self.has_class_token, self.distilled = has_class_token, distilled
@@ -93,19 +106,27 @@ class BPI(nn.Module):
     def for_model(cls, model: TimmModule, class_head: ClassHead = "linear") -> BPI:
         # an attention-pool model does not classify from its class token: its class head reads the mean token
         class_token = getattr(model, "cls_token", None) is not None and getattr(model, "global_pool", "") != "map"
-        return cls(model.embed_dim, len(model.blocks), model.num_classes, tuple(model.patch_embed.grid_size),
-                   model.num_prefix_tokens, class_token,
-                   getattr(model, "dist_token", None) is not None, class_head)
+        return cls(
+            model.embed_dim,
+            len(model.blocks),
+            model.num_classes,
+            tuple(model.patch_embed.grid_size),
+            model.num_prefix_tokens,
+            class_token,
+            getattr(model, "dist_token", None) is not None,
+            class_head,
+        )
 
     def _logits(self, head: BlockIndicator, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        patches = x[:, self.prefix:]
+        patches = x[:, self.prefix :]
         token = x[:, 0] if self.has_class_token else patches.mean(1)
         dist = head.dist(x[:, 1]) if head.dist is not None else None
         grid = patches.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *self.grid)
         return head.cls(token), dist, head.patch(grid)
 
-    def forward(self, states: list[torch.Tensor], y: torch.Tensor, criterion: Criterion,
-                teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, states: list[torch.Tensor], y: torch.Tensor, criterion: Criterion, teacher: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Total BPI loss (to train the heads) and ΔΨᶜ, ΔΨᵖ per block (detached).
 
         `states` are the 2·depth+1 residual-stream states: block i reads states[i], writes states[i+1].

@@ -5,12 +5,13 @@ factors. `p3bkit prune` builds its options' defaults and choices from here; a re
 
 Kept free of torch so the command line can show these defaults without importing it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from p3bkit.train.distill import KD_TEMPERATURE, KD_WEIGHT, NONE
+from p3bkit.train.distill import AUTO, KD_TEMPERATURE, KD_WEIGHT
 
 # upstream defaults: favour keeping residual writes, prune MLP hidden units first
 GATE_FACTORS: dict[str, float] = {"in": 1.0, "heads": 1.0, "head_dim": 1.0, "out": 1.5, "hidden": 0.75}
@@ -84,7 +85,7 @@ class PruneJob:
     bf16: bool = False
     distill_teacher: str | None = None
     teacher_weights: str | None = None
-    teacher: str = NONE  # logit distillation while pruning (train.distill): auto (the starting model), none or a path
+    teacher: str = AUTO  # logit distillation while pruning (train.distill): auto (the starting model), none or a path
     kd_weight: float = KD_WEIGHT
     kd_temperature: float = KD_TEMPERATURE
     progress: bool = True

@@ -14,6 +14,7 @@ cost model gives the cost of keeping the top k elements of a branch along any or
 elements (`curve`), for attention with whole heads the cost of every (heads, head dims) pair
 (`grid`), and the smallest useful width below which a branch is removed instead (`useful`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,11 +24,12 @@ from p3bkit.models.cost import BranchKind, BranchWidths, branch_params
 from p3bkit.models.gates import GatedViT
 
 
-def branch_budget_share(keep: float, block_params: float, other_params: float, scope: str,
-                        smallest: float = 0.0) -> float:
+def branch_budget_share(
+    keep: float, branch_total: float, other_params: float, scope: str, smallest: float = 0.0
+) -> float:
     """The fraction of branch parameters to keep so that `keep` holds for the chosen scope.
 
-    scope "total": keep·(branches + other) − other over branches (the paper's definition, where the
+    scope "total": keep·(branch_total + other) − other over branch_total (the paper's definition, where the
     unprunable parameters count against the budget); "blocks": `keep` itself.
 
     Raises:
@@ -38,11 +40,13 @@ def branch_budget_share(keep: float, block_params: float, other_params: float, s
         return keep
     if scope != "total":
         raise P3BError(f"budget scope must be 'total' or 'blocks', got {scope!r}")
-    ratio = (keep * (block_params + other_params) - other_params) / block_params
-    if ratio * block_params < max(smallest, 1e-12):
-        raise P3BError(f"keeping {100 * keep:.1f}% of all {block_params + other_params:,.0f} parameters leaves nothing "
-                       f"for the blocks: {other_params:,.0f} parameters (patch embedding, tokens, norms, head) are "
-                       f"never pruned; raise --keep or use --budget blocks")
+    ratio = (keep * (branch_total + other_params) - other_params) / branch_total
+    if ratio * branch_total < max(smallest, 1e-12):
+        raise P3BError(
+            f"keeping {100 * keep:.1f}% of all {branch_total + other_params:,.0f} parameters leaves nothing "
+            f"for the blocks: {other_params:,.0f} parameters (patch embedding, tokens, norms, head) are "
+            f"never pruned; raise --keep or use --budget blocks"
+        )
     return min(ratio, 1.0)
 
 
@@ -54,16 +58,23 @@ def _counts(order_gate: torch.Tensor, names: list[str]) -> torch.Tensor:
     return counts
 
 
-def kept_cost_curve(order_gate: torch.Tensor, names: list[str], kind: BranchKind,
-                    num_heads: int, bias: tuple[bool, bool], full: dict[str, int]) -> torch.Tensor:
+def kept_cost_curve(
+    order_gate: torch.Tensor,
+    names: list[str],
+    kind: BranchKind,
+    num_heads: int,
+    bias: tuple[bool, bool],
+    full: dict[str, int],
+) -> torch.Tensor:
     """Branch Linear parameters when keeping the top-k elements, for every k = 0..n (vectorised).
 
     `order_gate[p]` is the gate id (index into `names`) of the p-th most important element.
     Gates absent from `names` (not pruned) stay at their `full` width.
     """
     counts = _counts(order_gate, names)
-    col = {name: counts[:, names.index(name)] if name in names else torch.full((len(counts),), full[name])
-           for name in full}
+    col = {
+        name: counts[:, names.index(name)] if name in names else torch.full((len(counts),), full[name]) for name in full
+    }
     inner_key = "head_dim" if kind == "attn" else "hidden"
     heads = col["heads"] if kind == "attn" and "heads" in names else None
     return branch_params(BranchWidths(kind, col["in"], col[inner_key], col["out"], heads), num_heads, *bias).long()
@@ -85,8 +96,9 @@ class ParameterCosts:
         self.total_params = sum(p.numel() for p in gated.model.parameters())
         # never pruned: patch embedding, tokens, final norm, head
         self.other_params = self.total_params - float((self.linear_full + self.norms).sum())
-        self.budget_share = branch_budget_share(keep, float(self.full.sum()), self.other_params, scope,
-                                           float(self.unit.min()))
+        self.budget_share = branch_budget_share(
+            keep, float(self.full.sum()), self.other_params, scope, float(self.unit.min())
+        )
 
     def _norm_params(self, i: int) -> int:
         blk = self.gated.model.blocks[i // 2]
@@ -157,31 +169,46 @@ class LatencyCosts:
         if table is None:
             raise P3BError("a latency budget needs a latency table (--latency-table, made by p3bkit latency-table)")
         if gated.structure not in ("inner", "heads"):
-            raise P3BError("latency budgets prune heads, head dims and MLP hidden units: use --structure inner or heads")
+            raise P3BError(
+                "latency budgets prune heads, head dims and MLP hidden units: use --structure inner or heads"
+            )
         if gated.structure == "heads" and not table.has_head_axis:
-            raise P3BError("pruning whole heads for milliseconds needs a table over head counts: "
-                           "p3bkit latency-table MODEL --heads all")
+            raise P3BError(
+                "pruning whole heads for milliseconds needs a table over head counts: "
+                "p3bkit latency-table MODEL --heads all"
+            )
         table.check_model(model_dims(gated.spec))
         self.table, self.fixed_ms, self.target_ms = table, table.fixed_ms, target_ms
         self.asked_ms = target_ms  # what the user asked; `target_ms` may be corrected by speed checks (prune.speed)
         self.limit_ms: float | None = None  # the fastest any architecture at a parameter budget can be
         self.branches = [b for _, b in gated.branches()]
         self._grid = torch.from_numpy(table.attn_grid()) if gated.structure == "heads" else None
-        self.curves = [None if "heads" in b.gates() else
-                       torch.from_numpy(table.branch_curve(b.widths().kind, b.gates()[_inner(b)].size))
-                       for b in self.branches]
-        self.full = torch.tensor([float(c[-1]) if c is not None else float(self._heads_grid()[-1, -1]) for c in self.curves],
-                                 dtype=torch.float64)
-        self.unit = torch.tensor([float(c[1]) if c is not None else float(self._heads_grid()[1, 1]) for c in self.curves],
-                                 dtype=torch.float64)
+        self.curves = [
+            None
+            if "heads" in b.gates()
+            else torch.from_numpy(table.branch_curve(b.widths().kind, b.gates()[_inner(b)].size))
+            for b in self.branches
+        ]
+        self.full = torch.tensor(
+            [float(c[-1]) if c is not None else float(self._heads_grid()[-1, -1]) for c in self.curves],
+            dtype=torch.float64,
+        )
+        self.unit = torch.tensor(
+            [float(c[1]) if c is not None else float(self._heads_grid()[1, 1]) for c in self.curves],
+            dtype=torch.float64,
+        )
         self.useful = torch.maximum(remove_below * self.full, self.unit)
         dense = self.fixed_ms + float(self.full.sum())
         if target_ms <= self.fixed_ms:
-            raise P3BError(f"a target of {target_ms:.3f} ms is not above the {self.fixed_ms:.3f} ms the model takes on "
-                           f"{table.backend} with every block removed (patch embedding, norms, head)")
+            raise P3BError(
+                f"a target of {target_ms:.3f} ms is not above the {self.fixed_ms:.3f} ms the model takes on "
+                f"{table.backend} with every block removed (patch embedding, norms, head)"
+            )
         if target_ms >= dense:
-            raise P3BError(f"a target of {target_ms:.3f} ms is not below the dense model's predicted {dense:.3f} ms "
-                           f"on {table.backend}: nothing to prune")
+            raise P3BError(
+                f"a target of {target_ms:.3f} ms is not below the dense model's predicted {dense:.3f} ms "
+                f"on {table.backend}: nothing to prune"
+            )
         self.dense_ms = dense
         self.budget_share = (target_ms - self.fixed_ms) / float(self.full.sum())
 
@@ -243,21 +270,28 @@ class LatencyCosts:
         ceiling = params.budget_share * float(params.full.sum())
         self.limit_ms = self.fastest_at(params, ceiling)
         if self.limit_ms > self.target_ms:
-            size = (f"keeping {100 * (ceiling + params.other_params) / params.total_params:.1f}% of the parameters"
-                    if params.scope == "total" else
-                    f"keeping {100 * params.budget_share:.1f}% of the block parameters")
-            raise P3BError(f"the parameter budget and the latency target conflict: {size}, "
-                           f"no architecture is predicted faster than {self.limit_ms:.3f} ms "
-                           f"({self.table.dense_ms / self.limit_ms:.2f}× on {self.table.backend}), above the "
-                           f"{self.target_ms:.3f} ms target: keep fewer parameters or ask for less speed")
+            size = (
+                f"keeping {100 * (ceiling + params.other_params) / params.total_params:.1f}% of the parameters"
+                if params.scope == "total"
+                else f"keeping {100 * params.budget_share:.1f}% of the block parameters"
+            )
+            raise P3BError(
+                f"the parameter budget and the latency target conflict: {size}, "
+                f"no architecture is predicted faster than {self.limit_ms:.3f} ms "
+                f"({self.table.dense_ms / self.limit_ms:.2f}× on {self.table.backend}), above the "
+                f"{self.target_ms:.3f} ms target: keep fewer parameters or ask for less speed"
+            )
 
     def kept(self) -> torch.Tensor:
         """Predicted ms of every branch at its current kept width (mask ≥ 0.5)."""
         out = []
         for c, b in zip(self.curves, self.branches):
             gates = b.gates()
-            out.append(float(c[gates[_inner(b)].kept()]) if c is not None else
-                       float(self._heads_grid()[gates["heads"].kept(), gates["head_dim"].kept()]))
+            out.append(
+                float(c[gates[_inner(b)].kept()])
+                if c is not None
+                else float(self._heads_grid()[gates["heads"].kept(), gates["head_dim"].kept()])
+            )
         return torch.tensor(out, dtype=torch.float64)
 
     def curve(self, i: int, order_gate: torch.Tensor) -> torch.Tensor:
@@ -278,13 +312,25 @@ class LatencyCosts:
         t = self.table
         predicted = t.predict(layers)
         limit = self.limit_ms
-        return {**({"fastest_at_parameter_budget_ms": limit, "fastest_at_parameter_budget_speedup": t.dense_ms / limit}
-                   if limit is not None else {}),
-                "backend": t.backend, "device": t.device, "batch": t.batch, "threads": t.threads, "cpu": t.machine.get("cpu"),
-                "target_ms": self.asked_ms, "predicted_ms": predicted, "dense_ms_measured": t.dense_ms,
-                "predicted_speedup": t.dense_ms / predicted, "target_speedup": t.dense_ms / self.asked_ms,
-                **({"target_ms_used": self.target_ms} if self.target_ms != self.asked_ms else {}),
-                "table_check_error": t.check_error}
+        return {
+            **(
+                {"fastest_at_parameter_budget_ms": limit, "fastest_at_parameter_budget_speedup": t.dense_ms / limit}
+                if limit is not None
+                else {}
+            ),
+            "backend": t.backend,
+            "device": t.device,
+            "batch": t.batch,
+            "threads": t.threads,
+            "cpu": t.machine.get("cpu"),
+            "target_ms": self.asked_ms,
+            "predicted_ms": predicted,
+            "dense_ms_measured": t.dense_ms,
+            "predicted_speedup": t.dense_ms / predicted,
+            "target_speedup": t.dense_ms / self.asked_ms,
+            **({"target_ms_used": self.target_ms} if self.target_ms != self.asked_ms else {}),
+            "table_check_error": t.check_error,
+        }
 
 
 def _inner(branch) -> str:

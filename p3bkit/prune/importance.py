@@ -11,6 +11,7 @@ Local importance: per gate element the Taylor score (m·∂L/∂m)² becomes a n
 (rank+1)/n within its gate, times a per-gate factor; equal scores (hard-pruned elements score 0)
 are ordered by their mask gradient, never by index.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,13 @@ def gamma(x: torch.Tensor, s: float = 10.0) -> torch.Tensor:
     return F.softplus(1.4 * s * x) - F.softplus(1.4 * s * x - s)
 
 
-def token_importance(delta: torch.Tensor, kept_params: torch.Tensor, unit_cost: torch.Tensor | None = None,
-                     s: float = 10.0, active: torch.Tensor | None = None) -> torch.Tensor:
+def token_importance(
+    delta: torch.Tensor,
+    kept_params: torch.Tensor,
+    unit_cost: torch.Tensor | None = None,
+    s: float = 10.0,
+    active: torch.Tensor | None = None,
+) -> torch.Tensor:
     """γ(ΔΨ / max ΔΨ) / max(|w|, one unit), divided by its mean over the active branches.
 
     Inactive (disabled) branches get 0 and take no part in the max or the mean.
@@ -41,9 +47,15 @@ def token_importance(delta: torch.Tensor, kept_params: torch.Tensor, unit_cost: 
     return imp / mean.clamp(min=EPS)
 
 
-def block_importance(delta_cls: torch.Tensor, delta_patch: torch.Tensor, kept_params: torch.Tensor,
-                     alpha: float = 0.5, s: float = 10.0, unit_cost: torch.Tensor | None = None,
-                     active: torch.Tensor | None = None) -> torch.Tensor:
+def block_importance(
+    delta_cls: torch.Tensor,
+    delta_patch: torch.Tensor,
+    kept_params: torch.Tensor,
+    alpha: float = 0.5,
+    s: float = 10.0,
+    unit_cost: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Iᵢ = α·Iᶜᵢ + (1−α)·Iᵖᵢ."""
     c = token_importance(delta_cls, kept_params, unit_cost, s, active)
     p = token_importance(delta_patch, kept_params, unit_cost, s, active)

@@ -7,6 +7,7 @@ pruned from, which `finetune` distils from) and `summary.json`. It runs unchange
 torchrun (DDP: `batch_size` is the global batch; accumulators are all-reduced before every mask
 update and every rank checks that its masks equal rank 0's).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,13 +37,17 @@ def _validate(job: PruneJob) -> None:
     from p3bkit.models.arch import ARCH_FILE, read_arch
 
     if (Path(job.model) / ARCH_FILE).is_file() and read_arch(job.model).layers:
-        raise P3BError(f"{job.model} is already pruned; pruning it again is not supported: prune its dense model "
-                       "(the source named in its arch.json, with --weights for fine-tuned weights) to the smaller "
-                       "budget instead")
+        raise P3BError(
+            f"{job.model} is already pruned; pruning it again is not supported: prune its dense model "
+            "(the source named in its arch.json, with --weights for fine-tuned weights) to the smaller "
+            "budget instead"
+        )
     if not 0 < job.p3b.keep <= 1:
         raise P3BError(f"keep ratio must be in (0, 1], got {job.p3b.keep}")
     if (job.p3b.target_ms is not None or job.target_speedup is not None) and job.latency_table is None:
-        raise P3BError("a latency target needs --latency-table (make one with p3bkit latency-table MODEL --backend ...)")
+        raise P3BError(
+            "a latency target needs --latency-table (make one with p3bkit latency-table MODEL --backend ...)"
+        )
     if any(e < 0 for e in job.epochs) or job.epochs[1] + job.epochs[2] == 0:
         raise P3BError(f"epochs (warm-up, sparsify, sharpen) = {job.epochs}: need ≥ 0 each and sparsify+sharpen ≥ 1")
     if job.p3b.update_every < 1:
@@ -62,9 +67,11 @@ def _latency_table(job: PruneJob, gated, say):
     table.check_machine(machine_info(table.threads))
     error = table.check_error
     if error is not None and error > MAX_CHECK_ERROR and not job.accept_table_error:
-        raise P3BError(f"{job.latency_table} predicted its check models with a median error of {100 * error:.1f}% "
-                       f"(> {100 * MAX_CHECK_ERROR:.0f}%): measure it again on an idle machine, or pass "
-                       "--accept-table-error to prune to it anyway")
+        raise P3BError(
+            f"{job.latency_table} predicted its check models with a median error of {100 * error:.1f}% "
+            f"(> {100 * MAX_CHECK_ERROR:.0f}%): measure it again on an idle machine, or pass "
+            "--accept-table-error to prune to it anyway"
+        )
     if error is None:
         say(f"note: {job.latency_table} was made without --check: its prediction error is unknown")
     if job.target_speedup is not None:
@@ -86,8 +93,10 @@ def _warn_sparse_updates(sched: Schedule, every: int, say) -> None:
     """A schedule with a handful of mask updates per phase jumps straight to its targets."""
     for phase, steps in (("sparsify", sched.sparsify_steps), ("sharpen", sched.sharpen_steps)):
         if steps and steps // every < 3:
-            say(f"warning: only {steps // every} mask update(s) during {phase} ({steps} iterations, one update "
-                   f"every {every}); lower --update-every (the paper scales it with the data size)")
+            say(
+                f"warning: only {steps // every} mask update(s) during {phase} ({steps} iterations, one update "
+                f"every {every}); lower --update-every (the paper scales it with the data size)"
+            )
 
 
 def _warn_few_indicator_images(batch: int, say) -> None:
@@ -95,8 +104,10 @@ def _warn_few_indicator_images(batch: int, say) -> None:
     from p3bkit.prune.bpi import MIN_INDICATOR_IMAGES
 
     if batch < MIN_INDICATOR_IMAGES:
-        say(f"warning: a batch of {batch} per process gives the block performance indicators {batch} images per step "
-            f"(they need {MIN_INDICATOR_IMAGES}): block budgets will be noisy; raise --batch-size")
+        say(
+            f"warning: a batch of {batch} per process gives the block performance indicators {batch} images per step "
+            f"(they need {MIN_INDICATOR_IMAGES}): block budgets will be noisy; raise --batch-size"
+        )
 
 
 def _settings(job: PruneJob) -> dict:
@@ -127,8 +138,9 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     from p3bkit.train.fit import seed_everything
 
     _validate(job)
-    folder = RunFolder(Path(job.out), "prune", SUMMARY, ("pruned/arch.json", "pruned/model.safetensors",
-                                                        f"pruned/{TEACHER_FILE}"))
+    folder = RunFolder(
+        Path(job.out), "prune", SUMMARY, ("pruned/arch.json", "pruned/model.safetensors", f"pruned/{TEACHER_FILE}")
+    )
     inputs = ((job.model,) if Path(job.model).is_dir() else ()) + (job.teacher,)  # a teacher PATH is read too
     resuming = folder.open(inputs, resume, force)
     ctx = init_distributed(job.device)
@@ -159,8 +171,10 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     teacher = _teacher(job, ctx.device)
     if kd_teacher is not None:
         kd_teacher.to(ctx.device)
-        say(f"distilling from the dense model while pruning (weight {job.kd_weight:g}, temperature "
-            f"{job.kd_temperature:g})")
+        say(
+            f"distilling from the dense model while pruning (weight {job.kd_weight:g}, temperature "
+            f"{job.kd_temperature:g})"
+        )
     check_batch(data, job.batch_size, ctx.world, data.mixup is not None)
     spe = len(make_loader(data.train, job.batch_size // ctx.world, True, rank=ctx.rank, world=ctx.world))
     warmup, sparsify, sharpen = job.epochs
@@ -168,15 +182,26 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     _warn_sparse_updates(sched, job.p3b.update_every, say)
     _warn_few_indicator_images(job.batch_size // ctx.world, say)
     table = _latency_table(job, gated, say)
-    checks = SpeedChecks(dense, table, job.p3b.target_ms, job.speed_checks) \
-        if table is not None and job.p3b.target_ms is not None and job.speed_checks else None  # a table has a target
-    pruner = P3BPruner(gated, job.p3b, sched, hard_distillation_loss if teacher is not None else ce_loss,
-                       lr_scale=job.batch_size / 512, latency_table=table).to(ctx.device)
+    checks = (
+        SpeedChecks(dense, table, job.p3b.target_ms, job.speed_checks)
+        if table is not None and job.p3b.target_ms is not None and job.speed_checks
+        else None
+    )  # a table has a target
+    pruner = P3BPruner(
+        gated,
+        job.p3b,
+        sched,
+        hard_distillation_loss if teacher is not None else ce_loss,
+        lr_scale=job.batch_size / 512,
+        latency_table=table,
+    ).to(ctx.device)
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        pruner.set_forward(DDP(gated, broadcast_buffers=False, find_unused_parameters=True),
-                           DDP(pruner.bpi, find_unused_parameters=True))
+        pruner.set_forward(
+            DDP(gated, broadcast_buffers=False, find_unused_parameters=True),
+            DDP(pruner.bpi, find_unused_parameters=True),
+        )
     for note in [*notes, *([plan] if plan else [])] if ctx.main else ():
         notify(note)
     with folder.writing(resuming, ctx):  # only now: bad models, data or checkpoints leave no folder behind
@@ -199,11 +224,13 @@ def _loader_of_state(pruner: P3BPruner, checks: SpeedChecks | None):
         pruner.load_extra_state(state["extra"])
         if checks is not None:
             checks.load_state_dict(state["speed"])
+
     return load
 
 
-def _speed_check(pruner: P3BPruner, checks: SpeedChecks, layers: list[dict], record: dict, ctx: DistContext,
-                 log: RunLog) -> None:
+def _speed_check(
+    pruner: P3BPruner, checks: SpeedChecks, layers: list[dict], record: dict, ctx: DistContext, log: RunLog
+) -> None:
     """Time the architecture this update's targets lead to (rank 0), correct the latency target on
     every rank, log what was measured."""
     _, progress, _ = pruner.schedule.at(record["step"] - 1)
@@ -212,8 +239,10 @@ def _speed_check(pruner: P3BPruner, checks: SpeedChecks, layers: list[dict], rec
         try:
             row = checks.check(layers, pruner.latency().target_ms)
         except Exception as e:  # a check is advice: the run goes on with the target it has (and says so)
-            notify(f"speed check at {100 * progress:.0f}% of sparsify failed ({type(e).__name__}: {e}); "
-                   f"latency target kept at {pruner.latency().target_ms:.3f} ms")
+            notify(
+                f"speed check at {100 * progress:.0f}% of sparsify failed ({type(e).__name__}: {e}); "
+                f"latency target kept at {pruner.latency().target_ms:.3f} ms"
+            )
             log.append({"type": "speed_check", "step": record["step"], "progress": progress, "error": str(e)})
     mine = (row["target_ms_after"] if row else pruner.latency().target_ms) if ctx.main else 0.0
     target = torch.tensor([mine], dtype=torch.float64)
@@ -223,15 +252,27 @@ def _speed_check(pruner: P3BPruner, checks: SpeedChecks, layers: list[dict], rec
     if row:
         row.update(step=record["step"], progress=progress, target_ms_after=used)  # the row `records` holds
         log.append({"type": "speed_check", **row})
-        notify(f"speed check at {100 * progress:.0f}% of sparsify: {row['measured_speedup']:.2f}× measured on "
-               f"{checks.table.backend} ({row['predicted_speedup']:.2f}× predicted, {checks.asked_speedup:.2f}× asked); "
-               f"latency target {row['target_ms_before']:.3f} → {used:.3f} ms"
-               + (" (host busy: the dense model ran > 10% slower than its steadiest time in 3 tries; target kept)"
-                  if row["host_busy"] else ""))
+        notify(
+            f"speed check at {100 * progress:.0f}% of sparsify: {row['measured_speedup']:.2f}× measured on "
+            f"{checks.table.backend} ({row['predicted_speedup']:.2f}× predicted, {checks.asked_speedup:.2f}× asked); "
+            f"latency target {row['target_ms_before']:.3f} → {used:.3f} ms"
+            + (
+                " (host busy: the dense model ran > 10% slower than its steadiest time in 3 tries; target kept)"
+                if row["host_busy"]
+                else ""
+            )
+        )
 
 
-def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teachers: tuple, log: RunLog, ctx: DistContext,
-                checks: SpeedChecks | None = None) -> EpochLoop:
+def _epoch_loop(
+    job: PruneJob,
+    pruner: P3BPruner,
+    data,
+    teachers: tuple,
+    log: RunLog,
+    ctx: DistContext,
+    checks: SpeedChecks | None = None,
+) -> EpochLoop:
     """One P3B training step per batch; mask updates when due; an evaluation and a log record per epoch.
     `teachers`: the DeiT hard-distillation teacher and the dense model distilled from (each or None)."""
     from p3bkit.data import make_loader
@@ -247,8 +288,16 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teachers: tuple, log: Ru
 
     def loader(epoch: int, first: int):
         pruner.gated.train()
-        return make_loader(data.train, job.batch_size // ctx.world, True, seed=job.seed + epoch, rank=ctx.rank,
-                           world=ctx.world, start_batch=first, workers=job.workers)
+        return make_loader(
+            data.train,
+            job.batch_size // ctx.world,
+            True,
+            seed=job.seed + epoch,
+            rank=ctx.rank,
+            world=ctx.world,
+            start_batch=first,
+            workers=job.workers,
+        )
 
     def step(epoch: int, batch) -> dict:
         x, y = (t.to(ctx.device) for t in batch)
@@ -267,32 +316,60 @@ def _epoch_loop(job: PruneJob, pruner: P3BPruner, data, teachers: tuple, log: Ru
             record = pruner.update_masks(plan=checks is not None and checks.due(phase, progress))
             layers = record.pop("plan", None)
             check_identical(torch.cat([g.mask for g in pruner.gated.gates.values()]), ctx, "the masks")
-            log.append({**record, "type": "mask_update", "epoch": epoch + 1, **stats,
-                        "block_keep": pruner.kept_branch_params_ratio()})
+            log.append(
+                {
+                    **record,
+                    "type": "mask_update",
+                    "epoch": epoch + 1,
+                    **stats,
+                    "block_keep": pruner.kept_branch_params_ratio(),
+                }
+            )
             if layers is not None and checks is not None:  # a plan is asked for by a speed check only
                 _speed_check(pruner, checks, layers, record, ctx, log)
         return {"loss": float(stats["loss"]), "keep": pruner.kept_branch_params_ratio()}
 
     def end_epoch(epoch: int, batches: int) -> str:
         acc = evaluate(pruner.gated, data.val, device=ctx.device, ctx=ctx)
-        log.append({"type": "epoch", "epoch": epoch + 1, "val_acc": acc, "soft_target_steps": soft.pop(epoch, 0),
-                    "block_keep": pruner.kept_branch_params_ratio(), "total_keep": pruner.total_keep_ratio()})
+        log.append(
+            {
+                "type": "epoch",
+                "epoch": epoch + 1,
+                "val_acc": acc,
+                "soft_target_steps": soft.pop(epoch, 0),
+                "block_keep": pruner.kept_branch_params_ratio(),
+                "total_keep": pruner.total_keep_ratio(),
+            }
+        )
         return f"val top-1 {acc:.2f}%, keeping {100 * pruner.total_keep_ratio():.1f}% of all parameters"
 
     def state() -> dict:
-        return {"pruner": pruner.state_dict(), "extra": pruner.extra_state(),
-                **({"speed": checks.state_dict()} if checks is not None else {})}
+        return {
+            "pruner": pruner.state_dict(),
+            "extra": pruner.extra_state(),
+            **({"speed": checks.state_dict()} if checks is not None else {}),
+        }
 
     from p3bkit.models.factory import loads_weights
 
     lr = job.p3b.lr_model * job.batch_size / 512
     scratch = not loads_weights(job.model, job.pretrained, job.pretrained_file, job.weights)
-    return EpochLoop(total, loader, step, end_epoch, state, "prune", job.progress,
-                     lr_note=f"model lr {lr:.2e}" if scratch else None)
+    return EpochLoop(
+        total, loader, step, end_epoch, state, "prune", job.progress, lr_note=f"model lr {lr:.2e}" if scratch else None
+    )
 
 
-def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, ctx: DistContext,
-            origin: dict, checks: SpeedChecks | None = None, distill: dict | None = None) -> dict:
+def _finish(
+    job: PruneJob,
+    pruner: P3BPruner,
+    data,
+    out: Path,
+    seconds: float,
+    ctx: DistContext,
+    origin: dict,
+    checks: SpeedChecks | None = None,
+    distill: dict | None = None,
+) -> dict:
     from p3bkit.fileio import write_json_atomic
     from p3bkit.models import save
     from p3bkit.models.teacher import write_origin
@@ -310,20 +387,36 @@ def _finish(job: PruneJob, pruner: P3BPruner, data, out: Path, seconds: float, c
     params = sum(p.numel() for p in pruned.parameters())
     nominal = pruner.total_keep_ratio()
     total = pruner.params.total_params
-    summary = {"job": asdict(job), "distillation": distill or {"teacher": None},
-               "val_acc_masked": masked_acc, "val_acc_pruned": pruned_acc, "world": ctx.world,
-               "train_images": len(data.train),
-               "budget": job.p3b.budget, "keep_target": job.p3b.keep, "block_keep_target": pruner.budget_share,
-               "params_dense": total, "params_kept": round(nominal * total),
-               "total_keep": nominal, "prune_rate_total": 1 - nominal,
-               # tensors in the saved model: a read/write folded into full-width weights (io-mode) or
-               # widths rounded up (round-to) store more than the kept parameters
-               "params_stored": params, "total_keep_stored": params / total,
-               "block_params_full": full, "block_params_kept": kept, "block_keep_nominal": kept / full,
-               "prune_rate_blocks": 1 - kept / full, "block_params_effective": eff,
-               "lr_model": pruner.optimizer.param_groups[0]["lr"], "lr_bpi": pruner.optimizer.param_groups[-1]["lr"],
-               "surgery_max_abs_diff": diff, "seconds": seconds, "kappa": pruner.kappa.tolist(),
-               "disabled_blocks": [i for i, d in enumerate(pruner.disabled.tolist()) if d]}
+    summary = {
+        "job": asdict(job),
+        "distillation": distill or {"teacher": None},
+        "val_acc_masked": masked_acc,
+        "val_acc_pruned": pruned_acc,
+        "world": ctx.world,
+        "train_images": len(data.train),
+        "budget": job.p3b.budget,
+        "keep_target": job.p3b.keep,
+        "block_keep_target": pruner.budget_share,
+        "params_dense": total,
+        "params_kept": round(nominal * total),
+        "total_keep": nominal,
+        "prune_rate_total": 1 - nominal,
+        # tensors in the saved model: a read/write folded into full-width weights (io-mode) or
+        # widths rounded up (round-to) store more than the kept parameters
+        "params_stored": params,
+        "total_keep_stored": params / total,
+        "block_params_full": full,
+        "block_params_kept": kept,
+        "block_keep_nominal": kept / full,
+        "prune_rate_blocks": 1 - kept / full,
+        "block_params_effective": eff,
+        "lr_model": pruner.optimizer.param_groups[0]["lr"],
+        "lr_bpi": pruner.optimizer.param_groups[-1]["lr"],
+        "surgery_max_abs_diff": diff,
+        "seconds": seconds,
+        "kappa": pruner.kappa.tolist(),
+        "disabled_blocks": [i for i, d in enumerate(pruner.disabled.tolist()) if d],
+    }
     if isinstance(pruner.costs, LatencyCosts):
         summary["latency"] = pruner.costs.report(pruned.p3b_arch.layers)
         if pruner.both_budgets:

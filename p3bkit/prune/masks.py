@@ -5,6 +5,7 @@ index t is found so that the cost of what is kept meets κ·cost (`threshold_cou
 cost curve, `prune.costs`), and the mask is M_k = σ(ln(M_ref/(1−M_ref))·(k − t)/(τ·N)) over sorted
 positions k: element t gets 0.5, element t+τN gets M_ref, τ = 0 gives the hard mask 1[k ≥ t].
 """
+
 from __future__ import annotations
 
 import math

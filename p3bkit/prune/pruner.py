@@ -6,6 +6,7 @@ magnitude, fixed) over a cost model (`prune.costs`: parameters, or predicted ms)
 `update_every` steps after warm-up it turns the accumulated ΔΨ into branch keep ratios and the
 accumulated Taylor scores into new soft masks. Masks are buffers: AdamW never sees them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,15 @@ class P3BPruner(nn.Module):
     disabled: torch.Tensor
     step: torch.Tensor
 
-    def __init__(self, gated: GatedViT, cfg: P3BConfig, schedule: Schedule, criterion: Criterion = ce_loss,
-                 lr_scale: float = 1.0, latency_table=None) -> None:
+    def __init__(
+        self,
+        gated: GatedViT,
+        cfg: P3BConfig,
+        schedule: Schedule,
+        criterion: Criterion = ce_loss,
+        lr_scale: float = 1.0,
+        latency_table=None,
+    ) -> None:
         """`lr_scale` multiplies both learning rates (the DeiT rule: batch size / 512).
 
         With `cfg.target_ms` and a `latency_table`, every branch's cost is its predicted milliseconds
@@ -63,7 +71,9 @@ class P3BPruner(nn.Module):
         self.bound: str | None = None  # which of the two bound the last update: "latency" or "parameters"
         if latency is not None and self.both_budgets:
             if cfg.keep_ratios is not None:
-                raise P3BError("handcrafted keep ratios take no budget: drop the parameter budget or the latency target")
+                raise P3BError(
+                    "handcrafted keep ratios take no budget: drop the parameter budget or the latency target"
+                )
             latency.check_parameter_budget(self.params)
         self.allocation: Allocation = make_allocation(cfg)
         n = len(self.branches)
@@ -73,7 +83,9 @@ class P3BPruner(nn.Module):
         self.register_buffer("kappa", torch.ones(n))
         self.register_buffer("disabled", torch.zeros(n, dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.optimizer = torch.optim.AdamW(self._param_groups(lr_scale), foreach=True)  # one op per group, not per tensor
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(lr_scale), foreach=True
+        )  # one op per group, not per tensor
         for name, gate in gated.gates.items():
             gate.track = True
             if name.endswith(".heads"):
@@ -92,7 +104,10 @@ class P3BPruner(nn.Module):
         model = self.gated.model
         skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
         lr_model = 1e-8 if self.cfg.frozen else self.cfg.lr_model * lr_scale
-        groups = [dict(g, lr=lr_model) for g in param_groups_weight_decay(model, self.cfg.weight_decay, no_weight_decay_list=skip)]
+        groups = [
+            dict(g, lr=lr_model)
+            for g in param_groups_weight_decay(model, self.cfg.weight_decay, no_weight_decay_list=skip)
+        ]
         return groups + [{"params": list(self.bpi.parameters()), "lr": self.cfg.lr_bpi * lr_scale, "weight_decay": 0.0}]
 
     def set_forward(self, model: nn.Module, bpi: nn.Module) -> None:
@@ -101,8 +116,14 @@ class P3BPruner(nn.Module):
 
     # ---- training ------------------------------------------------------------------------------
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None,
-                   autocast_dtype: torch.dtype | None = None, soft: SoftTargets | None = None) -> dict[str, float]:
+    def train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        soft: SoftTargets | None = None,
+    ) -> dict[str, float]:
         """Forward, backward (model + BPI), optimizer step; accumulates ΔΨ and Taylor scores.
 
         `y` is class indices or, with Mixup/CutMix, soft targets (B, K); the losses take both.
@@ -118,7 +139,7 @@ class P3BPruner(nn.Module):
         try:
             with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = self._fwd["model"](x)
-                cls, dist = (out if isinstance(out, tuple) else (out, None))
+                cls, dist = out if isinstance(out, tuple) else (out, None)
                 loss = self.criterion(cls, dist, y, teacher)
                 if soft is not None:
                     from p3bkit.train.fit import distillation_loss
@@ -126,8 +147,9 @@ class P3BPruner(nn.Module):
                     loss = distillation_loss(cls, soft.logits, loss, soft.weight, soft.temperature)
                 m = indicator_images(len(x), self.cfg.bpi_fraction)  # the batch is shuffled: its first m images
                 states = [s[:m] for s in recorder.take()]
-                bpi_loss, d_c, d_p = self._fwd["bpi"](states, y[:m], self.criterion,
-                                                      None if teacher is None else teacher[:m])
+                bpi_loss, d_c, d_p = self._fwd["bpi"](
+                    states, y[:m], self.criterion, None if teacher is None else teacher[:m]
+                )
         finally:
             recorder.remove()
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,13 +202,25 @@ class P3BPruner(nn.Module):
 
         def curves():
             return [(scores[order], cost) for scores, order, cost in map(self._order, range(len(self.branches)))]
-        return AllocationInput((self.delta_c / count).cpu(), (self.delta_p / count).cpu(), self.costs.kept(),
-                               self.costs.full, self.costs.unit, self.disabled.cpu(),
-                               self.budget_share if budget is None else budget, curves,
-                               self.costs.useful, int(self.delta_count) >= self.cfg.update_every, removals_open)
+
+        return AllocationInput(
+            (self.delta_c / count).cpu(),
+            (self.delta_p / count).cpu(),
+            self.costs.kept(),
+            self.costs.full,
+            self.costs.unit,
+            self.disabled.cpu(),
+            self.budget_share if budget is None else budget,
+            curves,
+            self.costs.useful,
+            int(self.delta_count) >= self.cfg.update_every,
+            removals_open,
+        )
 
     @torch.no_grad()
-    def record_measurements(self, delta_c: torch.Tensor, delta_p: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
+    def record_measurements(
+        self, delta_c: torch.Tensor, delta_p: torch.Tensor, scores: dict[str, torch.Tensor]
+    ) -> None:
         """Measurements from outside the training loop (latency checks, tests): one step's ΔΨ per
         branch and Taylor scores per gate (`scores`, keyed like `gated.gates`), which stand for the
         squared mask gradients too (what a gate with a score floor ranks by)."""
@@ -224,12 +258,21 @@ class P3BPruner(nn.Module):
             widths, carry = self._choose(i, kappa, carry, cache)
             self._write(i, widths, tau)
         count = self.delta_count.clamp(min=1)
-        record = {"step": step, "phase": phase, "tau": tau,
-                  "delta_c": (self.delta_c / count).tolist(), "delta_p": (self.delta_p / count).tolist(),
-                  "kappa_target": target.tolist(), "kappa": self.kappa.tolist(), "disabled": self.disabled.tolist(),
-                  "kept_params": self.params.linear_kept().tolist(), "full_params": self.params.linear_full.tolist(),
-                  "heads": [b.widths().heads if b.widths().kind == "attn" else None for b in self.branches],
-                  **self.costs.log_fields(), **({"bound": self.bound} if self.bound else {})}
+        record = {
+            "step": step,
+            "phase": phase,
+            "tau": tau,
+            "delta_c": (self.delta_c / count).tolist(),
+            "delta_p": (self.delta_p / count).tolist(),
+            "kappa_target": target.tolist(),
+            "kappa": self.kappa.tolist(),
+            "disabled": self.disabled.tolist(),
+            "kept_params": self.params.linear_kept().tolist(),
+            "full_params": self.params.linear_full.tolist(),
+            "heads": [b.widths().heads if b.widths().kind == "attn" else None for b in self.branches],
+            **self.costs.log_fields(),
+            **({"bound": self.bound} if self.bound else {}),
+        }
         if plan:
             record["plan"] = self.planned_layers(target, cache)
         self.reset_accumulators()
@@ -297,8 +340,9 @@ class P3BPruner(nn.Module):
                 n = gates[name].size
                 values = torch.empty(n)
                 # a handful of heads: the 0.5 point between the last kept head and the first pruned one
-                values[widths["orders"][name].flip(0)] = soft_mask_values(n, n - widths[name], tau, self.cfg.m_ref,
-                                                                          between=name == "heads")
+                values[widths["orders"][name].flip(0)] = soft_mask_values(
+                    n, n - widths[name], tau, self.cfg.m_ref, between=name == "heads"
+                )
                 gates[name].mask.copy_(values.to(gates[name].mask.device))
             return
         order = widths["order"]
@@ -322,12 +366,17 @@ class P3BPruner(nn.Module):
                 counts = {"heads": widths["heads"], "head_dim": widths["head_dim"]}
             else:
                 gate_id = torch.cat([torch.full((g.size,), j) for j, g in enumerate(gates.values())])
-                kept = torch.bincount(gate_id[widths["order"][:widths["keep"]]], minlength=len(gates))
+                kept = torch.bincount(gate_id[widths["order"][: widths["keep"]]], minlength=len(gates))
                 counts = dict(zip(gates, kept.tolist()))
             if min(counts.values()) == 0:
                 continue  # removed or emptied: the layer has no such branch
-            branch = {"in": full, "out": full, "read": "dense", "write": "dense",
-                      **{name: list(range(n)) for name, n in counts.items() if name not in ("in", "out")}}
+            branch = {
+                "in": full,
+                "out": full,
+                "read": "dense",
+                "write": "dense",
+                **{name: list(range(n)) for name, n in counts.items() if name not in ("in", "out")},
+            }
             layers[i // 2]["attn" if i % 2 == 0 else "mlp"] = branch
         return layers
 
@@ -399,8 +448,12 @@ class P3BPruner(nn.Module):
         return float(self.params.kept_total() / self.params.total_params)
 
     def extra_state(self) -> dict:
-        return {"allocation": self.allocation.state_dict(), "optimizer": self.optimizer.state_dict(), "bound": self.bound,
-                **({"target_ms": self.costs.target_ms} if isinstance(self.costs, LatencyCosts) else {})}
+        return {
+            "allocation": self.allocation.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "bound": self.bound,
+            **({"target_ms": self.costs.target_ms} if isinstance(self.costs, LatencyCosts) else {}),
+        }
 
     def load_extra_state(self, state: dict) -> None:
         self.allocation.load_state_dict(state["allocation"])

@@ -11,6 +11,7 @@ batch 512 and are scaled by batch / 512 (the DeiT rule the paper and the authors
   A model pruned without loaded weights (random init, trained while it is pruned) takes the
   `scratch` training recipe's model lr instead (`train.recipes`: 2e-3 at batch 64).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -49,4 +50,3 @@ def resolve_recipe(name: str, scratch: bool = False, **overrides) -> dict:
         values["lr"] = min(SCRATCH_LR, SCRATCH_MAX_LR * 512 / values["batch_size"])
     values["epochs"] = tuple(values["epochs"])
     return values
-

@@ -3,6 +3,7 @@
 Warm-up: dense, the BPI learns. Sparsify: keep ratios ramp linearly from 1 to their targets at
 τ = τ_max. Sharpen: targets reached, τ falls linearly from τ_max to 0 (hard masks at the end).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -18,6 +18,7 @@ model), so a host that runs faster or slower today than the day the table was ma
 nothing. After the run the pruned model is timed the same way and summary.json reports its
 measured speedup. No check runs after sparsify: sharpen trains the widths it was given.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -31,7 +32,7 @@ TRIES = 3  # timings per check before it gives up on a busy host (and keeps the 
 
 def check_points(rounds: int) -> list[float]:
     """Sparsify progress at which the checks run: ½, ¾, ⅞, …"""
-    return [1 - 0.5 ** i for i in range(1, rounds + 1)]
+    return [1 - 0.5**i for i in range(1, rounds + 1)]
 
 
 def corrected_target(target_ms: float, measured_speedup: float, asked_speedup: float) -> float:
@@ -41,8 +42,9 @@ def corrected_target(target_ms: float, measured_speedup: float, asked_speedup: f
     return target_ms * factor
 
 
-def steady_time(dense: nn.Module, table, archs: list[list[dict]], runs: int, reference_ms: float,
-                tries: int = TRIES) -> tuple[float, list[float], bool]:
+def steady_time(
+    dense: nn.Module, table, archs: list[list[dict]], runs: int, reference_ms: float, tries: int = TRIES
+) -> tuple[float, list[float], bool]:
     """(dense ms, ms of each architecture, busy): timed beside the dense model, again while the
     dense model runs more than `BUSY` × `reference_ms` (the steadiest dense time known), at most
     `tries` times; busy says the last try was still slow.
@@ -73,8 +75,12 @@ class SpeedChecks:
 
     def due(self, phase: str, progress: float) -> bool:
         """Whether the mask update at this schedule position is a check's (the next point passed)."""
-        return (phase == "sparsify" and progress < 1 and self.done < self.rounds
-                and progress >= check_points(self.rounds)[self.done])
+        return (
+            phase == "sparsify"
+            and progress < 1
+            and self.done < self.rounds
+            and progress >= check_points(self.rounds)[self.done]
+        )
 
     def time(self, layers: list[dict]) -> dict:
         """Measured and predicted speedup of `layers` over the dense model timed beside it
@@ -85,8 +91,14 @@ class SpeedChecks:
         if not busy:
             self.reference_ms = min(self.reference_ms, dense_ms)
         predicted = self.table.predict(layers)
-        return {"dense_ms": dense_ms, "pruned_ms": ms, "measured_speedup": dense_ms / ms,
-                "predicted_ms": predicted, "predicted_speedup": self.table.dense_ms / predicted, "host_busy": busy}
+        return {
+            "dense_ms": dense_ms,
+            "pruned_ms": ms,
+            "measured_speedup": dense_ms / ms,
+            "predicted_ms": predicted,
+            "predicted_speedup": self.table.dense_ms / predicted,
+            "host_busy": busy,
+        }
 
     def check(self, layers: list[dict], target_ms: float) -> dict:
         """Time the planned architecture, keep its row in `records`; the corrected target and what
@@ -99,12 +111,25 @@ class SpeedChecks:
         parameter budget bound it, or widths landed below a latency step), and its prediction is
         what the measurement speaks about."""
         row = self.time(layers)
-        ratios = [rec["measured_speedup"] / rec["predicted_speedup"] for rec in [*self.records, row]
-                  if not rec.get("host_busy") and "measured_speedup" in rec]
-        after = target_ms if row["host_busy"] or not ratios else corrected_target(
-            row["predicted_ms"], sum(ratios) / len(ratios) * row["predicted_speedup"], self.asked_speedup)
-        row = {**row, "runtime_over_table": sum(ratios) / len(ratios) if ratios else None,
-               "asked_speedup": self.asked_speedup, "target_ms_before": target_ms, "target_ms_after": after}
+        ratios = [
+            rec["measured_speedup"] / rec["predicted_speedup"]
+            for rec in [*self.records, row]
+            if not rec.get("host_busy") and "measured_speedup" in rec
+        ]
+        after = (
+            target_ms
+            if row["host_busy"] or not ratios
+            else corrected_target(
+                row["predicted_ms"], sum(ratios) / len(ratios) * row["predicted_speedup"], self.asked_speedup
+            )
+        )
+        row = {
+            **row,
+            "runtime_over_table": sum(ratios) / len(ratios) if ratios else None,
+            "asked_speedup": self.asked_speedup,
+            "target_ms_before": target_ms,
+            "target_ms_after": after,
+        }
         self.records.append(row)
         return row
 

@@ -4,6 +4,7 @@ A checkpoint holds a run's state (model, optimiser, pruner …), its position (c
 batches into the current one) and every rank's RNG states, so a resumed run continues exactly
 where the checkpoint was taken.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,13 @@ from p3bkit.train.dist import DistContext
 def rng_state() -> dict:
     version, state, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()  # timm's Mixup draws from numpy
-    return {"torch": torch.get_rng_state(), "python": list(state), "python_version": version, "python_gauss": gauss,
-            "numpy": [torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)]}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(state),
+        "python_version": version,
+        "python_gauss": gauss,
+        "numpy": [torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -51,8 +57,9 @@ def read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, tampered or foreign files raise many types
-        raise P3BError(f"{path} cannot be resumed from ({type(exc).__name__}: {first_line(exc)}); "
-                       "delete it to start over") from exc
+        raise P3BError(
+            f"{path} cannot be resumed from ({type(exc).__name__}: {first_line(exc)}); delete it to start over"
+        ) from exc
 
 
 def check_resume_settings(path: Path, saved: dict | None, settings: dict) -> None:
@@ -60,5 +67,7 @@ def check_resume_settings(path: Path, saved: dict | None, settings: dict) -> Non
     if saved is None or saved == settings:
         return
     diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-    raise P3BError(f"{path} was written with other settings ({', '.join(diff)} differ); resume with the same "
-                   "settings, or start over with --force or a new folder")
+    raise P3BError(
+        f"{path} was written with other settings ({', '.join(diff)} differ); resume with the same "
+        "settings, or start over with --force or a new folder"
+    )

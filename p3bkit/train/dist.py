@@ -3,6 +3,7 @@
 Under `torchrun` (WORLD_SIZE > 1) the process group is created with nccl on GPU and gloo on CPU.
 Sampling that shards by rank is `p3bkit.data.loaders.EpochSampler`.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,4 +75,3 @@ def check_identical(t: torch.Tensor, ctx: DistContext, what: str) -> None:
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         dist.barrier()
-

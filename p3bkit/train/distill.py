@@ -21,6 +21,7 @@ fine-tune teacher as well +0.00 / +0.17) for a teacher forward per step (benchma
 
 No module here imports torch at import time: the CLI shows these defaults.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,8 +46,9 @@ def check_kd_settings(weight: float, temperature: float) -> None:
         raise P3BError(f"the distillation temperature must be > 0 (got {temperature})")
 
 
-def choose_teacher(choice: str, pruned: str, weight: float, temperature: float,
-                   say: Callable[[str], None]) -> tuple[nn.Module | None, dict]:
+def choose_teacher(
+    choice: str, pruned: str, weight: float, temperature: float, say: Callable[[str], None]
+) -> tuple[nn.Module | None, dict]:
     """The teacher `finetune` distils from, and its record (for finetune.json and the checkpoint's
     settings). `choice`: `auto` (the dense model `pruned/teacher.json` names, when it can be rebuilt
     here; otherwise none, said through `say`), `none`, or a path: a dense model folder or a weights
@@ -70,13 +72,16 @@ def choose_teacher(choice: str, pruned: str, weight: float, temperature: float,
     try:
         return build_dense(ref, source), _record(ref, "auto", weight, temperature)
     except (P3BError, OSError) as exc:  # e.g. timm's hub weights not cached here
-        say(f"note: fine-tuning without a teacher: the dense model {pruned} was pruned from cannot be rebuilt here "
-            f"({first_line(exc)})")
+        say(
+            f"note: fine-tuning without a teacher: the dense model {pruned} was pruned from cannot be rebuilt here "
+            f"({first_line(exc)})"
+        )
         return None, {"teacher": None}
 
 
-def choose_prune_teacher(choice: str, model: nn.Module, origin: dict, weight: float, temperature: float,
-                         say: Callable[[str], None]) -> tuple[nn.Module | None, dict]:
+def choose_prune_teacher(
+    choice: str, model: nn.Module, origin: dict, weight: float, temperature: float, say: Callable[[str], None]
+) -> tuple[nn.Module | None, dict]:
     """The teacher `prune` distils from while it prunes, and its record (for summary.json and the
     checkpoint's settings). `choice`: `auto` (a frozen copy of `model`, the dense model as loaded,
     when weights were loaded into it: `origin` is its `teacher.json`; otherwise none, said through
@@ -115,8 +120,10 @@ def _ref_at(path: Path, source) -> DenseRef:
     from p3bkit.models.teacher import DenseRef
 
     if not path.exists():
-        raise P3BError(f"teacher {path}: no such file or folder (give a dense model folder, a weights file of "
-                       f"{source.name}, auto or none)")
+        raise P3BError(
+            f"teacher {path}: no such file or folder (give a dense model folder, a weights file of "
+            f"{source.name}, auto or none)"
+        )
     if path.is_dir():
         return DenseRef(str(path.resolve()))
     return DenseRef(source.name, dict(source.kwargs), weights=str(path.resolve()))

@@ -4,6 +4,7 @@
 smoothing or Mixup/CutMix when the data brings it, under torchrun when launched by it, and runs
 through the run skeleton (`train.run`): checkpoints every epoch and on SIGTERM/SIGINT, exact resume.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 256, device: str = "cpu",
-             ctx: DistContext | None = None) -> float:
+def evaluate(
+    model: nn.Module, ds: Dataset, batch_size: int = 256, device: str = "cpu", ctx: DistContext | None = None
+) -> float:
     """Top-1 accuracy in percent (each rank scores its shard; counts are summed over ranks)."""
     ctx = ctx or DistContext(device=device)
     was_training = model.training
@@ -65,13 +67,18 @@ class FitConfig:
     kd_temperature: float = KD_TEMPERATURE  # T
 
 
-def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor, weight: float,
-                      temperature: float) -> torch.Tensor:
+def distillation_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor, weight: float, temperature: float
+) -> torch.Tensor:
     """(1 − w)·hard_loss + w·T²·KL(softmax(teacher/T) ‖ softmax(student/T)), the KL averaged over the batch
     (Hinton et al. 2015, §2: T² keeps the soft term's gradients on the labels' scale at any T)."""
     t = temperature
-    kl = F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
-                  reduction="batchmean", log_target=True)
+    kl = F.kl_div(
+        F.log_softmax(logits.float() / t, -1),
+        F.log_softmax(teacher_logits.float() / t, -1),
+        reduction="batchmean",
+        log_target=True,
+    )
     return (1 - weight) * hard_loss + weight * t * t * kl
 
 
@@ -81,8 +88,9 @@ def _optimizer(model: nn.Module, cfg: FitConfig, steps_per_epoch: int):
 
     no_decay = getattr(model, "no_weight_decay", None)
     skip = no_decay() if callable(no_decay) else set()
-    opt = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip), lr=cfg.lr,
-                            foreach=True)  # one op per group, not per tensor
+    opt = torch.optim.AdamW(
+        param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip), lr=cfg.lr, foreach=True
+    )  # one op per group, not per tensor
     total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:
@@ -101,8 +109,10 @@ class TrainStep:
     parameters; the optimiser and schedule are built for `steps_per_epoch` steps per epoch. Calling it
     returns the batch's loss (a float)."""
 
-    def __init__(self, model: nn.Module, cfg: FitConfig, steps_per_epoch: int, mixup=None, net: nn.Module | None = None):
-        self.model, self.net, self.cfg, self.mixup = model, net or model, cfg, mixup
+    def __init__(
+        self, model: nn.Module, cfg: FitConfig, steps_per_epoch: int, mixup=None, net: nn.Module | None = None
+    ):
+        self.model, self.net, self.cfg, self.mixup = model, net if net is not None else model, cfg, mixup
         self.opt, self.sched = _optimizer(model, cfg, steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if mixup else cfg.label_smoothing)
 
@@ -129,8 +139,15 @@ class TrainStep:
         self.sched.load_state_dict(state["scheduler"])
 
 
-def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
-        ctx: DistContext | None = None, checkpoints: Checkpoints | None = None, resume: bool = False) -> list[dict]:
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    cfg: FitConfig,
+    desc: str = "train",
+    ctx: DistContext | None = None,
+    checkpoints: Checkpoints | None = None,
+    resume: bool = False,
+) -> list[dict]:
     """Train `model` on `data` (see module doc); returns the per-epoch history (loss, val top-1).
 
     Under torchrun (`ctx.active`) the model is wrapped in DistributedDataParallel and
@@ -148,8 +165,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
 
         net = DDP(model)
     local = cfg.batch_size // ctx.world
-    train_step = TrainStep(model, cfg, len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world)),
-                           data.mixup, net)
+    train_step = TrainStep(
+        model, cfg, len(make_loader(data.train, local, True, rank=ctx.rank, world=ctx.world)), data.mixup, net
+    )
     run: dict[str, Any] = {"running": 0.0, "history": []}
 
     def load(state: dict) -> None:
@@ -170,16 +188,37 @@ def fit(model: nn.Module, data: DataBundle, cfg: FitConfig, desc: str = "train",
         return f"train loss {record['loss']:.3f}, val top-1 {acc:.2f}%"
 
     def state() -> dict:
-        return {"model": model.state_dict(), **train_step.state_dict(), "running": run["running"],
-                "history": json.dumps(run["history"])}
+        return {
+            "model": model.state_dict(),
+            **train_step.state_dict(),
+            "running": run["running"],
+            "history": json.dumps(run["history"]),
+        }
 
     def loader(epoch: int, first: int):
-        return make_loader(data.train, local, True, seed=cfg.seed + epoch, rank=ctx.rank, world=ctx.world,
-                           start_batch=first, workers=cfg.workers)
+        return make_loader(
+            data.train,
+            local,
+            True,
+            seed=cfg.seed + epoch,
+            rank=ctx.rank,
+            world=ctx.world,
+            start_batch=first,
+            workers=cfg.workers,
+        )
 
     start = checkpoints.restore(load) if checkpoints and resume and checkpoints.path.is_file() else (0, 0)
-    loop = EpochLoop(cfg.epochs, loader, step, end_epoch, state, desc, cfg.progress,
-                      lr_note=f"peak lr {cfg.lr:.2e}" if cfg.watch_loss else None, watch_epochs=cfg.warmup_epochs + 1)
+    loop = EpochLoop(
+        cfg.epochs,
+        loader,
+        step,
+        end_epoch,
+        state,
+        desc,
+        cfg.progress,
+        lr_note=f"peak lr {cfg.lr:.2e}" if cfg.watch_loss else None,
+        watch_epochs=cfg.warmup_epochs + 1,
+    )
     run_epochs(loop, ctx, checkpoints, start)
     model.eval()
     return run["history"]

@@ -4,6 +4,7 @@ recipe → a fine-tuned folder, distilling from the dense model it was pruned fr
 `train.distill`). Both run through the run skeleton (`train.run`): output-folder
 rules, checkpoints every epoch and on SIGTERM/SIGINT, resume with the same settings only.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,10 +21,15 @@ from p3bkit.train.run import CHECKPOINT, Checkpoints, RunFolder
 
 def _plan(command: str, rate, cfg, bundle) -> str:
     """The line a training command prints at start: what it trains with."""
-    kd = (f", distilling from the dense model (weight {cfg.kd_weight:g}, temperature {cfg.kd_temperature:g})"
-          if cfg.teacher is not None else "")
-    return (f"{command}: {cfg.epochs} epochs at batch {cfg.batch_size}, AdamW {rate}, warm-up {cfg.warmup_epochs} "
-            f"epoch(s) then cosine, {'Mixup/CutMix' if bundle.mixup is not None else 'label smoothing 0.1'}{kd}")
+    kd = (
+        f", distilling from the dense model (weight {cfg.kd_weight:g}, temperature {cfg.kd_temperature:g})"
+        if cfg.teacher is not None
+        else ""
+    )
+    return (
+        f"{command}: {cfg.epochs} epochs at batch {cfg.batch_size}, AdamW {rate}, warm-up {cfg.warmup_epochs} "
+        f"epoch(s) then cosine, {'Mixup/CutMix' if bundle.mixup is not None else 'label smoothing 0.1'}{kd}"
+    )
 
 
 def _say_all(say, notes: list[str]) -> None:
@@ -45,11 +51,27 @@ def _add_drop_path(model, drop_path: float) -> list:
     return branches
 
 
-def run_finetune(pruned: str, out: str, data: str | None = None, epochs: int = 10, batch_size: int = 64,
-                 lr: float | None = None, drop_path: float = 0.1, device: str = "cpu", seed: int = 0,
-                 progress: bool = True, force: bool = False, resume: bool = False,
-                 keep_checkpoint: bool = False, augment: str = "auto", recipe: str = "auto", workers: int = 0,
-                 teacher: str = NONE, kd_weight: float = KD_WEIGHT, kd_temperature: float = KD_TEMPERATURE) -> dict:
+def run_finetune(
+    pruned: str,
+    out: str,
+    data: str | None = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float | None = None,
+    drop_path: float = 0.1,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    force: bool = False,
+    resume: bool = False,
+    keep_checkpoint: bool = False,
+    augment: str = "auto",
+    recipe: str = "auto",
+    workers: int = 0,
+    teacher: str = NONE,
+    kd_weight: float = KD_WEIGHT,
+    kd_temperature: float = KD_TEMPERATURE,
+) -> dict:
     """Fine-tune a pruned folder (AdamW, warm-up + cosine, label smoothing or Mixup/CutMix with
     `--augment deit`, stochastic depth) and save it to `out`. `lr` is a base lr at batch 512
     (scaled by batch/512); None takes the recipe's (`train.recipes`: `auto` is `finetune` here).
@@ -76,34 +98,83 @@ def run_finetune(pruned: str, out: str, data: str | None = None, epochs: int = 1
     say = notify if ctx.main else None
     notes: list[str] = []  # printed once the data passed its checks: a refusal stays one line
     dense, distill = choose_teacher(teacher, pruned, kd_weight, kd_temperature, notes.append)
-    bundle = load_data_for(model, data or default_data(model_source(model), notes.append), augment, pretrained=True,
-                           say=notes.append)
+    bundle = load_data_for(
+        model, data or default_data(model_source(model), notes.append), augment, pretrained=True, say=notes.append
+    )
     check_batch(bundle, batch_size, ctx.world, bundle.mixup is not None)
     _say_all(say, notes)
     rate = learning_rate(choose_recipe(recipe, weights_loaded=True), batch_size, lr)
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=rate.value, seed=seed, device=device,
-                    progress=progress, warmup_epochs=warmup_epochs(epochs), watch_loss=False, workers=workers,
-                    teacher=dense, kd_weight=kd_weight, kd_temperature=kd_temperature)
+    cfg = FitConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=rate.value,
+        seed=seed,
+        device=device,
+        progress=progress,
+        warmup_epochs=warmup_epochs(epochs),
+        watch_loss=False,
+        workers=workers,
+        teacher=dense,
+        kd_weight=kd_weight,
+        kd_temperature=kd_temperature,
+    )
     if say:
         say(_plan("finetune", rate, cfg, bundle))
-    settings = {"source": str(Path(pruned).resolve()), "data": data, "epochs": epochs, "batch_size": batch_size,
-                "lr": rate.value, "drop_path": drop_path, "seed": seed, "augment": augment, "world": ctx.world,
-                "distillation": distill}
+    settings = {
+        "source": str(Path(pruned).resolve()),
+        "data": data,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": rate.value,
+        "drop_path": drop_path,
+        "seed": seed,
+        "augment": augment,
+        "world": ctx.world,
+        "distillation": distill,
+    }
     with folder.writing(resuming, ctx):
-        history = fit(model, bundle, cfg, desc="finetune", ctx=ctx,
-                      checkpoints=Checkpoints(folder.path / CHECKPOINT, settings, ctx), resume=resuming)
+        history = fit(
+            model,
+            bundle,
+            cfg,
+            desc="finetune",
+            ctx=ctx,
+            checkpoints=Checkpoints(folder.path / CHECKPOINT, settings, ctx),
+            resume=resuming,
+        )
         for br in branches:
             br.drop_path = nn.Identity()
-        summary = {"source": str(pruned), "history": history, "val_acc": history[-1]["val_acc"] if history else None,
-                   "world": ctx.world, "distillation": distill}
+        summary = {
+            "source": str(pruned),
+            "history": history,
+            "val_acc": history[-1]["val_acc"] if history else None,
+            "world": ctx.world,
+            "distillation": distill,
+        }
         return _write(model, folder, "finetune.json", summary, keep_checkpoint, ctx)
 
 
-def run_train(model: str, out: str, data: str | None = None, epochs: int = 10, batch_size: int = 64,
-              lr: float | None = None, model_kwargs: dict | None = None, pretrained: bool = False,
-              pretrained_file: str | None = None, weights: str | None = None, device: str = "cpu", seed: int = 0,
-              progress: bool = True, force: bool = False, resume: bool = False, keep_checkpoint: bool = False,
-              augment: str = "auto", recipe: str = "auto", workers: int = 0) -> dict:
+def run_train(
+    model: str,
+    out: str,
+    data: str | None = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float | None = None,
+    model_kwargs: dict | None = None,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
+    weights: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    force: bool = False,
+    resume: bool = False,
+    keep_checkpoint: bool = False,
+    augment: str = "auto",
+    recipe: str = "auto",
+    workers: int = 0,
+) -> dict:
     """Train or fine-tune a dense model (e.g. an ImageNet DeiT on your classes) into a model folder
     (a dense `arch.json` + `model.safetensors` that `p3bkit prune --model` takes). `lr` is a base
     lr at batch 512 (scaled by batch/512); None takes the recipe's (`train.recipes`: `auto` trains
@@ -127,17 +198,42 @@ def run_train(model: str, out: str, data: str | None = None, epochs: int = 10, b
     check_batch(bundle, batch_size, ctx.world, bundle.mixup is not None)
     _say_all(say, notes)
     rate = learning_rate(choose_recipe(recipe, loaded), batch_size, lr)
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=rate.value, seed=seed, device=device,
-                    progress=progress, warmup_epochs=warmup_epochs(epochs), workers=workers)
+    cfg = FitConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=rate.value,
+        seed=seed,
+        device=device,
+        progress=progress,
+        warmup_epochs=warmup_epochs(epochs),
+        workers=workers,
+    )
     if say:
         say(_plan("train", rate, cfg, bundle))
-    settings = {"model": model, "kwargs": model_kwargs or {}, "pretrained": pretrained,
-                "pretrained_file": pretrained_file, "weights": weights, "data": data, "epochs": epochs,
-                "batch_size": batch_size, "lr": rate.value, "seed": seed, "augment": augment,
-                "world": ctx.world}
+    settings = {
+        "model": model,
+        "kwargs": model_kwargs or {},
+        "pretrained": pretrained,
+        "pretrained_file": pretrained_file,
+        "weights": weights,
+        "data": data,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": rate.value,
+        "seed": seed,
+        "augment": augment,
+        "world": ctx.world,
+    }
     with folder.writing(resuming, ctx):
-        history = fit(net, bundle, cfg, desc="train", ctx=ctx,
-                      checkpoints=Checkpoints(folder.path / CHECKPOINT, settings, ctx), resume=resuming)
+        history = fit(
+            net,
+            bundle,
+            cfg,
+            desc="train",
+            ctx=ctx,
+            checkpoints=Checkpoints(folder.path / CHECKPOINT, settings, ctx),
+            resume=resuming,
+        )
         summary = {"model": model, "history": history, "val_acc": history[-1]["val_acc"], "world": ctx.world}
         return _write(net, folder, "train.json", summary, keep_checkpoint, ctx)
 

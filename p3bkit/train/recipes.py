@@ -13,6 +13,7 @@ rate into divergence (an lr given with `--lr` is scaled, never capped: it is the
 `auto` picks `finetune` when weights were loaded and `scratch` otherwise. Warm-up is a tenth of
 the epochs, at most 5.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -14,6 +14,7 @@
   runs, a warning when the loss does not fall in the first epoch, stop signals (a checkpoint at
   the current batch, then `Interrupted`), a checkpoint after every epoch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -119,9 +120,18 @@ class Checkpoints:
     def save(self, epoch: int, batch: int, state: dict) -> None:
         rng = gather_rng(self.ctx)  # a collective: every rank takes part
         if self.ctx.main:
-            write_checkpoint(self.path, {"epoch": epoch, "batch": batch, "state": state, "rng": rng,
-                                         "world": self.ctx.world, "log_records": self.log.count() if self.log else 0,
-                                         "settings": json.dumps(self.settings, sort_keys=True)})
+            write_checkpoint(
+                self.path,
+                {
+                    "epoch": epoch,
+                    "batch": batch,
+                    "state": state,
+                    "rng": rng,
+                    "world": self.ctx.world,
+                    "log_records": self.log.count() if self.log else 0,
+                    "settings": json.dumps(self.settings, sort_keys=True),
+                },
+            )
         barrier(self.ctx)
 
     def restore(self, load: Callable[[dict], None]) -> tuple[int, int]:
@@ -212,8 +222,10 @@ class _Watch:
             per_step = (time.perf_counter() - self.t0) / TIMED_STEPS
             total = per_step * self.steps_left
             if total >= ESTIMATE_ABOVE_S:
-                notify(f"{self.loop.desc}: {self.steps_left:,} steps × {per_step:.3f} s/step ≈ {_duration(total)} "
-                       f"(measured on the first steps; evaluations come on top)")
+                notify(
+                    f"{self.loop.desc}: {self.steps_left:,} steps × {per_step:.3f} s/step ≈ {_duration(total)} "
+                    f"(measured on the first steps; evaluations come on top)"
+                )
 
     def after_epoch(self) -> None:
         self.epoch += 1
@@ -227,12 +239,19 @@ class _Watch:
         a, b = sum(self.losses[:k]) / k, sum(self.losses[-k:]) / k
         if b >= 0.99 * a:
             when = "in epoch 1" if n == 1 else f"in epochs 1–{n} (warm-up included)"
-            notify(f"warning: the training loss did not fall {when} ({a:.3f} → {b:.3f}): the {self.loop.lr_note} "
-                   "may be too low (or too high) for this model and data; see --lr and --recipe")
+            notify(
+                f"warning: the training loss did not fall {when} ({a:.3f} → {b:.3f}): the {self.loop.lr_note} "
+                "may be too low (or too high) for this model and data; see --lr and --recipe"
+            )
 
 
-def run_epochs(loop: EpochLoop, ctx: DistContext, checkpoints: Checkpoints | None = None,
-               start: tuple[int, int] = (0, 0), stop_after_epoch: int | None = None) -> int | None:
+def run_epochs(
+    loop: EpochLoop,
+    ctx: DistContext,
+    checkpoints: Checkpoints | None = None,
+    start: tuple[int, int] = (0, 0),
+    stop_after_epoch: int | None = None,
+) -> int | None:
     """Run the remaining epochs from `start`; None when all ran, else the epoch `stop_after_epoch`
     (a testing hook that ends the run early, as a crash would) stopped it after.
 
@@ -259,9 +278,11 @@ def run_epochs(loop: EpochLoop, ctx: DistContext, checkpoints: Checkpoints | Non
                     watch.after_step(stats)
                 if checkpoints and stop_requested(flag, ctx):
                     checkpoints.save(epoch, done, loop.state())
-                    raise Interrupted(f"stopped by {flag.get('signal', 'a signal on another rank')} at epoch "
-                                      f"{epoch + 1}, batch {done}; checkpoint written to {checkpoints.path}, "
-                                      "continue with --resume")
+                    raise Interrupted(
+                        f"stopped by {flag.get('signal', 'a signal on another rank')} at epoch "
+                        f"{epoch + 1}, batch {done}; checkpoint written to {checkpoints.path}, "
+                        "continue with --resume"
+                    )
             line = loop.end_epoch(epoch, done)
             if ctx.main and line:
                 notify(f"{loop.desc} epoch {epoch + 1}/{loop.epochs}: {line}")
