@@ -341,9 +341,8 @@ def test_soft_targets_enter_the_pruning_loss():
 def _prune_job(tmp_path, dense_weights, **kw):
     from p3bkit.prune.config import P3BConfig, PruneJob
 
-    settings = {"out": str(tmp_path / "p"), "teacher": "auto", **kw}
+    settings = {"out": str(tmp_path / "p"), "teacher": "auto", "weights": dense_weights and str(dense_weights), **kw}
     return PruneJob(
-        weights=str(dense_weights),
         epochs=(0, 1, 1),
         progress=False,
         p3b=P3BConfig(keep=0.5, update_every=5),
@@ -362,6 +361,16 @@ def test_prune_resume_refuses_other_kd_settings(dense_weights, tmp_path):
     ):
         with pytest.raises(P3BError, match=differ):
             run_prune(_prune_job(tmp_path, dense_weights, **other), resume=True)
+
+
+def test_a_run_without_a_teacher_resumes_under_either_choice(tmp_path):
+    """From random weights `--teacher auto` finds no teacher: a run stopped with `--teacher none` (the
+    default before) resumes under the default, as there is nothing to distil from either way."""
+    from p3bkit.prune.job import run_prune
+
+    assert run_prune(_prune_job(tmp_path, None, teacher="none", stop_after_epoch=1)) == {"stopped_after_epoch": 1}
+    summary = run_prune(_prune_job(tmp_path, None), resume=True)
+    assert summary["distillation"] == {"teacher": None}
 
 
 @pytest.mark.slow

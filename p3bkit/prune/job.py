@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -206,7 +206,9 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
         notify(note)
     with folder.writing(resuming, ctx):  # only now: bad models, data or checkpoints leave no folder behind
         log = RunLog(folder.path / LOG, ctx)
-        checkpoints = Checkpoints(folder.path / CHECKPOINT, _settings(job), ctx, log)
+        # a run without a teacher (none asked, or auto from random weights) resumes whatever --teacher says
+        settled = job if kd_teacher is not None else replace(job, teacher=NONE)
+        checkpoints = Checkpoints(folder.path / CHECKPOINT, _settings(settled), ctx, log)
         t0 = time.time()
         start = checkpoints.restore(_loader_of_state(pruner, checks)) if resuming else (0, 0)
         loop = _epoch_loop(job, pruner, data, (teacher, kd_teacher), log, ctx, checks)
