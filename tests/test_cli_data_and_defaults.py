@@ -1,4 +1,4 @@
-"""A newcomer's first hour on their own data, driven through the CLI: data checked before any work,
+"""The CLI on a user's own data: data checked before any work,
 training defaults that learn and say what they do, one output rule for every writer, numbers that
 agree. Each refusal is one line, exit code 1 (2 for a bad option), and leaves the files as they were."""
 
