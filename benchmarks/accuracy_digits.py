@@ -339,7 +339,7 @@ def write_outputs(meta: dict, name: str, write_json: bool = False) -> None:
     (RESULTS / f"{name}.md").write_text(
         f"# Accuracy on digits\n\n`{meta['command']}` (longest part "
         f"{meta['seconds'] / 60:.0f} min, "
-        f"{how}; rates are fractions of all parameters, fp32)\n\n"
+        f"{how}; rates are fractions of all parameters, fp32; pruned with `--teacher none`)\n\n"
         + (f"{meta['note']}\n\n" if meta.get("note") else "")
         + text
     )

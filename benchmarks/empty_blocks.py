@@ -38,7 +38,8 @@ def main() -> None:
         "# Emptied blocks on digits-vit-cls",
         "",
         "`python benchmarks/empty_blocks.py` (dense: `p3bkit train` "
-        "pipeline, 30 epochs; seed 0, six gates, epochs 1/4/4, a mask update every 5 iterations, this 2-core CPU)",
+        "pipeline, 30 epochs; seed 0, six gates, epochs 1/4/4, a mask update every 5 iterations, `--teacher none`, "
+        "this 2-core CPU)",
         "",
         "| keep (of all params) | branch removal (remove_below) | policy | top-1 before fine-tune (%) | kept "
         "| blocks ever emptied | disabled |",

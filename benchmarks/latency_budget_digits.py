@@ -190,7 +190,7 @@ def render(report: dict, args) -> str:
         "",
         f"Machine: {m['cpu']}, {m['threads']} threads. Command: `{report['command']}`. Dense model "
         f"{report['dense_ms']:.3f} ms measured. The latency budget's target is the parameter-budget model's "
-        f"predicted time; both are fine-tuned {args.finetune} epochs. Protocol: {report['protocol']}.",
+        f"predicted time; both are pruned with `--teacher none` and fine-tuned {args.finetune} epochs. Protocol: {report['protocol']}.",
         "",
         "| seed | params budget top-1 | latency budget top-1 | Δ | params-budget ms (meas / pred) | "
         "latency-budget ms (meas / pred) | params kept (params / latency) | blocks emptied (params / latency) |",

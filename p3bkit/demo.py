@@ -68,6 +68,7 @@ def run_demo(
     speed_runs: int = 300,
     target_speedup: float | None = None,
     table_settings: dict | None = None,
+    teacher: str = PruneJob.teacher,
 ) -> dict:
     """Run the demo into `out` (new, empty, or an earlier demo's folder; `force` for anything else).
 
@@ -75,6 +76,7 @@ def run_demo(
     continues the interrupted one exactly. `table_settings` (`TableConfig` fields, e.g. fewer timed
     runs) shape the latency table the demo measures. `target_speedup`: prune to a latency budget instead of
     `keep`, with a latency table of the model measured here on the fastest CPU runtime installed.
+    `teacher`: prune's `--teacher` (its default distils from the dense model the demo trained).
     """
     if not 0 < keep < 1:
         raise P3BError(f"keep ratio must be in (0, 1), got {keep}")
@@ -93,6 +95,7 @@ def run_demo(
             speed_runs,
             target_speedup,
             table_settings,
+            teacher,
         )
 
 
@@ -108,6 +111,7 @@ def _run_demo(
     speed_runs: int,
     target_speedup: float | None,
     table_settings: dict | None,
+    teacher: str,
 ) -> dict:
     """`p3bkit train` → `prune` → `finetune` with their defaults (the library calls behind them), into
     out/dense, out/prune and out/pruned; then compare, export and time. Each stage is a run folder of
@@ -130,6 +134,7 @@ def _run_demo(
         progress=progress,
         latency_table=table,
         target_speedup=target_speedup,
+        teacher=teacher,
         p3b=P3BConfig(keep=keep, update_every=r["update_every"], tau=r["tau"], lr_model=r["lr"], lr_bpi=r["lr_bpi"]),
     )
     done = out_dir / "prune" / "summary.json"
