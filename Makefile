@@ -5,7 +5,7 @@
 #              package, [tool.mypy]), run the fast suite
 #              (unit and CLI tests on tiny models, about 2 minutes on a 2-core EPYC, 3 on a Xeon: the loop while changing code).
 # `make test-all`: the same checks and every test, the slow ones too (demo, torchrun, signals, exports to every
-#              runtime, DeiT-S sized runs; about 14 minutes on a 2-core EPYC, 20 on a 2-core Xeon): what CI runs (bash .ci/run).
+#              runtime, DeiT-S sized runs; about 14 minutes on a quiet 2-core EPYC, 20 on a busy one or a 2-core Xeon): what CI runs (bash .ci/run).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

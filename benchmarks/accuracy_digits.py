@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS
 from safetensors.torch import save_file
 
 from p3bkit.data import load_data
@@ -36,7 +37,6 @@ from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
 from p3bkit.train.fit import FitConfig, evaluate, fit, seed_everything
 
-RESULTS = Path(__file__).parent / "results"
 METHODS = {
     "p3b": {"structure": "full", "allocation": "p3b"},
     "p3b-inner": {"structure": "inner", "allocation": "p3b"},

@@ -19,11 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import digits_image_folder
+from common import RESULTS, digits_image_folder
 
 from p3bkit.train.jobs import run_train
 
-RESULTS = Path(__file__).parent / "results"
 KWARGS = {"img_size": 28, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4, "num_classes": 10}
 
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 DEIT = {"deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
 
 

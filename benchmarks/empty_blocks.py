@@ -20,12 +20,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from common import RESULTS
+
 from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
 from p3bkit.train.jobs import run_train
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:

@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import RESULTS
 
 from p3bkit.demo import run_demo
 from p3bkit.errors import P3BError
 from p3bkit.export import export_model
 from p3bkit.export.int8 import Int8Config
 
-RESULTS = Path(__file__).parent / "results"
 BUDGETS = {75: 0.25, 90: 0.10}
 
 

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import RESULTS
+
 from p3bkit.backends import get_backend
 from p3bkit.bench import BenchConfig, run_bench
 from p3bkit.export import artefact_name, export_model
@@ -34,7 +36,6 @@ from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
 from p3bkit.train.jobs import run_finetune, run_train
 
-RESULTS = Path(__file__).parent / "results"
 QUICK = RECIPES["quick"]
 FORMAT = {b: get_backend(b).format for b in ("onnxruntime", "openvino")}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS
 
 from p3bkit.backends import machine_info
 from p3bkit.bench.speedups import check_speedups
@@ -27,8 +28,6 @@ from p3bkit.latency.check import validate_table
 from p3bkit.latency.measure import TableConfig, in_fresh_process, measure_latency_table
 from p3bkit.latency.table import LatencyTable
 from p3bkit.models.factory import create_model
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def heads_axis(table) -> list[dict]:

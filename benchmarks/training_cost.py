@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import digits_image_folder
+from common import RESULTS, digits_image_folder
 
 from p3bkit.backends import machine_info
 from p3bkit.backends.timing import BenchConfig, Timed, time_interleaved
@@ -35,7 +35,6 @@ from p3bkit.prune.pruner import P3BConfig, P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.train.fit import FitConfig, TrainStep
 
-RESULTS = Path(__file__).parent / "results"
 MODELS = {  # name: (timm model or preset, constructor arguments, image size, batch)
     "digits-vit": ("digits-vit", {}, 16, 64),
     "deit-tiny-32": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 10}, 32, 64),

@@ -32,9 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import digits_image_folder
+from common import RESULTS, digits_image_folder
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "global_pool": "avg", "class_token": False}
 
 
