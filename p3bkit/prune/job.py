@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +26,6 @@ from p3bkit.prune.pruner import P3BPruner
 from p3bkit.prune.schedule import Schedule
 from p3bkit.prune.speed import SpeedChecks
 from p3bkit.train.dist import DistContext, all_reduce_sum_, check_identical, init_distributed, require_device
-from p3bkit.train.distill import NONE
 from p3bkit.train.run import CHECKPOINT, LOG, Checkpoints, EpochLoop, RunFolder, RunLog, run_epochs
 
 SUMMARY = "summary.json"
@@ -110,11 +109,14 @@ def _warn_few_indicator_images(batch: int, say) -> None:
         )
 
 
-def _settings(job: PruneJob) -> dict:
-    """The settings a checkpoint must be resumed with, flat (p3b.* for the pruning settings)."""
+def _settings(job: PruneJob, distilling: bool) -> dict:
+    """The settings a checkpoint must be resumed with, flat (p3b.* for the pruning settings).
+
+    A run that distils from no teacher (none asked, or auto from random weights) leaves the teacher
+    settings out: they do nothing, so it resumes whatever --teacher says, as do checkpoints from
+    before they existed."""
     d = asdict(job)
-    # without a teacher its weight and temperature do nothing: a checkpoint from before they existed resumes
-    unused = ("teacher", "kd_weight", "kd_temperature") if job.teacher == NONE else ()
+    unused = () if distilling else ("teacher", "kd_weight", "kd_temperature")
     flat = {k: v for k, v in d.items() if k not in RESUME_FREE and k != "p3b" and k not in unused}
     flat.update({f"p3b.{k}": v for k, v in d["p3b"].items()})
     return flat
@@ -206,9 +208,7 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
         notify(note)
     with folder.writing(resuming, ctx):  # only now: bad models, data or checkpoints leave no folder behind
         log = RunLog(folder.path / LOG, ctx)
-        # a run without a teacher (none asked, or auto from random weights) resumes whatever --teacher says
-        settled = job if kd_teacher is not None else replace(job, teacher=NONE)
-        checkpoints = Checkpoints(folder.path / CHECKPOINT, _settings(settled), ctx, log)
+        checkpoints = Checkpoints(folder.path / CHECKPOINT, _settings(job, kd_teacher is not None), ctx, log)
         t0 = time.time()
         start = checkpoints.restore(_loader_of_state(pruner, checks)) if resuming else (0, 0)
         loop = _epoch_loop(job, pruner, data, (teacher, kd_teacher), log, ctx, checks)
