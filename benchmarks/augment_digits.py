@@ -12,14 +12,10 @@ Writes benchmarks/results/augment_digits.{json,md}.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-from common import RESULTS, digits_image_folder
+from common import RESULTS, digits_image_folder, work_folder
 
 from p3bkit.train.jobs import run_train
 
@@ -32,24 +28,25 @@ def main() -> None:
     ap.add_argument("--augments", nargs="+", default=["light", "deit", "none"])
     ap.add_argument("--lr", type=float, default=8e-3, help="base lr at batch 512 (1e-3 at batch 64)")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="p3bkit-augment-"))
-    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
-    data = digits_image_folder(work / "data", 28, resample="bilinear")
-    rows = []
-    for aug in args.augments:
-        t0 = time.time()
-        s = run_train(
-            "vit_tiny_patch16_224",
-            str(work / aug),
-            data=str(data),
-            epochs=args.epochs,
-            lr=args.lr,
-            model_kwargs=KWARGS,
-            augment=aug,
-            progress=False,
-        )
-        rows.append({"augment": aug, "val_top1": s["val_acc"], "history": s["history"], "seconds": time.time() - t0})
-        print(f"{aug}: top-1 {s['val_acc']:.2f}% after {args.epochs} epochs ({time.time() - t0:.0f} s)", flush=True)
+    with work_folder("p3bkit-augment-") as work:
+        data = digits_image_folder(work / "data", 28, resample="bilinear")
+        rows = []
+        for aug in args.augments:
+            t0 = time.time()
+            s = run_train(
+                "vit_tiny_patch16_224",
+                str(work / aug),
+                data=str(data),
+                epochs=args.epochs,
+                lr=args.lr,
+                model_kwargs=KWARGS,
+                augment=aug,
+                progress=False,
+            )
+            rows.append(
+                {"augment": aug, "val_top1": s["val_acc"], "history": s["history"], "seconds": time.time() - t0}
+            )
+            print(f"{aug}: top-1 {s['val_acc']:.2f}% after {args.epochs} epochs ({time.time() - t0:.0f} s)", flush=True)
     RESULTS.mkdir(exist_ok=True)
     meta = {
         "command": f"python benchmarks/augment_digits.py --epochs {args.epochs} --lr {args.lr}",

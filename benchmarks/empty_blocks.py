@@ -13,14 +13,10 @@ Writes benchmarks/results/empty_blocks.md.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
-from common import RESULTS
+from common import RESULTS, work_folder
 
 from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
@@ -29,54 +25,53 @@ from p3bkit.train.jobs import run_train
 
 
 def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="p3bkit-empty-"))
-    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
-    dense = work / "dense"
-    run_train("digits-vit-cls", str(dense), data="digits", epochs=30, seed=0, progress=False)
-    quick = RECIPES["quick"]
-    lines = [
-        "# Emptied blocks on digits-vit-cls",
-        "",
-        "`python benchmarks/empty_blocks.py` (dense: `p3bkit train` "
-        "pipeline, 30 epochs; seed 0, six gates, epochs 1/4/4, a mask update every 5 iterations, `--teacher none`, "
-        "this 2-core CPU)",
-        "",
-        "| keep (of all params) | branch removal (remove_below) | policy | top-1 before fine-tune (%) | kept "
-        "| blocks ever emptied | disabled |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for keep, removal, policy in itertools.product(
-        (0.5, 0.25, 0.1), (0.0, P3BConfig().remove_below), ("disable", "regrow")
-    ):
-        out = work / f"{keep}_{removal}_{policy}"
-        s = run_prune(
-            PruneJob(
-                out=str(out),
-                model=str(dense),
-                epochs=(1, 4, 4),
-                structure="full",
-                progress=False,
-                teacher="none",  # its committed numbers were made without a teacher (the default before)
-                p3b=P3BConfig(
-                    keep=keep,
-                    update_every=5,
-                    lr_model=quick.lr,
-                    lr_bpi=quick.lr_bpi,
-                    empty_blocks=policy,
-                    remove_below=removal,
-                ),
+    with work_folder("p3bkit-empty-") as work:
+        dense = work / "dense"
+        run_train("digits-vit-cls", str(dense), data="digits", epochs=30, seed=0, progress=False)
+        quick = RECIPES["quick"]
+        lines = [
+            "# Emptied blocks on digits-vit-cls",
+            "",
+            "`python benchmarks/empty_blocks.py` (dense: `p3bkit train` "
+            "pipeline, 30 epochs; seed 0, six gates, epochs 1/4/4, a mask update every 5 iterations, `--teacher none`, "
+            "this 2-core CPU)",
+            "",
+            "| keep (of all params) | branch removal (remove_below) | policy | top-1 before fine-tune (%) | kept "
+            "| blocks ever emptied | disabled |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for keep, removal, policy in itertools.product(
+            (0.5, 0.25, 0.1), (0.0, P3BConfig().remove_below), ("disable", "regrow")
+        ):
+            out = work / f"{keep}_{removal}_{policy}"
+            s = run_prune(
+                PruneJob(
+                    out=str(out),
+                    model=str(dense),
+                    epochs=(1, 4, 4),
+                    structure="full",
+                    progress=False,
+                    teacher="none",  # its committed numbers were made without a teacher (the default before)
+                    p3b=P3BConfig(
+                        keep=keep,
+                        update_every=5,
+                        lr_model=quick.lr,
+                        lr_bpi=quick.lr_bpi,
+                        empty_blocks=policy,
+                        remove_below=removal,
+                    ),
+                )
             )
-        )
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        emptied = sorted(
-            {i for r in log if r["type"] == "mask_update" for i, kept in enumerate(r["kept_params"]) if kept == 0}
-        )
-        removal_label = "off" if removal == 0 else f"{removal:g} (default)"
-        lines.append(
-            f"| {keep:.2f} | {removal_label} | {policy} | {s['val_acc_pruned']:.2f} | {s['total_keep']:.4f} | "
-            f"{emptied or 'none'} | {s['disabled_blocks'] or 'none'} |"
-        )
-        print(lines[-1], flush=True)
+            log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+            emptied = sorted(
+                {i for r in log if r["type"] == "mask_update" for i, kept in enumerate(r["kept_params"]) if kept == 0}
+            )
+            removal_label = "off" if removal == 0 else f"{removal:g} (default)"
+            lines.append(
+                f"| {keep:.2f} | {removal_label} | {policy} | {s['val_acc_pruned']:.2f} | {s['total_keep']:.4f} | "
+                f"{emptied or 'none'} | {s['disabled_blocks'] or 'none'} |"
+            )
+            print(lines[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "empty_blocks.md").write_text("\n".join(lines) + "\n")
 

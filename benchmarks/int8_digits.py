@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
-from common import RESULTS
+from common import RESULTS, work_folder
 
 from p3bkit.demo import run_demo
 from p3bkit.errors import P3BError
@@ -32,8 +29,7 @@ def run(args) -> None:
     rows = []
     for seed in args.seeds:
         for rate, keep in BUDGETS.items():
-            work = Path(tempfile.mkdtemp(prefix=f"int8-digits-{rate}-{seed}-"))
-            try:
+            with work_folder(f"int8-digits-{rate}-{seed}-") as work:
                 run_demo(
                     str(work / "demo"), keep=keep, seed=seed, progress=False, speed_runs=0, teacher="none"
                 )  # its committed numbers were made without a teacher (prune's default before)
@@ -60,8 +56,6 @@ def run(args) -> None:
                         ),
                         flush=True,
                     )
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
     report = {
         "rows": rows,
         "calib_size": args.calib_size,

@@ -15,15 +15,12 @@ Writes benchmarks/results/latency_budget_digits.{json,md} and results/latency/di
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS
+from common import RESULTS, work_folder
 
 from p3bkit.backends import get_backend
 from p3bkit.bench import BenchConfig, run_bench
@@ -92,8 +89,6 @@ def main() -> None:
         "from the parameter-budget model's predicted time, the point of equal latency)",
     )
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="latency-digits-"))
-    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     lut = RESULTS / "latency" / f"digits_{args.backend}.json"
     lut.parent.mkdir(parents=True, exist_ok=True)
     table = measure_latency_table(
@@ -102,63 +97,64 @@ def main() -> None:
         TableConfig(backend=args.backend, threads=args.threads, progress=False),
     )
     table.save(lut)
-    rows, t0 = [], time.time()
-    for seed in args.seeds:
-        dense = work / f"dense_{seed}"  # `p3bkit train` with its defaults (the from-scratch recipe)
-        trained = run_train("digits-vit", str(dense), data="digits", epochs=30, seed=seed, progress=False)
-        base = dict(update_every=10, lr_model=QUICK.lr, lr_bpi=QUICK.lr_bpi)
-        params = prune_and_finetune(
-            work, dense, seed, "params", P3BConfig(keep=1 - args.rate / 100, **base), None, args.finetune, 0
-        )
-        target = LatencyTable.load(lut).predict(params["arch"])
-        latency = prune_and_finetune(
-            work,
-            dense,
-            seed,
-            "latency",
-            P3BConfig(target_ms=target, **base),
+    with work_folder("latency-digits-") as work:
+        rows, t0 = [], time.time()
+        for seed in args.seeds:
+            dense = work / f"dense_{seed}"  # `p3bkit train` with its defaults (the from-scratch recipe)
+            trained = run_train("digits-vit", str(dense), data="digits", epochs=30, seed=seed, progress=False)
+            base = dict(update_every=10, lr_model=QUICK.lr, lr_bpi=QUICK.lr_bpi)
+            params = prune_and_finetune(
+                work, dense, seed, "params", P3BConfig(keep=1 - args.rate / 100, **base), None, args.finetune, 0
+            )
+            target = LatencyTable.load(lut).predict(params["arch"])
+            latency = prune_and_finetune(
+                work,
+                dense,
+                seed,
+                "latency",
+                P3BConfig(target_ms=target, **base),
+                str(lut),
+                args.finetune,
+                args.speed_checks,
+            )
+            rows.append(
+                {
+                    "seed": seed,
+                    "dense_acc": trained["val_acc"],
+                    "target_ms": target,
+                    "params_budget": params,
+                    "latency_budget": latency,
+                }
+            )
+            print(
+                f"seed {seed}: params {params['acc_finetuned']:.2f}% vs latency {latency['acc_finetuned']:.2f}% "
+                f"at {target:.3f} ms predicted ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
+        refs = [str(dense)]  # the last seed's dense model: every seed's has the same architecture
+        for r in rows:
+            for key in ("params_budget", "latency_budget"):
+                fmt = FORMAT[args.backend]
+                export_model(r[key]["folder"], fmt, work / f"{Path(r[key]['folder']).name}_{fmt}")
+                r[key]["artefact"] = str(work / f"{Path(r[key]['folder']).name}_{fmt}" / artefact_name(fmt))
+                refs.append(r[key]["artefact"])
+        dense_art = work / f"dense_{FORMAT[args.backend]}"
+        export_model(str(dense), FORMAT[args.backend], dense_art)
+        refs[0] = str(dense_art / artefact_name(FORMAT[args.backend]))
+        rep = in_fresh_process(
+            run_bench,
+            refs,
+            args.backend,
+            "cpu",
+            None,
+            "fp32",
+            BenchConfig(runs=args.runs, warmup=20, block=20, threads=args.threads),
+            False,
+            None,
+            False,
+            False,
             str(lut),
-            args.finetune,
-            args.speed_checks,
         )
-        rows.append(
-            {
-                "seed": seed,
-                "dense_acc": trained["val_acc"],
-                "target_ms": target,
-                "params_budget": params,
-                "latency_budget": latency,
-            }
-        )
-        print(
-            f"seed {seed}: params {params['acc_finetuned']:.2f}% vs latency {latency['acc_finetuned']:.2f}% "
-            f"at {target:.3f} ms predicted ({time.time() - t0:.0f} s)",
-            flush=True,
-        )
-    refs = [str(dense)]  # the last seed's dense model: every seed's has the same architecture
-    for r in rows:
-        for key in ("params_budget", "latency_budget"):
-            fmt = FORMAT[args.backend]
-            export_model(r[key]["folder"], fmt, work / f"{Path(r[key]['folder']).name}_{fmt}")
-            r[key]["artefact"] = str(work / f"{Path(r[key]['folder']).name}_{fmt}" / artefact_name(fmt))
-            refs.append(r[key]["artefact"])
-    dense_art = work / f"dense_{FORMAT[args.backend]}"
-    export_model(str(dense), FORMAT[args.backend], dense_art)
-    refs[0] = str(dense_art / artefact_name(FORMAT[args.backend]))
-    rep = in_fresh_process(
-        run_bench,
-        refs,
-        args.backend,
-        "cpu",
-        None,
-        "fp32",
-        BenchConfig(runs=args.runs, warmup=20, block=20, threads=args.threads),
-        False,
-        None,
-        False,
-        False,
-        str(lut),
-    )
     by_ref = {r["name"]: r for r in rep["results"]}
     for r in rows:
         for key in ("params_budget", "latency_budget"):

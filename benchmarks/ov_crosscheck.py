@@ -11,15 +11,15 @@ Writes benchmarks/results/ov_crosscheck.{json,md}.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from common import work_folder
 
 from p3bkit.bench import BenchConfig, run_bench
 from p3bkit.export import export_model
@@ -63,19 +63,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--allocation", default=str(HERE / "results" / "allocations" / "deit_s_full_75.json"))
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ov-cross-"))
-    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
-    arch = PrunedArch.from_json(json.loads(Path(args.allocation).read_text()))
-    pruned = save(apply_arch(create_stock_model(arch.source), arch), work / "pruned")
-    rows = {}
-    for label, ref in (("dense", arch.source.name), ("p3b_75", str(pruned))):
-        rec = export_model(ref, "openvino", work / f"ov-{label}")
-        xml = work / f"ov-{label}" / rec.files[0]
-        ours = run_bench([str(xml)], cfg=BenchConfig(runs=args.runs, warmup=10, threads=args.threads))
-        rows[label] = {
-            "p3bkit_median_ms": ours["results"][0]["stats"]["median_ms"],
-            "benchmark_app": benchmark_app(xml, args.threads, args.seconds),
-        }
+    with work_folder("ov-cross-") as work:
+        arch = PrunedArch.from_json(json.loads(Path(args.allocation).read_text()))
+        pruned = save(apply_arch(create_stock_model(arch.source), arch), work / "pruned")
+        rows = {}
+        for label, ref in (("dense", arch.source.name), ("p3b_75", str(pruned))):
+            rec = export_model(ref, "openvino", work / f"ov-{label}")
+            xml = work / f"ov-{label}" / rec.files[0]
+            ours = run_bench([str(xml)], cfg=BenchConfig(runs=args.runs, warmup=10, threads=args.threads))
+            rows[label] = {
+                "p3bkit_median_ms": ours["results"][0]["stats"]["median_ms"],
+                "benchmark_app": benchmark_app(xml, args.threads, args.seconds),
+            }
     machine = ours["machine"]
     lines = [
         "# p3bkit bench vs OpenVINO benchmark_app\n",

@@ -10,7 +10,8 @@ dense digits-vit trained by `p3bkit train` (30 epochs), and:
 
 - `p3b-speedup`: `p3bkit prune --target-speedup S --latency-table T` with its defaults (whole heads
   + head dims + MLP hidden, branch removal) but `--teacher none` at every `--speedups` S — how P3B is
-  meant to be used for speed;
+  meant to be used for speed; `--p3b-teacher auto` prunes these with prune's default teacher (the
+  dense model) instead: P3B with all its defaults against the others;
 - `p3b`, `global-magnitude`, `uniform`: `p3bkit prune --keep K` (all parameters, `--budget total`),
   with `--allocation global-magnitude|uniform` for the latter two, at every `--keeps` K;
 - `tp-taylor`, `tp-magnitude`: Torch-Pruning's ViT recipe on the same dense model — whole heads
@@ -18,8 +19,9 @@ dense digits-vit trained by `p3bkit train` (30 epochs), and:
   every layer, Group Taylor (gradients of 10 batches) or group L2-magnitude importance — at the
   ratio whose parameter count comes closest to K.
 
-Every method on the front prunes with `--teacher none`, so that recovery is alike for all (the
-Torch-Pruning ones have no teacher): the front compares where each method cuts. `p3bkit prune`'s
+Every method on the front prunes with `--teacher none` (unless `--p3b-teacher auto`), so that
+recovery is alike for all (the Torch-Pruning ones have no teacher): the front compares where each
+method cuts. `p3bkit prune`'s
 default, `--teacher auto`, is `p3b-pkd` below. Every model is fine-tuned like `p3bkit finetune`
 with its defaults (the Torch-Pruning ones through
 `p3bkit.train.fit` with the same recipe, epochs and stochastic depth); `p3b-kd` is the `p3b` model
@@ -33,6 +35,8 @@ mean top-1 is interpolated along its own front.
     pip install -e '.[compare]'   # the peer: torch-pruning
     python benchmarks/pareto.py --seeds 0 1 2 --threads 2      # ~30 min on 2 cores
     python benchmarks/pareto.py --data mnist5k --per-class 200 --seeds 0 1 2 --no-kd --threads 2
+    python benchmarks/pareto.py --data mnist5k --per-class 200 --seeds 0 1 2 --no-kd --threads 2 \
+        --p3b-teacher auto --name pareto_mnist5k_defaults    # P3B with prune's default teacher
     python benchmarks/pareto.py --methods p3b p3b-pkd --keeps 0.25 0.1 --speedups --seeds 0 1 2 3 4 \
         --name kd_digits --threads 2                             # what the teacher adds, ~15 min
     python benchmarks/pareto.py --report                         # re-render md/png from the json
@@ -284,6 +288,7 @@ def run_seed(
     data_ref: str = "digits",
     kd: bool = True,
     methods: tuple[str, ...] = METHODS,
+    p3b_teacher: str = "none",
 ) -> tuple[list[dict], dict]:
     """Every method (of `methods`) at every budget for one seed: rows (accuracy, params) and the models to time."""
     import p3bkit
@@ -335,7 +340,7 @@ def run_seed(
             seed,
             work,
             epochs,
-            NO_TEACHER,
+            ["--teacher", p3b_teacher],
             data_ref,
             kd,
         )
@@ -437,7 +442,12 @@ def report(meta: dict) -> str:
         "others by the fraction of all parameters kept; speedup = the seed's dense time / the model's, timed "
         f"interleaved in one process; top-1 on the {meta.get('val_images', 360)} validation images after `p3bkit finetune` with its "
         "defaults (finetune recipe, stochastic depth 0.1, no teacher) for every method, pruned with `--teacher none` "
-        "but `p3b-pkd*`"
+        + (
+            "but `p3b-pkd*` and `p3b-speedup` (`--teacher auto`, prune's default: distilling from the dense model, "
+            "w 0.5, T 1)"
+            if meta.get("p3b_teacher", "none") == "auto"
+            else "but `p3b-pkd*`"
+        )
         + (
             "; `p3b-kd`: the `p3b` models fine-tuned with `--teacher auto` (the dense model, w 0.5, T 1)"
             if any(r["method"] == "p3b-kd" for r in rows)
@@ -577,6 +587,12 @@ def main() -> None:
         default=[m for m in METHODS if m not in TEACHER_VARIANTS],
         help="methods to run (p3b-speedup needs --speedups too); --kd adds each p3b model fine-tuned with the teacher",
     )
+    ap.add_argument(
+        "--p3b-teacher",
+        choices=["none", "auto"],
+        default="none",
+        help="p3b-speedup's prune teacher (auto: prune's default, the dense model; none: recovery alike for all)",
+    )
     ap.add_argument("--name", help="results name (default: pareto_<data>)")
     ap.add_argument("--machine", help="recorded with the results (default: the CPU and core count read here)")
     ap.add_argument("--report", action="store_true", help="only re-render the md/png from the json")
@@ -599,15 +615,14 @@ def main() -> None:
         f"{' '.join(map(str, args.keeps))} --speedups {' '.join(map(str, args.speedups))} "
         f"--epochs {' '.join(map(str, args.epochs))} --threads {args.threads} "
         f"--runs {args.runs}{'' if args.kd else ' --no-kd'}"
-        + (
-            f" --methods {' '.join(args.methods)} --name {args.name}"
-            if args.methods != ap.get_default("methods")
-            else ""
-        ),
+        + (f" --p3b-teacher {args.p3b_teacher}" if args.p3b_teacher != "none" else "")
+        + (f" --methods {' '.join(args.methods)}" if args.methods != ap.get_default("methods") else "")
+        + (f" --name {args.name}" if args.name != f"pareto_{args.data}" else ""),
         "machine": args.machine,
         "rows": [],
         "dense_ms": {},
         "data": args.data,
+        "p3b_teacher": args.p3b_teacher,
     }
     with tempfile.TemporaryDirectory(prefix="p3bkit-pareto-") as tmp:
         work = Path(tmp)
@@ -634,7 +649,16 @@ def main() -> None:
             meta["table_check_error"] = json.loads(table.read_text())["protocol"]["check"]["median_abs_error"]
         for seed in args.seeds:
             rows, models = run_seed(
-                seed, args.keeps, args.speedups, table, work, tuple(args.epochs), data_ref, args.kd, tuple(args.methods)
+                seed,
+                args.keeps,
+                args.speedups,
+                table,
+                work,
+                tuple(args.epochs),
+                data_ref,
+                args.kd,
+                tuple(args.methods),
+                args.p3b_teacher,
             )
             ms = time_models(models, args.threads, args.runs, work)
             meta["dense_ms"][str(seed)] = ms["dense"]

@@ -13,12 +13,11 @@ Writes benchmarks/results/residual_io.{json,md}.
 from __future__ import annotations
 
 import argparse
-import atexit
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
+
+from common import work_folder
 
 from p3bkit.bench import BenchConfig, run_bench
 from p3bkit.export import export_model
@@ -50,50 +49,49 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     args = ap.parse_args()
     arch = PrunedArch.from_json(json.loads(Path(args.allocation).read_text()))
-    work = Path(tempfile.mkdtemp(prefix="residual-io-"))
-    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
-    dim = create_stock_model(arch.source).embed_dim
-    refs = {"dense": arch.source.name}  # the unpruned timm model (random weights)
-    for mode in ("index", "dense", "auto"):
-        model = apply_arch(create_stock_model(arch.source), variant(arch, mode, dim))
-        refs["folded" if mode == "dense" else mode] = str(save(model, work / mode))
-    out_rows, report = [], {"allocation": args.allocation, "runs": args.runs, "backends": {}}
-    for backend, fmt, write_ops in (
-        ("onnxruntime", "onnx", ("scatter", "gather")),
-        ("openvino", "openvino", ("scatter", "gather")),
-    ):
-        arts = {}
-        for label, ref in refs.items():
-            for op in write_ops if label in ("index", "auto") else ("scatter",):
-                name = f"{label}/{op}" if label in ("index", "auto") else label
-                rec = export_model(ref, fmt, work / f"{fmt}-{label}-{op}", write_op=op)
-                arts[name] = str(work / f"{fmt}-{label}-{op}" / rec.files[0])
-        rep = run_bench(
-            list(arts.values()),
-            backend,
-            "cpu",
-            cfg=BenchConfig(runs=args.runs, warmup=10, threads=args.threads),
-            profile=True,
-        )
-        report["machine"] = rep["machine"]
-        rows = {}
-        base = rep["results"][0]["stats"]["median_ms"]
-        for (name, art), r in zip(arts.items(), rep["results"]):
-            prof = rep["profile"][art]
-            top = dict(sorted(prof.items(), key=lambda kv: -kv[1])[:6])
-            rows[name] = {
-                "median_ms": r["stats"]["median_ms"],
-                "speedup": base / r["stats"]["median_ms"],
-                "flops": r["flops"],
-                "top_ops_ms": top,
-            }
-            out_rows.append(
-                f"| {backend} | {name} | {r['stats']['median_ms']:.2f} | {base / r['stats']['median_ms']:.2f}× | "
-                + ", ".join(f"{k} {v:.2f}" for k, v in top.items())
-                + " |"
+    with work_folder("residual-io-") as work:
+        dim = create_stock_model(arch.source).embed_dim
+        refs = {"dense": arch.source.name}  # the unpruned timm model (random weights)
+        for mode in ("index", "dense", "auto"):
+            model = apply_arch(create_stock_model(arch.source), variant(arch, mode, dim))
+            refs["folded" if mode == "dense" else mode] = str(save(model, work / mode))
+        out_rows, report = [], {"allocation": args.allocation, "runs": args.runs, "backends": {}}
+        for backend, fmt, write_ops in (
+            ("onnxruntime", "onnx", ("scatter", "gather")),
+            ("openvino", "openvino", ("scatter", "gather")),
+        ):
+            arts = {}
+            for label, ref in refs.items():
+                for op in write_ops if label in ("index", "auto") else ("scatter",):
+                    name = f"{label}/{op}" if label in ("index", "auto") else label
+                    rec = export_model(ref, fmt, work / f"{fmt}-{label}-{op}", write_op=op)
+                    arts[name] = str(work / f"{fmt}-{label}-{op}" / rec.files[0])
+            rep = run_bench(
+                list(arts.values()),
+                backend,
+                "cpu",
+                cfg=BenchConfig(runs=args.runs, warmup=10, threads=args.threads),
+                profile=True,
             )
-        report["backends"][backend] = rows
-        print(rep["table"], flush=True)
+            report["machine"] = rep["machine"]
+            rows = {}
+            base = rep["results"][0]["stats"]["median_ms"]
+            for (name, art), r in zip(arts.items(), rep["results"]):
+                prof = rep["profile"][art]
+                top = dict(sorted(prof.items(), key=lambda kv: -kv[1])[:6])
+                rows[name] = {
+                    "median_ms": r["stats"]["median_ms"],
+                    "speedup": base / r["stats"]["median_ms"],
+                    "flops": r["flops"],
+                    "top_ops_ms": top,
+                }
+                out_rows.append(
+                    f"| {backend} | {name} | {r['stats']['median_ms']:.2f} | {base / r['stats']['median_ms']:.2f}× | "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in top.items())
+                    + " |"
+                )
+            report["backends"][backend] = rows
+            print(rep["table"], flush=True)
     m = report["machine"]
     md = [
         f"# Residual read/write formulations — {Path(args.allocation).stem}\n",

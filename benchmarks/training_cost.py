@@ -14,16 +14,13 @@ Writes benchmarks/results/training_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, digits_image_folder
+from common import RESULTS, digits_image_folder, work_folder
 
 from p3bkit.backends import machine_info
 from p3bkit.backends.timing import BenchConfig, Timed, time_interleaved
@@ -94,8 +91,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fractions = list(dict.fromkeys(args.fractions))
-    work = Path(tempfile.mkdtemp(prefix="training-cost-"))
-    atexit.register(shutil.rmtree, work, True)
     report = {
         "machine": machine_info(args.threads),
         "command": "python benchmarks/training_cost.py "
@@ -109,12 +104,13 @@ def main() -> None:
     if earlier.is_file():  # keep the other models of an earlier run (each row names its command)
         old = json.loads(earlier.read_text())
         report["models"] = {name: {"command": old.get("command"), **r} for name, r in old["models"].items()}
-    for name in args.models:
-        steps = step_times(name, args.rounds, fractions)
-        folder = digits_image_folder(work / name, MODELS[name][2], train=600, val=100)
-        loads = load_times(name, folder, args.workers, batches=5)
-        report["models"][name] = {"steps": steps, "load": loads, "command": report["command"]}
-        print(name, json.dumps(report["models"][name]), flush=True)
+    with work_folder("training-cost-") as work:
+        for name in args.models:
+            steps = step_times(name, args.rounds, fractions)
+            folder = digits_image_folder(work / name, MODELS[name][2], train=600, val=100)
+            loads = load_times(name, folder, args.workers, batches=5)
+            report["models"][name] = {"steps": steps, "load": loads, "command": report["command"]}
+            print(name, json.dumps(report["models"][name]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "training_cost.json").write_text(json.dumps(report, indent=1))
     (RESULTS / "training_cost.md").write_text(render(report, fractions))

@@ -25,14 +25,12 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, digits_image_folder
+from common import RESULTS, digits_image_folder, work_folder
 
 MODEL = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "global_pool": "avg", "class_token": False}
 
@@ -63,9 +61,8 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=10, help="Fine-tuning epochs after pruning.")
     ap.add_argument("--runs", type=int, default=300, help="Timed runs per model in the benchmark.")
     args = ap.parse_args()
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="p3bkit-walkthrough-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    try:
+    with work_folder("p3bkit-walkthrough-", Path(args.work) if args.work else None) as work:
         data = digits_image_folder(work / "digits")
         steps, times = [], {}
 
@@ -182,9 +179,6 @@ def main() -> None:
             ],
         }
         write(report)
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def write(report: dict) -> None:

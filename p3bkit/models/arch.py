@@ -199,10 +199,10 @@ def _timm_names() -> set[str]:
 
 def _dense_arch(model: nn.Module) -> PrunedArch:
     """The architecture file of an unpruned model (no layers: the stock blocks stay)."""
-    from p3bkit.models.source import infer_source
+    from p3bkit.models.source import model_source
 
     inspect_vit(model)
-    source = getattr(model, "p3b_source", None) or infer_source(model)
+    source = model_source(model, fallback="infer")
     return PrunedArch(source=source, layers=[], structure="dense", versions=versions())
 
 

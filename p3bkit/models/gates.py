@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.layers.attention import Attention
 
-from p3bkit.errors import ArchError
 from p3bkit.models.adapter import TimmModule, ViTSpec, inspect_vit
 from p3bkit.models.cost import BranchWidths
 
@@ -220,28 +219,20 @@ class GatedMlp(nn.Module):
         return self.gate_out(self.drop2(self.fc2(x))) * alive
 
 
-def _source_or_none(model: nn.Module):
-    """How to rebuild a model made outside p3bkit (`save` refuses later if this is None)."""
-    from p3bkit.models.source import infer_source
-
-    try:
-        return infer_source(model)
-    except ArchError:
-        return None
-
-
 class GatedViT(nn.Module):
     """A timm ViT whose Attention and MLP blocks carry gates; `gates` names every one."""
 
     model: TimmModule
 
     def __init__(self, model: TimmModule, structure: Structure = "full") -> None:
+        from p3bkit.models.source import model_source
+
         super().__init__()
         if structure not in STRUCTURE_GATES:
             raise ValueError(f"structure must be one of {sorted(STRUCTURE_GATES)}, got {structure!r}")
         self.spec: ViTSpec = inspect_vit(model)
         self.structure = structure
-        self.source = getattr(model, "p3b_source", None) or _source_or_none(model)
+        self.source = model_source(model, fallback="infer-or-none")  # None: `save` refuses it later
         for blk in model.blocks:
             blk.attn = GatedAttention(blk.attn, structure)
             blk.mlp = GatedMlp(blk.mlp, structure)

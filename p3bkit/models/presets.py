@@ -51,12 +51,6 @@ MODEL_PRESETS: dict[str, ModelSource] = {
 }
 
 
-def model_source(model) -> ModelSource | None:
-    """What a built model was made from (a created model's source, or a loaded folder's)."""
-    arch = getattr(model, "p3b_arch", None)
-    return getattr(model, "p3b_source", None) or (arch.source if arch is not None else None)
-
-
 def preset_of(source: ModelSource | None) -> str | None:
     """The preset a model was built from (its architecture name and every preset argument match)."""
     if source is None:

@@ -9,6 +9,8 @@ class/register tokens, pooling, LayerScale, norms), so `p3bkit.save` can write a
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch.nn as nn
 
 from p3bkit.errors import ArchError
@@ -65,6 +67,38 @@ def infer_source(model: TimmModule) -> ModelSource:
         for key in ("class_token", "global_pool", "fc_norm", "no_embed_class"):
             kwargs.pop(key)
     return ModelSource(name, kwargs)
+
+
+SourceFallback = Literal["infer", "infer-or-none", "arch"]
+
+
+@overload
+def model_source(model: TimmModule, *, fallback: Literal["infer"]) -> ModelSource: ...
+@overload
+def model_source(model: TimmModule, *, fallback: Literal["infer-or-none", "arch"]) -> ModelSource | None: ...
+def model_source(model: TimmModule, *, fallback: SourceFallback) -> ModelSource | None:
+    """What `model` was built from: the source p3bkit recorded on it (`p3b_source`: set by
+    `create_stock_model`, `load` and surgery), or else, by `fallback`:
+
+    - "infer": read back from its modules (`infer_source`), for a model made outside p3bkit;
+    - "infer-or-none": the same, None when it cannot be told (`save` refuses such a model later);
+    - "arch": the source of the architecture file applied to it (`p3b_arch`), else None; nothing is inferred.
+
+    Raises:
+        ArchError: with "infer", when the model does not name its timm architecture.
+    """
+    recorded = getattr(model, "p3b_source", None)
+    if recorded:
+        return recorded
+    if fallback == "arch":
+        arch = getattr(model, "p3b_arch", None)
+        return arch.source if arch is not None else None
+    try:
+        return infer_source(model)
+    except ArchError:
+        if fallback == "infer":
+            raise
+        return None
 
 
 def _mlp_ratio(model: TimmModule) -> float:

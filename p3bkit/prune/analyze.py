@@ -67,10 +67,11 @@ def measure_model(
     seed_everything(seed)
     model = create_model(model_ref, weights=weights).to(device).eval().requires_grad_(False)
     from p3bkit.console import notify
-    from p3bkit.models.presets import default_data, model_source
+    from p3bkit.models.presets import default_data
+    from p3bkit.models.source import model_source
 
     bundle = load_data(
-        data or default_data(model_source(model), notify),
+        data or default_data(model_source(model, fallback="arch"), notify),
         img_size=model.patch_embed.img_size[0],
         num_classes=model.num_classes,
         in_chans=model.patch_embed.proj.in_channels,

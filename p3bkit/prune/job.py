@@ -159,9 +159,10 @@ def run_prune(job: PruneJob, resume: bool = False, force: bool = False, plan: st
     # what speed checks time pruned versions of (prune.speed), before gates go in
     dense = copy.deepcopy(model).eval() if job.latency_table is not None and job.speed_checks and ctx.main else None
     gated = add_gates(model, job.structure).to(ctx.device)  # refuses unsupported models first
-    from p3bkit.models.presets import default_data, model_source
+    from p3bkit.models.presets import default_data
+    from p3bkit.models.source import model_source
 
-    data_name = job.data or default_data(model_source(model), say)
+    data_name = job.data or default_data(model_source(model, fallback="arch"), say)
     loaded = loads_weights(job.model, job.pretrained, job.pretrained_file, job.weights)
     data = load_data_for(model, data_name, job.augment, loaded, say)  # augmentation as `train` picks it
     if job.train_images is not None:

@@ -93,13 +93,18 @@ def run_finetune(
     ctx = init_distributed(device)
     model = load(pruned)
     branches = _add_drop_path(model, drop_path)
-    from p3bkit.models.presets import default_data, model_source
+    from p3bkit.models.presets import default_data
+    from p3bkit.models.source import model_source
 
     say = notify if ctx.main else None
     notes: list[str] = []  # printed once the data passed its checks: a refusal stays one line
     dense, distill = choose_teacher(teacher, pruned, kd_weight, kd_temperature, notes.append)
     bundle = load_data_for(
-        model, data or default_data(model_source(model), notes.append), augment, pretrained=True, say=notes.append
+        model,
+        data or default_data(model_source(model, fallback="arch"), notes.append),
+        augment,
+        pretrained=True,
+        say=notes.append,
     )
     check_batch(bundle, batch_size, ctx.world, bundle.mixup is not None)
     _say_all(say, notes)
@@ -190,11 +195,14 @@ def run_train(
     seed_everything(seed)  # the initialisation of whatever is not loaded (e.g. a new classifier)
     say = notify if ctx.main else None
     net = build_user_model(model, pretrained, pretrained_file, weights, model_kwargs or {}, say)
-    from p3bkit.models.presets import default_data, model_source
+    from p3bkit.models.presets import default_data
+    from p3bkit.models.source import model_source
 
     loaded = loads_weights(model, pretrained, pretrained_file, weights)
     notes: list[str] = []  # printed once the data passed its checks: a refusal stays one line
-    bundle = load_data_for(net, data or default_data(model_source(net), notes.append), augment, loaded, notes.append)
+    bundle = load_data_for(
+        net, data or default_data(model_source(net, fallback="arch"), notes.append), augment, loaded, notes.append
+    )
     check_batch(bundle, batch_size, ctx.world, bundle.mixup is not None)
     _say_all(say, notes)
     rate = learning_rate(choose_recipe(recipe, loaded), batch_size, lr)
