@@ -60,8 +60,9 @@ def test_analyze_writes_figures_with_the_logs_numbers(runs, tmp_path):
 
 @pytest.mark.slow
 def test_analyze_plain_model_trains_bpi_only(tmp_path):
-    res = CliRunner().invoke(main, ["analyze", "digits-vit", "--steps", "30", "-o", str(tmp_path)])
+    res = CliRunner().invoke(main, ["analyze", "digits-vit", "--steps", "30", "--no-progress", "-o", str(tmp_path)])
     assert res.exit_code == 0, res.output
+    assert "analyze epoch 1/1: 30 steps, BPI loss" in res.output  # the run skeleton's line for the epoch
     data = json.loads((tmp_path / "block_performance.json").read_text())
     assert len(data[0]["delta_c"]) == 12 and (tmp_path / "block_performance.png").is_file()
     first, last = data[0]["bpi_loss"]

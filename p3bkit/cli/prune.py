@@ -366,8 +366,9 @@ def stored_note(stored: int, kept: int, ratio: float) -> str | None:
 @click.option(
     "--force", is_flag=True, help="Write into a non-empty OUT (replaces the report's own files, keeps others)."
 )
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 @boundary
-def analyze(inputs, out, data, weights, steps, device, force) -> None:
+def analyze(inputs, out, data, weights, steps, device, force, progress) -> None:
     """Block Performance plots for prune runs (their logs) or plain models (BPI trained on the frozen model)."""
     from p3bkit.fileio import check_output_folder
     from p3bkit.prune.analyze import REPORT_FILES, measure_model, read_run, write_report
@@ -377,7 +378,7 @@ def analyze(inputs, out, data, weights, steps, device, force) -> None:
     runs = [
         read_run(i)
         if (Path(i) / "log.jsonl").is_file()
-        else measure_model(i, data=data, steps=steps, weights=weights, device=device)
+        else measure_model(i, data=data, steps=steps, weights=weights, device=device, progress=progress)
         for i in inputs
     ]
     click.echo(f"wrote {write_report(runs, out)}")

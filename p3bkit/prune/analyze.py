@@ -47,6 +47,28 @@ def read_run(run: str | Path) -> dict:
     return out
 
 
+class _Batches:
+    """Exactly `steps` training batches, the data reshuffled on every pass (a sized iterable: the
+    skeleton's progress bar and time estimate know the length)."""
+
+    def __init__(self, bundle, batch_size: int, seed: int, steps: int) -> None:
+        self.bundle, self.batch_size, self.seed, self.steps = bundle, batch_size, seed, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        from p3bkit.data import make_loader
+
+        step = 0
+        while step < self.steps:
+            for batch in make_loader(self.bundle.train, self.batch_size, True, seed=self.seed + step):
+                yield batch
+                step += 1
+                if step >= self.steps:
+                    return
+
+
 def measure_model(
     model_ref: str,
     data: str | None = None,
@@ -55,21 +77,27 @@ def measure_model(
     weights: str | None = None,
     device: str = "cpu",
     seed: int = 0,
+    progress: bool = True,
 ) -> dict:
-    """Train only the BPI heads on the frozen model, then average ΔΨ over the second half of the steps."""
-    from p3bkit.data import load_data, make_loader
+    """Train only the BPI heads on the frozen model, then average ΔΨ over the second half of the steps.
+
+    The steps run through the run skeleton (`train.run.run_epochs`, one epoch of `steps` batches):
+    its progress bar, the time estimate of a long run and the line it ends with. Nothing is
+    checkpointed: the measurement is short and writes nothing until the report."""
+    from p3bkit.console import notify
+    from p3bkit.data import load_data
     from p3bkit.models.factory import create_model
+    from p3bkit.models.presets import default_data
+    from p3bkit.models.source import model_source
     from p3bkit.prune.bpi import BPI, StateRecorder, ce_loss
-    from p3bkit.train.dist import require_device
+    from p3bkit.prune.recipes import RECIPES
+    from p3bkit.train.dist import DistContext, require_device
     from p3bkit.train.fit import seed_everything
+    from p3bkit.train.run import EpochLoop, run_epochs
 
     require_device(device)
     seed_everything(seed)
     model = create_model(model_ref, weights=weights).to(device).eval().requires_grad_(False)
-    from p3bkit.console import notify
-    from p3bkit.models.presets import default_data
-    from p3bkit.models.source import model_source
-
     bundle = load_data(
         data or default_data(model_source(model, fallback="arch"), notify),
         img_size=model.patch_embed.img_size[0],
@@ -77,39 +105,54 @@ def measure_model(
         in_chans=model.patch_embed.proj.in_channels,
     )
     bpi = BPI.for_model(model).to(device)
-    from p3bkit.prune.recipes import RECIPES
-
     # the BPI rate a quick prune run trains them with (a base rate at batch 512, scaled: 5e-4 at 64)
-    opt = torch.optim.AdamW(bpi.parameters(), lr=RECIPES["quick"].lr_bpi * batch_size / 512, weight_decay=0.0)
+    lr = RECIPES["quick"].lr_bpi * batch_size / 512
+    opt = torch.optim.AdamW(bpi.parameters(), lr=lr, weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
-    rec, count, step, losses = StateRecorder(model), 0, 0, []
-    acc_c, acc_p = torch.zeros(()), torch.zeros(())  # ΔΨ summed over the second half (broadcast to the blocks)
+    rec, losses = StateRecorder(model), []  # the BPI loss of every step
+    late: list[tuple[torch.Tensor, torch.Tensor]] = []  # ΔΨᶜ and ΔΨᵖ of the second half's steps
+
+    def step(epoch: int, batch) -> dict:
+        x, y = batch[0].to(device), batch[1].to(device)
+        with torch.no_grad():
+            model(x)
+        loss, d_c, d_p = bpi(rec.take(), y, ce_loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if len(losses) > steps // 2:
+            late.append((d_c.detach().cpu(), d_p.detach().cpu()))
+        return {"loss": losses[-1]}
+
+    def ends() -> tuple[float, float]:
+        """The BPI loss at the start and at the end, each averaged over a fifth of the steps."""
+        k = max(1, len(losses) // 5)
+        return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+    def end_epoch(epoch: int, done: int) -> str:
+        return f"{done} steps, BPI loss {ends()[0]:.3f} → {ends()[1]:.3f}"
+
+    loop = EpochLoop(
+        epochs=1,
+        loader=lambda epoch, first: _Batches(bundle, batch_size, seed, steps),
+        step=step,
+        end_epoch=end_epoch,
+        state=dict,
+        desc="analyze",
+        progress=progress,
+    )
     try:
-        while step < steps:
-            for x, y in make_loader(bundle.train, batch_size, True, seed=seed + step):
-                x, y = x.to(device), y.to(device)
-                with torch.no_grad():
-                    model(x)
-                loss, d_c, d_p = bpi(rec.take(), y, ce_loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                step += 1
-                if step > steps // 2:
-                    acc_c, acc_p, count = acc_c + d_c.cpu(), acc_p + d_p.cpu(), count + 1
-                if step >= steps:
-                    break
+        run_epochs(loop, DistContext(device=device))
     finally:
         rec.remove()
-    k = max(1, len(losses) // 5)  # the BPI loss at the start and the end, each averaged over a fifth of the steps
     change = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
     return {
         "label": Path(weights or model_ref).name,
-        "delta_c": (acc_c / count).tolist(),
-        "delta_p": (acc_p / count).tolist(),
+        "delta_c": torch.stack([c for c, _ in late]).mean(0).tolist(),
+        "delta_p": torch.stack([p for _, p in late]).mean(0).tolist(),
         "updates": 0,
-        "bpi_loss": [sum(losses[:k]) / k, sum(losses[-k:]) / k],
+        "bpi_loss": list(ends()),
         "model_change": change,
     }
 
