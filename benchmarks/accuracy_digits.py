@@ -1,15 +1,17 @@
 """Accuracy study on the embedded digits set: P3B vs baselines at 50 / 75 / 90% pruning.
 
 Rates are fractions of *all* parameters (the paper's budget, `--budget total`). Per seed: train a
-dense tiny ViT (digits-vit: 6 layers, width 64, 16×16 input, 4×4 patches), then for every method
-prune it with the same engine, epochs, data and seed (the `quick` recipe: base lr 4e-3 → 5e-4 at
-batch 64), and fine-tune the pruned model with the same short recipe. Methods: `p3b` (the
+dense tiny ViT (digits-vit: 6 layers, width 64, 16×16 input, 4×4 patches) as `p3bkit train` does
+(run_train with its defaults), then for every method prune it with the same engine, epochs, data and
+seed (the `quick` recipe: base lr 4e-3 → 5e-4 at batch 64, no teacher), and fine-tune the pruned
+model as `p3bkit finetune` does (run_finetune with its defaults). Methods: `p3b` (the
 paper's six gates), `p3b-inner` (P3B on head dims + MLP hidden only), `uniform` (equal κ),
 `global-magnitude` (one weight-magnitude threshold), `frozen` (P3B with model lr 1e-8, App. G).
 
-    python benchmarks/accuracy_digits.py --seeds 0 1 2 3 4          # ~50 min on 2 CPU cores
-    # or in parallel, one process per (seed, rate), then merge:
-    python benchmarks/accuracy_digits.py --seeds 0 --rates 50 --threads 1 --part parts/0_50.json
+    python benchmarks/accuracy_digits.py --seeds 0 1 2 3 4          # ~40 s per method, rate and seed
+    # or in parallel, one process per core (each with its own --work), then merge:
+    python benchmarks/accuracy_digits.py --seeds 0 1 2 --threads 1 --work /tmp/a --part parts/a.json
+    python benchmarks/accuracy_digits.py --seeds 3 4 --threads 1 --work /tmp/b --part parts/b.json
     python benchmarks/accuracy_digits.py --merge parts/*.json
 Writes benchmarks/results/accuracy_digits.{json,md,png}, with a paired comparison per seed.
 """
@@ -26,16 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import RESULTS
-from safetensors.torch import save_file
 
-from p3bkit.data import load_data
 from p3bkit.models import load
-from p3bkit.models.factory import create_model, load_weights
 from p3bkit.models.report import describe
 from p3bkit.prune.job import PruneJob, run_prune
 from p3bkit.prune.pruner import P3BConfig
 from p3bkit.prune.recipes import RECIPES
-from p3bkit.train.fit import FitConfig, evaluate, fit, seed_everything
+from p3bkit.train.jobs import run_finetune, run_train
 
 METHODS = {
     "p3b": {"structure": "full", "allocation": "p3b"},
@@ -68,7 +67,7 @@ DEFAULT_METHODS = ["p3b-heads", "p3b-inner", "p3b", "uniform", "global-magnitude
 QUICK = RECIPES["quick"]
 
 
-def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> dict:
+def run_one(work: Path, dense: Path, method: str, rate: int, seed: int, args) -> dict:
     m = METHODS[method]
     cfg = P3BConfig(
         keep=1 - rate / 100,
@@ -89,26 +88,28 @@ def run_one(work: Path, ckpt: Path, method: str, rate: int, seed: int, args) -> 
     epochs = (m.get("warmup", args.epochs[0]), *args.epochs[1:])
     job = PruneJob(
         out=str(work / f"{method}_{rate}_{seed}"),
-        model="digits-vit",
-        weights=str(ckpt),
+        model=str(dense),
+        data="digits",
         epochs=epochs,
         structure=m["structure"],
         seed=seed,
         progress=False,
         p3b=cfg,
-        teacher="none",  # its committed numbers were made without a teacher (the default before)
+        teacher="none",  # no method distils: they differ only in where they cut
     )
     s = run_prune(job)
-    pruned = load(Path(job.out) / "pruned")
-    data = load_data("digits")
-    fit(pruned, data, FitConfig(epochs=args.finetune, lr=5e-4, warmup_epochs=0, seed=seed, progress=False))
+    tuned = work / f"{method}_{rate}_{seed}_ft"
+    ft = run_finetune(
+        str(Path(job.out) / "pruned"), str(tuned), data="digits", epochs=args.finetune, seed=seed, progress=False
+    )
+    pruned = load(tuned)
     d = describe(pruned)
     return {
         "method": method,
         "rate": rate,
         "seed": seed,
         "acc_pruned": s["val_acc_pruned"],
-        "acc_finetuned": evaluate(pruned, data.val),
+        "acc_finetuned": ft["val_acc"],
         "params": d["params"],
         "flops": d["flops"],
         "total_keep": s["total_keep"],
@@ -251,7 +252,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (one per process when running parts in parallel)")
     ap.add_argument("--work", default="/tmp/p3bkit-accuracy")
     ap.add_argument(
-        "--dense-from", help="a --work folder of an earlier run: reuse its dense models (dense_SEED.safetensors)"
+        "--dense-from", help="a --work folder of an earlier run: reuse its dense model folders (dense_SEED)"
     )
     ap.add_argument("--part", help="write rows to this JSON after every run instead of the results folder")
     ap.add_argument("--merge", nargs="+", help="merge --part files and write the results")
@@ -299,23 +300,17 @@ def main() -> None:
     }
     t0 = time.time()
     for seed in args.seeds:
-        seed_everything(seed)  # the dense initialisation is part of the seed
-        model = create_model("digits-vit")
-        data = load_data("digits")
-        ckpt = (
-            Path(args.dense_from) / f"dense_{seed}.safetensors"
-            if args.dense_from
-            else work / f"dense_{seed}.safetensors"
-        )
-        if args.dense_from:  # the same seed's dense model from an earlier run (same training, read back)
-            load_weights(model, ckpt)
+        # `p3bkit train digits-vit --data digits --epochs 30 --seed SEED` (the from-scratch recipe);
+        # or the same seed's dense model folder from an earlier run (same training, read back)
+        dense = Path(args.dense_from or work) / f"dense_{seed}"
+        if args.dense_from:
+            trained = json.loads((dense / "train.json").read_text())
         else:
-            fit(model, data, FitConfig(epochs=30, lr=2e-3, seed=seed, progress=False))
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
-        meta["dense"][str(seed)] = evaluate(model, data.val)
+            trained = run_train("digits-vit", str(dense), data="digits", epochs=30, seed=seed, progress=False)
+        meta["dense"][str(seed)] = trained["val_acc"]
         for method in args.methods:
             for rate in args.rates:
-                meta["rows"].append(run_one(work, ckpt, method, rate, seed, args))
+                meta["rows"].append(run_one(work, dense, method, rate, seed, args))
                 r = meta["rows"][-1]
                 meta["seconds"] = time.time() - t0
                 print(

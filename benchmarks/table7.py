@@ -25,12 +25,11 @@ table's prediction.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import platform
-import shutil
-import tempfile
 from pathlib import Path
+
+from common import work_folder
 
 from p3bkit.bench import BenchConfig, run_bench
 from p3bkit.models import PrunedArch, apply_arch, create_stock_model, save
@@ -82,7 +81,7 @@ def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -
     return refs, params, shapes
 
 
-def run(args) -> None:
+def run(args, work: Path) -> None:
     machine = args.machine or platform.node()
     out = HERE / "results" / f"table7_{machine}{'-compile' if args.compile else ''}_{args.device}.json"
     report = {
@@ -93,8 +92,6 @@ def run(args) -> None:
         "budget": "fractions of all parameters (the paper's)",
         "precision": "fp32",
     }
-    work = Path(tempfile.mkdtemp(prefix="table7-"))
-    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     for key in args.models:
         refs, params, shapes = build_models(Path(args.allocations), work, key, args.structures)
         for backend in args.backends:
@@ -124,8 +121,8 @@ def run(args) -> None:
     print(f"wrote {out}")
 
 
-def run_one(args) -> None:
-    """All runtimes of a DeiT in one interleaved run (see the module doc)."""
+def run_one(args, work: Path) -> None:
+    """All runtimes of a DeiT in one interleaved run (see the module doc); exports go under `work`."""
     from p3bkit.export import artefact_name, export_model
 
     machine = args.machine or platform.node()
@@ -140,8 +137,6 @@ def run_one(args) -> None:
         "budget": "fractions of all parameters (the paper's)",
         "precision": "fp32",
     }
-    work = Path(tempfile.mkdtemp(prefix="table7-"))
-    atexit.register(shutil.rmtree, work, True)  # exported models and runs go with the process
     for key in args.models:
         refs, params, shapes = build_models(Path(args.allocations), work, key, args.structures)
         labels, bench_refs = ["dense"], [refs["dense"]]
@@ -266,10 +261,9 @@ def main() -> None:
         help="--one-run: the runtimes the pruned models are timed on (dense: every runtime)",
     )
     args = ap.parse_args()
-    if args.one_run:
-        run_one(args)
-    elif not args.report:
-        run(args)
+    if args.one_run or not args.report:
+        with work_folder("table7-") as work:  # exported models and runs go with the run
+            (run_one if args.one_run else run)(args, work)
     report_md(HERE / "results")
 
 

@@ -57,8 +57,9 @@ class P3BConfig:
     bpi_fraction: float = 0.125  # the share of each batch the indicators see (ΔΨ is an average anyway)
     head_weight: float = 1.0  # how much more a kept fraction of head importance counts than one of head-dim importance
     # heads are scored as if their mask were at least this (models.gates.Gate): ½ lets a pruned head come
-    # back once its gradient is twice a kept one's, but lost 0.4–0.8 points at 90% on digits (5 seeds:
-    # benchmarks/results/accuracy_digits_decisions.md); 0, the paper's (m·∂L/∂m)², won there
+    # back once its gradient is twice a kept one's; at 90% on digits (5 seeds) it gained 0.33 points in
+    # benchmarks/results/accuracy_digits.md and lost 0.72 under an earlier recipe, so the paper's
+    # (m·∂L/∂m)², 0, which prunes more whole heads (faster models), stays
     head_score_floor: float = 0.0
 
 
