@@ -131,7 +131,8 @@ def measure_model(
         return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
     def end_epoch(epoch: int, done: int) -> str:
-        return f"{done} steps, BPI loss {ends()[0]:.3f} → {ends()[1]:.3f}"
+        first, last = ends()
+        return f"{done} steps, BPI loss {first:.3f} → {last:.3f}"
 
     loop = EpochLoop(
         epochs=1,
