@@ -31,6 +31,7 @@ from pathlib import Path
 
 from common import work_folder
 
+from p3bkit.backends import describe_cpu
 from p3bkit.bench import BenchConfig, run_bench
 from p3bkit.models import PrunedArch, apply_arch, create_stock_model, save
 
@@ -193,7 +194,7 @@ def report_md(results_dir: Path) -> None:
         rep = json.loads(f.read_text())
         dev = "gpu" if rep["device"] == "cuda" else "cpu"
         m = rep["machine"]
-        where = m["gpu"] if dev == "gpu" else f"{m['cpu']}, {m['threads']} threads"
+        where = m["gpu"] if dev == "gpu" else f"{describe_cpu(m)}, {m['threads']} threads"
         one = rep.get("one_run", False)
         lines += [
             f"\n### {f.stem}: {where}, fp32, batch {'1024' if dev == 'gpu' else '1'}, median of {rep['runs']} runs, "

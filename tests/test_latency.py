@@ -1008,3 +1008,80 @@ def test_speed_checks_time_on_the_tables_runtime(tmp_path):
     for row in [*lat["speed_checks"], lat["measured"]]:
         assert 0 < row["pruned_ms"] < row["dense_ms"], row  # the planned and final models run faster than dense
     assert "measured" in r.output and "over the dense model timed beside it" in r.output
+
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx fma avx2 bmi2
+"""
+ARM = """processor\t: 0
+Features\t: fp asimd sve sve2
+CPU implementer\t: 0x41
+CPU part\t: 0xd4f
+"""
+
+
+def test_cpu_identity_tells_apart_hosts_of_one_name():
+    """/proc/cpuinfo text of two hosts both named "AMD EPYC": the id and the kernel instruction sets
+    differ; an Arm host is identified by implementer and part; text without flags gives None."""
+    from p3bkit.backends.timing import cpu_identity, describe_cpu
+
+    zen3 = cpu_identity(ZEN3)
+    assert zen3 == {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD family 25 model 1", "isa": ["avx2", "fma"]}
+    zen4 = cpu_identity(ZEN3.replace("model\t\t: 1", "model\t\t: 17").replace("bmi2", "bmi2 avx512f avx512_bf16"))
+    assert zen4["cpu"] == zen3["cpu"] and zen4["cpu_id"] != zen3["cpu_id"]
+    assert zen4["isa"] == ["avx2", "fma", "avx512f", "avx512_bf16"]
+    assert describe_cpu(zen4) == "AMD EPYC (AuthenticAMD family 25 model 17, avx2 avx512f avx512_bf16)"
+    arm = cpu_identity(ARM)
+    assert arm == {"cpu": None, "cpu_id": "implementer 0x41 part 0xd4f", "isa": ["asimd", "sve", "sve2"]}
+    assert cpu_identity("processor : 0\n") == {"cpu": None, "cpu_id": None, "isa": None}
+
+
+def test_a_table_from_another_cpu_kind_of_the_same_name_is_refused(tmp_path, capsys):
+    """A table made on an AVX-512 host named like this one is refused, with what differs; a table
+    that records its CPU by name only (an earlier p3bkit) is used, with a note saying so."""
+    from p3bkit.backends import machine_info
+
+    _, dims = _gated_digits()
+    table = LatencyTable.load(_priced_table(tmp_path / "priced.json", dims))
+    here = {**machine_info(1), "cpu_id": "AuthenticAMD family 25 model 1", "isa": ["avx2", "fma"]}
+    table.machine = {**here, "cpu_id": "AuthenticAMD family 25 model 17", "isa": ["avx2", "fma", "avx512f"]}
+    with pytest.raises(P3BError, match="measured on another machine.*cpu_id: table 'AuthenticAMD family 25 model 17'"):
+        table.check_machine(here)
+    table.machine = {**here, "isa": ["avx2", "fma", "avx512f"]}
+    with pytest.raises(P3BError, match="isa: table"):
+        table.check_machine(here)
+    table.machine = {**here}
+    table.check_machine(here)
+    assert capsys.readouterr().err == ""
+    table.machine = {k: v for k, v in here.items() if k not in ("cpu_id", "isa")}
+    table.check_machine(here)
+    assert "records its CPU by name only" in capsys.readouterr().err
+
+
+def test_speed_checks_on_a_cpu_far_slower_than_the_tables_say_so(tmp_path, monkeypatch):
+    """Every timing runs the dense model 2.6× the table's time (the CPU is not the kind the table was
+    made on): each check keeps the target, and the message asks whether this is the table's CPU."""
+    import p3bkit.latency.measure as measure
+
+    _, dims = _gated_digits()
+    lut = _priced_table(tmp_path / "priced.json", dims)
+
+    def slow_cpu(model, tab, archs, runs=50):
+        return 2.6 * tab.dense_ms, [2.6 * tab.predict(a) for a in archs]
+
+    monkeypatch.setattr(measure, "time_beside_dense", slow_cpu)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(
+        main,
+        ["prune", "--model", "digits-vit", "--target-speedup", "2", "--latency-table", lut, "--epochs", "0", "2", "1"]
+        + ["--update-every", "2", "--speed-checks", "1", "--no-progress", "-o", str(out)],
+    )
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    (row,) = [rec for rec in rows if rec["type"] == "speed_check"]
+    assert row["host_busy"] and row["target_ms_after"] == pytest.approx(row["target_ms_before"])
+    assert "2.6× the table's dense time: is this the CPU it was made on?" in r.output

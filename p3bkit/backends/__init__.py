@@ -27,7 +27,7 @@ from p3bkit.backends.registry import (
     register,
     runtimes,
 )
-from p3bkit.backends.timing import BenchConfig, Timed, machine_info
+from p3bkit.backends.timing import BenchConfig, Timed, describe_cpu, machine_info
 
 __all__ = [
     "BF16",
@@ -49,6 +49,7 @@ __all__ = [
     "eager_backend",
     "formats",
     "get_backend",
+    "describe_cpu",
     "machine_info",
     "register",
     "runtimes",

@@ -17,6 +17,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -166,25 +167,74 @@ def latency_stats(lat_ms: list[float], batch: int) -> dict:
     }
 
 
+# The instruction sets CPU runtimes choose their kernels by. The model name alone does not tell CPU
+# kinds apart: an idle 2-core "AMD EPYC" with AVX2 only (family 25 model 1) times dense DeiT-S on
+# OpenVINO at 56-69 ms, where another 2-core host of the same name timed it at 22 ms.
+KERNEL_ISA = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+    "sve2",
+)
+
+
+def cpu_identity(cpuinfo: str) -> dict:
+    """The CPU's model name, its id (vendor, family, model) and the kernel instruction sets it has,
+    read from the text of /proc/cpuinfo (x86 `flags`, Arm `Features`); what the text lacks is None."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    if "vendor_id" in fields:
+        cpu_id = f"{fields['vendor_id']} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    elif "cpu implementer" in fields:
+        cpu_id = f"implementer {fields['cpu implementer']} part {fields.get('cpu part', '?')}"
+    else:
+        cpu_id = None
+    return {
+        "cpu": fields.get("model name"),
+        "cpu_id": cpu_id,
+        "isa": [f for f in KERNEL_ISA if f in flags] if flags else None,
+    }
+
+
 def machine_info(threads: int | None = None) -> dict:
-    """The CPU, cores, threads, GPU and runtime versions a measurement was taken with."""
+    """The CPU (name, id, kernel instruction sets), cores, threads, GPU and runtime versions a
+    measurement was taken with."""
     import torch
 
     from p3bkit.backends.registry import runtime_packages
     from p3bkit.version import package_versions
 
-    cpu = platform.processor()
+    ident: dict = {"cpu": None, "cpu_id": None, "isa": None}
     with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        ident = cpu_identity(Path("/proc/cpuinfo").read_text())
     versions = {k: v for k, v in package_versions(*runtime_packages()).items() if v != "missing"}
     return {
-        "cpu": cpu,
+        "cpu": ident["cpu"] or platform.processor(),
+        "cpu_id": ident["cpu_id"],
+        "isa": ident["isa"],
         "cores": os.cpu_count(),
         "threads": threads or torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "versions": versions,
     }
+
+
+def describe_cpu(machine: dict) -> str:
+    """'AMD EPYC (AuthenticAMD family 25 model 1, avx2)': the name and what tells its kind apart."""
+    isa = " ".join(f for f in machine.get("isa") or [] if f != "fma")
+    detail = ", ".join(x for x in (machine.get("cpu_id"), isa) if x)
+    return f"{machine.get('cpu')} ({detail})" if detail else str(machine.get("cpu"))

@@ -74,8 +74,10 @@ def bench(
     report = run_bench(
         list(models), backend, device, batch, precision, cfg, profile, json_out, compile, dense_baselines, latency_table
     )
+    from p3bkit.backends import describe_cpu
+
     m = report["machine"]
-    click.echo(f"{m['cpu']} ({m['threads']} threads){', ' + m['gpu'] if device != 'cpu' else ''}")
+    click.echo(f"{describe_cpu(m)}, {m['threads']} threads{', ' + m['gpu'] if device != 'cpu' else ''}")
     click.echo(report["table"])
     for w in report["warnings"]:
         click.echo(f"warning: {w}", err=True)

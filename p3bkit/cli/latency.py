@@ -83,9 +83,11 @@ def latency_table(
         calibration=calibration,
         progress=progress,
     )
+    from p3bkit.backends import describe_cpu
+
     table, errors = run_latency_table(model, out, cfg_kw, check, parse_model_kwargs(kw), force)
     click.echo(
-        f"{table.model} on {backend} ({table.machine['cpu']}, {table.threads} threads, batch {batch}): "
+        f"{table.model} on {backend} ({describe_cpu(table.machine)}, {table.threads} threads, batch {batch}): "
         f"dense {table.dense_ms:.3f} ms measured, {table.predict():.3f} ms predicted; "
         f"branch-free {table.fixed_ms:.3f} ms"
     )

@@ -161,11 +161,27 @@ class LatencyTable:
             )
 
     def check_machine(self, here: dict) -> None:
-        """Refuse a table measured on another CPU/GPU or runtime version (threads are the table's own setting)."""
+        """Refuse a table measured on another CPU/GPU or runtime version (threads are the table's own setting).
+
+        The CPU is its name, id and kernel instruction sets (`backends.machine_info`): hosts sold under
+        one name ("AMD EPYC") differ in the kernels a runtime picks. A table made before the id was
+        recorded is compared by name and said so."""
         diff = []
         for key in ("cpu", "gpu", "cores"):
             if self.machine.get(key) != here.get(key):
                 diff.append(f"{key}: table {self.machine.get(key)!r}, here {here.get(key)!r}")
+        for key in ("cpu_id", "isa"):
+            mine, theirs = self.machine.get(key), here.get(key)
+            if mine is not None and theirs is not None and mine != theirs:
+                diff.append(f"{key}: table {mine!r}, here {theirs!r}")
+        if here.get("cpu_id") is not None and self.machine.get("cpu_id") is None:
+            from p3bkit.console import notify
+
+            notify(
+                f"note: this latency table records its CPU by name only ({self.machine.get('cpu')!r}); hosts of "
+                "one name can differ in the kernels a runtime uses, so its times hold only if it was made on "
+                "this CPU kind"
+            )
         from p3bkit.backends import get_backend
 
         pkg = get_backend(self.backend).packages[0].split(".")[0]  # the runtime's own package
