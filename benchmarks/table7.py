@@ -31,7 +31,7 @@ from pathlib import Path
 
 from common import work_folder
 
-from p3bkit.backends import describe_cpu
+from p3bkit.backends import describe_cpu, machine_info
 from p3bkit.bench import BenchConfig, run_bench
 from p3bkit.models import PrunedArch, apply_arch, create_stock_model, save
 
@@ -61,8 +61,9 @@ def shape_of(layers: list[dict], num_heads: int) -> str:
     return f"removed {removed}/{2 * len(layers)}, heads {sum(heads) / max(len(heads), 1):.1f}"
 
 
-def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -> tuple[dict, dict, dict]:
-    """Bench references (timm name or pruned folder), parameter counts and shapes per row label."""
+def build_models(alloc_dirs: list[Path], work: Path, key: str, structures: list[str]) -> tuple[dict, dict, dict]:
+    """Bench references (timm name or pruned folder), parameter counts and shapes per row label; each
+    allocation from the first folder that holds it."""
     from p3bkit.models.arch import ModelSource
 
     refs = {"dense": DENSE[key]}
@@ -70,8 +71,9 @@ def build_models(alloc_dir: Path, work: Path, key: str, structures: list[str]) -
     shapes = {"dense": ""}
     for structure in structures:
         for prune in (75, 90):
-            f = alloc_dir / f"{key}_{structure}_{prune}.json"
-            if not f.is_file():
+            found = [d / f"{key}_{structure}_{prune}.json" for d in alloc_dirs]
+            f = next((x for x in found if x.is_file()), None)
+            if f is None:
                 continue
             arch = PrunedArch.from_json(json.loads(f.read_text()), str(f))
             stock = create_stock_model(arch.source)
@@ -94,7 +96,7 @@ def run(args, work: Path) -> None:
         "precision": "fp32",
     }
     for key in args.models:
-        refs, params, shapes = build_models(Path(args.allocations), work, key, args.structures)
+        refs, params, shapes = build_models([Path(a) for a in args.allocations], work, key, args.structures)
         for backend in args.backends:
             rep = run_bench(
                 list(refs.values()),
@@ -122,6 +124,24 @@ def run(args, work: Path) -> None:
     print(f"wrote {out}")
 
 
+def tables_here(key: str, threads: int | None) -> list[str]:
+    """The model's committed latency tables made on this CPU kind, one per runtime: a table that
+    records the CPU's id before one that records its name only."""
+    from p3bkit.errors import P3BError
+    from p3bkit.latency.table import LatencyTable
+
+    here, chosen = machine_info(threads), {}
+    for path in sorted((HERE / "results" / "latency").glob(f"{key}_*.json")):
+        table = LatencyTable.load(path)
+        try:
+            table.check_machine(here)
+        except P3BError:  # another machine's table: its predictions say nothing about this one
+            continue
+        if table.backend not in chosen or table.machine.get("cpu_id") is not None:
+            chosen[table.backend] = str(path)
+    return list(chosen.values())
+
+
 def run_one(args, work: Path) -> None:
     """All runtimes of a DeiT in one interleaved run (see the module doc); exports go under `work`."""
     from p3bkit.export import artefact_name, export_model
@@ -139,7 +159,7 @@ def run_one(args, work: Path) -> None:
         "precision": "fp32",
     }
     for key in args.models:
-        refs, params, shapes = build_models(Path(args.allocations), work, key, args.structures)
+        refs, params, shapes = build_models([Path(a) for a in args.allocations], work, key, args.structures)
         labels, bench_refs = ["dense"], [refs["dense"]]
         formats = {"onnxruntime": "onnx", "openvino": "openvino"}
         for label, ref in list(refs.items())[1:]:
@@ -150,7 +170,7 @@ def run_one(args, work: Path) -> None:
                 export_model(ref, fmt, work / f"{key}_{label}_{fmt}", static_batch=1)  # as bench exports the dense
                 labels.append(label)
                 bench_refs.append(str(work / f"{key}_{label}_{fmt}" / artefact_name(fmt)))
-        tables = [str(t) for t in sorted((HERE / "results" / "latency").glob(f"{key}_*.json"))]
+        tables = tables_here(key, args.threads)
         rep = run_bench(
             bench_refs,
             None,
@@ -246,7 +266,12 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["torch", "onnxruntime", "openvino"])
     ap.add_argument("--models", nargs="+", default=["deit_s", "deit_b"])
     ap.add_argument("--structures", nargs="+", default=["full", "inner", "heads"])
-    ap.add_argument("--allocations", default=str(HERE / "results" / "allocations"))
+    ap.add_argument(
+        "--allocations",
+        nargs="+",
+        default=[str(HERE / "results" / "allocations")],
+        help="folders of allocations; each is taken from the first folder that holds it",
+    )
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int)
