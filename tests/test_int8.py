@@ -499,3 +499,14 @@ def test_a_coarse_gate_is_flagged(user_model, tmp_path):
     assert "moves top-1 by 2.00 points, more than --max-drop 1" in res.output
     gate = json.loads((tmp_path / "q" / "model.onnx.json").read_text())["extra"]["int8"]
     assert gate["gated"] and gate["top1_step"] == pytest.approx(2.0)
+
+
+def test_int8_weights_lose_a_bit_only_where_the_cpu_saturates():
+    """x86 without VNNI (AVX2, AVX-512F) sums 8-bit products in 16 bits: 7-bit weights there; VNNI,
+    AMX and Arm accumulate in 32 bits: full range; an unknown CPU is not second-guessed."""
+    from p3bkit.backends.timing import int8_saturates
+
+    assert int8_saturates(["avx2", "fma"]) and int8_saturates(["avx2", "fma", "avx512f"])
+    assert not int8_saturates(["avx2", "fma", "avx512f", "avx512_vnni"])
+    assert not int8_saturates(["avx2", "fma", "avx_vnni"]) and not int8_saturates(["amx_tile", "amx_int8"])
+    assert not int8_saturates(["asimd", "sve"]) and not int8_saturates(None)

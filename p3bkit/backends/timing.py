@@ -209,6 +209,15 @@ def cpu_identity(cpuinfo: str) -> dict:
     }
 
 
+def int8_saturates(isa: list[str] | None) -> bool:
+    """Whether this CPU's INT8 dot products can saturate: x86 without VNNI (AVX2, AVX-512F) multiplies
+    8-bit pairs into 16-bit sums (onnxruntime's u8·s8 kernels), so full-range 8-bit weights overflow;
+    VNNI, AMX and Arm's dot products accumulate in 32 bits."""
+    if not isa or "asimd" in isa:
+        return False
+    return not any(f in isa for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def machine_info(threads: int | None = None) -> dict:
     """The CPU (name, id, kernel instruction sets), cores, threads, GPU and runtime versions a
     measurement was taken with."""
