@@ -18,7 +18,7 @@ import numpy as np
 
 from p3bkit.backends.quantization import Int8Data, QuantResult, keep_worst_in_fp32, op_profile, quiet, remedy_name
 from p3bkit.backends.registry import FP16, FP32, INT8, Backend, FnRunner, register, require
-from p3bkit.backends.timing import Timed, int8_saturates, machine_info
+from p3bkit.backends.timing import Timed, int8_saturates, this_cpu
 from p3bkit.errors import ExportError, P3BError
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")  # only those with a weight (see `weighted_nodes`)
@@ -207,7 +207,7 @@ def quantize_static_qdq(
     options = {"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else {}
     # 7-bit weights where the CPU's INT8 kernels saturate (no VNNI): on a 2-core AVX2-only EPYC the
     # full-range graph of a tiny ViT gave logits at cosine 0.77 to fp32
-    reduce_range = int8_saturates(machine_info(1)["isa"])
+    reduce_range = int8_saturates(this_cpu()["isa"])
     with quiet():
         quantize_static(
             str(src),

@@ -209,6 +209,13 @@ def cpu_identity(cpuinfo: str) -> dict:
     }
 
 
+def this_cpu() -> dict:
+    """`cpu_identity` of this machine (all None where /proc/cpuinfo cannot be read)."""
+    with contextlib.suppress(OSError):
+        return cpu_identity(Path("/proc/cpuinfo").read_text())
+    return {"cpu": None, "cpu_id": None, "isa": None}
+
+
 def int8_saturates(isa: list[str] | None) -> bool:
     """Whether this CPU's INT8 dot products can saturate: x86 without VNNI (AVX2, AVX-512F) multiplies
     8-bit pairs into 16-bit sums (onnxruntime's u8·s8 kernels), so full-range 8-bit weights overflow;
@@ -226,9 +233,7 @@ def machine_info(threads: int | None = None) -> dict:
     from p3bkit.backends.registry import runtime_packages
     from p3bkit.version import package_versions
 
-    ident: dict = {"cpu": None, "cpu_id": None, "isa": None}
-    with contextlib.suppress(OSError):
-        ident = cpu_identity(Path("/proc/cpuinfo").read_text())
+    ident = this_cpu()
     versions = {k: v for k, v in package_versions(*runtime_packages()).items() if v != "missing"}
     return {
         "cpu": ident["cpu"] or platform.processor(),
